@@ -1,0 +1,111 @@
+"""Shared fixtures: a real `mlflow server` on 127.0.0.1, a local Ray, and where the data lives.
+
+Every process a fixture starts is stopped in its teardown, and everything it writes stays under
+pytest's temporary folders.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CIFAR10 = REPO.parent / "shared" / "datasets" / "cifar10"
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def cifar10_dir() -> Path:
+    """The real CIFAR-10 shards. Always present in CI; a test that needs them fails there if not."""
+    if not (CIFAR10 / "train-00000-of-00005.parquet").exists():
+        if IN_CI:
+            pytest.fail(f"CIFAR-10 shards expected at {CIFAR10} in CI")
+        pytest.skip(f"CIFAR-10 shards not found at {CIFAR10}")
+    return CIFAR10
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real `mlflow server` on 127.0.0.1 with SQLite and served artifacts; yields its URI."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    cmd = [
+        sys.executable, "-m", "mlflow", "server",
+        "--host", "127.0.0.1", "--port", str(port),
+        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination", str(root / "artifacts"),
+        "--workers", "1",
+    ]
+    log = open(root / "server.log", "wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=root, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited early:\n{(root / 'server.log').read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"mlflow server did not come up:\n{(root / 'server.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield uri
+    finally:
+        _stop_group(proc)
+        log.close()
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """Stop a process started with start_new_session=True and everything it spawned."""
+    import signal
+
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(timeout=20)
+
+
+@pytest.fixture()
+def ray_local(tmp_path: Path) -> Iterator[None]:
+    """A fresh local Ray (4 logical CPUs on 2 cores, see DESIGN.md), shut down and `ray stop`ped after."""
+    import ray
+
+    import tempfile
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Ray's unix socket paths must stay under 107 bytes, and pytest's tmp paths can be longer.
+    ray_tmp = tempfile.mkdtemp(prefix="selfsup-ray-", dir="/tmp")
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+             _temp_dir=ray_tmp)
+    try:
+        yield
+    finally:
+        # ray.shutdown() stops the local cluster this fixture started; no global `ray stop`, which
+        # would also kill clusters that other processes on this machine own.
+        ray.shutdown()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
