@@ -1,0 +1,115 @@
+"""The `selfsup` command line: ingest, pretrain, sweep, registry.
+
+Each subcommand parses its arguments here and hands them to the module that does the work.
+User errors (bad config, bad data, unknown registry name) are raised as `UserError` subclasses and
+printed as one line on stderr with exit code 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+class UserError(Exception):
+    """An error the user can fix: the message names the file, field or value and what is allowed."""
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    types: list[type[BaseException]] = [UserError]
+    try:
+        from pipelines.errors import DataError
+
+        types.append(DataError)
+    except ImportError:
+        pass
+    return tuple(types)
+
+
+def _cmd_ingest(args: argparse.Namespace) -> int:
+    from pipelines.ingest import ingest
+
+    ingest(args.source, args.out, test_fraction=args.test_fraction, seed=args.seed,
+           overwrite=args.overwrite, progress=not args.quiet)
+    return 0
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from orchestrator.pretrain import main as pretrain_main
+
+    return pretrain_main(config=args.config, overrides=args.set, resume=args.resume)
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from orchestrator.sweep import main as sweep_main
+
+    return sweep_main(config=args.config, overrides=args.set, resume=args.resume)
+
+
+def _cmd_registry(args: argparse.Namespace) -> int:
+    from orchestrator.registry import main as registry_main
+
+    return registry_main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="selfsup", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    ing = sub.add_parser("ingest", help="turn an image source into Parquet shards + manifest.json")
+    ing.add_argument("source", help="an ImageFolder directory, a folder/file of Parquet, a torchvision dataset name, or 'demo'")
+    ing.add_argument("out", help="output folder for the shards and manifest.json")
+    ing.add_argument("--test-fraction", type=float, default=0.2,
+                     help="fraction held out as the test split when the source has no split (default 0.2)")
+    ing.add_argument("--seed", type=int, default=0, help="seed of the train/test split (default 0)")
+    ing.add_argument("--overwrite", action="store_true", help="replace a dataset already in OUT")
+    ing.add_argument("--quiet", action="store_true", help="no progress bar")
+    ing.set_defaults(func=_cmd_ingest)
+
+    for name, func, what in (("pretrain", _cmd_pretrain, "pretrain one encoder on Ray Train"),
+                             ("sweep", _cmd_sweep, "sweep methods and hyper-parameters on Ray Tune")):
+        sp = sub.add_parser(name, help=what)
+        sp.add_argument("--config", default=None, help="YAML config (default: the built-in demo)")
+        sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config field, e.g. --set scaling.num_workers=4 (repeatable)")
+        sp.add_argument("--resume", action="store_true", help="continue the run/sweep of the same name")
+        sp.set_defaults(func=func)
+
+    reg = sub.add_parser("registry", help="look up, promote and use registered encoders")
+    reg.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    reg.set_defaults(func=_cmd_registry)
+    rsub = reg.add_subparsers(dest="registry_command", required=True)
+    rsub.add_parser("list", help="encoders, versions, aliases, kNN top-1, method, dataset")
+    show = rsub.add_parser("show", help="one encoder: NAME, NAME@ALIAS or NAME/VERSION")
+    show.add_argument("ref")
+    best = rsub.add_parser("best", help="the best registered encoder by a metric")
+    best.add_argument("--metric", default="knn_top1")
+    best.add_argument("--dataset", default=None)
+    best.add_argument("--method", default=None)
+    best.add_argument("--model", default=None, help="restrict to one registered model name")
+    prom = rsub.add_parser("promote", help="point an alias at a version")
+    prom.add_argument("name")
+    prom.add_argument("version")
+    prom.add_argument("--alias", default="champion")
+    emb = rsub.add_parser("embed", help="write embeddings of an image folder or shard folder to Parquet")
+    emb.add_argument("uri", help="models:/NAME@ALIAS, models:/NAME/VERSION, or NAME@ALIAS")
+    emb.add_argument("source", help="an image folder or a shard folder")
+    emb.add_argument("out", help="output Parquet file")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except _user_error_types() as e:
+        print(f"selfsup {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"selfsup {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
