@@ -12,19 +12,10 @@ import sys
 from collections.abc import Sequence
 
 
-class UserError(Exception):
-    """An error the user can fix: the message names the file, field or value and what is allowed."""
+from orchestrator.errors import UserError
+from pipelines.errors import DataError
 
-
-def _user_error_types() -> tuple[type[BaseException], ...]:
-    types: list[type[BaseException]] = [UserError]
-    try:
-        from pipelines.errors import DataError
-
-        types.append(DataError)
-    except ImportError:
-        pass
-    return tuple(types)
+USER_ERRORS = (UserError, DataError)
 
 
 def _cmd_ingest(args: argparse.Namespace) -> int:
@@ -103,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except _user_error_types() as e:
+    except USER_ERRORS as e:
         print(f"selfsup {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
