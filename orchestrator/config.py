@@ -1,0 +1,404 @@
+"""The pretraining config: typed dataclasses with every default in one place.
+
+A config is built from the defaults below, then a YAML file (``--config``), then ``--set a.b=c``
+overrides, in that order. Every key and value is checked before Ray starts; a bad one raises
+`ConfigError` with one message naming the file or flag, the field, the value and what is allowed.
+
+The defaults are the built-in demo (``configs/demo.yaml`` spells them out): 5,000 MNIST digits,
+the small ConvNet, SimCLR, 2 Ray Train workers on CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from orchestrator.errors import UserError
+
+METHOD_NAMES = ("simclr", "moco", "byol")
+ENCODER_NAMES = ("convnet", "resnet18", "resnet50")
+OPTIMIZER_NAMES = ("sgd", "lars", "adamw")
+AUGMENT_PRESETS = ("simclr", "moco", "byol")
+AUGMENT_ON = ("auto", "worker", "data")
+# Method fields that only some methods take: (field, methods that accept it).
+METHOD_ONLY = {"temperature": ("simclr", "moco"), "momentum": ("moco", "byol"), "queue_size": ("moco",)}
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+class ConfigError(UserError):
+    """A config key or value that cannot be used; the message says which and what is allowed."""
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/demo"  # folder with manifest.json + Parquet shards (relative to the working dir)
+    source: str | None = "demo"  # if `path` has no manifest yet, `selfsup ingest SOURCE PATH` runs first
+    train_split: str = "train"
+    test_split: str = "test"
+    image_size: int = 28  # views and kNN images are this size (square)
+    augment: str | None = None  # augmentation preset; None = the method's own preset
+    augment_on: str = "auto"  # auto: on the Train worker's device; "data": in Ray Data map tasks
+    limit: int | None = None  # use only the first N training images (tests, benchmarks)
+
+
+@dataclass
+class ModelConfig:
+    encoder: str = "convnet"
+    cifar_stem: bool = False  # ResNets: 3x3 stem conv, no max-pool (for 32x32 images)
+
+
+@dataclass
+class MethodConfig:
+    """None means the method's own (paper) default, set in its constructor in `methods/`."""
+
+    name: str = "simclr"
+    temperature: float | None = None  # SimCLR, MoCo
+    momentum: float | None = None  # MoCo, BYOL: base EMA rate of the momentum encoder
+    queue_size: int | None = None  # MoCo
+    projection_dim: int | None = None
+    hidden_dim: int | None = None
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 2e-3  # at `batch_size`, unless scale_lr (then at batch 256, scaled linearly)
+    scale_lr: bool = False  # lr * batch_size / 256 (Goyal et al., 2017), as SimCLR/BYOL do
+    weight_decay: float = 1e-4
+    sgd_momentum: float = 0.9  # SGD and LARS
+    batch_size: int = 256  # GLOBAL batch, split evenly over the workers
+    epochs: int = 8
+    warmup_epochs: float = 1.0
+
+
+@dataclass
+class ScalingConfig:
+    num_workers: int = 2
+    use_gpu: bool = False
+    # None = automatic: 1 per worker when the node has CPUs to spare for Ray Data, else a fraction
+    # (on 2 cores, 2 workers of 1 CPU leave none for the Parquet read tasks and the job hangs).
+    cpus_per_worker: float | None = None
+    gpus_per_worker: float = 1.0  # with use_gpu
+
+
+@dataclass
+class RunConfig:
+    name: str | None = None  # None = "<config name>-<n>", the next free n under storage_path
+    storage_path: str = "runs"  # Ray Train run folders (checkpoints) go to STORAGE_PATH/NAME
+    max_failures: int = 3  # worker-group restarts from the last checkpoint; -1 = unlimited
+    checkpoints_to_keep: int = 2
+    seed: int = 0
+    ray_address: str | None = None  # None = $RAY_ADDRESS if set, else a new local Ray
+
+
+@dataclass
+class TrackingConfig:
+    uri: str | None = None  # None = $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working dir
+    experiment: str = "selfsup"
+    register: bool = True
+    model_name: str | None = None  # None = "<dataset>-encoder"
+
+
+@dataclass
+class EvalConfig:
+    """Weighted kNN (Wu et al., 2018, InstDisc), computed by rank 0 after every epoch."""
+
+    knn_k: int = 200
+    knn_t: float = 0.1
+    knn_train_limit: int | None = 10000  # memory bank: the first N images of the train split
+    knn_test_limit: int | None = None  # None = the whole test split
+    batch_size: int = 512  # feature extraction batch
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Plain nested dict (YAML/JSON-safe)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, source: str = "config") -> Config:
+        """Build from a nested dict; sections and fields left out keep their defaults.
+
+        Raises:
+            ConfigError: unknown section/field or a value of the wrong type.
+        """
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: expected a mapping of sections, got {type(d).__name__}")
+        cfg = cls()
+        for section, values in d.items():
+            if section not in _sections():
+                raise ConfigError(f"{source}: unknown section {section!r}; allowed: {', '.join(_sections())}")
+            if values is None:
+                continue
+            if not isinstance(values, dict):
+                raise ConfigError(f"{source}: section {section!r} must be a mapping, got {values!r}")
+            for key, value in values.items():
+                _set_field(cfg, f"{section}.{key}", value, source)
+        return cfg
+
+    def method_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for `METHODS[name](encoder, **kwargs)`: only the fields that are set."""
+        m = self.method
+        kw = {"projection_dim": m.projection_dim, "hidden_dim": m.hidden_dim, "temperature": m.temperature,
+              "momentum": m.momentum, "queue_size": m.queue_size}
+        return {k: v for k, v in kw.items() if v is not None}
+
+    def effective_lr(self) -> float:
+        """The peak learning rate after linear scaling (if `optim.scale_lr`)."""
+        o = self.optim
+        return o.lr * o.batch_size / 256 if o.scale_lr else o.lr
+
+    def flat(self) -> dict[str, Any]:
+        """{"section.field": value}: MLflow params, sweep overrides."""
+        return {f"{s}.{k}": v for s, sec in self.to_dict().items() for k, v in sec.items()}
+
+
+def _sections() -> dict[str, type]:
+    return {f.name: f.default_factory for f in fields(Config)}  # type: ignore[misc]
+
+
+def _field_type(section_cls: type, name: str) -> Any:
+    return typing.get_type_hints(section_cls)[name]
+
+
+def _parse_value(tp: Any, value: Any, where: str) -> Any:
+    """Check (and gently coerce: int -> float, "1e-3" -> float) a value against a field type."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _parse_value(inner[0], value, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML 1.1 reads "1e-3" as a string
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise AssertionError(f"unsupported config field type {tp}")
+
+
+def _set_field(cfg: Config, dotted: str, value: Any, source: str, label: str | None = None) -> None:
+    section, _, key = dotted.partition(".")
+    if section not in _sections() or not key:
+        raise ConfigError(f"{source}: unknown field {dotted!r}; sections are {', '.join(_sections())} "
+                          "(write section.field, e.g. optim.lr)")
+    sec = getattr(cfg, section)
+    names = [f.name for f in fields(sec)]
+    if key not in names:
+        raise ConfigError(f"{source}: unknown field {dotted!r}; {section} has: {', '.join(names)}")
+    where = label or f"{source}: {dotted}"
+    setattr(sec, key, _parse_value(_field_type(type(sec), key), value, where))
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """["a.b=1", "c.d=x"] -> {"a.b": 1, "c.d": "x"}; values are read as YAML scalars."""
+    out: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set optim.lr=0.1")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        out[key.strip()] = value
+    return out
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, Any], *, source: str = "--set") -> Config:
+    """A copy of `cfg` with {"section.field": value} applied (typed and checked like YAML)."""
+    new = Config.from_dict(cfg.to_dict())
+    for dotted, value in overrides.items():
+        label = f"{source} {dotted}={value}"
+        _set_field(new, dotted, value, label, label)
+    return new
+
+
+def load_config(path: str | None, overrides: list[str] | None = None, *, check: bool = True) -> Config:
+    """Defaults, then the YAML file at `path` (None: the built-in demo), then `--set` overrides.
+
+    Args:
+        path: YAML file; sections and fields it leaves out keep their defaults.
+        overrides: ["section.field=value", ...] as given to ``--set``.
+        check: run `validate` (data folder, GPU, ...) on the result.
+
+    Raises:
+        ConfigError: unreadable file, unknown key, wrong type or impossible value.
+    """
+    cfg = Config()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"--config {path}: no such file")
+        try:
+            raw = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        cfg = Config.from_dict(raw or {}, source=str(path))
+    cfg = apply_overrides(cfg, parse_overrides(overrides or []))
+    if check:
+        validate(cfg)
+    return cfg
+
+
+def config_name(path: str | None) -> str:
+    """The stem used for automatic run names: 'demo' for the built-in demo, else the file stem."""
+    return "demo" if path is None else Path(path).stem
+
+
+def _fail(field_name: str, value: Any, allowed: str) -> None:
+    raise ConfigError(f"{field_name} = {value!r}: {allowed}")
+
+
+def _one_of(field_name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        _fail(field_name, value, f"allowed: {', '.join(allowed)}")
+
+
+def _positive(field_name: str, value: float | int | None, *, zero_ok: bool = False) -> None:
+    if value is not None and (value < 0 or (value == 0 and not zero_ok)):
+        _fail(field_name, value, "must be >= 0" if zero_ok else "must be > 0")
+
+
+def validate(cfg: Config, *, check_data: bool = True, check_gpu: bool = True) -> None:
+    """Reject impossible values with one message each; called before Ray starts.
+
+    Args:
+        check_data: the data folder must hold a manifest with both splits (or `data.source` must be
+            set, so that it can be ingested first).
+        check_gpu: `scaling.use_gpu` needs a local CUDA GPU when Ray runs locally.
+
+    Raises:
+        ConfigError: the first problem found.
+    """
+    d, m, o, s, r, t, e = cfg.data, cfg.method, cfg.optim, cfg.scaling, cfg.run, cfg.tracking, cfg.eval
+    _one_of("method.name", m.name, METHOD_NAMES)
+    _one_of("model.encoder", cfg.model.encoder, ENCODER_NAMES)
+    _one_of("optim.name", o.name, OPTIMIZER_NAMES)
+    if d.augment is not None:
+        _one_of("data.augment", d.augment, AUGMENT_PRESETS)
+    _one_of("data.augment_on", d.augment_on, AUGMENT_ON)
+    for name, allowed in METHOD_ONLY.items():
+        if getattr(m, name) is not None and m.name not in allowed:
+            _fail(f"method.{name}", getattr(m, name),
+                  f"only {', '.join(allowed)} take it, not {m.name} (remove it or set it to null)")
+    _positive("method.temperature", m.temperature)
+    if m.momentum is not None and not 0 <= m.momentum < 1:
+        _fail("method.momentum", m.momentum, "must be in [0, 1)")
+    for name in ("queue_size", "projection_dim", "hidden_dim"):
+        _positive(f"method.{name}", getattr(m, name))
+    _positive("optim.lr", o.lr)
+    _positive("optim.weight_decay", o.weight_decay, zero_ok=True)
+    _positive("optim.sgd_momentum", o.sgd_momentum, zero_ok=True)
+    _positive("optim.batch_size", o.batch_size)
+    _positive("optim.epochs", o.epochs)
+    _positive("optim.warmup_epochs", o.warmup_epochs, zero_ok=True)
+    if o.warmup_epochs > o.epochs:
+        _fail("optim.warmup_epochs", o.warmup_epochs, f"must be <= optim.epochs ({o.epochs})")
+    _positive("scaling.num_workers", s.num_workers)
+    if o.batch_size % s.num_workers:
+        _fail("optim.batch_size", o.batch_size,
+              f"must be divisible by scaling.num_workers ({s.num_workers}): it is the global batch, "
+              "split evenly over the workers")
+    if o.batch_size // s.num_workers < 2:
+        _fail("optim.batch_size", o.batch_size, "needs at least 2 images per worker")
+    if m.name == "moco" and m.queue_size is not None and m.queue_size % o.batch_size:
+        _fail("method.queue_size", m.queue_size, f"must be a multiple of optim.batch_size ({o.batch_size})")
+    _positive("scaling.cpus_per_worker", s.cpus_per_worker)
+    _positive("scaling.gpus_per_worker", s.gpus_per_worker)
+    _positive("data.image_size", d.image_size)
+    _positive("data.limit", d.limit)
+    if r.max_failures < -1:
+        _fail("run.max_failures", r.max_failures, "must be >= 0, or -1 for unlimited")
+    _positive("run.checkpoints_to_keep", r.checkpoints_to_keep)
+    if r.name is not None and not RUN_NAME.match(r.name):
+        _fail("run.name", r.name, "use letters, digits, '.', '_' and '-' (no '/' or spaces)")
+    if t.model_name is not None and not t.model_name.strip():
+        _fail("tracking.model_name", t.model_name, "must not be empty (null = <dataset>-encoder)")
+    if t.uri is not None and t.uri.startswith("file:"):
+        _fail("tracking.uri", t.uri, "MLflow 3 refuses file:// stores; use sqlite:///PATH or http://HOST:PORT")
+    _positive("eval.knn_k", e.knn_k)
+    _positive("eval.knn_t", e.knn_t)
+    _positive("eval.knn_train_limit", e.knn_train_limit)
+    _positive("eval.knn_test_limit", e.knn_test_limit)
+    _positive("eval.batch_size", e.batch_size)
+    if check_gpu and s.use_gpu and not _ray_address(cfg):
+        import torch
+
+        if not torch.cuda.is_available():
+            _fail("scaling.use_gpu", True, "this machine has no CUDA GPU (set scaling.use_gpu=false, "
+                  "or run.ray_address to a cluster with GPU workers)")
+    if check_data:
+        check_data_folder(cfg)
+
+
+def _ray_address(cfg: Config) -> str | None:
+    return cfg.run.ray_address or os.environ.get("RAY_ADDRESS") or None
+
+
+def check_data_folder(cfg: Config) -> None:
+    """The data folder must hold a readable manifest with both splits, or be ingestable from data.source.
+
+    Raises:
+        ConfigError: missing folder/manifest (and no source), or a split the manifest lacks.
+    """
+    d = cfg.data
+    manifest = Path(d.path) / "manifest.json"
+    if not manifest.is_file():
+        if d.source is not None:
+            return  # pretrain ingests it first
+        where = "folder does not exist" if not Path(d.path).exists() else "folder has no manifest.json"
+        _fail("data.path", d.path, f"{where}; create it with `selfsup ingest SOURCE {d.path}`, "
+              "or set data.source to ingest it automatically")
+    try:
+        splits = json.loads(manifest.read_text()).get("splits", {})
+    except (OSError, ValueError, AttributeError) as e:
+        raise ConfigError(f"data.path = {d.path!r}: unreadable manifest.json ({e})") from None
+    for key in ("train_split", "test_split"):
+        split = getattr(d, key)
+        if split not in splits:
+            _fail(f"data.{key}", split, f"{manifest} has splits: {', '.join(sorted(splits)) or 'none'}")
+
+
+def to_yaml(cfg: Config) -> str:
+    """The resolved config as YAML (logged with each run; loads back with `load_config`)."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
