@@ -1,0 +1,249 @@
+"""MLflow tracking for pretraining runs: one writer per run, and encoder registration.
+
+Who writes what (never two processes at once):
+- the driver creates the experiment and the run, and logs the resolved config (params + YAML);
+- during training, `MlflowTrainCallback` (a `ray.train.UserCallback`) is the only writer: it runs in
+  the Ray Train controller process and logs rank 0's metrics with `step=epoch`, skipping epochs the
+  run already holds, so each epoch is logged exactly once even after a worker-group restart or a
+  `--resume`; it also redraws the loss/kNN curves PNG;
+- after training, the driver registers the encoder and closes the run.
+
+The store is created in the driver before any worker starts: several processes opening a fresh
+SQLite store at once race on schema creation (see DESIGN.md).
+
+Registered model input: float32 `[B, 3, H, W]`, RGB, values in [0, 1] normalised with
+`pipelines.augment.MEAN` / `STD` (ImageNet mean/std), H = W = `data.image_size`; any batch size.
+Output: float32 `[B, output_dim]` embeddings (the encoder's pooled features, no projection head).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import time
+from typing import Any
+
+import ray.train
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+CURVES_PNG = "curves.png"
+CONFIG_YAML = "config.yaml"
+PIP_REQUIREMENTS = ["torch==2.14.1", "torchvision==0.29.1", "numpy"]
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """The config's URI, else $MLFLOW_TRACKING_URI, else MLflow's default `sqlite:///mlflow.db`."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def client(uri: str) -> Any:
+    """An `MlflowClient` for `uri` (imported lazily: mlflow takes ~1 s to import)."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def ensure_experiment(uri: str, name: str) -> str:
+    """Create the store (if new) and the experiment (if missing); returns the experiment id."""
+    c = client(uri)
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return str(exp.experiment_id)
+    try:
+        return str(c.create_experiment(name))
+    except Exception:  # created concurrently by another driver
+        exp = c.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return str(exp.experiment_id)
+
+
+def start_run(uri: str, experiment_id: str, run_name: str, params: dict[str, Any], config_yaml: str, *,
+              parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> str:
+    """Create a run (nested under `parent_run_id` for sweeps), log params and the config; returns its id."""
+    from mlflow.entities import Param
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+    c = client(uri)
+    all_tags = {MLFLOW_RUN_NAME: run_name, **(tags or {})}
+    if parent_run_id:
+        all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
+    run = c.create_run(experiment_id, run_name=run_name, tags=all_tags)
+    run_id = run.info.run_id
+    items = [Param(k, "null" if v is None else str(v)[:6000]) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        c.log_batch(run_id, params=items[i:i + 100])
+    c.log_text(run_id, config_yaml, CONFIG_YAML)
+    return str(run_id)
+
+
+def logged_epochs(c: Any, run_id: str) -> set[int]:
+    """Epochs (steps of the `loss` metric) the run already holds."""
+    return {int(m.step) for m in c.get_metric_history(run_id, "loss")}
+
+
+def numeric_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """The finite-or-not float metrics of a report (drops strings, bools, None)."""
+    out = {}
+    for k, v in metrics.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        out[k] = float(v)
+    return out
+
+
+def log_epoch(c: Any, run_id: str, metrics: dict[str, Any], already: set[int]) -> bool:
+    """Log one epoch's metrics at step=epoch unless `already` has it; returns whether it logged.
+
+    `knn_top1_untrained` is logged once, at step 0.
+    """
+    from mlflow.entities import Metric
+
+    epoch = int(metrics["epoch"])
+    if epoch in already:
+        return False
+    ts = int(time.time() * 1000)
+    values = numeric_metrics(metrics)
+    untrained = values.pop("knn_top1_untrained", None)
+    values.pop("epoch", None)
+    batch = [Metric(k, v, ts, epoch) for k, v in values.items() if math.isfinite(v) or k == "loss"]
+    if untrained is not None and 0 not in already and not c.get_metric_history(run_id, "knn_top1_untrained"):
+        batch.append(Metric("knn_top1_untrained", untrained, ts, 0))
+    c.log_batch(run_id, metrics=batch)
+    already.add(epoch)
+    return True
+
+
+def curves_png(c: Any, run_id: str) -> bytes:
+    """A PNG of the loss and kNN top-1 curves from the run's metric history."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    loss = sorted((m.step, m.value) for m in c.get_metric_history(run_id, "loss"))
+    knn = sorted((m.step, m.value) for m in c.get_metric_history(run_id, "knn_top1"))
+    untrained = c.get_metric_history(run_id, "knn_top1_untrained")
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
+    if loss:
+        a.plot(*zip(*loss), marker="o")
+    a.set(xlabel="epoch", ylabel="loss", title="pretraining loss")
+    if knn:
+        b.plot(*zip(*knn), marker="o", label="kNN top-1")
+    if untrained:
+        b.axhline(untrained[0].value, color="gray", ls="--", label="untrained encoder")
+    b.set(xlabel="epoch", ylabel="top-1", title="kNN top-1 (test split)")
+    b.legend(loc="lower right")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def log_curves(c: Any, run_id: str) -> None:
+    """(Re)write the run's curves PNG artifact."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, CURVES_PNG)
+        with open(path, "wb") as f:
+            f.write(curves_png(c, run_id))
+        c.log_artifact(run_id, path)
+
+
+class MlflowTrainCallback(ray.train.UserCallback):
+    """The single MLflow writer of a Train run, in the Train controller process.
+
+    `after_report` receives every worker's metrics; only rank 0's are logged (all ranks report the
+    same epoch). Epochs the run already holds are skipped, so a restarted worker group (which redoes
+    the epoch it died in) or a resumed command never logs an epoch twice.
+
+    Args:
+        tracking_uri: MLflow URI; the run must exist (see `start_run`).
+        run_id: the run to log into.
+        progress: optional `ray.util.queue.Queue`; each newly logged rank-0 metrics dict is put there
+            for the driver's terminal output.
+        plot_every: redraw the curves PNG every N epochs (and on the last one).
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str, *, progress: Any = None, plot_every: int = 1,
+                 total_epochs: int | None = None) -> None:
+        self.tracking_uri = tracking_uri
+        self.run_id = run_id
+        self.progress = progress
+        self.plot_every = max(1, plot_every)
+        self.total_epochs = total_epochs
+        self._client: Any = None
+        self._logged: set[int] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:  # the client is rebuilt in the controller
+        return {**self.__dict__, "_client": None, "_logged": None}
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        if not metrics or "epoch" not in metrics[0]:
+            return
+        if self._client is None:
+            self._client = client(self.tracking_uri)
+            self._logged = logged_epochs(self._client, self.run_id)
+        assert self._logged is not None
+        m = metrics[0]
+        if not log_epoch(self._client, self.run_id, m, self._logged):
+            return
+        epoch = int(m["epoch"])
+        if epoch % self.plot_every == 0 or epoch == self.total_epochs:
+            try:
+                log_curves(self._client, self.run_id)
+            except Exception:  # a plot must never end a training run
+                pass
+        if self.progress is not None:
+            try:
+                self.progress.put_nowait(dict(m))
+            except Exception:
+                pass
+
+
+def finish_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
+    """Mark the run FINISHED / FAILED / KILLED."""
+    client(uri).set_terminated(run_id, status=status)
+
+
+def register_encoder(encoder: Any, *, tracking_uri: str, run_id: str, model_name: str, image_size: int,
+                     tags: dict[str, Any]) -> Any:
+    """Log the encoder to the run (torch.export "pt2", dynamic batch) and register a new version.
+
+    The model takes float32 `[B, 3, image_size, image_size]`, RGB normalised with
+    `pipelines.augment.MEAN` / `STD`, any B >= 1, and returns float32 `[B, output_dim]`. It loads
+    with plain `mlflow.pytorch.load_model("models:/NAME/VERSION")`.
+
+    Args:
+        encoder: the trained encoder (`nn.Module` with `output_dim`); moved to CPU and eval mode.
+        tags: set on the model version (e.g. method, dataset, knn_top1); values become strings.
+
+    Returns:
+        The new `ModelVersion` (with its tags).
+    """
+    import mlflow
+    import numpy as np
+    import torch
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    encoder = encoder.to("cpu").eval()
+    shape = (-1, 3, image_size, image_size)
+    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), shape)]),
+                               outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, int(encoder.output_dim)))]))
+    # Batch 2, not 1: torch.export specialises size-1 dimensions, and the batch must stay dynamic.
+    example = torch.randn(2, 3, image_size, image_size).numpy()
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None), torch.no_grad():
+        info = mlflow.pytorch.log_model(encoder, name="encoder", input_example=example, signature=signature,
+                                        serialization_format="pt2", pip_requirements=PIP_REQUIREMENTS,
+                                        registered_model_name=model_name, await_registration_for=60)
+    c = client(tracking_uri)
+    version = str(info.registered_model_version)
+    for k, v in tags.items():
+        c.set_model_version_tag(model_name, version, k, str(v))
+    return c.get_model_version(model_name, version)
