@@ -22,7 +22,8 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
     from pipelines.ingest import ingest
 
     ingest(args.source, args.out, test_fraction=args.test_fraction, seed=args.seed,
-           overwrite=args.overwrite, progress=not args.quiet)
+           overwrite=args.overwrite, progress=not args.quiet, image_column=args.image_column,
+           label_column=args.label_column)
     return 0
 
 
@@ -56,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     ing.add_argument("--seed", type=int, default=0, help="seed of the train/test split (default 0)")
     ing.add_argument("--overwrite", action="store_true", help="replace a dataset already in OUT")
     ing.add_argument("--quiet", action="store_true", help="no progress bar")
+    ing.add_argument("--image-column", default=None, help="Parquet sources: the column with the image bytes (default: image)")
+    ing.add_argument("--label-column", default=None, help="Parquet sources: the column with the labels (default: label)")
     ing.set_defaults(func=_cmd_ingest)
 
     for name, func, what in (("pretrain", _cmd_pretrain, "pretrain one encoder on Ray Train"),
