@@ -1,0 +1,390 @@
+"""The cluster path: `cluster.yaml` and `configs/cluster-local.yaml` pass Ray's own schema, and
+`ray up` / `ray submit orchestrator/submit.py -- pretrain` / `ray down` work end to end against a
+real Ray cluster launched over SSH on 127.0.0.1.
+
+The end-to-end test runs its own sshd (127.0.0.1, a free port, a host key and a client key made for
+the test, `AuthorizedKeysFile` in its temp folder) and points the SSH login's HOME at a folder in
+its temp folder, so every file Ray writes "on the node" (`~/ray_bootstrap_config.yaml`, the uploaded
+`~/submit.py`, `~/.selfsup-env`, `~/.bashrc`, MLflow's database) lands there. `.ci/install-sshd.sh`
+installs the sshd binary on CI machines. Nothing listens beyond 127.0.0.1: sshd, MLflow and Ray
+(`RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` makes Ray use the loopback address) bind to it.
+"""
+
+from __future__ import annotations
+
+import copy
+import getpass
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import yaml
+
+import cluster_sandbox as sandbox
+
+REPO = Path(__file__).resolve().parents[2]
+VENV_BIN = Path(sys.executable).parent
+CLOUD_CONFIG = REPO / "cluster.yaml"
+LOCAL_CONFIG = REPO / "configs" / "cluster-local.yaml"
+SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def ray_validate(raw: dict) -> dict:
+    """Ray's own check, as `ray up` does it before touching any machine."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    cfg = prepare_config(copy.deepcopy(raw))
+    validate_config(cfg)
+    return cfg
+
+
+# --- the config files -------------------------------------------------------------------------
+
+def test_cluster_yaml_passes_ray_schema() -> None:
+    raw = yaml.safe_load(CLOUD_CONFIG.read_text())
+    cfg = ray_validate(raw)
+    assert cfg["provider"]["type"] == "aws"
+    head = cfg["available_node_types"][cfg["head_node_type"]]
+    assert "xlarge" in head["node_config"]["InstanceType"]
+    gpu_types = [n for k, n in cfg["available_node_types"].items() if k != cfg["head_node_type"]]
+    assert gpu_types and all(n["node_config"]["InstanceType"].startswith(("g5.", "g6.")) for n in gpu_types)
+    assert all(n["min_workers"] == 0 and n["max_workers"] >= 1 for n in gpu_types)
+    setup = "\n".join(raw["setup_commands"])
+    assert "pip install" in setup and "~/selfsup" in setup and "MLFLOW_TRACKING_URI" in setup
+    start = "\n".join(raw["head_start_ray_commands"])
+    # MLflow on the head's private IP (never 0.0.0.0), artifacts served through the server.
+    assert "mlflow server" in start and '--host "$SELFSUP_HEAD_IP"' in start
+    assert "--artifacts-destination" in start
+    assert "0.0.0.0" not in start + setup and "--dashboard-host" not in start
+    # No credentials or account ids in the file.
+    text = CLOUD_CONFIG.read_text().lower()
+    for secret in ("aws_access_key_id", "aws_secret_access_key", "aws_session_token", "arn:aws"):
+        assert secret not in text
+
+
+def test_cluster_local_yaml_passes_ray_schema() -> None:
+    raw = yaml.safe_load(LOCAL_CONFIG.read_text())
+    assert raw["provider"]["type"] == "local" and "available_node_types" not in raw
+    cfg = ray_validate(raw)
+    assert list(cfg["available_node_types"]) == ["local.cluster.node"]
+    # Ray refuses node types for this provider: the reason the local file has none.
+    bad = dict(raw, available_node_types={"x": {"node_config": {}, "resources": {}}})
+    with pytest.raises(BaseException, match="available_node_types"):
+        ray_validate(bad)
+
+
+def test_submit_py_runs_selfsup_from_its_own_folder(tmp_path: Path) -> None:
+    """`ray submit` uploads submit.py alone to ~/: it must work away from this checkout."""
+    script = tmp_path / "submit.py"
+    shutil.copy(REPO / "orchestrator" / "submit.py", script)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out = subprocess.run([sys.executable, str(script), "--", "--help"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "pretrain" in out.stdout and "registry" in out.stdout
+    bad = subprocess.run([sys.executable, str(script), "pretrain", "--set", "nosuch.field=1"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "nosuch.field" in bad.stderr
+    empty = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert empty.returncode == 2 and "usage" in empty.stderr
+
+
+# --- the sandbox: an sshd of our own, a fake home, and a check of everything outside -----------
+
+@dataclass
+class Outside:
+    """What the test must leave exactly as it found it, outside its temp folder."""
+
+    home: Path = field(default_factory=Path.home)
+    files: dict[str, bytes | None] = field(default_factory=dict)  # path -> bytes (None: absent)
+    home_entries: set[str] = field(default_factory=set)
+    tmp_entries: set[str] = field(default_factory=set)
+    run_sshd_existed: bool = True
+
+    def take(self) -> Outside:
+        for p in self._watched():
+            self.files[str(p)] = p.read_bytes() if p.is_file() else None
+        self.home_entries = set(os.listdir(self.home))
+        self.tmp_entries = set(os.listdir("/tmp"))
+        self.run_sshd_existed = Path("/run/sshd").exists()
+        return self
+
+    def _watched(self) -> list[Path]:
+        ssh = self.home / ".ssh"
+        found = sorted(p for p in ssh.rglob("*") if p.is_file()) if ssh.is_dir() else []
+        return [self.home / ".bashrc", self.home / ".profile", self.home / ".bash_profile",
+                ssh / "known_hosts", ssh / "authorized_keys", ssh / "config", *found]
+
+    def restore_and_check(self, made_by_test: set[str]) -> list[str]:
+        """Remove what this test left outside its folder; return what still differs."""
+        problems = []
+        for name in sorted(set(os.listdir("/tmp")) - self.tmp_entries):
+            if name in made_by_test:
+                shutil.rmtree(Path("/tmp") / name, ignore_errors=True)
+        for name in sorted(set(os.listdir(self.home)) - self.home_entries):
+            problems.append(f"new entry in {self.home}: {name}")
+        for path, before in self.files.items():
+            p = Path(path)
+            now = p.read_bytes() if p.is_file() else None
+            if now != before:
+                problems.append(f"{path} changed")
+        for p in self._watched():
+            if str(p) not in self.files:
+                problems.append(f"{p} appeared")
+        if not self.run_sshd_existed and Path("/run/sshd").exists():
+            shutil.rmtree("/run/sshd", ignore_errors=True)
+        return problems
+
+
+def _wait_port(port: int, timeout_s: float = 20) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
+
+
+def _run(cmd: list[str], log: Path, env: dict[str, str], timeout_s: float) -> float:
+    """Run a ray CLI command in its own session, output to `log`; returns its wall time."""
+    t0 = time.monotonic()
+    with open(log, "ab") as f:
+        f.write(f"\n$ {' '.join(cmd)}\n".encode())
+        f.flush()
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            sandbox.terminate([proc.pid, *sandbox.children(proc.pid)])
+            raise AssertionError(f"{cmd[1]} ran over {timeout_s} s; log:\n{_tail(log)}")
+    if rc != 0:
+        raise AssertionError(f"{' '.join(cmd[:3])} exited {rc}; log:\n{_tail(log)}")
+    return time.monotonic() - t0
+
+
+def _tail(p: Path, n: int = 6000) -> str:
+    return p.read_text(errors="replace")[-n:] if p.exists() else f"({p} missing)"
+
+
+@pytest.fixture()
+def sandbox_root() -> Iterator[Path]:
+    """A short temp folder in /tmp (Ray's socket paths must stay under 107 bytes)."""
+    root = Path(tempfile.mkdtemp(prefix="selfsup-cl-", dir="/tmp"))
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _sshd_config(root: Path, port: int, remote_env: dict[str, str]) -> str:
+    setenv = " ".join(f"{k}={v}" for k, v in remote_env.items())
+    return "\n".join([
+        f"Port {port}",
+        "ListenAddress 127.0.0.1",
+        f"HostKey {root}/ssh/host_key",
+        f"PidFile {root}/ssh/sshd.pid",
+        f"AuthorizedKeysFile {root}/ssh/authorized_keys",
+        "StrictModes no",  # the key files live in a temp folder, not in a 0700 ~/.ssh
+        "PubkeyAuthentication yes",
+        "PasswordAuthentication no",
+        "KbdInteractiveAuthentication no",
+        "PermitRootLogin prohibit-password",
+        f"AllowUsers {getpass.getuser()}",
+        "UsePAM no",
+        "PrintMotd no",
+        # ssh -W through this same sshd is how Ray's ssh reaches the port (see the proxy command).
+        "AllowTcpForwarding yes",
+        f"PermitOpen 127.0.0.1:{port}",
+        "X11Forwarding no",
+        # The login's HOME is the test's fake home: `~` on the "node" never reaches the real one.
+        f"SetEnv {setenv}",
+        "",
+    ])
+
+
+# --- end to end ---------------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_ray_up_submit_pretrain_down(sandbox_root: Path) -> None:
+    if not Path(SSHD).exists():
+        if IN_CI:
+            pytest.fail(f"{SSHD} missing: .ci/install-sshd.sh should have installed openssh-server")
+        pytest.skip(f"{SSHD} not installed (run .ci/install-sshd.sh as root)")
+    root = sandbox_root
+    outside = Outside().take()
+    home, rt, tmp, ssh_dir = root / "home", root / "rt", root / "t", root / "ssh"
+    for d in (home, rt, tmp, ssh_dir):
+        d.mkdir(mode=0o700)
+    log = root / "ray.log"
+    cluster_name = f"selfsup-test-{root.name.removeprefix('selfsup-cl-')}"
+    # Where Ray's ssh puts its ControlMaster socket (hard-coded in Ray under /tmp).
+    control_dir = "ray_ssh_" + hashlib.sha256(getpass.getuser().encode()).hexdigest()[:10]
+    made_by_test = {control_dir} if not (Path("/tmp") / control_dir).exists() else set()
+    ssh_port, mlflow_port, gcs_port = free_port(), free_port(), free_port()
+    ray_ports = {k: free_port() for k in ("ray-client-server-port", "dashboard-agent-listen-port",
+                                          "dashboard-agent-grpc-port", "runtime-env-agent-port",
+                                          "metrics-export-port", "node-manager-port",
+                                          "object-manager-port")}
+    remote_env = {
+        "HOME": str(home),
+        "RAY_TMPDIR": str(rt),  # Ray's session dirs, the cluster state file, the address file
+        "TMPDIR": str(tmp),
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # Ray binds 127.0.0.1 instead of the host's IP
+        "AUTOSCALER_METRIC_PORT": str(free_port()),  # fixed 44217/44227 by default: shared machine
+        "DASHBOARD_METRIC_PORT": str(free_port()),
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "SELFSUP_HEAD_IP": "127.0.0.1",  # MLflow's bind address and the tracking URI host
+        "SELFSUP_MLFLOW_PORT": str(mlflow_port),
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
+    markers = [f"{rt}/", f"{home}/"]  # command lines of this cluster's Ray daemons, MLflow, the job
+    # `ray stop` (ray down, head start commands) must not kill other Ray clusters on this machine.
+    (home / ".bashrc").write_text(
+        f"ray() {{ if [ \"$1\" = stop ]; then {VENV_BIN}/python {Path(sandbox.__file__)} stop "
+        f"--keep {os.getpid()} {' '.join(markers)}; else command ray \"$@\"; fi; }}\n"
+        "cd ~\n")
+
+    # Keys and sshd.
+    for name in ("host_key", "client_key"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "selfsup-test",
+                        "-f", str(ssh_dir / name)], check=True)
+    shutil.copy(ssh_dir / "client_key.pub", ssh_dir / "authorized_keys")
+    (ssh_dir / "sshd_config").write_text(_sshd_config(root, ssh_port, remote_env))
+    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege-separation dir
+    subprocess.run([SSHD, "-t", "-f", str(ssh_dir / "sshd_config")], check=True)
+    sshd = subprocess.Popen([SSHD, "-D", "-f", str(ssh_dir / "sshd_config"), "-E", str(ssh_dir / "sshd.log")],
+                            start_new_session=True)
+    key = ssh_dir / "client_key"
+    ssh_opts = (f"-F /dev/null -i {key} -o IdentitiesOnly=yes -o StrictHostKeyChecking=no "
+                f"-o UserKnownHostsFile=/dev/null -o LogLevel=ERROR")
+    timings: dict[str, float] = {}
+    up_started = passed = False
+    local_env = dict(os.environ, HOME=str(home), TMPDIR=str(tmp), RAY_TMPDIR=str(rt),
+                     RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0", PYTHONDONTWRITEBYTECODE="1",
+                     PATH=f"{VENV_BIN}:{os.environ.get('PATH', '')}")
+    local_env.pop("RAY_ADDRESS", None)
+    local_env.pop("MLFLOW_TRACKING_URI", None)
+    try:
+        _wait_port(ssh_port)
+
+        # The cluster config: configs/cluster-local.yaml, pointed at this sandbox.
+        cfg = yaml.safe_load(LOCAL_CONFIG.read_text())
+        cfg["cluster_name"] = cluster_name
+        cfg["provider"] = {"type": "local", "head_ip": "127.0.0.1", "worker_ips": []}
+        cfg["max_workers"] = 0
+        cfg["auth"] = {
+            "ssh_user": getpass.getuser(),
+            "ssh_private_key": str(key),
+            # Ray's cluster config has no SSH port setting; ssh reaches our port through our sshd.
+            "ssh_proxy_command": f"ssh {ssh_opts} -p {ssh_port} -W 127.0.0.1:{ssh_port} "
+                                 f"{getpass.getuser()}@127.0.0.1",
+        }
+        # No copy of the repository: the "node" is this machine, where the project is installed
+        # (editable) in this checkout's .venv. The token still travels as on a real cluster.
+        cfg["file_mounts"] = {"~/.ray/auth_token": "~/.ray/auth_token"}
+        installs = [c for c in cfg["setup_commands"] if "pip install" in c or "venv ~/selfsup-venv" in c]
+        assert len(installs) == 2, cfg["setup_commands"]
+        cfg["setup_commands"] = [f"ln -sfn {VENV_BIN.parent} ~/selfsup-venv"] + [
+            c for c in cfg["setup_commands"] if c not in installs]
+        ports = " ".join(f"--{k}={v}" for k, v in ray_ports.items())
+        starts = cfg["head_start_ray_commands"]
+        assert sum("ray start" in c for c in starts) == 1 and any("mlflow server" in c for c in starts)
+        cfg["head_start_ray_commands"] = [
+            c if "ray start" not in c else
+            f"ray start --head --port={gcs_port} {ports} --num-cpus=4 --include-dashboard=false "
+            "--autoscaling-config=~/ray_bootstrap_config.yaml --disable-usage-stats"
+            for c in starts]
+        ray_validate(cfg)
+        config_file = root / "cluster.yaml"
+        config_file.write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+        ray = str(VENV_BIN / "ray")
+        _run([ray, "get-auth-token", "--generate"], log, local_env, 120)
+        assert (home / ".ray" / "auth_token").is_file()
+
+        up_started = True
+        timings["ray_up_s"] = _run([ray, "up", "-y", "--no-config-cache", str(config_file)],
+                                   log, local_env, 600)
+        tracking_uri = f"http://127.0.0.1:{mlflow_port}"
+        with urllib.request.urlopen(f"{tracking_uri}/health", timeout=30) as r:
+            assert r.status == 200
+        env_file = (home / ".selfsup-env").read_text()
+        assert f"MLFLOW_TRACKING_URI={tracking_uri}" in env_file and "RAY_AUTH_MODE=token" in env_file
+
+        job = ["pretrain", "--set", "optim.epochs=1", "--set", "scaling.num_workers=2",
+               "--set", "optim.batch_size=128", "--set", "data.limit=1024",
+               "--set", "eval.knn_train_limit=1024", "--set", "eval.knn_test_limit=512",
+               "--set", "run.name=cluster-test"]
+        timings["ray_submit_s"] = _run([ray, "submit", str(config_file), "orchestrator/submit.py", "--", *job],
+                                       log, local_env, 900)
+        assert (home / "submit.py").is_file()
+
+        # The run and the registered encoder, seen through the head's MLflow server.
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri)
+        runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+        assert runs, f"no MLflow run on the head's server; log:\n{_tail(log)}"
+        run = runs[0]
+        assert run.info.status == "FINISHED"
+        assert "knn_top1" in run.data.metrics
+        models = client.search_registered_models()
+        assert models, "no registered encoder on the head's server"
+        versions = client.search_model_versions(f"name='{models[0].name}'")
+        assert any(v.run_id == run.info.run_id for v in versions)
+
+        down_t = _run([ray, "down", "-y", str(config_file)], log, local_env, 300)
+        timings["ray_down_s"] = down_t
+        up_started = False
+        assert not sandbox.matching(markers), "processes of the cluster survived `ray down`"
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", mlflow_port)) != 0, "MLflow still serves after ray down"
+        print("\ncluster timings:", json.dumps({k: round(v, 1) for k, v in timings.items()}))
+        passed = True
+    finally:
+        if up_started:  # a failure half way: take the cluster down, then make sure
+            try:
+                subprocess.run([str(VENV_BIN / "ray"), "down", "-y", str(root / "cluster.yaml")],
+                               cwd=REPO, env=local_env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, timeout=300, start_new_session=True)
+            except (subprocess.TimeoutExpired, OSError):
+                pass
+        leftovers = sandbox.stop_sessions(markers, keep=[os.getpid()])
+        # Ray's ssh ControlMaster and proxy processes carry our key's path; then sshd and its children.
+        sandbox.terminate(sandbox.matching([str(key)]))
+        sshd_children = sandbox.children(sshd.pid)
+        sshd.terminate()
+        try:
+            sshd.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            sshd.kill()
+            sshd.wait(timeout=10)
+        sandbox.terminate(sshd_children)
+        socket_path = Path("/tmp") / control_dir / hashlib.sha256(cluster_name.encode()).hexdigest()[:10]
+        socket_path.unlink(missing_ok=True)
+        problems = outside.restore_and_check(made_by_test)
+        # Checked also when the test failed (the original error is chained to this one).
+        assert not problems, f"left outside {root}: {problems}"
+        assert not (passed and leftovers), f"{len(leftovers)} cluster processes survived ray down"
