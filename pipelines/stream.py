@@ -1,0 +1,302 @@
+"""Streaming a shard folder into training: Ray Data for Ray Train workers, plain pyarrow for evaluation.
+
+Data flow of one epoch (`read_split` builds it lazily; each epoch runs it again):
+
+    read_parquet (encoded bytes) -> random_shuffle (of the small encoded rows, new order each epoch)
+      -> decode in batches (torchvision.io, RGB uint8, resized if asked)
+      -> [augment_on="data": TwoViewAugment inside Ray Data, columns view1/view2]
+      -> Ray Train's streaming_split (get_dataset_shard) -> `iter_two_view_batches` on each worker
+      -> [augment_on="worker": TwoViewAugment on the worker's device]
+
+Column layout: `image` is uint8 `[N, 3, H, W]` (channels first, as torchvision decodes and as
+`TwoViewAugment` takes it, so no permute on the worker), `label` int64 `[N]`, and with
+`augment_on="data"` `view1`/`view2` float32 `[N, 3, S, S]` normalised instead of `image`.
+
+Exactly once per epoch: `random_shuffle` permutes the whole split each epoch, and Ray Train's
+`streaming_split(world_size, equal=True)` hands every row to one worker. To keep DDP ranks in
+step, `equal=True` drops up to `world_size - 1` rows and `drop_last=True` then drops each worker's
+last partial batch: `dropped_per_epoch(rows, world_size, batch_size)` says how many (a different
+random set each epoch, so no image is left out for good).
+
+2 cores: Ray Data must get CPUs next to the Train workers (DESIGN.md facts): the driver declares
+`ray.init(num_cpus=4)`, the workers take 1 CPU each, and every Ray Data stage here is capped at
+`concurrency` tasks (default 2).
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from pipelines.errors import DataError
+from pipelines.manifest import read_manifest, split_files
+
+if TYPE_CHECKING:
+    import ray.data
+
+AugmentOn = Literal["worker", "data"]
+# Measured on the 2-core CPU machine, see benchmarks/augment_placement.py and the report.
+CPU_AUGMENT_ON: AugmentOn = "worker"
+
+
+def default_augment_on(device: torch.device | str) -> AugmentOn:
+    """Where augmentation runs by default: on the worker's GPU when it has one; on CPU, the
+    placement measured faster on the 2-core machine (`CPU_AUGMENT_ON`)."""
+    return "worker" if torch.device(device).type == "cuda" else CPU_AUGMENT_ON
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding (shared by Ray Data and load_split)
+
+
+def decode_images(images: Sequence[bytes], image_size: int | None = None) -> torch.Tensor:
+    """Decode encoded images into one uint8 RGB batch `[N, 3, H, W]`.
+
+    JPEGs are decoded together with `torchvision.io.decode_jpeg` (one call for the list); other
+    formats one by one with `decode_image`. Grayscale becomes 3 channels. When `image_size` is
+    given, images of another size are resized (shorter side, antialiased) and centre-cropped to
+    `image_size` x `image_size`.
+
+    Raises:
+        DataError: images of different sizes and no `image_size` to bring them to.
+    """
+    from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+
+    with warnings.catch_warnings():
+        # torchvision 0.29 marks its decoders deprecated in favour of TorchCodec; they still are
+        # the batched decoders this design asks for. Arrow's buffers are read-only: torch warns.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        tensors = [torch.frombuffer(b, dtype=torch.uint8) for b in images]
+        is_jpeg = [bytes(b[:2]) == b"\xff\xd8" for b in images]
+        decoded: list[torch.Tensor | None] = [None] * len(tensors)
+        jpeg_idx = [i for i, j in enumerate(is_jpeg) if j]
+        if jpeg_idx:
+            for i, img in zip(jpeg_idx, decode_jpeg([tensors[i] for i in jpeg_idx], mode=ImageReadMode.RGB)):
+                decoded[i] = img
+        for i, j in enumerate(is_jpeg):
+            if not j:
+                decoded[i] = decode_image(tensors[i], mode=ImageReadMode.RGB)
+    return _to_batch([d for d in decoded if d is not None], image_size)
+
+
+def _to_batch(images: list[torch.Tensor], image_size: int | None) -> torch.Tensor:
+    sizes = {tuple(im.shape[-2:]) for im in images}
+    if image_size is None:
+        if len(sizes) > 1:
+            raise DataError(f"images have different sizes ({', '.join(f'{h}x{w}' for h, w in sorted(sizes)[:3])}, ...); "
+                            "set an image size (data.image_size) to resize them to")
+        return torch.stack(images) if images else torch.empty(0, 3, 0, 0, dtype=torch.uint8)
+    if sizes == {(image_size, image_size)}:
+        return torch.stack(images)
+    if len(sizes) == 1:  # one size for all: resize the batch at once
+        return _resize_crop(torch.stack(images), image_size)
+    return torch.cat([_resize_crop(im[None], image_size) for im in images])
+
+
+def _resize_crop(x: torch.Tensor, size: int) -> torch.Tensor:
+    from torchvision.transforms.v2 import functional as F
+
+    x = F.resize(x, [size], antialias=True)  # shorter side -> size, aspect kept
+    return F.center_crop(x, [size, size])
+
+
+def _decode_batch(batch: dict[str, np.ndarray], image_size: int | None) -> dict[str, np.ndarray]:
+    """Ray Data `map_batches` fn: encoded `image` column -> uint8 `[N, 3, H, W]`."""
+    torch.set_num_threads(1)  # one Ray Data task = one CPU
+    out = dict(batch)
+    out["image"] = decode_images(list(batch["image"]), image_size).numpy()
+    out["label"] = batch["label"].astype(np.int64)
+    return out
+
+
+@functools.lru_cache(maxsize=4)
+def _augmenter(preset: str, size: int) -> Any:
+    from pipelines.augment import TwoViewAugment
+
+    return TwoViewAugment(preset=preset, size=size, seed=None)  # fresh random views every call
+
+
+def _augment_batch(batch: dict[str, np.ndarray], preset: str, size: int) -> dict[str, np.ndarray]:
+    """Ray Data `map_batches` fn: uint8 `image` -> float `view1`, `view2` (the `image` column is dropped)."""
+    torch.set_num_threads(1)
+    out = {k: v for k, v in batch.items() if k != "image"}
+    with torch.no_grad():
+        v1, v2 = _augmenter(preset, size)(torch.from_numpy(np.ascontiguousarray(batch["image"])))
+    out["view1"], out["view2"] = v1.numpy(), v2.numpy()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray Data
+
+
+def read_split(folder: str | Path, split: str = "train", *, image_size: int | None = None,
+               shuffle: bool = True, seed: int | None = None, augment_on: AugmentOn = "worker",
+               preset: str = "simclr", view_size: int | None = None, concurrency: int = 2,
+               num_cpus: float = 1.0, batch_size: int = 256,
+               columns: Sequence[str] = ("image", "label")) -> ray.data.Dataset:
+    """A lazy Ray Data dataset over one split of a shard folder (`selfsup ingest` output).
+
+    Pass it to `TorchTrainer(datasets={"train": ...})`; each worker then reads its part with
+    `iter_two_view_batches(ray.train.get_dataset_shard("train"), ...)`. Lazy on purpose: every
+    epoch re-runs the shuffle, the decode and (with `augment_on="data"`) the augmentation, so each
+    epoch has a new order and new views.
+
+    Args:
+        folder: the shard folder (has `manifest.json`).
+        split: `train` or `test`.
+        image_size: decode to this square size (resize + centre crop when images differ from it).
+            Default: the manifest's `image_size` (all images the same size), else an error.
+        shuffle: a full `random_shuffle` of the (still encoded) rows, new each epoch.
+        seed: makes the shuffle order reproducible (still different every epoch); None = random.
+        augment_on: "worker" yields uint8 `image` for the worker to augment on its device; "data"
+            runs `TwoViewAugment(preset, view_size)` here and yields float `view1`/`view2`.
+        preset: augmentation preset for `augment_on="data"`.
+        view_size: view resolution for `augment_on="data"` (default: the image size).
+        concurrency: at most this many tasks per Ray Data stage (2 keeps a 2-core machine live).
+        num_cpus: CPUs each decode/augment task asks for.
+        batch_size: rows per decode/augment task call.
+        columns: shard columns to carry; add `"path"` to follow single images through.
+
+    Returns:
+        The dataset, columns `image` uint8 `[N, 3, H, W]` (or `view1`, `view2` float32
+        `[N, 3, S, S]`), `label` int64, and any extra `columns`.
+
+    Raises:
+        DataError: no manifest, unknown split, or mixed image sizes without `image_size`.
+    """
+    import ray.data
+    from ray.data import RandomSeedConfig, TaskPoolStrategy
+
+    if augment_on not in ("worker", "data"):
+        raise DataError(f"augment_on {augment_on!r} is not allowed; allowed: 'worker', 'data'")
+    manifest = read_manifest(folder)
+    files = split_files(folder, split)
+    size = image_size or (manifest.image_size[0] if manifest.image_size and
+                          manifest.image_size[0] == manifest.image_size[1] else None)
+    if size is None and manifest.image_size is None:
+        raise DataError(f"images in {folder} have different sizes; set an image size (data.image_size)")
+    cols = list(dict.fromkeys(["image", "label", *columns]))
+    ds = ray.data.read_parquet([str(f) for f in files], concurrency=concurrency).select_columns(cols)
+    if shuffle:
+        # Shuffle the encoded rows (~1-3 KB each), not decoded or augmented ones (4-25x larger).
+        ds = ds.random_shuffle(seed=None if seed is None else RandomSeedConfig(seed=seed, reseed_after_execution=True))
+    ds = ds.map_batches(_decode_batch, fn_kwargs={"image_size": size}, batch_size=batch_size,
+                        batch_format="numpy", compute=TaskPoolStrategy(size=concurrency), num_cpus=num_cpus)
+    if augment_on == "data":
+        ds = ds.map_batches(_augment_batch, fn_kwargs={"preset": preset, "size": view_size or size},
+                            batch_size=batch_size, batch_format="numpy",
+                            compute=TaskPoolStrategy(size=concurrency), num_cpus=num_cpus)
+    return ds
+
+
+def steps_per_epoch(rows: int, world_size: int, batch_size: int) -> int:
+    """Optimizer steps per epoch on every worker: equal shards, then full batches only."""
+    return (rows // world_size) // batch_size
+
+
+def dropped_per_epoch(rows: int, world_size: int, batch_size: int) -> int:
+    """Images left out of one epoch by the equal split plus `drop_last` (a new random set each epoch)."""
+    return rows - world_size * batch_size * steps_per_epoch(rows, world_size, batch_size)
+
+
+def iter_two_view_batches(shard: Any, *, batch_size: int, augment: Any = None,
+                          device: torch.device | str = "cpu", augment_on: AugmentOn = "worker",
+                          keep: Sequence[str] = (), prefetch_batches: int = 2,
+                          ) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Two-view batches for one epoch, inside a Ray Train worker.
+
+    Call once per epoch with `ray.train.get_dataset_shard("train")` (a `DataIterator`). Batches are
+    full (`drop_last=True`), so every rank makes the same number of steps, see `steps_per_epoch`.
+
+    Args:
+        shard: the worker's `DataIterator` over a `read_split` dataset.
+        batch_size: images per batch on this worker.
+        augment: `TwoViewAugment` (or any callable uint8 `[B, 3, H, W]` -> (view1, view2)),
+            applied on `device`; required for `augment_on="worker"`, ignored for "data".
+        device: where the views go (the worker's GPU or "cpu").
+        augment_on: must match the `read_split` that made the dataset.
+        keep: extra columns (e.g. `("label", "path")`) to yield as a third item, a dict of numpy arrays.
+        prefetch_batches: batches Ray Data prepares ahead.
+
+    Yields:
+        `(view1, view2)` float `[batch_size, 3, S, S]` on `device`, or `(view1, view2, extras)`
+        when `keep` is given.
+    """
+    device = torch.device(device)
+    if augment_on == "worker" and augment is None:
+        raise ValueError("augment_on='worker' needs an augment callable (pipelines.augment.TwoViewAugment)")
+    for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True,
+                                    prefetch_batches=prefetch_batches):
+        if augment_on == "worker":
+            images = torch.from_numpy(np.ascontiguousarray(batch["image"])).to(device, non_blocking=True)
+            with torch.no_grad():
+                v1, v2 = augment(images)
+        else:
+            v1 = torch.from_numpy(batch["view1"]).to(device, non_blocking=True)
+            v2 = torch.from_numpy(batch["view2"]).to(device, non_blocking=True)
+        if keep:
+            yield v1, v2, {k: batch[k] for k in keep}
+        else:
+            yield v1, v2
+
+
+# ---------------------------------------------------------------------------------------------
+# In-process, no Ray
+
+
+def load_split(folder: str | Path, split: str = "test", *, limit: int | None = None,
+               image_size: int | None = None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode a whole split (or a subset) in this process, for kNN evaluation and embedding.
+
+    Args:
+        folder: the shard folder.
+        split: `train` or `test`.
+        limit: at most this many images: a seeded subset that keeps each class's share
+            (stratified), returned in shard order. None = all.
+        image_size: as in `read_split` (default: the manifest's size).
+        seed: seed of the subset.
+
+    Returns:
+        images uint8 `[N, 3, H, W]` and labels int64 `[N]`.
+    """
+    manifest = read_manifest(folder)
+    files = split_files(folder, split)
+    labels = np.concatenate([pq.read_table(f, columns=["label"]).column("label").to_numpy() for f in files]).astype(np.int64)
+    keep = _stratified_subset(labels, limit, seed) if limit is not None and limit < len(labels) else None
+    size = image_size or (manifest.image_size[0] if manifest.image_size else None)
+    chunks: list[torch.Tensor] = []
+    start = 0
+    for f in files:
+        pf = pq.ParquetFile(f)
+        for g in range(pf.metadata.num_row_groups):
+            n = pf.metadata.row_group(g).num_rows
+            rows = np.arange(start, start + n) if keep is None else keep[(keep >= start) & (keep < start + n)]
+            if len(rows):
+                images = pf.read_row_group(g, columns=["image"]).column("image").to_pylist()
+                chunks.append(decode_images([images[i - start] for i in rows], size))
+            start += n
+    selected = labels if keep is None else labels[keep]
+    return torch.cat(chunks), torch.from_numpy(selected)
+
+
+def _stratified_subset(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
+    """Sorted row indices of a seeded subset of `limit` rows with each class's share kept."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(labels))
+    # Rank every row within its class (in the random order), as a fraction of the class size;
+    # taking the rows with the smallest fractions gives each class ~limit * its share.
+    frac = np.empty(len(labels))
+    for c in np.unique(labels):
+        members = order[labels[order] == c]
+        frac[members] = (np.arange(len(members)) + rng.random()) / len(members)
+    chosen = np.argsort(frac, kind="stable")[:limit]
+    return np.sort(chosen)
