@@ -1,0 +1,500 @@
+"""Batched two-view augmentations for contrastive pretraining (SimCLR, MoCo v2, BYOL).
+
+One call takes a uint8 batch ``[B, C, H, W]`` on any device and returns two normalised float32
+views ``[B, 3, size, size]`` on the same device. Every sample draws its own parameters from one
+``torch.Generator`` on that device, so the same seed gives the same views and nothing leaves the
+device. The ops follow torchvision's semantics (checked against ``torchvision.transforms.v2``
+in ``tests/pipelines/test_augment.py``):
+
+    random resized crop -> horizontal flip -> colour jitter (p) -> grayscale (p) -> blur (p)
+    -> solarize (p) -> normalise
+
+Why hand-written and not kornia: the benchmark ``benchmarks/pipeline_throughput.py`` times each
+op against ``kornia.augmentation`` 0.9 on the same batch and this machine; every op here is kept
+because it measured faster (crop+flip+resize as one ``grid_sample``, colour ops as per-sample
+tensor arithmetic, blur as one grouped separable convolution).
+
+Papers:
+    SimCLR: Chen et al. 2020, "A Simple Framework for Contrastive Learning of Visual
+        Representations", Appendix A (augmentations) and B.9 (CIFAR-10).
+    MoCo v2: Chen et al. 2020, "Improved Baselines with Momentum Contrastive Learning",
+        and its reference code (``main_moco.py --aug-plus``).
+    BYOL: Grill et al. 2020, "Bootstrap Your Own Latent", Appendix B, Table 6.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from pipelines.errors import DataError
+
+# ImageNet statistics (RGB); every model input in selfsup is normalised with these.
+MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+# ITU-R 601 luma weights, as torchvision's rgb_to_grayscale.
+_GRAY = (0.2989, 0.587, 0.114)
+_SOLARIZE_THRESHOLD = 0.5  # BYOL Table 6; equals torchvision's 128 on uint8 for x/255 inputs.
+
+# Paper values. ``blur_prob`` and ``solarize_prob`` are (view1, view2): BYOL is asymmetric.
+# ``jitter`` is ColorJitter's (brightness, contrast, saturation, hue) before ``jitter_strength``.
+PRESETS: dict[str, dict[str, object]] = {
+    # SimCLR App. A: crop (0.08, 1), ratio (3/4, 4/3), flip, jitter 0.8*s for b/c/s and 0.2*s for
+    # hue with p=0.8, grayscale p=0.2, blur p=0.5 with sigma (0.1, 2) and a kernel of 10% of the side.
+    # s=1 for ImageNet; App. B.9 uses s=0.5 and no blur on CIFAR-10 (see the CIFAR convention below).
+    "simclr": dict(
+        crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), flip_prob=0.5,
+        jitter=(0.8, 0.8, 0.8, 0.2), jitter_prob=0.8, grayscale_prob=0.2,
+        blur_prob=(0.5, 0.5), blur_sigma=(0.1, 2.0), solarize_prob=(0.0, 0.0),
+    ),
+    # MoCo v2 (--aug-plus): crop (0.2, 1), jitter (0.4, 0.4, 0.4, 0.1) p=0.8, grayscale 0.2,
+    # blur p=0.5 sigma (0.1, 2), flip. Note: the reference code blurs with PIL's GaussianBlur(radius=sigma)
+    # over the whole image; we use SimCLR's 10%-of-side kernel for every preset.
+    "moco_v2": dict(
+        crop_scale=(0.2, 1.0), crop_ratio=(3 / 4, 4 / 3), flip_prob=0.5,
+        jitter=(0.4, 0.4, 0.4, 0.1), jitter_prob=0.8, grayscale_prob=0.2,
+        blur_prob=(0.5, 0.5), blur_sigma=(0.1, 2.0), solarize_prob=(0.0, 0.0),
+    ),
+    # BYOL Table 6: crop (0.08, 1), flip, jitter (0.4, 0.4, 0.2, 0.1) p=0.8, grayscale 0.2,
+    # blur p=1.0 / 0.1 and solarize p=0.0 / 0.2 for view 1 / view 2.
+    "byol": dict(
+        crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), flip_prob=0.5,
+        jitter=(0.4, 0.4, 0.2, 0.1), jitter_prob=0.8, grayscale_prob=0.2,
+        blur_prob=(1.0, 0.1), blur_sigma=(0.1, 2.0), solarize_prob=(0.0, 0.2),
+    ),
+}
+OVERRIDES = (
+    "crop_scale", "crop_ratio", "flip_prob", "jitter", "jitter_strength", "jitter_prob",
+    "grayscale_prob", "blur", "blur_prob", "blur_sigma", "blur_kernel_size", "solarize_prob",
+)
+
+
+@dataclass(frozen=True)
+class ViewConfig:
+    """The resolved augmentation settings of one view."""
+
+    crop_scale: tuple[float, float]
+    crop_ratio: tuple[float, float]
+    flip_prob: float
+    jitter: tuple[float, float, float, float]  # brightness, contrast, saturation, hue strengths
+    jitter_prob: float
+    grayscale_prob: float
+    blur_prob: float
+    blur_sigma: tuple[float, float]
+    blur_kernel_size: int
+    solarize_prob: float
+
+
+@dataclass
+class ViewParams:
+    """The random parameters one view drew, one row per sample (returned for tests and debugging)."""
+
+    crop: Tensor        # [n, 4] int64: top i, left j, height h, width w (torchvision's get_params order)
+    flip: Tensor        # [n] bool
+    jitter: Tensor      # [n] bool: colour jitter applied
+    factors: Tensor     # [n, 4] float: brightness, contrast, saturation factors and hue shift
+    order: Tensor       # [n, 4] int64: op indices (0 b, 1 c, 2 s, 3 h) in the order applied
+    grayscale: Tensor   # [n] bool
+    blur: Tensor        # [n] bool
+    blur_sigma: Tensor  # [n] float
+    solarize: Tensor    # [n] bool
+
+
+def normalize(images_uint8: Tensor) -> Tensor:
+    """uint8 ``[B, 3, H, W]`` -> float32 scaled to [0, 1] and normalised with ``MEAN``/``STD``."""
+    return _normalize_unit(images_uint8.to(torch.float32).mul_(1 / 255))
+
+
+def _normalize_unit(x: Tensor) -> Tensor:
+    mean = torch.tensor(MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return x.sub_(mean).div_(std)
+
+
+def blur_kernel_size(size: int) -> int:
+    """SimCLR's blur kernel: 10% of the image side, made odd (23 at 224, 3 at 32), as its TF code."""
+    return 2 * ((size // 10) // 2) + 1
+
+
+# --------------------------------------------------------------------------------------------
+# Parameter sampling
+# --------------------------------------------------------------------------------------------
+
+def _rand(shape: tuple[int, ...], generator: torch.Generator, device: torch.device) -> Tensor:
+    return torch.rand(shape, generator=generator, device=device)
+
+
+def _uniform(n: int, lo: float, hi: float, generator: torch.Generator, device: torch.device) -> Tensor:
+    return lo + (hi - lo) * _rand((n,), generator, device)
+
+
+def sample_crop_params(
+    n: int,
+    height: int,
+    width: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    generator: torch.Generator,
+    device: torch.device | str = "cpu",
+) -> Tensor:
+    """Per-sample crop boxes with ``torchvision.transforms.RandomResizedCrop.get_params`` semantics.
+
+    Ten attempts per sample (area uniform in ``scale``, log aspect ratio uniform in ``log(ratio)``);
+    the first box that fits is kept and placed uniformly; when none fits, torchvision's central
+    fallback crop. Vectorised over samples and attempts: no host round-trip on CUDA.
+
+    Returns:
+        ``[n, 4]`` int64 tensor of (top, left, height, width).
+    """
+    device = torch.device(device)
+    area = height * width
+    target = area * (scale[0] + (scale[1] - scale[0]) * _rand((n, 10), generator, device))
+    lo, hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(lo + (hi - lo) * _rand((n, 10), generator, device))
+    w = torch.round(torch.sqrt(target * aspect))
+    h = torch.round(torch.sqrt(target / aspect))
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = fits.to(torch.uint8).argmax(dim=1, keepdim=True)  # index of the first fitting attempt
+    found = fits.any(dim=1)
+    w = w.gather(1, first).squeeze(1)
+    h = h.gather(1, first).squeeze(1)
+
+    # torchvision's fallback: the central crop with the aspect ratio clamped into `ratio`.
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        fw, fh = width, round(width / min(ratio))
+    elif in_ratio > max(ratio):
+        fw, fh = round(height * max(ratio)), height
+    else:
+        fw, fh = width, height
+    w = torch.where(found, w, torch.full_like(w, fw))
+    h = torch.where(found, h, torch.full_like(h, fh))
+    u = _rand((n, 2), generator, device)
+    top = torch.minimum(torch.floor(u[:, 0] * (height - h + 1)), height - h)
+    left = torch.minimum(torch.floor(u[:, 1] * (width - w + 1)), width - w)
+    top = torch.where(found, top, torch.div(height - h, 2, rounding_mode="floor"))
+    left = torch.where(found, left, torch.div(width - w, 2, rounding_mode="floor"))
+    return torch.stack([top, left, h, w], dim=1).to(torch.int64)
+
+
+def sample_view_params(
+    n: int, height: int, width: int, config: ViewConfig, generator: torch.Generator, device: torch.device
+) -> ViewParams:
+    """Draw every random parameter of one view for ``n`` samples (each sample its own)."""
+    crop = sample_crop_params(n, height, width, config.crop_scale, config.crop_ratio, generator, device)
+    flip = _rand((n,), generator, device) < config.flip_prob
+    jitter = _rand((n,), generator, device) < config.jitter_prob
+    b, c, s, hue = config.jitter
+    factors = torch.stack([
+        _uniform(n, max(0.0, 1 - b), 1 + b, generator, device),
+        _uniform(n, max(0.0, 1 - c), 1 + c, generator, device),
+        _uniform(n, max(0.0, 1 - s), 1 + s, generator, device),
+        _uniform(n, -hue, hue, generator, device),
+    ], dim=1)
+    # torchvision's ColorJitter draws a fresh random order per image (randperm(4)); so do we, per sample.
+    order = _rand((n, 4), generator, device).argsort(dim=1)
+    grayscale = _rand((n,), generator, device) < config.grayscale_prob
+    blur = _rand((n,), generator, device) < config.blur_prob
+    blur_sigma = _uniform(n, config.blur_sigma[0], config.blur_sigma[1], generator, device)
+    solarize = _rand((n,), generator, device) < config.solarize_prob
+    return ViewParams(crop, flip, jitter, factors, order, grayscale, blur, blur_sigma, solarize)
+
+
+# --------------------------------------------------------------------------------------------
+# Ops on float images in [0, 1], batched with per-sample parameters
+# --------------------------------------------------------------------------------------------
+
+def resized_crop(images: Tensor, crop: Tensor, flip: Tensor, size: int) -> Tensor:
+    """Crop each sample's box, flip where asked and resize to ``size`` in one ``grid_sample``.
+
+    Bilinear, as torchvision's ``resized_crop``: source coordinates are clamped to the crop box,
+    so enlarging a crop matches torchvision exactly. Departure: no antialias when a crop is
+    larger than ``size`` (torchvision antialiases); at 32 px from 32 px images crops only enlarge.
+
+    Args:
+        images: float ``[n, C, H, W]``.
+        crop: ``[n, 4]`` (top, left, height, width) from ``sample_crop_params``.
+        flip: ``[n]`` bool, horizontal flip after the resize.
+        size: output side.
+    """
+    n, _, height, width = images.shape
+    top, left, h, w = crop.to(images.dtype).unbind(dim=1)
+    o = torch.arange(size, device=images.device, dtype=images.dtype).add_(0.5)  # pixel centres
+    ox = torch.where(flip[:, None], size - o, o)  # output column o reads column size-1-o when flipped
+    # Source coordinate of each output pixel centre (align_corners=False), clamped into the box.
+    sx = left[:, None] + ox * (w / size)[:, None] - 0.5
+    sy = top[:, None] + o * (h / size)[:, None] - 0.5
+    sx = torch.clamp(sx, min=left[:, None], max=(left + w - 1)[:, None])
+    sy = torch.clamp(sy, min=top[:, None], max=(top + h - 1)[:, None])
+    gx = sx.mul_(2 / width).add_(1 / width - 1)  # to grid_sample's [-1, 1]
+    gy = sy.mul_(2 / height).add_(1 / height - 1)
+    grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), dim=-1)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def rgb_to_grayscale(images: Tensor) -> Tensor:
+    """``[n, 3, H, W]`` -> ``[n, 1, H, W]`` luma, as torchvision's ``rgb_to_grayscale``."""
+    r, g, b = images.unbind(dim=1)
+    return (r * _GRAY[0]).add_(g, alpha=_GRAY[1]).add_(b, alpha=_GRAY[2]).unsqueeze(1)
+
+
+def _per_sample(values: Tensor) -> Tensor:
+    return values.view(-1, 1, 1, 1)
+
+
+def _blend(images: Tensor, other: Tensor, factor: Tensor) -> Tensor:
+    # torchvision: image * f + other * (1 - f), clamped; lerp is the same in one pass.
+    return torch.lerp(other.expand_as(images), images, _per_sample(factor.to(images.dtype))).clamp_(0, 1)
+
+
+def adjust_brightness(images: Tensor, factor: Tensor) -> Tensor:
+    """Per-sample brightness factor ``[n]``, as torchvision's ``adjust_brightness``."""
+    return (images * _per_sample(factor.to(images.dtype))).clamp_(0, 1)
+
+
+def adjust_contrast(images: Tensor, factor: Tensor) -> Tensor:
+    """Per-sample contrast factor: blend with the image's mean luma, as torchvision."""
+    mean = rgb_to_grayscale(images).mean(dim=(-3, -2, -1), keepdim=True)
+    return _blend(images, mean, factor)
+
+
+def adjust_saturation(images: Tensor, factor: Tensor) -> Tensor:
+    """Per-sample saturation factor: blend with the luma image, as torchvision."""
+    return _blend(images, rgb_to_grayscale(images), factor)
+
+
+def adjust_hue(images: Tensor, shift: Tensor) -> Tensor:
+    """Per-sample hue shift in [-0.5, 0.5] (fraction of the hue circle), through HSV as torchvision.
+
+    HSV keeps value (max) and saturation, so only the hue is computed (torchvision's branches:
+    max==r, else max==g, else b) and the closed form ``v - v*s*clamp(min(k, 4-k), 0, 1)`` with
+    ``k = (n + 6h) mod 6``, ``n = 5, 3, 1`` rebuilds RGB without a gather.
+    """
+    r, g, b = images.unbind(dim=1)
+    maxc, minc = torch.aminmax(images, dim=1)
+    chroma = maxc - minc
+    safe = torch.where(chroma == 0, torch.ones_like(chroma), chroma)
+    hr = (g - b) / safe
+    hg = (b - r) / safe + 2
+    hb = (r - g) / safe + 4
+    h6 = torch.where(maxc == r, hr, torch.where(maxc == g, hg, hb))
+    h6 = (h6 + 6 * _per_sample(shift.to(images.dtype)).squeeze(1)).remainder_(6)
+    n = torch.tensor((5.0, 3.0, 1.0), dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    k = (h6.unsqueeze(1) + n).remainder_(6)
+    k = torch.minimum(k, 4 - k).clamp_(0, 1)
+    return maxc.unsqueeze(1) - chroma.unsqueeze(1) * k
+
+
+def gaussian_blur(images: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
+    """Per-sample gaussian blur (sigma ``[n]``), reflect padding, as torchvision's ``gaussian_blur``.
+
+    One grouped separable convolution for the whole batch: each (sample, channel) plane gets its
+    own 1-D kernel, vertical then horizontal.
+    """
+    n, c, height, width = images.shape
+    if kernel_size <= 1 or n == 0:
+        return images
+    half = kernel_size // 2
+    # torchvision's kernel: softmax(-(x / sigma)^2) on linspace(-lim, lim), lim = (k-1) / (2 sqrt 2).
+    lim = (kernel_size - 1) / (2.0 * math.sqrt(2.0))
+    x = torch.linspace(-lim, lim, kernel_size, dtype=images.dtype, device=images.device)
+    kernel = torch.softmax(-(x[None, :] / sigma.to(images.dtype)[:, None]).pow(2), dim=1)  # [n, k]
+    kernel = kernel.repeat_interleave(c, dim=0)  # [n*c, k]
+    padded = F.pad(images, (half, half, half, half), mode="reflect").reshape(1, n * c, height + 2 * half, width + 2 * half)
+    out = F.conv2d(padded, kernel.view(n * c, 1, kernel_size, 1), groups=n * c)
+    out = F.conv2d(out, kernel.view(n * c, 1, 1, kernel_size), groups=n * c)
+    return out.view(n, c, height, width)
+
+
+def solarize(images: Tensor, threshold: float = _SOLARIZE_THRESHOLD) -> Tensor:
+    """Invert pixels at or above ``threshold``, as torchvision's ``solarize`` on float images."""
+    return torch.where(images >= threshold, 1 - images, images)
+
+
+# --------------------------------------------------------------------------------------------
+# Composition
+# --------------------------------------------------------------------------------------------
+
+def _color_jitter(images: Tensor, params: ViewParams) -> Tensor:
+    """ColorJitter with each sample's own factors and own random order of the four ops.
+
+    Four slots; in each slot every sample runs the op its order puts there. Brightness, contrast
+    and saturation are all ``blend(x, target, f)`` with target 0, mean luma or luma, so one blend
+    per slot serves every sample (factor 1, the identity, for samples that run hue in that slot
+    or skip jitter); hue runs on the rows whose slot says hue, so each sample pays for one hue.
+    """
+    identity = torch.tensor([1.0, 1.0, 1.0, 0.0], dtype=params.factors.dtype, device=images.device)
+    factors = torch.where(params.jitter[:, None], params.factors, identity)
+    x = images
+    for slot in range(4):
+        op = params.order[:, slot]
+        factor = torch.where(op == 3, 1.0, factors.gather(1, op[:, None]).squeeze(1))
+        gray = rgb_to_grayscale(x)
+        target = torch.where(_per_sample(op == 1), gray.mean(dim=(-2, -1), keepdim=True), gray * _per_sample(op == 2))
+        x = _blend(x, target, factor)
+        rows = torch.nonzero((op == 3) & params.jitter).squeeze(1)
+        if rows.numel():
+            x[rows] = adjust_hue(x[rows], factors[rows, 3])
+    return x
+
+
+def augment_views(images: Tensor, params: ViewParams, size: int, blur_kernel: int) -> Tensor:
+    """Apply per-sample parameters to float images in [0, 1] (one row of ``params`` per image).
+
+    Returns floats in [0, 1], ``[n, 3, size, size]``; not normalised.
+    """
+    x = resized_crop(images, params.crop, params.flip, size)
+    if bool(params.jitter.any()):
+        x = _color_jitter(x, params)
+    rows = torch.nonzero(params.grayscale).squeeze(1)
+    if rows.numel():
+        x[rows] = rgb_to_grayscale(x[rows]).expand(-1, 3, -1, -1)
+    rows = torch.nonzero(params.blur).squeeze(1)
+    if rows.numel() and blur_kernel > 1:
+        x[rows] = gaussian_blur(x[rows], params.blur_sigma[rows], blur_kernel)
+    rows = torch.nonzero(params.solarize).squeeze(1)
+    if rows.numel():
+        x[rows] = solarize(x[rows])
+    return x
+
+
+def _pair(value: object, name: str) -> tuple[float, float]:
+    if isinstance(value, (int, float)):
+        return float(value), float(value)
+    if isinstance(value, (tuple, list)) and len(value) == 2:
+        return float(value[0]), float(value[1])
+    raise DataError(f"augmentation override {name}={value!r}: give a number or a (view1, view2) pair")
+
+
+def _check_range(name: str, value: tuple[float, ...], lo: float, hi: float) -> None:
+    if len(value) != 2 or not (lo <= value[0] <= value[1] <= hi):
+        raise DataError(f"augmentation override {name}={value!r}: expected (min, max) with {lo} <= min <= max <= {hi}")
+
+
+def resolve_views(preset: str, size: int, **overrides: object) -> tuple[ViewConfig, ViewConfig]:
+    """Preset values + overrides -> the two views' settings.
+
+    The CIFAR convention (SimCLR App. B.9) applies when ``size <= 32``: no blur (override with
+    ``blur=True``) and, for SimCLR, colour strength s=0.5 (override with ``jitter_strength=1.0``).
+    """
+    if preset not in PRESETS:
+        raise DataError(f"augmentation preset {preset!r} is unknown; choose one of {sorted(PRESETS)}")
+    unknown = sorted(set(overrides) - set(OVERRIDES))
+    if unknown:
+        raise DataError(f"augmentation override(s) {unknown} unknown; allowed: {list(OVERRIDES)}")
+    if not isinstance(size, int) or size < 1:
+        raise DataError(f"augmentation size {size!r} must be a positive int")
+    cfg = dict(PRESETS[preset])
+    cfg.update({k: v for k, v in overrides.items() if k not in ("blur", "jitter_strength", "blur_kernel_size")})
+    cifar = size <= 32
+    strength = overrides.get("jitter_strength")
+    if strength is None:
+        strength = 0.5 if (cifar and preset == "simclr") else 1.0
+    blur = overrides.get("blur")
+    if blur is None:
+        blur = not cifar
+    kernel = int(overrides.get("blur_kernel_size") or blur_kernel_size(size))  # type: ignore[call-overload]
+    if kernel % 2 == 0:
+        raise DataError(f"augmentation override blur_kernel_size={kernel}: must be odd")
+
+    jitter = tuple(float(v) * float(strength) for v in cfg["jitter"])  # type: ignore[union-attr, arg-type]
+    if len(jitter) != 4 or min(jitter) < 0 or jitter[3] > 0.5:
+        raise DataError(f"augmentation jitter {jitter}: four non-negative strengths, hue <= 0.5")
+    crop_scale = tuple(float(v) for v in cfg["crop_scale"])  # type: ignore[union-attr]
+    crop_ratio = tuple(float(v) for v in cfg["crop_ratio"])  # type: ignore[union-attr]
+    blur_sigma = tuple(float(v) for v in cfg["blur_sigma"])  # type: ignore[union-attr]
+    _check_range("crop_scale", crop_scale, 1e-6, 1.0)
+    _check_range("crop_ratio", crop_ratio, 1e-6, math.inf)
+    _check_range("blur_sigma", blur_sigma, 1e-6, math.inf)
+    blur_prob = _pair(cfg["blur_prob"], "blur_prob") if blur else (0.0, 0.0)
+    solarize_prob = _pair(cfg["solarize_prob"], "solarize_prob")
+    for name in ("flip_prob", "jitter_prob", "grayscale_prob"):
+        if not 0.0 <= float(cfg[name]) <= 1.0:  # type: ignore[arg-type]
+            raise DataError(f"augmentation override {name}={cfg[name]!r}: a probability in [0, 1]")
+    for name, pair in (("blur_prob", blur_prob), ("solarize_prob", solarize_prob)):
+        if not all(0.0 <= p <= 1.0 for p in pair):
+            raise DataError(f"augmentation override {name}={pair!r}: probabilities in [0, 1]")
+    views = tuple(
+        ViewConfig(
+            crop_scale=crop_scale, crop_ratio=crop_ratio, flip_prob=float(cfg["flip_prob"]),  # type: ignore[arg-type]
+            jitter=jitter, jitter_prob=float(cfg["jitter_prob"]),  # type: ignore[arg-type]
+            grayscale_prob=float(cfg["grayscale_prob"]),  # type: ignore[arg-type]
+            blur_prob=blur_prob[v], blur_sigma=blur_sigma, blur_kernel_size=kernel,  # type: ignore[arg-type]
+            solarize_prob=solarize_prob[v],
+        )
+        for v in (0, 1)
+    )
+    return views[0], views[1]  # type: ignore[return-value]
+
+
+class TwoViewAugment:
+    """Two random views per image, batched and on the images' device.
+
+    Args:
+        preset: ``"simclr"``, ``"moco_v2"`` or ``"byol"`` (paper values, see ``PRESETS``).
+        size: output side in pixels.
+        seed: seeds one ``torch.Generator`` per device, once; successive calls differ, the same
+            seed replays the same views (on the same device type). ``None``: drawn from torch's
+            global RNG, so ``torch.manual_seed`` makes it reproducible too.
+        **overrides: any of ``OVERRIDES``, e.g. ``crop_scale=(0.2, 1.0)``, ``jitter_strength=0.5``,
+            ``blur_prob=0.0`` or ``blur_prob=(1.0, 0.1)``, ``blur=False``.
+
+    Example:
+        >>> aug = TwoViewAugment("simclr", size=32, seed=0)
+        >>> v1, v2 = aug(torch.zeros(8, 3, 32, 32, dtype=torch.uint8))
+        >>> v1.shape, v1.dtype
+        (torch.Size([8, 3, 32, 32]), torch.float32)
+    """
+
+    def __init__(self, preset: str = "simclr", size: int = 32, seed: int | None = None, **overrides: object) -> None:
+        self.preset = preset
+        self.size = size
+        self.views = resolve_views(preset, size, **overrides)
+        self.seed = int(torch.randint(0, 2**62, (), dtype=torch.int64)) if seed is None else int(seed)
+        self._generators: dict[str, torch.Generator] = {}
+        self.cpu_chunk = max(1, (64 * 32 * 32) // (size * size))
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        key = str(device)
+        if key not in self._generators:
+            g = torch.Generator(device=device)
+            g.manual_seed(self.seed)
+            self._generators[key] = g
+        return self._generators[key]
+
+    def __call__(self, images: Tensor, return_params: bool = False):  # type: ignore[no-untyped-def]
+        """uint8 ``[B, C, H, W]`` (C = 1 or 3) -> ``(view1, view2)``, float32 ``[B, 3, size, size]``.
+
+        With ``return_params=True`` returns ``(view1, view2, (params1, params2))``.
+        """
+        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] not in (1, 3):
+            raise DataError(
+                f"TwoViewAugment takes a uint8 batch [B, C, H, W] with C 1 or 3; got {images.dtype} {tuple(images.shape)}"
+            )
+        n, _, height, width = images.shape
+        device = images.device
+        g = self._generator(device)
+        p1 = sample_view_params(n, height, width, self.views[0], g, device)
+        p2 = sample_view_params(n, height, width, self.views[1], g, device)
+        x = images.expand(n, 3, height, width) if images.shape[1] == 1 else images
+        x = x.to(torch.float32).mul_(1 / 255)
+        out = torch.empty(2 * n, 3, self.size, self.size, dtype=torch.float32, device=device)
+        # On CPU, chunks of a few hundred KiB per tensor stay in cache between the ~50 elementwise
+        # ops; on an accelerator one launch per op for the whole batch is better.
+        chunk = self.cpu_chunk if device.type == "cpu" else n
+        for v, params in enumerate((p1, p2)):
+            kernel = self.views[v].blur_kernel_size
+            for start in range(0, n, chunk):
+                rows = slice(start, min(n, start + chunk))
+                part = ViewParams(*(t[rows] for t in vars(params).values()))
+                out[v * n + rows.start : v * n + rows.stop] = augment_views(x[rows], part, self.size, kernel)
+        out = _normalize_unit(out)
+        view1, view2 = out[:n], out[n:]
+        if return_params:
+            return view1, view2, (p1, p2)
+        return view1, view2
