@@ -27,7 +27,8 @@ from orchestrator.errors import UserError
 METHOD_NAMES = ("simclr", "moco", "byol")
 ENCODER_NAMES = ("convnet", "resnet18", "resnet50")
 OPTIMIZER_NAMES = ("sgd", "lars", "adamw")
-AUGMENT_PRESETS = ("simclr", "moco", "byol")
+AUGMENT_PRESETS = ("simclr", "moco_v2", "byol")  # pipelines.augment.PRESETS
+METHOD_PRESET = {"simclr": "simclr", "moco": "moco_v2", "byol": "byol"}
 AUGMENT_ON = ("auto", "worker", "data")
 # Method fields that only some methods take: (field, methods that accept it).
 METHOD_ONLY = {"temperature": ("simclr", "moco"), "momentum": ("moco", "byol"), "queue_size": ("moco",)}
@@ -45,8 +46,10 @@ class DataConfig:
     train_split: str = "train"
     test_split: str = "test"
     image_size: int = 28  # views and kNN images are this size (square)
-    augment: str | None = None  # augmentation preset; None = the method's own preset
-    augment_on: str = "auto"  # auto: on the Train worker's device; "data": in Ray Data map tasks
+    augment: str | None = None  # augmentation preset (simclr, moco_v2, byol); None = the method's own
+    # Where the two views are made: "worker" (on the Train worker's device), "data" (in Ray Data
+    # tasks), "auto" (worker on GPU; on CPU what pipelines.stream measured faster).
+    augment_on: str = "auto"
     limit: int | None = None  # use only the first N training images (tests, benchmarks)
 
 
@@ -161,6 +164,18 @@ class Config:
         kw = {"projection_dim": m.projection_dim, "hidden_dim": m.hidden_dim, "temperature": m.temperature,
               "momentum": m.momentum, "queue_size": m.queue_size}
         return {k: v for k, v in kw.items() if v is not None}
+
+    def augment_preset(self) -> str:
+        """The augmentation preset: `data.augment`, else the method's own."""
+        return self.data.augment or METHOD_PRESET[self.method.name]
+
+    def resolved_augment_on(self) -> str:
+        """"worker" or "data" ("auto" resolved by `pipelines.stream.default_augment_on`)."""
+        if self.data.augment_on != "auto":
+            return self.data.augment_on
+        from pipelines.stream import default_augment_on
+
+        return str(default_augment_on("cuda" if self.scaling.use_gpu else "cpu"))
 
     def effective_lr(self) -> float:
         """The peak learning rate after linear scaling (if `optim.scale_lr`)."""
@@ -341,8 +356,6 @@ def validate(cfg: Config, *, check_data: bool = True, check_gpu: bool = True) ->
               "split evenly over the workers")
     if o.batch_size // s.num_workers < 2:
         _fail("optim.batch_size", o.batch_size, "needs at least 2 images per worker")
-    if m.name == "moco" and m.queue_size is not None and m.queue_size % o.batch_size:
-        _fail("method.queue_size", m.queue_size, f"must be a multiple of optim.batch_size ({o.batch_size})")
     _positive("scaling.cpus_per_worker", s.cpus_per_worker)
     _positive("scaling.gpus_per_worker", s.gpus_per_worker)
     _positive("data.image_size", d.image_size)

@@ -1,0 +1,554 @@
+"""The driver of one pretraining run: `selfsup pretrain [--config FILE] [--set k=v ...] [--resume]`.
+
+Thin by design (Ray's `torch_fashion_mnist_example.py` pattern): resolve the config, make sure the
+data is there, open the MLflow run, start (or join) Ray, build a `TorchTrainer` around
+`orchestrator.train_loop.train_func_per_worker`, fit, register the encoder, print where it all went.
+
+Run names and `--resume`: Ray Train resumes a run that is started again with the same
+`RunConfig(storage_path, name)`, so names are stable (no timestamps). With `run.name` unset the
+run is called `<config name>-<n>` (`demo-1`, `demo-2`, ...: the next free n under
+`run.storage_path`); `--resume` without a name picks the newest `<config name>-<n>`. Starting a run
+whose folder exists without `--resume` is an error (so a run is never mixed with another one), and
+`--resume` continues with the config recorded in the run folder (`selfsup-run.json`), the same
+MLflow run and the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from orchestrator import tracking
+from orchestrator.config import Config, ConfigError, check_data_folder, config_name, load_config, to_yaml
+from orchestrator.errors import UserError
+
+RUN_RECORD = "selfsup-run.json"
+FAULT_ENV = "SELFSUP_FAULT_KILL_AT_EPOCH"
+log = logging.getLogger("selfsup")
+
+
+@dataclass
+class PretrainResult:
+    """What one pretraining run produced (also printed at the end of `selfsup pretrain`)."""
+
+    run_name: str
+    run_dir: str
+    tracking_uri: str
+    experiment: str
+    mlflow_run_id: str
+    epochs: int
+    knn_top1: float | None = None
+    knn_top5: float | None = None
+    knn_top1_untrained: float | None = None
+    loss: float | None = None
+    model_name: str | None = None
+    model_version: str | None = None
+    diverged: bool = False
+    wall_seconds: float = 0.0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def model_uri(self) -> str | None:
+        return f"models:/{self.model_name}/{self.model_version}" if self.model_version else None
+
+
+@dataclass
+class RunPaths:
+    """Where a run lives: Ray Train's run folder (checkpoints) and its record."""
+
+    name: str
+    storage_path: str
+    run_dir: Path
+
+    @property
+    def record(self) -> Path:
+        return self.run_dir / RUN_RECORD
+
+
+# --- quiet Ray --------------------------------------------------------------------------------
+
+def quiet_ray_env() -> None:
+    """Environment that keeps Ray's log noise out of the terminal (set before `ray.init`)."""
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "0")
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
+    for name in ("ray", "ray.train", "ray.data", "ray.tune", "mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def init_ray(cfg: Config) -> tuple[bool, str | None]:
+    """Join the configured Ray cluster, or start a local one; returns (started_here, temp_dir).
+
+    Local: `num_cpus` = 2 x cores (at least 4): Ray Data's read/decode tasks need logical CPUs
+    next to the Train workers or a 2-core machine hangs (DESIGN.md facts). Token auth is set
+    explicitly: off for the private local cluster (its temp dir is private to this run; the
+    dashboard is not started), as the environment says for a cluster (`RAY_AUTH_MODE`).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False, None
+    quiet_ray_env()
+    address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
+    # SELFSUP_RAY_LOGS=1 shows the workers' own output (tracebacks, Ray Data progress) for debugging.
+    common: dict[str, Any] = dict(log_to_driver=os.environ.get("SELFSUP_RAY_LOGS") == "1",
+                                  logging_level=logging.WARNING, configure_logging=True)
+    if address:
+        os.environ.setdefault("RAY_AUTH_MODE", "token" if _token_exists() else "disabled")
+        ray.init(address=address, **common)
+        return False, None
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Ray's unix-socket paths must stay under 107 bytes: a short private folder in /tmp.
+    temp_dir = tempfile.mkdtemp(prefix="selfsup-ray-", dir="/tmp")
+    ray.init(address="local", num_cpus=max(4, 2 * (os.cpu_count() or 1)), include_dashboard=False,
+             _temp_dir=temp_dir, **common)
+    return True, temp_dir
+
+
+def _token_exists() -> bool:
+    return (Path.home() / ".ray" / "auth_token").is_file()
+
+
+def cpus_per_worker(cfg: Config) -> float:
+    """`scaling.cpus_per_worker`, or 1 when the cluster has a CPU to spare for Ray Data, else a share."""
+    if cfg.scaling.cpus_per_worker is not None:
+        return cfg.scaling.cpus_per_worker
+    import ray
+
+    total = float(ray.cluster_resources().get("CPU", 1.0))
+    n = cfg.scaling.num_workers
+    if total - n >= 1.0:
+        return 1.0
+    return max(0.1, round((total - 1.0) / n, 2))
+
+
+# --- run names and records --------------------------------------------------------------------
+
+def resolve_run(cfg: Config, *, stem: str, resume: bool) -> RunPaths:
+    """Pick the run name and folder (see the module docstring), or raise `UserError`."""
+    storage = Path(cfg.run.storage_path).expanduser().resolve()
+    if cfg.run.name is not None:
+        name = cfg.run.name
+        run_dir = storage / name
+        if resume and not (run_dir / RUN_RECORD).is_file():
+            raise UserError(f"--resume: there is no run {name!r} under {storage} to continue "
+                            f"(leave out --resume to start it)")
+        if not resume and run_dir.exists():
+            raise UserError(f"run.name = {name!r}: {run_dir} exists already; continue it with --resume, "
+                            "or choose another run.name")
+        return RunPaths(name, str(storage), run_dir)
+    pattern = re.compile(rf"^{re.escape(stem)}-(\d+)$")
+    numbers = sorted(int(m.group(1)) for p in (storage.iterdir() if storage.is_dir() else [])
+                     if (m := pattern.match(p.name)) and (p / RUN_RECORD).is_file())
+    if resume:
+        if not numbers:
+            raise UserError(f"--resume: no {stem}-<n> run under {storage} to continue "
+                            "(set run.name to pick one)")
+        name = f"{stem}-{numbers[-1]}"
+    else:
+        taken = {p.name for p in storage.iterdir()} if storage.is_dir() else set()
+        n = (numbers[-1] + 1) if numbers else 1
+        while f"{stem}-{n}" in taken:
+            n += 1
+        name = f"{stem}-{n}"
+    return RunPaths(name, str(storage), storage / name)
+
+
+def read_record(paths: RunPaths) -> dict[str, Any]:
+    try:
+        return json.loads(paths.record.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{paths.record}: unreadable run record ({e})") from None
+
+
+def write_record(paths: RunPaths, record: dict[str, Any]) -> None:
+    paths.run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = paths.record.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, paths.record)
+
+
+def _differences(a: Config, b: Config) -> list[str]:
+    fa, fb = a.flat(), b.flat()
+    return [f"{k} ({fa[k]!r} -> {fb[k]!r})" for k in fa if k != "run.name" and fa[k] != fb[k]]
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """A copy with `data.path` and `run.storage_path` made absolute (Train workers run in other folders)."""
+    d = cfg.to_dict()
+    d["data"]["path"] = str(Path(cfg.data.path).expanduser().resolve())
+    d["run"]["storage_path"] = str(Path(cfg.run.storage_path).expanduser().resolve())
+    return Config.from_dict(d)
+
+
+# --- data -------------------------------------------------------------------------------------
+
+def ensure_data(cfg: Config, *, quiet: bool = False) -> None:
+    """Ingest `data.source` into `data.path` if it has no manifest yet (the demo's first run)."""
+    if (Path(cfg.data.path) / "manifest.json").is_file() or cfg.data.source is None:
+        check_data_folder(cfg)
+        return
+    from pipelines.ingest import ingest
+
+    if not quiet:
+        print(f"selfsup: first run: ingesting {cfg.data.source!r} into {cfg.data.path} ...", flush=True)
+    ingest(cfg.data.source, cfg.data.path, progress=False)
+    check_data_folder(cfg)
+
+
+def train_dataset(cfg: Config) -> Any:
+    """The lazy Ray Data train split (shuffled, decoded, maybe augmented each epoch), `data.limit` rows."""
+    from pipelines.stream import read_split
+
+    ds = read_split(cfg.data.path, cfg.data.train_split, image_size=cfg.data.image_size,
+                    augment_on=cfg.resolved_augment_on(), preset=cfg.augment_preset(),  # type: ignore[arg-type]
+                    view_size=cfg.data.image_size, seed=None)
+    return ds.limit(cfg.data.limit) if cfg.data.limit is not None else ds
+
+
+def train_rows(cfg: Config) -> int:
+    from pipelines.manifest import read_manifest
+
+    rows = read_manifest(cfg.data.path).rows(cfg.data.train_split)
+    return min(rows, cfg.data.limit) if cfg.data.limit is not None else rows
+
+
+def dataset_name(cfg: Config) -> str:
+    from pipelines.manifest import read_manifest
+
+    return read_manifest(cfg.data.path).name
+
+
+# --- trainer ----------------------------------------------------------------------------------
+
+def build_trainer(cfg: Config, *, callbacks: list[Any] | None = None, mlflow_parent_run_id: str | None = None,
+                  mlflow_run_id: str | None = None, progress: Any = None) -> Any:
+    """The `TorchTrainer` of one run; Ray must be initialised and `run.name` set.
+
+    Args:
+        cfg: resolved config with `run.name` set (the Train run folder is storage_path/name).
+        callbacks: extra Ray Train callbacks (a sweep passes `TuneReportCallback()`).
+        mlflow_parent_run_id: nest the MLflow run under this one (sweeps); used when a new run is created.
+        mlflow_run_id: log into this existing MLflow run; None creates one (params + config logged).
+        progress: a `ray.util.queue.Queue` that receives each epoch's metrics (terminal output).
+
+    Returns:
+        A `ray.train.torch.TorchTrainer`; its MLflow run id is `trainer.selfsup_mlflow_run_id`.
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    if cfg.run.name is None:
+        raise ValueError("build_trainer needs cfg.run.name (see resolve_run)")
+    uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
+    if mlflow_run_id is None:
+        exp_id = tracking.ensure_experiment(uri, cfg.tracking.experiment)
+        mlflow_run_id = tracking.start_run(uri, exp_id, cfg.run.name, cfg.flat(), to_yaml(cfg),
+                                           parent_run_id=mlflow_parent_run_id, tags=_run_tags(cfg))
+    storage = str(Path(cfg.run.storage_path).expanduser().resolve())
+    worker_config = {**cfg.to_dict(), "_run_dir": str(Path(storage) / cfg.run.name),
+                     "_train_rows": train_rows(cfg), "_fault_kill_at_epoch": _fault_epoch()}
+    resources: dict[str, float] = {"CPU": cpus_per_worker(cfg)}
+    if cfg.scaling.use_gpu:
+        resources["GPU"] = cfg.scaling.gpus_per_worker
+    mlflow_cb = tracking.MlflowTrainCallback(uri, mlflow_run_id, progress=progress,
+                                             total_epochs=cfg.optim.epochs)
+    trainer = TorchTrainer(
+        train_loop_per_worker=_train_func(),
+        train_loop_config=worker_config,
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=cfg.run.name, storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep),
+            callbacks=[mlflow_cb, *(callbacks or [])]),
+        datasets={"train": train_dataset(cfg)},
+    )
+    trainer.selfsup_mlflow_run_id = mlflow_run_id
+    return trainer
+
+
+def _train_func() -> Any:
+    from orchestrator.train_loop import train_func_per_worker
+
+    return train_func_per_worker
+
+
+def _fault_epoch() -> int | None:
+    value = os.environ.get(FAULT_ENV)
+    return int(value) if value else None
+
+
+def _run_tags(cfg: Config) -> dict[str, str]:
+    return {"method": cfg.method.name, "encoder": cfg.model.encoder, "dataset": dataset_name(cfg),
+            "selfsup.storage_path": str(Path(cfg.run.storage_path).expanduser().resolve())}
+
+
+# --- terminal output --------------------------------------------------------------------------
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def _pct(value: Any) -> str:
+    return f"{100 * float(value):5.1f}%" if value is not None and math.isfinite(float(value)) else "  n/a"
+
+
+def epoch_line(m: dict[str, Any], total_epochs: int, epoch_times: list[float]) -> str:
+    """One line per epoch: epoch, loss, kNN top-1, lr, views/s, epoch time, ETA."""
+    epoch = int(m["epoch"])
+    epoch_times.append(float(m.get("epoch_seconds", 0.0)))
+    eta = sum(epoch_times) / len(epoch_times) * (total_epochs - epoch)
+    width = len(str(total_epochs))
+    parts = [f"epoch {epoch:{width}d}/{total_epochs}", f"loss {float(m.get('loss', math.nan)):.4f}",
+             f"kNN top-1 {_pct(m.get('knn_top1'))}"]
+    if "momentum" in m:
+        parts.append(f"tau {float(m['momentum']):.4f}")
+    parts += [f"lr {float(m.get('lr', 0)):.2e}", f"{float(m.get('views_per_second', 0)):,.0f} views/s",
+              f"{float(m.get('epoch_seconds', 0)):.1f}s", f"ETA {_duration(eta)}"]
+    return "  ".join(parts)
+
+
+class _Printer:
+    """Drains the progress queue in a thread and prints one line per epoch."""
+
+    def __init__(self, queue: Any, total_epochs: int) -> None:
+        self.queue, self.total = queue, total_epochs
+        self.times: list[float] = []
+        self.untrained_shown = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _show(self, m: dict[str, Any]) -> None:
+        if not self.untrained_shown and m.get("knn_top1_untrained") is not None:
+            print(f"  untrained encoder: kNN top-1 {_pct(m['knn_top1_untrained']).strip()}", flush=True)
+            self.untrained_shown = True
+        print("  " + epoch_line(m, self.total, self.times), flush=True)
+
+    def _run(self) -> None:
+        from ray.util.queue import Empty
+
+        while not self._stop.is_set():
+            try:
+                self._show(self.queue.get(block=True, timeout=0.5))
+            except Empty:
+                continue
+            except Exception:  # the queue actor went away (Ray shut down)
+                return
+
+    def stop(self) -> None:
+        from ray.util.queue import Empty
+
+        self._stop.set()
+        self._thread.join(timeout=5)
+        try:
+            while True:
+                self._show(self.queue.get_nowait())
+        except (Empty, Exception):
+            pass
+        try:
+            self.queue.shutdown()
+        except Exception:
+            pass
+
+
+# --- the run ----------------------------------------------------------------------------------
+
+def run_pretrain(cfg: Config, *, resume: bool = False, stem: str = "run", callbacks: list[Any] | None = None,
+                 mlflow_parent_run_id: str | None = None, progress: bool = False) -> PretrainResult:
+    """Pretrain one encoder on Ray Train, track it in MLflow and register it.
+
+    Args:
+        cfg: a validated config (`load_config`). `run.name` None: an automatic `<stem>-<n>` name.
+        resume: continue the run of that name from its last checkpoint (its recorded config wins;
+            a differing config is a `UserError`).
+        stem: prefix of automatic run names (the config file's stem).
+        callbacks: extra Ray Train callbacks, e.g. Tune's `TuneReportCallback()` in a sweep trial.
+        mlflow_parent_run_id: nest this run's MLflow run under a sweep's parent run.
+        progress: print one line per epoch on stdout.
+
+    Returns:
+        The `PretrainResult` (kNN top-1, registered model version, ...). A diverged run (NaN loss)
+        returns with `diverged=True` and registers nothing.
+
+    Raises:
+        UserError: bad run name / resume request, missing data.
+        ray.train.TrainingFailedError: the workers failed more than `run.max_failures` times.
+    """
+    start = time.perf_counter()
+    cfg = absolute_paths(cfg)
+    ensure_data(cfg, quiet=not progress)
+    paths = resolve_run(cfg, stem=stem, resume=resume)
+    cfg = Config.from_dict({**cfg.to_dict(), "run": {**cfg.to_dict()["run"], "name": paths.name}})
+    uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
+    if resume:
+        record = read_record(paths)
+        recorded = Config.from_dict(record["config"], source=str(paths.record))
+        diff = _differences(recorded, cfg)
+        if diff:
+            raise UserError(f"--resume continues run {paths.name!r} with its recorded config; these differ: "
+                            f"{', '.join(diff)} (start a new run instead)")
+        if record.get("status") == "finished":
+            raise UserError(f"run {paths.name!r} has finished already (model {record.get('model_uri')}); "
+                            "nothing to resume")
+        run_id = str(record["mlflow_run_id"])
+        uri = record.get("tracking_uri", uri)
+    else:
+        exp_id = tracking.ensure_experiment(uri, cfg.tracking.experiment)
+        run_id = tracking.start_run(uri, exp_id, paths.name, cfg.flat(), to_yaml(cfg),
+                                    parent_run_id=mlflow_parent_run_id, tags=_run_tags(cfg))
+        record = {"name": paths.name, "status": "running", "mlflow_run_id": run_id, "tracking_uri": uri,
+                  "experiment": cfg.tracking.experiment, "config": cfg.to_dict()}
+        write_record(paths, record)
+    cfg.tracking.uri = uri
+
+    started, temp_dir = init_ray(cfg)
+    printer = None
+    try:
+        queue = None
+        if progress:
+            from ray.util.queue import Queue
+
+            queue = Queue(actor_options={"num_cpus": 0})
+            printer = _Printer(queue, cfg.optim.epochs)
+            printer.start()
+            _print_header(cfg, paths, resume)
+        trainer = build_trainer(cfg, callbacks=callbacks, mlflow_run_id=run_id, progress=queue)
+        try:
+            result = trainer.fit()
+        except BaseException:
+            tracking.finish_run(uri, run_id, "FAILED")
+            raise
+        finally:
+            if printer is not None:
+                printer.stop()
+        out = _finish(cfg, paths, record, result, uri, run_id, start)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+            if temp_dir:
+                shutil.rmtree(temp_dir, ignore_errors=True)
+    return out
+
+
+def _print_header(cfg: Config, paths: RunPaths, resume: bool) -> None:
+    s = cfg.scaling
+    where = f"{s.num_workers} worker{'s' if s.num_workers > 1 else ''} ({'GPU' if s.use_gpu else 'CPU'})"
+    print(f"selfsup pretrain: {'resuming' if resume else 'run'} {paths.name}: {cfg.method.name}, "
+          f"{cfg.model.encoder}, {where}, {cfg.optim.epochs} epochs, batch {cfg.optim.batch_size}, "
+          f"data {cfg.data.path} ({train_rows(cfg):,} training images)", flush=True)
+
+
+def _finish(cfg: Config, paths: RunPaths, record: dict[str, Any], result: Any, uri: str, run_id: str,
+            start: float) -> PretrainResult:
+    """Read the last checkpoint, register the encoder, close the MLflow run and the record."""
+    from orchestrator.train_loop import STATE_FILE, build_model, encoder_state, load_state
+
+    last = dict(result.metrics or {})
+    state = None
+    if result.checkpoint is not None:
+        with result.checkpoint.as_directory() as d:
+            state = load_state(Path(d) / STATE_FILE)
+        metrics = {**state["metrics"], **{k: v for k, v in last.items() if k not in state["metrics"]}}
+    else:
+        metrics = last
+    out = PretrainResult(run_name=paths.name, run_dir=str(paths.run_dir), tracking_uri=uri,
+                         experiment=cfg.tracking.experiment, mlflow_run_id=run_id,
+                         epochs=int(metrics.get("epoch", 0)), knn_top1=_f(metrics.get("knn_top1")),
+                         knn_top5=_f(metrics.get("knn_top5")), knn_top1_untrained=_f(metrics.get("knn_top1_untrained")),
+                         loss=_f(metrics.get("loss")), diverged=bool(last.get("diverged")),
+                         metrics={k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
+    if out.diverged:
+        c = tracking.client(uri)
+        c.set_tag(run_id, "diverged", "true")
+        tracking.finish_run(uri, run_id, "FAILED")
+        write_record(paths, {**record, "status": "diverged"})
+        out.wall_seconds = time.perf_counter() - start
+        return out
+    if cfg.tracking.register and state is not None:
+        model = build_model(cfg)
+        model.encoder.load_state_dict(encoder_state(state["model"]))
+        name = cfg.tracking.model_name or f"{dataset_name(cfg)}-encoder"
+        mv = tracking.register_encoder(
+            model.encoder, tracking_uri=uri, run_id=run_id, model_name=name, image_size=cfg.data.image_size,
+            tags={"method": cfg.method.name, "dataset": dataset_name(cfg), "knn_top1": out.knn_top1,
+                  "knn_top1_untrained": out.knn_top1_untrained, "encoder": cfg.model.encoder,
+                  "image_size": cfg.data.image_size, "run_name": paths.name})
+        out.model_name, out.model_version = name, str(mv.version)
+        _promote(uri, name, out.model_version)
+    tracking.finish_run(uri, run_id, "FINISHED")
+    write_record(paths, {**record, "status": "finished", "model_uri": out.model_uri,
+                         "knn_top1": out.knn_top1})
+    out.wall_seconds = time.perf_counter() - start
+    return out
+
+
+def _promote(uri: str, name: str, version: str) -> None:
+    """Point `champion` at this version if its knn_top1 beats the current champion's."""
+    try:
+        from orchestrator.registry import promote_if_better
+    except ImportError:
+        return
+    promote_if_better(tracking.client(uri), name, version, metric="knn_top1")
+
+
+def _f(v: Any) -> float | None:
+    return None if v is None else float(v)
+
+
+def _print_summary(r: PretrainResult) -> None:
+    if r.diverged:
+        print(f"selfsup pretrain: run {r.run_name} diverged (loss {r.loss}) after epoch {r.epochs}; "
+              "nothing registered. Try a lower optim.lr.")
+        return
+    gain = ""
+    if r.knn_top1 is not None and r.knn_top1_untrained is not None:
+        gain = f" (untrained encoder: {_pct(r.knn_top1_untrained).strip()})"
+    print(f"done in {_duration(r.wall_seconds)}: kNN top-1 {_pct(r.knn_top1).strip()}{gain} after {r.epochs} epochs")
+    print(f"  MLflow run:   {r.mlflow_run_id} (experiment {r.experiment!r}, run {r.run_name!r}) in {r.tracking_uri}")
+    if r.tracking_uri.startswith("sqlite:"):
+        print(f"                view it: mlflow ui --backend-store-uri {r.tracking_uri}")
+    if r.model_uri:
+        print(f"  registered:   {r.model_uri}  ->  mlflow.pytorch.load_model({r.model_uri!r})")
+    print(f"  checkpoints:  {r.run_dir}  (continue an interrupted run with --resume)")
+
+
+def main(config: str | None = None, overrides: list[str] | None = None, resume: bool = False) -> int:
+    """`selfsup pretrain`: returns the exit code (UserError propagates to the CLI: exit 2)."""
+    cfg = load_config(config, overrides or [], check=False)
+    from orchestrator.config import validate
+
+    validate(cfg, check_data=cfg.data.source is None)
+    try:
+        result = run_pretrain(cfg, resume=resume, stem=config_name(config), progress=True)
+    except (UserError, ConfigError):
+        raise
+    except Exception as e:
+        if type(e).__name__ in ("TrainingFailedError", "WorkerGroupError", "ControllerError"):
+            lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+            print(f"selfsup pretrain: training failed: {lines[-1] if lines else type(e).__name__}", file=sys.stderr)
+            print("  (rerun with SELFSUP_RAY_LOGS=1 to see the workers' own output)", file=sys.stderr)
+            return 1
+        raise
+    _print_summary(result)
+    return 0 if not result.diverged else 1

@@ -1,0 +1,353 @@
+"""The Ray Train per-worker function: stream this worker's shard, augment, step, evaluate, checkpoint.
+
+Pattern after Ray's `torch_fashion_mnist_example.py`: `train_func_per_worker(config)` runs on every
+worker; the driver (`orchestrator.pretrain`) only builds the `TorchTrainer`. The pieces below it
+(`build_model`, `build_optimizer`, `build_scheduler`, `train_one_epoch`, `KnnProbe`) are plain
+PyTorch, so `benchmarks/overhead.py` runs the same code in a single process without Ray.
+
+Per epoch, every worker:
+1. reseeds torch / numpy / random and the augmenter from (run.seed, rank, epoch), so a resumed epoch
+   starts from the same random state as an uninterrupted one (the checkpoint's epoch fixes it);
+2. streams its Ray Data shard (`get_dataset_shard("train")`), makes two views of each batch on its
+   own device, and takes DDP steps (bf16 autocast + channels_last on GPU); LR warm-up + cosine per
+   step, momentum-encoder update after each optimiser step;
+3. rank 0 computes kNN top-1/top-5 (`methods.evaluate.knn_accuracy`) of the encoder's features:
+   memory bank = the first `eval.knn_train_limit` images of the train split, queries = the test
+   split (all of it unless `eval.knn_test_limit`), no augmentation, eval-mode BN. The other ranks
+   wait at the `ray.train.report` barrier;
+4. every rank calls `ray.train.report` once; rank 0 attaches the checkpoint `state.pt` (model incl.
+   the MoCo queue buffers, optimiser, scheduler, epoch, seeds, metrics; loads with weights_only).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from orchestrator.config import Config
+
+STATE_FILE = "state.pt"
+FAULT_MARKER = "fault-injected"
+# Keys the driver adds to the worker config next to `Config.to_dict()`.
+INTERNAL_KEYS = ("_run_dir", "_fault_kill_at_epoch", "_train_rows")
+
+
+# --- model, optimiser, schedule -----------------------------------------------------------------
+
+def build_model(cfg: Config) -> nn.Module:
+    """`METHODS[method.name](build_encoder(model.encoder, model.cifar_stem), **method kwargs)`."""
+    from methods import METHODS
+    from methods.encoders import build_encoder
+
+    encoder = build_encoder(cfg.model.encoder, cifar_stem=cfg.model.cifar_stem)
+    return METHODS[cfg.method.name](encoder, **cfg.method_kwargs())
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Biases and norm weights get no weight decay (as in SimCLR/BYOL's LARS setups)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True}]
+
+
+def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    """SGD (momentum), LARS (You et al., 2017; SimCLR/BYOL) or AdamW at the peak LR."""
+    o, lr = cfg.optim, cfg.effective_lr()
+    groups = _param_groups(model, o.weight_decay)
+    if o.name == "sgd":
+        for g in groups:
+            g.pop("lars_exclude", None)
+        return torch.optim.SGD(groups, lr=lr, momentum=o.sgd_momentum)
+    if o.name == "adamw":
+        for g in groups:
+            g.pop("lars_exclude", None)
+        return torch.optim.AdamW(groups, lr=lr)
+    from methods.lars import LARS
+
+    return LARS(groups, lr=lr, momentum=o.sgd_momentum)
+
+
+def steps_per_epoch(cfg: Config, train_rows: int, world_size: int) -> int:
+    """Optimiser steps per epoch: each worker gets rows // world (equal split), batches drop the rest."""
+    from pipelines.stream import steps_per_epoch as stream_steps
+
+    return max(1, stream_steps(train_rows, world_size, cfg.optim.batch_size // world_size))
+
+
+def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step linear warm-up then cosine decay to 0 (SGDR, Loshchilov & Hutter 2017)."""
+    from methods.schedules import warmup_cosine
+
+    total = steps * cfg.optim.epochs
+    warmup = int(round(steps * cfg.optim.warmup_epochs))
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, max_steps=total, warmup_steps=warmup, base_value=1.0))
+
+
+# --- one epoch ----------------------------------------------------------------------------------
+
+def seed_everything(seed: int, rank: int, epoch: int) -> int:
+    """Seed torch, numpy and random from (seed, rank, epoch); returns the derived seed."""
+    s = (seed * 1_000_003 + epoch * 9_176 + rank * 131) % (2**31 - 1)
+    random.seed(s)
+    np.random.seed(s)
+    torch.manual_seed(s)
+    return s
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DDP wrapper (or the model itself)."""
+    return model.module if hasattr(model, "module") and isinstance(
+        model, nn.parallel.DistributedDataParallel) else model
+
+
+def autocast(device: torch.device) -> Any:
+    """bf16 autocast on CUDA, nothing on CPU (bf16 on CPU is slower than fp32 here)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LambdaLR, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                    *, device: torch.device, first_step: int, total_steps: int,
+                    max_steps: int | None = None, on_step: Callable[[int], None] | None = None) -> dict[str, float]:
+    """Train over `batches` of (view1, view2); returns the mean loss/diagnostics, steps, images, seconds.
+
+    Args:
+        model: the method module, possibly DDP-wrapped; `forward(x1, x2) -> {"loss", ...}`.
+        first_step: global step at the start of the epoch (for the momentum schedule's progress).
+        total_steps: steps of the whole run.
+        max_steps: stop after this many steps (keeps workers in lockstep if a shard runs long).
+        on_step: called with the step index within the epoch after each optimiser step.
+    """
+    module = unwrap(model)
+    model.train()
+    channels_last = device.type == "cuda"
+    sums: dict[str, float] = {}
+    steps = images = 0
+    start = time.perf_counter()
+    for v1, v2 in batches:
+        if max_steps is not None and steps >= max_steps:
+            break
+        v1, v2 = v1.to(device, non_blocking=True), v2.to(device, non_blocking=True)
+        if channels_last:
+            v1, v2 = v1.contiguous(memory_format=torch.channels_last), v2.contiguous(memory_format=torch.channels_last)
+        with autocast(device):
+            out = model(v1, v2)
+        loss = out["loss"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        if hasattr(module, "update_momentum"):
+            module.update_momentum(min(1.0, (first_step + steps + 1) / max(1, total_steps)))
+        for k, v in out.items():
+            if torch.is_tensor(v) and v.numel() == 1:
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+        steps += 1
+        images += v1.shape[0]
+        if on_step is not None:
+            on_step(steps)
+    seconds = time.perf_counter() - start
+    result = {k: v / max(1, steps) for k, v in sums.items()}
+    result.update(steps=float(steps), images=float(images), seconds=seconds)
+    return result
+
+
+# --- kNN probe ----------------------------------------------------------------------------------
+
+class KnnProbe:
+    """Weighted kNN top-1/top-5 (InstDisc, Wu et al. 2018) of an encoder, on fixed images.
+
+    Bank: the first `eval.knn_train_limit` training images; queries: the test split (or its first
+    `eval.knn_test_limit`). Images are resized to `data.image_size` and normalised; no augmentation.
+    """
+
+    def __init__(self, cfg: Config, device: torch.device) -> None:
+        from pipelines.stream import load_split
+
+        d, e = cfg.data, cfg.eval
+        self.cfg, self.device = cfg, device
+        self.bank_x, self.bank_y = load_split(d.path, d.train_split, limit=e.knn_train_limit, image_size=d.image_size)
+        self.test_x, self.test_y = load_split(d.path, d.test_split, limit=e.knn_test_limit, image_size=d.image_size)
+
+    @torch.no_grad()
+    def features(self, encoder: nn.Module, images_uint8: torch.Tensor) -> torch.Tensor:
+        from methods.evaluate import extract_features
+        from pipelines.augment import normalize
+
+        out = []
+        step = 4 * self.cfg.eval.batch_size  # normalise in chunks: a float copy of 50k images is 600 MB
+        for i in range(0, len(images_uint8), step):
+            x = normalize(images_uint8[i:i + step])
+            with autocast(self.device):
+                out.append(extract_features(encoder, x, self.cfg.eval.batch_size, self.device).float().cpu())
+        return torch.cat(out)
+
+    def __call__(self, encoder: nn.Module) -> dict[str, float]:
+        from methods.evaluate import knn_accuracy
+
+        was_training = encoder.training
+        encoder.eval()
+        try:
+            bank = self.features(encoder, self.bank_x)
+            test = self.features(encoder, self.test_x)
+        finally:
+            encoder.train(was_training)
+        r = knn_accuracy(bank, self.bank_y, test, self.test_y, k=self.cfg.eval.knn_k,
+                         temperature=self.cfg.eval.knn_t)
+        return {"knn_top1": float(r["top1"]), "knn_top5": float(r["top5"])}
+
+
+# --- checkpoints --------------------------------------------------------------------------------
+
+def save_state(path: Path, *, module: nn.Module, optimizer: torch.optim.Optimizer,
+               scheduler: torch.optim.lr_scheduler.LambdaLR, epoch: int, metrics: dict[str, float],
+               seed: int) -> None:
+    """Write the checkpoint file (plain tensors and containers only: loads with weights_only=True)."""
+    torch.save({"model": module.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "epoch": epoch,
+                "rng": {"seed": seed, "epoch": epoch, "torch": torch.get_rng_state()},
+                "metrics": {k: float(v) for k, v in metrics.items()}}, path)
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    """Read a checkpoint file with weights_only=True (no pickled code)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def encoder_state(model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The `encoder.*` entries of a method's state dict, prefix removed."""
+    return {k[len("encoder."):]: v for k, v in model_state.items() if k.startswith("encoder.")}
+
+
+# --- the worker function ------------------------------------------------------------------------
+
+def _mean_over_workers(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64,
+                     device=device if device.type == "cuda" else "cpu")
+    dist.all_reduce(t)
+    t /= dist.get_world_size()
+    return dict(zip(keys, t.tolist()))
+
+
+def _maybe_inject_fault(config: dict[str, Any], epoch: int, rank: int, world: int) -> None:
+    """Test hook: SELFSUP_FAULT_KILL_AT_EPOCH=N (read by the driver) kills the last worker once, in epoch N."""
+    kill_at = config.get("_fault_kill_at_epoch")
+    if kill_at is None or epoch != int(kill_at) or rank != world - 1:
+        return
+    marker = Path(config["_run_dir"]) / FAULT_MARKER
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # fires once per run, across restarts
+    except FileExistsError:
+        return
+    os.write(fd, f"worker rank {rank} killed in epoch {epoch}\n".encode())
+    os.close(fd)
+    os._exit(1)
+
+
+def _batches(cfg: Config, epoch_seed: int, device: torch.device) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    import ray.train
+
+    from pipelines.augment import TwoViewAugment
+    from pipelines.stream import iter_two_view_batches
+
+    world = ray.train.get_context().get_world_size()
+    augment_on = cfg.resolved_augment_on()
+    augment = TwoViewAugment(cfg.augment_preset(), size=cfg.data.image_size, seed=epoch_seed) \
+        if augment_on == "worker" else None
+    shard = ray.train.get_dataset_shard("train")
+    return iter_two_view_batches(shard, batch_size=cfg.optim.batch_size // world, augment=augment, device=device,
+                                 augment_on=augment_on)
+
+
+def train_func_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train V2 worker: `config` is `Config.to_dict()` plus the driver's `_`-prefixed keys."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = Config.from_dict({k: v for k, v in config.items() if not k.startswith("_")})
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+
+    seed_everything(cfg.run.seed, 0, 0)  # same initial weights on every rank (DDP broadcasts them anyway)
+    model = build_model(cfg)
+    from methods import prepare_for_distributed
+
+    model = prepare_for_distributed(model)  # BatchNorm statistics over all workers (SimCLR "global BN")
+    state = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = load_state(Path(d) / STATE_FILE)
+        model.load_state_dict(state["model"])
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    # MoCo's queue and BN running stats are identical on every rank by construction: buffers are
+    # synced once at DDP init, not broadcast before every forward.
+    ddp = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"forward_sync_buffers": False})
+    module = unwrap(ddp)
+    optimizer = build_optimizer(cfg, module)
+    steps = steps_per_epoch(cfg, int(config["_train_rows"]), world)
+    scheduler = build_scheduler(cfg, optimizer, steps)
+    start_epoch, metrics = 0, {}
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, metrics = int(state["epoch"]), dict(state["metrics"])
+
+    probe = KnnProbe(cfg, device) if rank == 0 else None
+    untrained = metrics.get("knn_top1_untrained")
+    if probe is not None and untrained is None:
+        untrained = probe(module.encoder)["knn_top1"]
+
+    for epoch in range(start_epoch + 1, cfg.optim.epochs + 1):
+        t0 = time.perf_counter()
+        epoch_seed = seed_everything(cfg.run.seed, rank, epoch)
+        stats = train_one_epoch(
+            ddp, optimizer, scheduler, _batches(cfg, epoch_seed, device), device=device,
+            first_step=(epoch - 1) * steps, total_steps=steps * cfg.optim.epochs, max_steps=steps,
+            on_step=lambda i, e=epoch: _maybe_inject_fault(config, e, rank, world) if i == 1 else None)
+        train_seconds, images, n_steps = stats.pop("seconds"), stats.pop("images"), stats.pop("steps")
+        stats = _mean_over_workers(stats, device)
+        if not math.isfinite(stats.get("loss", 0.0)):  # diverged: every rank sees the same mean loss
+            ray.train.report({"epoch": epoch, "loss": stats["loss"], "diverged": 1.0})
+            return
+        metrics = {"epoch": epoch, **stats,
+                   "lr": scheduler.get_last_lr()[0],
+                   "views_per_second": 2 * images * world / max(train_seconds, 1e-9),
+                   "train_seconds": train_seconds, "steps": n_steps}
+        if hasattr(module, "momentum"):
+            metrics["momentum"] = float(module.momentum)
+        if probe is not None:
+            metrics.update(probe(module.encoder))
+            metrics["knn_top1_untrained"] = float(untrained)  # type: ignore[arg-type]
+        metrics["epoch_seconds"] = time.perf_counter() - t0
+        if rank == 0:
+            with tempfile.TemporaryDirectory() as d:
+                save_state(Path(d) / STATE_FILE, module=module, optimizer=optimizer, scheduler=scheduler,
+                           epoch=epoch, metrics={k: v for k, v in metrics.items() if math.isfinite(v)},
+                           seed=cfg.run.seed)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        else:
+            ray.train.report(metrics)
