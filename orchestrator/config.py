@@ -78,6 +78,7 @@ class OptimConfig:
     scale_lr: bool = False  # lr * batch_size / 256 (Goyal et al., 2017), as SimCLR/BYOL do
     weight_decay: float = 1e-4
     sgd_momentum: float = 0.9  # SGD and LARS
+    lars_eta: float = 0.001  # LARS trust coefficient (You et al. 2017; solo-learn's CIFAR recipes: 0.02)
     batch_size: int = 256  # GLOBAL batch, split evenly over the workers
     epochs: int = 8
     warmup_epochs: float = 1.0
@@ -344,6 +345,7 @@ def validate(cfg: Config, *, check_data: bool = True, check_gpu: bool = True) ->
     _positive("optim.lr", o.lr)
     _positive("optim.weight_decay", o.weight_decay, zero_ok=True)
     _positive("optim.sgd_momentum", o.sgd_momentum, zero_ok=True)
+    _positive("optim.lars_eta", o.lars_eta)
     _positive("optim.batch_size", o.batch_size)
     _positive("optim.epochs", o.epochs)
     _positive("optim.warmup_epochs", o.warmup_epochs, zero_ok=True)

@@ -79,7 +79,7 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
         return torch.optim.AdamW(groups, lr=lr)
     from methods.lars import LARS
 
-    return LARS(groups, lr=lr, momentum=o.sgd_momentum)
+    return LARS(groups, lr=lr, momentum=o.sgd_momentum, trust_coefficient=o.lars_eta)
 
 
 def steps_per_epoch(cfg: Config, train_rows: int, world_size: int) -> int:
