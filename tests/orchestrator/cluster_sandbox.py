@@ -108,7 +108,7 @@ def main(argv: list[str]) -> int:
     if len(argv) < 2 or argv[0] != "stop":
         print("usage: cluster_sandbox.py stop [--keep PID] MARKER [MARKER...]", file=sys.stderr)
         return 2
-    stopped = stop_sessions(argv[1:], keep=keep)
+    stopped = stop_sessions(argv[1:], keep=keep, grace_s=5.0)
     print(f"cluster_sandbox: stopped {len(stopped)} processes of this test cluster (not a global `ray stop`)")
     return 0
 

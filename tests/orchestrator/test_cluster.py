@@ -165,6 +165,21 @@ def _wait_port(port: int, timeout_s: float = 20) -> None:
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
 
 
+def _wait_http(url: str, timeout_s: float, log: Path) -> None:
+    """MLflow starts in the background of the head's start commands: wait until it answers."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{url} did not answer in {timeout_s} s; {log}:\n{_tail(log)}")
+        time.sleep(0.5)
+
+
 def _run(cmd: list[str], log: Path, env: dict[str, str], timeout_s: float) -> float:
     """Run a ray CLI command in its own session, output to `log`; returns its wall time."""
     t0 = time.monotonic()
@@ -227,7 +242,7 @@ def _sshd_config(root: Path, port: int, remote_env: dict[str, str]) -> str:
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
-def test_ray_up_submit_pretrain_down(sandbox_root: Path) -> None:
+def test_ray_up_submit_pretrain_down(sandbox_root: Path, tmp_path: Path) -> None:
     if not Path(SSHD).exists():
         if IN_CI:
             pytest.fail(f"{SSHD} missing: .ci/install-sshd.sh should have installed openssh-server")
@@ -328,8 +343,7 @@ def test_ray_up_submit_pretrain_down(sandbox_root: Path) -> None:
         timings["ray_up_s"] = _run([ray, "up", "-y", "--no-config-cache", str(config_file)],
                                    log, local_env, 600)
         tracking_uri = f"http://127.0.0.1:{mlflow_port}"
-        with urllib.request.urlopen(f"{tracking_uri}/health", timeout=30) as r:
-            assert r.status == 200
+        _wait_http(f"{tracking_uri}/health", 120, home / "mlflow" / "server.log")
         env_file = (home / ".selfsup-env").read_text()
         assert f"MLFLOW_TRACKING_URI={tracking_uri}" in env_file and "RAY_AUTH_MODE=token" in env_file
 
@@ -382,8 +396,11 @@ def test_ray_up_submit_pretrain_down(sandbox_root: Path) -> None:
             sshd.kill()
             sshd.wait(timeout=10)
         sandbox.terminate(sshd_children)
-        socket_path = Path("/tmp") / control_dir / hashlib.sha256(cluster_name.encode()).hexdigest()[:10]
-        socket_path.unlink(missing_ok=True)
+        socket_dir = Path("/tmp") / control_dir / hashlib.sha256(cluster_name.encode()).hexdigest()[:10]
+        shutil.rmtree(socket_dir, ignore_errors=True)  # holds the socket (ControlPath=DIR/%C)
+        for f in (log, home / "mlflow" / "server.log", ssh_dir / "sshd.log"):  # kept by pytest
+            if f.exists():
+                shutil.copy(f, tmp_path / f.name)
         problems = outside.restore_and_check(made_by_test)
         # Checked also when the test failed (the original error is chained to this one).
         assert not problems, f"left outside {root}: {problems}"
