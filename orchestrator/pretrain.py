@@ -395,8 +395,8 @@ def run_pretrain(cfg: Config, *, resume: bool = False, stem: str = "run", callba
     """
     start = time.perf_counter()
     cfg = absolute_paths(cfg)
-    ensure_data(cfg, quiet=not progress)
     paths = resolve_run(cfg, stem=stem, resume=resume)
+    ensure_data(cfg, quiet=not progress)
     cfg = Config.from_dict({**cfg.to_dict(), "run": {**cfg.to_dict()["run"], "name": paths.name}})
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
     if resume:
