@@ -59,6 +59,9 @@ class GlobalBatchNorm(_BatchNorm):
 
 
 def _copy_state(dst: _BatchNorm, src: _BatchNorm) -> None:
+    like = src.weight if src.weight is not None else src.running_mean
+    if like is not None:  # same device and dtype (e.g. a model already made .double())
+        dst.to(device=like.device, dtype=like.dtype)
     with torch.no_grad():
         if src.affine:
             dst.weight.copy_(src.weight)
@@ -70,8 +73,6 @@ def _copy_state(dst: _BatchNorm, src: _BatchNorm) -> None:
             dst.running_var.copy_(src.running_var)  # type: ignore[union-attr]
             dst.num_batches_tracked.copy_(src.num_batches_tracked)  # type: ignore[union-attr]
     dst.train(src.training)
-    if src.weight is not None:
-        dst.to(src.weight.device)
 
 
 def convert_to_global_bn(module: nn.Module) -> nn.Module:
