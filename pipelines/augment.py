@@ -411,7 +411,9 @@ def resolve_views(preset: str, size: int, **overrides: object) -> tuple[ViewConf
     _check_range("crop_scale", crop_scale, 1e-6, 1.0)
     _check_range("crop_ratio", crop_ratio, 1e-6, math.inf)
     _check_range("blur_sigma", blur_sigma, 1e-6, math.inf)
-    blur_prob = _pair(cfg["blur_prob"], "blur_prob") if blur else (0.0, 0.0)
+    blur_prob = _pair(cfg["blur_prob"], "blur_prob")
+    if not blur:
+        blur_prob = (0.0, 0.0)
     solarize_prob = _pair(cfg["solarize_prob"], "solarize_prob")
     for name in ("flip_prob", "jitter_prob", "grayscale_prob"):
         if not 0.0 <= float(cfg[name]) <= 1.0:  # type: ignore[arg-type]
@@ -457,7 +459,7 @@ class TwoViewAugment:
         self.views = resolve_views(preset, size, **overrides)
         self.seed = int(torch.randint(0, 2**62, (), dtype=torch.int64)) if seed is None else int(seed)
         self._generators: dict[str, torch.Generator] = {}
-        self.cpu_chunk = max(1, (64 * 32 * 32) // (size * size))
+        self.cpu_chunk = max(8, (64 * 32 * 32) // (size * size))
 
     def _generator(self, device: torch.device) -> torch.Generator:
         key = str(device)
