@@ -102,6 +102,7 @@ def init_ray(cfg: Config) -> tuple[bool, str | None]:
     if ray.is_initialized():
         return False, None
     quiet_ray_env()
+    _drop_benign_ray_notices()
     address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
     # SELFSUP_RAY_LOGS=1 shows the workers' own output (tracebacks, Ray Data progress) for debugging.
     common: dict[str, Any] = dict(log_to_driver=os.environ.get("SELFSUP_RAY_LOGS") == "1",
@@ -112,10 +113,37 @@ def init_ray(cfg: Config) -> tuple[bool, str | None]:
         return False, None
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # Ray's unix-socket paths must stay under 107 bytes: a short private folder in /tmp.
-    temp_dir = tempfile.mkdtemp(prefix="selfsup-ray-", dir="/tmp")
+    temp_dir = tempfile.mkdtemp(prefix="selfsup-ray-", dir=os.environ.get("SELFSUP_RAY_TEMP_ROOT", "/tmp"))
     ray.init(address="local", num_cpus=max(4, 2 * (os.cpu_count() or 1)), include_dashboard=False,
              _temp_dir=temp_dir, **common)
     return True, temp_dir
+
+
+# Benign raylet notices that Ray prints on the driver's stdout even with log_to_driver=False.
+_RAY_NOTICES = ("PYTHON worker processes have been started on node",)
+
+
+def _drop_benign_ray_notices() -> None:
+    """Keep the terminal to our epoch lines: drop the raylet's "N PYTHON worker processes" notice.
+
+    On 2 cores Ray's expected worker start-up concurrency is 2, and the Train controller, 2 workers,
+    the Ray Data coordinator and the read/shuffle tasks exceed it: harmless, but printed twice per
+    run. Real errors (a dead actor, a failed task) still print. Wraps a private Ray function; if it
+    is not there (another Ray version) nothing is filtered.
+    """
+    import ray._private.worker as ray_worker
+
+    original = getattr(ray_worker, "print_to_stdstream", None)
+    if original is None or getattr(original, "_selfsup_filtered", False):
+        return
+
+    def filtered(data: dict[str, Any], ignore_prefix: bool) -> None:
+        lines = [ln for ln in data.get("lines", []) if not any(n in ln for n in _RAY_NOTICES)]
+        if lines:
+            original({**data, "lines": lines}, ignore_prefix)
+
+    filtered._selfsup_filtered = True  # type: ignore[attr-defined]
+    ray_worker.print_to_stdstream = filtered
 
 
 def _token_exists() -> bool:

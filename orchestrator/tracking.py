@@ -18,6 +18,7 @@ Output: float32 `[B, output_dim]` embeddings (the encoder's pooled features, no 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
@@ -39,8 +40,13 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
 
 def client(uri: str) -> Any:
     """An `MlflowClient` for `uri` (imported lazily: mlflow takes ~1 s to import)."""
+    import logging
+
     from mlflow.tracking import MlflowClient
 
+    # mlflow configures its loggers at import (INFO: "Creating initial MLflow database tables...").
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
@@ -238,11 +244,13 @@ def register_encoder(encoder: Any, *, tracking_uri: str, run_id: str, model_name
     example = torch.randn(2, 3, image_size, image_size).numpy()
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
-    with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None), torch.no_grad():
+    c = client(tracking_uri)
+    # redirect_stderr: mlflow eprint()s "Successfully registered model ..." (errors still raise).
+    with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None), torch.no_grad(), \
+            contextlib.redirect_stderr(io.StringIO()):
         info = mlflow.pytorch.log_model(encoder, name="encoder", input_example=example, signature=signature,
                                         serialization_format="pt2", pip_requirements=PIP_REQUIREMENTS,
                                         registered_model_name=model_name, await_registration_for=60)
-    c = client(tracking_uri)
     version = str(info.registered_model_version)
     for k, v in tags.items():
         c.set_model_version_tag(model_name, version, k, str(v))

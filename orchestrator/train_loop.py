@@ -336,7 +336,8 @@ def train_func_per_worker(config: dict[str, Any]) -> None:
         metrics = {"epoch": epoch, **stats,
                    "lr": scheduler.get_last_lr()[0],
                    "views_per_second": 2 * images * world / max(train_seconds, 1e-9),
-                   "train_seconds": train_seconds, "steps": n_steps}
+                   "train_seconds": train_seconds, "steps": n_steps,
+                   "resumed_from_epoch": start_epoch}  # the checkpoint this worker group started from
         if hasattr(module, "momentum"):
             metrics["momentum"] = float(module.momentum)
         if probe is not None:

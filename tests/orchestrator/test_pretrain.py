@@ -1,0 +1,176 @@
+"""`selfsup pretrain` end to end on a local Ray, against a real `mlflow server` on 127.0.0.1.
+
+- the demo on 2 workers learns (kNN top-1 beats the untrained encoder), is tracked once per epoch,
+  and its registered encoder loads with plain `mlflow.pytorch.load_model` and embeds any batch size;
+- a worker killed mid-run (fault hook) costs one restart from the last checkpoint; every epoch is
+  still logged exactly once;
+- the whole command killed after its first checkpoint continues with `--resume`.
+
+A shortened demo (3 epochs) keeps each run around a minute on 2 cores.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from orchestrator.config import load_config
+from orchestrator.pretrain import FAULT_ENV, RUN_RECORD, run_pretrain
+from orchestrator.train_loop import FAULT_MARKER
+
+EPOCHS = 3
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from pipelines.ingest import ingest
+
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    ingest("demo", out, progress=False)
+    return out
+
+
+@pytest.fixture()
+def ray_temp_root() -> Iterator[str]:
+    """A short folder for the Ray session a `selfsup pretrain` starts (unix sockets need short paths)."""
+    root = tempfile.mkdtemp(prefix="sst-", dir="/tmp")
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def _overrides(data: Path, tmp: Path, uri: str, experiment: str, **extra: object) -> list[str]:
+    base = {"data.path": data, "data.source": "null", "run.storage_path": tmp / "runs", "tracking.uri": uri,
+            "tracking.experiment": experiment, "optim.epochs": EPOCHS, **extra}
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def _history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    from mlflow.tracking import MlflowClient
+
+    return sorted((m.step, m.value) for m in MlflowClient(uri).get_metric_history(run_id, key))
+
+
+@pytest.mark.slow
+def test_demo_learns_registers_and_the_encoder_embeds(demo_data: Path, tmp_path: Path, mlflow_server: str,
+                                                       ray_temp_root: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlflow
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.augment import normalize
+    from pipelines.stream import load_split
+
+    monkeypatch.setenv("SELFSUP_RAY_TEMP_ROOT", ray_temp_root)
+    cfg = load_config(None, _overrides(demo_data, tmp_path, mlflow_server, "e2e", **{"tracking.model_name": "e2e-encoder"}))
+    r = run_pretrain(cfg, stem="demo", progress=True)
+
+    assert r.run_name == "demo-1" and r.epochs == EPOCHS and not r.diverged
+    assert r.knn_top1 is not None and r.knn_top1_untrained is not None
+    assert r.knn_top1 > r.knn_top1_untrained, (r.knn_top1, r.knn_top1_untrained)
+    c = MlflowClient(mlflow_server)
+    run = c.get_run(r.mlflow_run_id)
+    assert run.info.status == "FINISHED" and run.data.params["method.name"] == "simclr"
+    assert {a.path for a in c.list_artifacts(r.mlflow_run_id)} >= {"config.yaml", "curves.png"}
+    for key in ("loss", "knn_top1", "lr", "views_per_second", "epoch_seconds"):
+        assert [s for s, _ in _history(mlflow_server, r.mlflow_run_id, key)] == [1, 2, 3], key
+    assert len(_history(mlflow_server, r.mlflow_run_id, "knn_top1_untrained")) == 1
+    losses = [v for _, v in _history(mlflow_server, r.mlflow_run_id, "loss")]
+    assert losses[-1] < losses[0]
+
+    mv = c.get_model_version("e2e-encoder", r.model_version)
+    assert mv.tags["method"] == "simclr" and mv.tags["dataset"] == "mnist-demo"
+    assert float(mv.tags["knn_top1"]) == pytest.approx(r.knn_top1)
+    mlflow.set_tracking_uri(mlflow_server)
+    model = mlflow.pytorch.load_model(f"models:/e2e-encoder/{r.model_version}")
+    images, _ = load_split(demo_data, "test", limit=40, image_size=28)
+    x = normalize(images)
+    with torch.no_grad():
+        for b in (3, 17):
+            z = model(x[:b])
+            assert z.shape == (b, 256) and torch.isfinite(z).all()
+        # The same images embed the same in a bigger batch (eval-mode BN, no batch coupling).
+        torch.testing.assert_close(model(x[:17])[:3], model(x[:3]), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_dead_worker_resumes_from_last_checkpoint_and_logs_each_epoch_once(
+        demo_data: Path, tmp_path: Path, mlflow_server: str, ray_temp_root: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SELFSUP_RAY_TEMP_ROOT", ray_temp_root)
+    monkeypatch.setenv(FAULT_ENV, "2")  # the last worker exits (os._exit) in epoch 2, once
+    cfg = load_config(None, _overrides(demo_data, tmp_path, mlflow_server, "fault",
+                                       **{"tracking.register": "false", "run.name": "faulty"}))
+    r = run_pretrain(cfg)
+
+    assert (Path(r.run_dir) / FAULT_MARKER).is_file(), "the fault hook did not fire"
+    assert r.epochs == EPOCHS and r.model_version is None
+    for key in ("loss", "knn_top1", "resumed_from_epoch"):
+        assert [s for s, _ in _history(mlflow_server, r.mlflow_run_id, key)] == [1, 2, 3], key
+    # Epoch 1 ran in the first worker group; epochs 2 and 3 in the restarted one, from checkpoint 1.
+    assert [v for _, v in _history(mlflow_server, r.mlflow_run_id, "resumed_from_epoch")] == [0, 1, 1]
+
+
+def _wait_for_checkpoint(run_dir: Path, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"selfsup pretrain exited early with {proc.returncode}")
+        snapshot = run_dir / "checkpoint_manager_snapshot.json"  # Train has registered the checkpoint
+        if snapshot.is_file() and "checkpoint_dir_name" in snapshot.read_text():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"no checkpoint in {run_dir} after {timeout} s")
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_killed_command_continues_with_resume(demo_data: Path, tmp_path: Path, mlflow_server: str,
+                                               ray_temp_root: str) -> None:
+    env = {**os.environ, "SELFSUP_RAY_TEMP_ROOT": ray_temp_root, "PYTHONUNBUFFERED": "1"}
+    env.pop(FAULT_ENV, None)
+    argv = [sys.executable, "-m", "orchestrator.cli", "pretrain"]
+    for o in _overrides(demo_data, tmp_path, mlflow_server, "killed", **{"run.name": "killme",
+                                                                          "tracking.register": "false"}):
+        argv += ["--set", o]
+    run_dir = tmp_path / "runs" / "killme"
+    log = open(tmp_path / "first.log", "wb")
+    proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        _wait_for_checkpoint(run_dir, proc, timeout=240)
+    finally:
+        _kill_group(proc)  # the driver and the local Ray it started (same process group)
+        log.close()
+    record = (run_dir / RUN_RECORD).read_text()
+    assert '"status": "running"' in record
+
+    # Without --resume the name is taken: a clear error, nothing overwritten.
+    again = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "continue it with --resume" in again.stderr
+
+    done = subprocess.run([*argv, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "resuming killme" in done.stdout and "kNN top-1" in done.stdout
+    assert '"status": "finished"' in (run_dir / RUN_RECORD).read_text()
+    import json
+
+    run_id = json.loads((run_dir / RUN_RECORD).read_text())["mlflow_run_id"]
+    assert [s for s, _ in _history(mlflow_server, run_id, "loss")] == [1, 2, 3]
+    resumed = [v for _, v in _history(mlflow_server, run_id, "resumed_from_epoch")]
+    assert resumed[0] == 0 and resumed[-1] >= 1, resumed  # the rerun started from a checkpoint
