@@ -7,7 +7,6 @@ Every encoder maps float [B, 3, H, W] (normalised RGB) to [B, output_dim] featur
 
 from __future__ import annotations
 
-import torchvision
 from torch import Tensor, nn
 
 ENCODERS: tuple[str, ...] = ("convnet", "resnet18", "resnet50")
@@ -38,6 +37,8 @@ class ConvNet(nn.Module):
 
 
 def _resnet(name: str, cifar_stem: bool) -> nn.Module:
+    import torchvision  # here, not at the top: ConvNet users (tests, DDP workers) skip its import
+
     model = getattr(torchvision.models, name)(weights=None)
     if cifar_stem:
         model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)

@@ -1,0 +1,109 @@
+"""Worker side of test_gather_ddp.py, kept free of pytest so spawned processes import little.
+
+Two gloo ranks run DDP + gathered NT-Xent (correct gather, then one whose backward divides by the
+world size) and one MoCo forward, and save what they saw for the test to compare.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as tdist
+from torch import nn
+
+import methods.dist
+from methods import MoCo, SimCLR, build_encoder, prepare_for_distributed
+from methods.batchnorm import GlobalBatchNorm
+
+WORLD = 2
+N = 8  # global batch; 4 per rank
+SIZE = 16  # smallest input the ConvNet takes
+
+
+def _port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(123)
+    x1 = torch.randn(N, 3, SIZE, SIZE, generator=g, dtype=torch.float64)
+    return x1, x1 + 0.3 * torch.randn(N, 3, SIZE, SIZE, generator=g, dtype=torch.float64)
+
+
+def _simclr() -> SimCLR:
+    torch.manual_seed(0)
+    return SimCLR(build_encoder("convnet"), hidden_dim=32, projection_dim=16).double()
+
+
+class _FlatLinear(nn.Module):
+    """BN-free encoder, so the keys can be recomputed outside the process group."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3 * SIZE * SIZE, 12)
+        self.output_dim = 12
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.flatten(1))
+
+
+def _moco() -> MoCo:
+    torch.manual_seed(0)
+    return MoCo(_FlatLinear(), hidden_dim=16, projection_dim=8, queue_size=20).double()
+
+
+class _GatherDividedByWorld(torch.autograd.Function):
+    """lightly's bug (#1528): the gathered gradient shrunk by the world size."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        out = [torch.empty_like(x) for _ in range(tdist.get_world_size())]
+        tdist.all_gather(out, x.contiguous())
+        return torch.cat(out)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        grad = grad.contiguous().clone()
+        tdist.all_reduce(grad)
+        grad = grad / tdist.get_world_size()
+        return grad.chunk(tdist.get_world_size())[tdist.get_rank()]
+
+
+def _ddp_grads(x1: torch.Tensor, x2: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
+    model = prepare_for_distributed(_simclr())
+    assert any(isinstance(m, GlobalBatchNorm) for m in model.modules())
+    ddp = nn.parallel.DistributedDataParallel(model)
+    loss = ddp(x1, x2)["loss"]
+    loss.backward()
+    return loss.item(), {k: p.grad.clone() for k, p in model.named_parameters()}
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                             world_size=WORLD)
+    try:
+        x1, x2 = _data()
+        mine = slice(rank * N // WORLD, (rank + 1) * N // WORLD)
+        result: dict[str, Any] = {}
+        result["loss"], result["grads"] = _ddp_grads(x1[mine], x2[mine])
+        original = methods.dist._GatherWithGrad
+        methods.dist._GatherWithGrad = _GatherDividedByWorld  # type: ignore[misc]
+        try:
+            _, result["grads_divided"] = _ddp_grads(x1[mine], x2[mine])
+        finally:
+            methods.dist._GatherWithGrad = original  # type: ignore[misc]
+
+        moco = _moco()
+        queue_before = moco.queue.clone()
+        moco(x1[mine], x2[mine])
+        result["queue_before"], result["queue"] = queue_before, moco.queue.clone()
+        result["ptr"] = int(moco.queue_ptr)
+        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        tdist.destroy_process_group()
