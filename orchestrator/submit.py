@@ -10,6 +10,10 @@ It points every Ray call in the job at the running cluster by setting `RAY_ADDRE
 caller set an address already): the drivers (`orchestrator.pretrain`, `orchestrator.sweep`) then
 connect to it instead of starting a local Ray, and `auto` finds the cluster that `ray start --head`
 recorded on this node.
+
+It runs the job in `$SELFSUP_WORKDIR` when that is set (the cluster configs set it to the project's
+copy on the node, `~/selfsup`), so `--config configs/...`, `data/...` and `runs/` mean what they
+mean in your checkout.
 """
 
 from __future__ import annotations
@@ -38,6 +42,9 @@ def main(argv: Sequence[str] | None = None) -> int:
               "  e.g. ... -- pretrain --config configs/demo.yaml", file=sys.stderr)
         return 2
     os.environ.setdefault("RAY_ADDRESS", "auto")
+    workdir = os.environ.get("SELFSUP_WORKDIR")
+    if workdir and os.path.isdir(workdir):
+        os.chdir(workdir)
     from orchestrator.cli import main as selfsup_main
 
     return selfsup_main(args)

@@ -101,6 +101,39 @@ def stop_sessions(markers: Iterable[str], keep: Iterable[int] = (), grace_s: flo
     return terminate(members, grace_s)
 
 
+def session_members(markers: Iterable[str]) -> list[int]:
+    """Live processes in the sessions of the processes that match `markers`."""
+    sessions = {session_id(p) for p in matching(markers)} - {None, 0, 1}
+    return [p for p in _pids() if session_id(p) in sessions and alive(p)]
+
+
+_LOOPBACK = {"0100007F", "0000000000000000FFFF00000100007F", "00000000000000000000000001000000"}
+
+
+def listening_addresses(pids: Iterable[int]) -> dict[int, list[str]]:
+    """TCP listening sockets of `pids`: {pid: ["127.0.0.1:PORT" or "ADDRESS:PORT (not loopback)"]}."""
+    listeners: dict[str, tuple[str, int]] = {}  # socket inode -> (hex address, port)
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            cols = line.split()
+            if cols[3] == "0A":  # LISTEN
+                addr, port = cols[1].split(":")
+                listeners[cols[9]] = (addr, int(port, 16))
+    out: dict[int, list[str]] = {}
+    for pid in pids:
+        try:
+            links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+        except OSError:
+            continue
+        for link in links:
+            inode = link[len("socket:["):-1] if link.startswith("socket:[") else None
+            if inode in listeners:
+                addr, port = listeners[inode]
+                where = "127.0.0.1" if addr in _LOOPBACK else f"{addr} (not loopback)"
+                out.setdefault(pid, []).append(f"{where}:{port}")
+    return out
+
+
 def main(argv: list[str]) -> int:
     keep: list[int] = []
     if argv[1:3] and argv[1] == "--keep":

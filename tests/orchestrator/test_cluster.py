@@ -316,9 +316,12 @@ def test_ray_up_submit_pretrain_down(sandbox_root: Path, tmp_path: Path) -> None
             "ssh_proxy_command": f"ssh {ssh_opts} -p {ssh_port} -W 127.0.0.1:{ssh_port} "
                                  f"{getpass.getuser()}@127.0.0.1",
         }
-        # No copy of the repository: the "node" is this machine, where the project is installed
-        # (editable) in this checkout's .venv. The token still travels as on a real cluster.
-        cfg["file_mounts"] = {"~/.ray/auth_token": "~/.ray/auth_token"}
+        # The project's files and the token travel as on a real cluster; the project is not installed
+        # again: the "node" is this machine, with this checkout's .venv. (README.md only serves that
+        # install; the lead writes it: skip it while it is missing.)
+        assert {"~/selfsup/orchestrator", "~/.ray/auth_token"} <= set(cfg["file_mounts"])
+        if not (REPO / "README.md").exists():
+            cfg["file_mounts"].pop("~/selfsup/README.md")
         installs = [c for c in cfg["setup_commands"] if "pip install" in c or "venv ~/selfsup-venv" in c]
         assert len(installs) == 2, cfg["setup_commands"]
         cfg["setup_commands"] = [f"ln -sfn {VENV_BIN.parent} ~/selfsup-venv"] + [
@@ -326,6 +329,8 @@ def test_ray_up_submit_pretrain_down(sandbox_root: Path, tmp_path: Path) -> None
         ports = " ".join(f"--{k}={v}" for k, v in ray_ports.items())
         starts = cfg["head_start_ray_commands"]
         assert sum("ray start" in c for c in starts) == 1 and any("mlflow server" in c for c in starts)
+        # One MLflow worker process instead of two: this "head" has 2 cores and also trains.
+        starts = [c.replace("--workers 2", "--workers 1") for c in starts]
         cfg["head_start_ray_commands"] = [
             c if "ray start" not in c else
             f"ray start --head --port={gcs_port} {ports} --num-cpus=4 --include-dashboard=false "
@@ -343,17 +348,25 @@ def test_ray_up_submit_pretrain_down(sandbox_root: Path, tmp_path: Path) -> None
         timings["ray_up_s"] = _run([ray, "up", "-y", "--no-config-cache", str(config_file)],
                                    log, local_env, 600)
         tracking_uri = f"http://127.0.0.1:{mlflow_port}"
-        _wait_http(f"{tracking_uri}/health", 120, home / "mlflow" / "server.log")
+        _wait_http(f"{tracking_uri}/health", 300, home / "mlflow" / "server.log")
+        # Nothing of the cluster (Ray's daemons, MLflow) nor our sshd listens beyond 127.0.0.1.
+        listening = sandbox.listening_addresses(sandbox.session_members(markers) + [sshd.pid])
+        assert listening, "found no listening socket of the cluster"
+        wide = {p: a for p, a in listening.items() if any("not loopback" in x for x in a)}
+        assert not wide, {p: (sandbox.cmdline(p)[:120], a) for p, a in wide.items()}
         env_file = (home / ".selfsup-env").read_text()
         assert f"MLFLOW_TRACKING_URI={tracking_uri}" in env_file and "RAY_AUTH_MODE=token" in env_file
 
-        job = ["pretrain", "--set", "optim.epochs=1", "--set", "scaling.num_workers=2",
-               "--set", "optim.batch_size=128", "--set", "data.limit=1024",
-               "--set", "eval.knn_train_limit=1024", "--set", "eval.knn_test_limit=512",
+        # The demo config on 2 Train workers, cut to one short epoch (the demo's own test covers learning).
+        job = ["pretrain", "--config", "configs/demo.yaml",
+               "--set", "optim.epochs=1", "--set", "optim.warmup_epochs=0", "--set", "scaling.num_workers=2",
+               "--set", "optim.batch_size=128", "--set", "data.limit=512",
+               "--set", "eval.knn_train_limit=1000", "--set", "eval.knn_test_limit=500",
                "--set", "run.name=cluster-test"]
         timings["ray_submit_s"] = _run([ray, "submit", str(config_file), "orchestrator/submit.py", "--", *job],
                                        log, local_env, 900)
         assert (home / "submit.py").is_file()
+        assert (home / "selfsup" / "runs" / "cluster-test").is_dir()  # the job ran in SELFSUP_WORKDIR
 
         # The run and the registered encoder, seen through the head's MLflow server.
         from mlflow.tracking import MlflowClient
