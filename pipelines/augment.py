@@ -272,22 +272,25 @@ def adjust_hue(images: Tensor, shift: Tensor) -> Tensor:
     """Per-sample hue shift in [-0.5, 0.5] (fraction of the hue circle), through HSV as torchvision.
 
     HSV keeps value (max) and saturation, so only the hue is computed (torchvision's branches:
-    max==r, else max==g, else b) and the closed form ``v - v*s*clamp(min(k, 4-k), 0, 1)`` with
-    ``k = (n + 6h) mod 6``, ``n = 5, 3, 1`` rebuilds RGB without a gather.
+    max == r, else max == g, else b) and RGB is rebuilt in closed form,
+    ``channel = max - chroma * trapezoid(k)`` with ``k = 6h + (5, 3, 1)`` and
+    ``trapezoid(k) = clamp(min(k, 4 - k), 0, 1)`` on the circle of 6. Written with arithmetic
+    masks, floor and abs only: ``where``, ``remainder`` and ``aminmax`` are 10-40x slower on CPU.
     """
     r, g, b = images.unbind(dim=1)
-    maxc, minc = torch.aminmax(images, dim=1)
+    maxc, minc = images.amax(dim=1), images.amin(dim=1)
     chroma = maxc - minc
-    safe = torch.where(chroma == 0, torch.ones_like(chroma), chroma)
-    hr = (g - b) / safe
-    hg = (b - r) / safe + 2
-    hb = (r - g) / safe + 4
-    h6 = torch.where(maxc == r, hr, torch.where(maxc == g, hg, hb))
-    h6 = (h6 + 6 * _per_sample(shift.to(images.dtype)).squeeze(1)).remainder_(6)
+    inv = 1 / chroma.clamp(min=1e-12)  # chroma 0: grey pixel, the hue does not matter (s = 0)
+    is_r = (maxc == r).to(images.dtype)
+    is_g = (maxc == g).to(images.dtype) * (1 - is_r)
+    is_b = 1 - is_r - is_g
+    h6 = ((g - b) * is_r + (b - r + 2 * chroma) * is_g + (r - g + 4 * chroma) * is_b) * inv  # in [-1, 5)
+    h6 = h6 + 6 * _per_sample(shift.to(images.dtype)).squeeze(1)
+    h6 = h6 - 6 * torch.floor(h6 * (1 / 6))  # to [0, 6)
     n = torch.tensor((5.0, 3.0, 1.0), dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
-    k = (h6.unsqueeze(1) + n).remainder_(6)
-    k = torch.minimum(k, 4 - k).clamp_(0, 1)
-    return maxc.unsqueeze(1) - chroma.unsqueeze(1) * k
+    k = h6.unsqueeze(1) + n  # in [1, 11): the trapezoid centred at 2, and its copy at 8
+    trapezoid = (2 - (k - 2).abs()).clamp_(0, 1) + (2 - (k - 8).abs()).clamp_(0, 1)
+    return maxc.unsqueeze(1) - chroma.unsqueeze(1) * trapezoid
 
 
 def gaussian_blur(images: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
@@ -320,7 +323,7 @@ def solarize(images: Tensor, threshold: float = _SOLARIZE_THRESHOLD) -> Tensor:
 # Composition
 # --------------------------------------------------------------------------------------------
 
-def _color_jitter(images: Tensor, params: ViewParams) -> Tensor:
+def color_jitter(images: Tensor, params: ViewParams) -> Tensor:
     """ColorJitter with each sample's own factors and own random order of the four ops.
 
     Four slots; in each slot every sample runs the op its order puts there. Brightness, contrast
@@ -335,7 +338,9 @@ def _color_jitter(images: Tensor, params: ViewParams) -> Tensor:
         op = params.order[:, slot]
         factor = torch.where(op == 3, 1.0, factors.gather(1, op[:, None]).squeeze(1))
         gray = rgb_to_grayscale(x)
-        target = torch.where(_per_sample(op == 1), gray.mean(dim=(-2, -1), keepdim=True), gray * _per_sample(op == 2))
+        # target: 0 for brightness, mean luma for contrast, luma for saturation (masks, not `where`: faster on CPU)
+        mean = gray.mean(dim=(-2, -1), keepdim=True) * _per_sample(op == 1).to(x.dtype)
+        target = torch.addcmul(mean, gray, _per_sample(op == 2).to(x.dtype))
         x = _blend(x, target, factor)
         rows = torch.nonzero((op == 3) & params.jitter).squeeze(1)
         if rows.numel():
@@ -350,7 +355,7 @@ def augment_views(images: Tensor, params: ViewParams, size: int, blur_kernel: in
     """
     x = resized_crop(images, params.crop, params.flip, size)
     if bool(params.jitter.any()):
-        x = _color_jitter(x, params)
+        x = color_jitter(x, params)
     rows = torch.nonzero(params.grayscale).squeeze(1)
     if rows.numel():
         x[rows] = rgb_to_grayscale(x[rows]).expand(-1, 3, -1, -1)

@@ -1,0 +1,377 @@
+"""Two-view augmented views per second from the CIFAR-10 shards: selfsup's pipeline vs the PIL baseline.
+
+Every row decodes real CIFAR-10 JPEGs and makes two 32x32 views per image with the same preset
+(SimCLR, CIFAR convention: crop (0.08, 1), flip, jitter 0.8 x (0.4, 0.4, 0.4, 0.1), grayscale 0.2,
+no blur), then normalises. The encoded bytes are read from the shards into memory first (not
+timed, for every row alike).
+
+Rows, measured in one run, alternating in rounds so background load hits all alike (best round kept):
+  baseline     torchvision transforms on PIL images in a DataLoader with 2 workers (solo-learn /
+               lightly without DALI);
+  selfsup      in-process: batched `torchvision.io.decode_jpeg` + `TwoViewAugment`, 2 threads
+               each decoding and augmenting its own batches (1 intra-op thread each);
+  kornia       the same decode, then `kornia.augmentation` 0.9 with the same preset, 2 intra-op threads;
+  ray_data     `pipelines.stream.read_split(augment_on="data")` on a local Ray (num_cpus=4):
+               shuffle, decode and augment inside Ray Data, iterated by the driver.
+Plus augmentation alone on an already-decoded batch, per op, selfsup vs kornia (`ops`), and with
+`--device cuda` (or `--gpu`) the same augmentation on the GPU (`device_views_per_second`).
+
+    .venv/bin/python benchmarks/pipeline_throughput.py [--images 10000] [--rounds 3] [--gpu] [--no-ray]
+
+Writes benchmarks/results/pipeline_throughput.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipelines import augment as A  # noqa: E402
+
+BATCH = 512
+PRESET = "simclr"
+SIZE = 32
+warnings.filterwarnings("ignore", category=DeprecationWarning)  # torchvision 0.29 io -> TorchCodec notice
+warnings.filterwarnings("ignore", message="The given buffer is not writable")
+
+
+def load_bytes(folder: Path, n: int) -> list[bytes]:
+    """The first ``n`` encoded training images (bytes), read from the shards."""
+    out: list[bytes] = []
+    for f in sorted(folder.glob("train-*.parquet")):
+        out += pq.read_table(f, columns=["image"]).column("image").to_pylist()
+        if len(out) >= n:
+            break
+    if len(out) < n:
+        raise SystemExit(f"only {len(out)} training images in {folder}, asked for {n}")
+    return out[:n]
+
+
+# ------------------------------------------------------------------------------- baseline: PIL
+
+class PILTwoViews(torch.utils.data.Dataset):
+    """The per-image path: PIL decode, torchvision transforms twice (solo-learn/lightly style)."""
+
+    def __init__(self, data: list[bytes]) -> None:
+        from torchvision import transforms as T
+
+        self.data = data
+        s = A.resolve_views(PRESET, SIZE)[0]
+        b, c, sat, h = s.jitter
+        self.transform = T.Compose([
+            T.RandomResizedCrop(SIZE, scale=s.crop_scale, ratio=s.crop_ratio),
+            T.RandomHorizontalFlip(s.flip_prob),
+            T.RandomApply([T.ColorJitter(b, c, sat, h)], p=s.jitter_prob),
+            T.RandomGrayscale(s.grayscale_prob),
+            T.ToTensor(),
+            T.Normalize(A.MEAN, A.STD),
+        ])
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        from PIL import Image
+
+        img = Image.open(io.BytesIO(self.data[i])).convert("RGB")
+        return self.transform(img), self.transform(img)
+
+
+def run_baseline(data: list[bytes]) -> float:
+    torch.set_num_threads(2)
+    loader = torch.utils.data.DataLoader(PILTwoViews(data), batch_size=256, num_workers=2)
+    t0, views = time.perf_counter(), 0
+    for v1, v2 in loader:  # worker start-up included, as in every non-persistent epoch
+        views += len(v1) + len(v2)
+    return views / (time.perf_counter() - t0)
+
+
+# ------------------------------------------------------------------------------- selfsup in-process
+
+def decode(data: list[bytes]) -> torch.Tensor:
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    tensors = [torch.frombuffer(b, dtype=torch.uint8) for b in data]
+    return torch.stack(decode_jpeg(tensors, mode=ImageReadMode.RGB))
+
+
+def run_threads(data: list[bytes], work: Callable[[torch.Tensor], object], threads: int) -> float:
+    """``threads`` Python threads, each decoding + augmenting its own batches (1 intra-op thread)."""
+    torch.set_num_threads(1)
+    starts = list(range(0, len(data), BATCH))
+
+    def worker(k: int) -> None:
+        for s in starts[k::threads]:
+            work(decode(data[s:s + BATCH]))
+
+    pool = [threading.Thread(target=worker, args=(k,)) for k in range(threads)]
+    t0 = time.perf_counter()
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    return 2 * len(data) / (time.perf_counter() - t0)
+
+
+def run_sequential(data: list[bytes], work: Callable[[torch.Tensor], object], threads: int) -> float:
+    """One Python thread, ``threads`` intra-op threads (how kornia is normally run)."""
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    for s in range(0, len(data), BATCH):
+        work(decode(data[s:s + BATCH]))
+    return 2 * len(data) / (time.perf_counter() - t0)
+
+
+def kornia_pipeline() -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    import kornia.augmentation as K
+
+    s = A.resolve_views(PRESET, SIZE)[0]
+    b, c, sat, h = s.jitter
+    seq = K.AugmentationSequential(
+        K.RandomResizedCrop((SIZE, SIZE), scale=s.crop_scale, ratio=s.crop_ratio),
+        K.RandomHorizontalFlip(p=s.flip_prob),
+        K.ColorJitter(b, c, sat, h, p=s.jitter_prob),
+        K.RandomGrayscale(p=s.grayscale_prob),
+        K.Normalize(torch.tensor(A.MEAN), torch.tensor(A.STD)),
+    )
+
+    def run(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = images.float().div_(255)
+        return seq(x), seq(x)
+
+    return run
+
+
+# ------------------------------------------------------------------------------- per op vs kornia
+
+def op_pairs(images: torch.Tensor) -> dict[str, tuple[Callable[[], object], Callable[[], object]]]:
+    """(selfsup, kornia) callables for each op on a float batch; ours draw per-sample params too."""
+    import kornia.augmentation as K
+
+    device = images.device
+    x = images.float().div_(255)
+    n, _, height, width = x.shape
+    g = torch.Generator(device=device).manual_seed(0)
+    cfg = A.resolve_views(PRESET, SIZE, blur=True)[0]  # blur on so it can be timed (kernel 3)
+
+    def crop() -> object:
+        box = A.sample_crop_params(n, height, width, cfg.crop_scale, cfg.crop_ratio, g, device)
+        return A.resized_crop(x, box, torch.rand(n, generator=g, device=device) < 0.5, SIZE)
+
+    def jitter() -> object:
+        return A.color_jitter(x, A.sample_view_params(n, height, width, cfg, g, device))
+
+    def subset(p: float, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Callable[[], object]:
+        def run() -> object:
+            y = x.clone()
+            rows = torch.nonzero(torch.rand(n, generator=g, device=device) < p).squeeze(1)
+            y[rows] = fn(y[rows], rows)
+            return y
+        return run
+
+    sigma = 0.1 + 1.9 * torch.rand(n, generator=g, device=device)
+    ours = {
+        "crop+flip+resize": crop,
+        "colour jitter (p=0.8)": jitter,
+        "grayscale (p=0.2)": subset(0.2, lambda y, r: A.rgb_to_grayscale(y).expand(-1, 3, -1, -1)),
+        "gaussian blur k=3 (p=0.5)": subset(0.5, lambda y, r: A.gaussian_blur(y, sigma[r], 3)),
+        "solarize (p=0.2)": subset(0.2, lambda y, r: A.solarize(y)),
+    }
+    b, c, sat, h = cfg.jitter
+    kornia_ops = {
+        "crop+flip+resize": K.AugmentationSequential(
+            K.RandomResizedCrop((SIZE, SIZE), scale=cfg.crop_scale, ratio=cfg.crop_ratio), K.RandomHorizontalFlip()),
+        "colour jitter (p=0.8)": K.ColorJitter(b, c, sat, h, p=0.8),
+        "grayscale (p=0.2)": K.RandomGrayscale(p=0.2),
+        "gaussian blur k=3 (p=0.5)": K.RandomGaussianBlur((3, 3), (0.1, 2.0), p=0.5),
+        "solarize (p=0.2)": K.RandomSolarize(thresholds=0.0, additions=0.0, p=0.2),
+    }
+    pairs = {name: (ours[name], (lambda m=kornia_ops[name]: m(x))) for name in ours}
+    aug = A.TwoViewAugment(PRESET, SIZE, seed=0)
+    pipe = kornia_pipeline()
+    pairs["whole preset, 2 views"] = (lambda: aug(images), lambda: pipe(images))
+    return pairs
+
+
+def time_per_image(fn: Callable[[], object], n: int, device: torch.device, repeats: int = 5) -> float:
+    """Best-of-``repeats`` images/s of ``fn`` on an ``n``-image batch."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return n / best
+
+
+def measure_ops(images: torch.Tensor, device: torch.device) -> dict[str, dict[str, float]]:
+    torch.set_num_threads(2)
+    out = {}
+    with torch.no_grad():
+        for name, (ours, theirs) in op_pairs(images.to(device)).items():
+            mult = 2 if name.startswith("whole") else 1  # views per image
+            out[name] = {"selfsup": mult * time_per_image(ours, len(images), device),
+                         "kornia": mult * time_per_image(theirs, len(images), device)}
+            print(f"  op {name}: selfsup {out[name]['selfsup']:,.0f} / kornia {out[name]['kornia']:,.0f} per s",
+                  flush=True)
+    return out
+
+
+def measure_device(images: torch.Tensor, device: torch.device, batch: int) -> float:
+    """Augmentation alone on ``device`` (decoded uint8 batch already there): views/s."""
+    x = images.to(device)
+    x = x.repeat((batch + len(x) - 1) // len(x), 1, 1, 1)[:batch]
+    aug = A.TwoViewAugment(PRESET, SIZE, seed=0)
+    with torch.no_grad():
+        return 2 * time_per_image(lambda: aug(x), batch, device, repeats=20)
+
+
+# ------------------------------------------------------------------------------- Ray Data
+
+def run_ray(folder: Path, n_views_expected: int) -> float:
+    from pipelines.stream import read_split
+
+    ds = read_split(folder, "train", augment_on="data", preset=PRESET, view_size=SIZE, batch_size=BATCH)
+    t0, views = time.perf_counter(), 0
+    for batch in ds.iter_batches(batch_size=BATCH, batch_format="numpy"):
+        views += 2 * len(batch["view1"])
+    assert views == n_views_expected, (views, n_views_expected)
+    return views / (time.perf_counter() - t0)
+
+
+def ray_setup(data_dir: Path, n: int, work: Path) -> Path:
+    import pyarrow as pa
+
+    from pipelines.ingest import ingest
+
+    src = work / "source"
+    src.mkdir()
+    table = pq.read_table(data_dir / "train-00000-of-00005.parquet")
+    if n > len(table) - 500:
+        table = pa.concat_tables([pq.read_table(f) for f in sorted(data_dir.glob("train-*.parquet"))])
+    pq.write_table(table.slice(0, n), src / "train-00000-of-00001.parquet")
+    pq.write_table(table.slice(n, 500), src / "test-00000-of-00001.parquet")
+    ingest(str(src), work / "shards", progress=False)
+    return work / "shards"
+
+
+# ------------------------------------------------------------------------------- main
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "datasets" / "cifar10")
+    p.add_argument("--images", type=int, default=10000)
+    p.add_argument("--rounds", type=int, default=3, help="measure every row this often, alternating; keep the best")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where the device-augmentation row runs (cuda when available)")
+    p.add_argument("--gpu", action="store_true", help="same as --device cuda")
+    p.add_argument("--gpu-batch", type=int, default=4096)
+    p.add_argument("--no-ray", dest="ray", action="store_false")
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    args = p.parse_args()
+    device = torch.device("cuda" if args.gpu else args.device)
+
+    data = load_bytes(args.data, args.images)
+    rows: dict[str, list[float]] = {"baseline": [], "selfsup": [], "kornia": []}
+    work = Path(tempfile.mkdtemp(prefix="pipeline-throughput-"))
+    ray_tmp = tempfile.mkdtemp(prefix="selfsup-ray-", dir="/tmp")
+    try:
+        if args.ray:
+            import logging
+
+            import ray
+            import ray.data
+
+            logging.getLogger("ray.data").setLevel(logging.WARNING)
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+            shards = ray_setup(args.data, args.images, work)
+            ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, _temp_dir=ray_tmp,
+                     logging_level="WARNING")
+            ctx = ray.data.DataContext.get_current()
+            ctx.enable_progress_bars = False
+            ctx.print_on_execution_start = False
+            rows["ray_data"] = []
+        aug = A.TwoViewAugment(PRESET, SIZE, seed=0)
+        kornia = kornia_pipeline()
+        for r in range(args.rounds):
+            rows["baseline"].append(run_baseline(data))
+            with torch.no_grad():
+                rows["selfsup"].append(run_threads(data, aug, threads=2))
+                rows["kornia"].append(run_sequential(data, kornia, threads=2))
+            if args.ray:
+                rows["ray_data"].append(run_ray(shards, 2 * args.images))
+            print(f"round {r}: " + ", ".join(f"{k} {v[-1]:,.0f}" for k, v in rows.items()) + " views/s", flush=True)
+    finally:
+        if args.ray:
+            import ray
+
+            ray.shutdown()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+
+    sample = decode(data[:BATCH])
+    print("per op, augmentation alone on a decoded batch of", BATCH, flush=True)
+    ops = measure_ops(sample, torch.device("cpu"))
+    device_rate = None
+    if device.type == "cuda":
+        device_rate = measure_device(sample, device, args.gpu_batch)
+        print(f"augmentation on {torch.cuda.get_device_name(device)}: {device_rate:,.0f} views/s", flush=True)
+        ops_device = measure_ops(sample, device)
+    best = {k: max(v) for k, v in rows.items()}
+    command = "python benchmarks/pipeline_throughput.py " + " ".join(sys.argv[1:])
+    result = {
+        "command": command.strip(), "images": args.images, "preset": PRESET, "size": SIZE, "batch": BATCH,
+        "cpu_count": os.cpu_count(), "load_avg_1min_at_end": os.getloadavg()[0], "rounds": args.rounds,
+        "views_per_second": rows, "best_views_per_second": best,
+        "ratio_vs_baseline": {k: v / best["baseline"] for k, v in best.items()},
+        "ops_images_per_second_cpu": ops,
+        "device": str(device), "device_views_per_second": device_rate,
+        "ops_images_per_second_device": ops_device if device.type == "cuda" else None,
+        "torch": torch.__version__, "torch_threads": 2,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "pipeline_throughput.json").write_text(json.dumps(result, indent=2) + "\n")
+    labels = {
+        "baseline": "PIL + torchvision transforms, DataLoader 2 workers (baseline)",
+        "selfsup": "selfsup: batched decode_jpeg + TwoViewAugment, in-process, 2 threads",
+        "kornia": "batched decode_jpeg + kornia.augmentation 0.9, 2 threads",
+        "ray_data": "selfsup via Ray Data: read_split(augment_on='data'), local Ray num_cpus=4",
+    }
+    md = ["| pipeline (decode + 2 views, 32x32, SimCLR CIFAR preset) | views/s | vs baseline |", "| --- | ---: | ---: |"]
+    md += [f"| {labels[k]} | {best[k]:,.0f} | {best[k] / best['baseline']:.1f}x |" for k in rows]
+    md += ["", f"| augmentation alone, decoded batch of {BATCH}, 2 threads | selfsup img/s | kornia img/s | selfsup / kornia |",
+           "| --- | ---: | ---: | ---: |"]
+    md += [f"| {k} | {v['selfsup']:,.0f} | {v['kornia']:,.0f} | {v['selfsup'] / v['kornia']:.1f}x |" for k, v in ops.items()]
+    md += ["", "(\"whole preset\" is in views/s.)"]
+    if device_rate is not None:
+        md += ["", f"Augmentation alone on {device} (batch {args.gpu_batch}): {device_rate:,.0f} views/s."]
+    md += ["", f"`{command.strip()}` on {os.cpu_count()} cores, {args.images} images, best of {args.rounds} "
+               f"rounds; 1-min load average at the end {result['load_avg_1min_at_end']:.1f} "
+               "(other jobs shared the cores)."]
+    (args.out / "pipeline_throughput.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
