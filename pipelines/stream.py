@@ -146,7 +146,7 @@ def read_split(folder: str | Path, split: str = "train", *, image_size: int | No
                shuffle: bool = True, seed: int | None = None, augment_on: AugmentOn = "worker",
                preset: str = "simclr", view_size: int | None = None, concurrency: int = 2,
                num_cpus: float = 1.0, batch_size: int = 256,
-               columns: Sequence[str] = ("image", "label")) -> ray.data.Dataset:
+               columns: Sequence[str] = ("image", "label"), limit: int | None = None) -> ray.data.Dataset:
     """A lazy Ray Data dataset over one split of a shard folder (`selfsup ingest` output).
 
     Pass it to `TorchTrainer(datasets={"train": ...})`; each worker then reads its part with
@@ -169,6 +169,9 @@ def read_split(folder: str | Path, split: str = "train", *, image_size: int | No
         num_cpus: CPUs each decode/augment task asks for.
         batch_size: rows per decode/augment task call.
         columns: shard columns to carry; add `"path"` to follow single images through.
+        limit: use only the first `limit` rows of the split (the same rows every epoch; ingest
+            stores rows in mixed class order). Applied before the shuffle: a `.limit()` on the
+            returned dataset would instead take a different random subset each epoch.
 
     Returns:
         The dataset, columns `image` uint8 `[N, 3, H, W]` (or `view1`, `view2` float32
@@ -190,6 +193,8 @@ def read_split(folder: str | Path, split: str = "train", *, image_size: int | No
         raise DataError(f"images in {folder} have different sizes; set an image size (data.image_size)")
     cols = list(dict.fromkeys(["image", "label", *columns]))
     ds = ray.data.read_parquet([str(f) for f in files], concurrency=concurrency).select_columns(cols)
+    if limit is not None:
+        ds = ds.limit(limit)
     if shuffle:
         # Shuffle the encoded rows (~1-3 KB each), not decoded or augmented ones (4-25x larger).
         ds = ds.random_shuffle(seed=None if seed is None else RandomSeedConfig(seed=seed, reseed_after_execution=True))
