@@ -178,6 +178,21 @@ def test_embed_image_folder(store: Store, tmp_path: Path, cifar10_dir: Path) -> 
     emb = table.column("embedding").to_pylist()
     assert len(emb[0]) == 16 and len({tuple(e) for e in emb}) == 10  # real, distinct features
 
+    # The same images as a shard folder (both splits): the same embeddings.
+    from pipelines.ingest import ingest
+
+    ingest(str(folder), str(tmp_path / "shards"), progress=False)
+    out2 = tmp_path / "emb2.parquet"
+    assert _cli("registry", "--tracking-uri", store.uri, "embed", f"models:/{store.model}/1",
+                str(tmp_path / "shards"), str(out2)) == 0
+    table2 = pq.read_table(out2)
+    assert table2.num_rows == 10
+    assert {p.split(":", 1)[0] for p in table2.column("path").to_pylist()} == {"train", "test"}
+    import numpy as np
+
+    np.testing.assert_allclose(np.array(sorted(map(tuple, table2.column("embedding").to_pylist()))),
+                               np.array(sorted(map(tuple, emb))), atol=1e-5)
+
 
 def test_embed_errors(store: Store, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from torchvision.io import encode_jpeg
