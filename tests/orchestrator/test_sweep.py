@@ -1,0 +1,261 @@
+"""`selfsup sweep`: the search space (fast, no Ray) and whole sweeps on a local Ray against a real
+`mlflow server` (slow): trials, child runs, table, plot, champion, ASHA, divergence, resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator import sweep as sweep_mod
+from orchestrator.config import ConfigError
+from orchestrator.sweep import (SweepConfig, grid_trials, load_sweep, n_grid_trials, optuna_space,
+                                random_trial)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _write(tmp_path: Path, doc: dict, name: str = "sweep.yaml") -> str:
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return str(p)
+
+
+CIFAR_LIKE = {
+    "searcher": "grid",
+    "methods": {"simclr": {"method.temperature": [0.1, 0.2, 0.5]},
+                "moco": {"method.temperature": [0.1, 0.2, 0.5], "method.momentum": [0.99, 0.996, 0.999]},
+                "byol": {"method.momentum": [0.99, 0.996, 0.999]}},
+    "space": {"optim.batch_size": [256, 512]},
+}
+
+
+# --- the search space (no Ray) ---------------------------------------------------------------------
+
+def test_conditional_grid_does_not_multiply_ignored_dimensions(tmp_path: Path) -> None:
+    s = load_sweep(_write(tmp_path, {"data": {"source": None}, "sweep": CIFAR_LIKE}))
+    trials = grid_trials(s.sweep)
+    # simclr 3 temps x 2 batches, moco 3 x 3 x 2, byol 3 momenta x 2: 6 + 18 + 6, not 3 x 3 x 3 x 2
+    assert len(trials) == n_grid_trials(s.sweep) == 30
+    by_method = {m: [t for t in trials if t["method.name"] == m] for m in ("simclr", "moco", "byol")}
+    assert [len(v) for v in by_method.values()] == [6, 18, 6]
+    assert all("method.momentum" not in t for t in by_method["simclr"])
+    assert all("method.temperature" not in t for t in by_method["byol"])
+    assert {t["optim.batch_size"] for t in trials} == {256, 512}
+    assert len({json.dumps(t, sort_keys=True) for t in trials}) == 30  # no duplicates
+
+
+def test_repository_sweep_configs_load() -> None:
+    demo = load_sweep(str(REPO / "configs" / "sweep-demo.yaml"))
+    assert n_grid_trials(demo.sweep) >= 4 and len(demo.sweep.methods) >= 2
+    assert demo.sweep.scheduler == "asha"
+    cifar = load_sweep(str(REPO / "configs" / "sweep-cifar10.yaml"), ["data.source=null"])
+    assert set(cifar.sweep.methods) == {"simclr", "moco", "byol"}
+    trials = grid_trials(cifar.sweep)
+    assert {t.get("method.temperature") for t in trials} - {None} == {0.1, 0.2, 0.5}
+    assert {t.get("method.momentum") for t in trials} - {None} == {0.99, 0.996, 0.999}
+    assert {t["optim.batch_size"] for t in trials} == {256, 512}
+
+
+@pytest.mark.parametrize("sweep, message", [
+    ({"searcher": "annealing"}, "sweep.searcher = 'annealing': allowed: grid, random, bayes"),
+    ({"methods": {"dino": {}}}, "sweep.methods = 'dino': allowed methods: simclr, moco, byol"),
+    ({"methods": {"byol": {"method.temperature": [0.1]}}}, "only simclr, moco take it, not byol"),
+    ({"space": {"method.momentum": [0.9]}}, "list it under sweep.methods.<method>"),
+    ({"space": {"optim.lr": {"loguniform": [1e-4, 1e-2]}}}, "the grid searcher takes lists"),
+    ({"searcher": "random", "space": {"optim.lr": {"loguniform": [0, 1]}}}, "loguniform needs low > 0"),
+    ({"space": {"optim.nosuchfield": [1]}}, "unknown field 'optim.nosuchfield'"),
+    ({"space": {"optim.batch_size": [256, 100]}, "methods": {"simclr": {}}}, None),
+    ({"nosuchkey": 1}, "unknown field 'sweep.nosuchkey'"),
+    ({"max_concurrent_trials": 0}, "sweep.max_concurrent_trials = 0: must be >= 1"),
+])
+def test_bad_sweeps_are_rejected_with_one_message(tmp_path: Path, sweep: dict, message: str | None) -> None:
+    path = _write(tmp_path, {"data": {"source": None}, "scaling": {"num_workers": 1}, "sweep": sweep})
+    if message is None:  # a valid one, for contrast
+        assert n_grid_trials(load_sweep(path).sweep) == 2
+        return
+    with pytest.raises(ConfigError) as e:
+        load_sweep(path)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_set_overrides_reach_sweep_and_base(tmp_path: Path) -> None:
+    path = _write(tmp_path, {"data": {"source": None}, "sweep": CIFAR_LIKE})
+    s = load_sweep(path, ["sweep.searcher=random", "sweep.num_samples=7", "optim.epochs=3"])
+    assert (s.sweep.searcher, s.sweep.num_samples, s.base.optim.epochs) == ("random", 7, 3)
+    with pytest.raises(ConfigError, match="unknown field 'sweep.nope'"):
+        load_sweep(path, ["sweep.nope=1"])
+
+
+def test_base_file_is_overridden_by_the_sweep_file(tmp_path: Path) -> None:
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({"optim": {"epochs": 7, "lr": 0.5},
+                                                        "data": {"source": None}}))
+    s = load_sweep(_write(tmp_path, {"base": "base.yaml", "optim": {"lr": 0.1},
+                                     "sweep": {"methods": {"simclr": {}}}}))
+    assert (s.base.optim.epochs, s.base.optim.lr) == (7, 0.1)
+
+
+def test_random_trials_follow_each_methods_own_space() -> None:
+    sw = SweepConfig(searcher="random", methods={m: dict(v) for m, v in CIFAR_LIKE["methods"].items()},
+                     space={"optim.lr": {"loguniform": [1e-4, 1e-2]}})
+    rng = random.Random(0)
+    trials = [random_trial(sw, rng) for _ in range(200)]
+    assert {t["method.name"] for t in trials} == {"simclr", "moco", "byol"}
+    for t in trials:
+        assert 1e-4 <= t["optim.lr"] <= 1e-2
+        assert ("method.temperature" in t) == (t["method.name"] != "byol")
+        assert ("method.momentum" in t) == (t["method.name"] != "simclr")
+
+
+def test_optuna_define_by_run_space_is_conditional() -> None:
+    optuna = pytest.importorskip("optuna")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sw = SweepConfig(searcher="bayes", methods={m: dict(v) for m, v in CIFAR_LIKE["methods"].items()},
+                     space={"optim.lr": {"loguniform": [1e-4, 1e-2]}})
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=0))
+    define = optuna_space(sw)
+    seen = []
+    for _ in range(25):
+        trial = study.ask()
+        over = define(trial)["overrides"]
+        seen.append(over)
+        # a made-up objective: the sampler must be able to learn from conditional parameters
+        study.tell(trial, float(over.get("method.temperature", 0.3)) + math.log10(over["optim.lr"]))
+    for over in seen:
+        assert ("method.temperature" in over) == (over["method.name"] != "byol")
+        assert ("method.momentum" in over) == (over["method.name"] != "simclr")
+    assert {o["method.name"] for o in seen} == {"simclr", "moco", "byol"}
+
+
+# --- whole sweeps on a local Ray (slow) ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The built-in demo digits, ingested once for this module."""
+    from pipelines.ingest import ingest
+
+    out = tmp_path_factory.mktemp("sweep-data") / "demo"
+    ingest("demo", str(out), progress=False)
+    return out
+
+
+def _e2e_config(tmp_path: Path, data: Path, uri: str, model_name: str) -> str:
+    """5 tiny trials, run one at a time so that ASHA's decisions are deterministic:
+    SimCLR x 2 temperatures, BYOL at a good lr, a useless lr (1e-8: the encoder stays as it was
+    initialised, so its kNN top-1 stays at the untrained level) and lr = inf (diverges at once)."""
+    return _write(tmp_path, {
+        "data": {"path": str(data), "source": None, "image_size": 28, "limit": 256},
+        "optim": {"name": "adamw", "lr": 2e-3, "batch_size": 64, "epochs": 2, "warmup_epochs": 0.5},
+        "scaling": {"num_workers": 1},
+        "eval": {"knn_train_limit": 1000, "knn_test_limit": 500},
+        "run": {"checkpoints_to_keep": 1, "max_failures": 1},
+        "tracking": {"uri": uri, "experiment": f"sweep-test-{tmp_path.name}", "model_name": model_name},
+        "sweep": {"name": "e2e", "storage_path": str(tmp_path / "sweeps"), "searcher": "grid",
+                  "methods": {"simclr": {"method.temperature": [0.5, 0.2]},
+                              "byol": {"optim.lr": [2e-3, 1e-8, float("inf")]}},
+                  "scheduler": "asha", "grace_period": 1, "reduction_factor": 2,
+                  "max_concurrent_trials": 1},
+    })
+
+
+def _remove_ray_temp_of(pid: int) -> None:
+    """A killed driver cannot remove its private Ray temp folder; it is the one whose session is
+    named after the driver's pid (`session_<date>_<pid>`)."""
+    import glob
+    import shutil
+
+    for session in glob.glob("/tmp/selfsup-ray-*/session_*"):
+        if session.endswith(f"_{pid}"):
+            shutil.rmtree(Path(session).parent, ignore_errors=True)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_sweep_end_to_end_killed_and_resumed(tmp_path: Path, demo_data: Path, mlflow_server: str,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    from mlflow import MlflowClient
+
+    model_name = f"sweep-e2e-{tmp_path.name[-12:].strip('_')}-encoder"
+    config = _e2e_config(tmp_path, demo_data, mlflow_server, model_name)
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    # 1. The driver in its own process group, killed (SIGKILL, with its whole local Ray) while the
+    #    third trial runs, i.e. after two trials ended.
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "sweep", "--config", config],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    ended: list[str] = []
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if m := re.match(r"\s+trial (\S+) ended", line):
+                ended.append(m.group(1))
+            if len(ended) >= 2 and re.match(r"\s+trial \S+ started", line):
+                time.sleep(8)  # into the third trial's Train run; Tune has saved its state (every 2 s)
+                break
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+        _remove_ray_temp_of(proc.pid)
+    assert len(ended) == 2, "".join(lines)[-3000:]
+
+    # 2. --resume: the rest of the sweep; the two ended trials neither run again nor log again.
+    s = load_sweep(config)
+    out = sweep_mod.run_sweep(s, resume=True, verbose=True)
+    printed = capsys.readouterr().out
+    restarted = set(re.findall(r"trial (\S+) started", printed))
+    assert not restarted & set(ended), printed
+
+    table = out.table
+    assert len(table) == 5 and table["trial"].is_unique
+    status = {(r.method, r.lr if isinstance(r.lr, float) else None, r.temperature): r.status
+              for r in table.itertuples()}
+    by_lr = {r.lr: r for r in table.itertuples() if r.method == "byol"}
+    assert by_lr[float("inf")].status == "diverged" and math.isnan(by_lr[float("inf")].knn_top1)
+    assert by_lr[1e-8].status == "stopped" and by_lr[1e-8].epochs == 1, table.to_string()  # ASHA
+    assert (table["status"] == "finished").any(), status
+    assert "| trial | method |" in out.markdown and "diverged" in out.markdown
+
+    # 3. MLflow: one parent, one child run per trial (each epoch logged once), final statuses.
+    c = MlflowClient(tracking_uri=mlflow_server)
+    parent = c.get_run(out.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert {a.path for a in c.list_artifacts(out.parent_run_id)} >= {"results.csv", "results.md",
+                                                                     "knn_by_hparam.png"}
+    children = c.search_runs([parent.info.experiment_id],
+                             filter_string=f"tags.mlflow.parentRunId = '{out.parent_run_id}'")
+    assert len(children) == 5
+    assert {r.info.run_name for r in children} == {f"trial-{t}" for t in table["trial"]}
+    for run in children:
+        row = table[table["mlflow_run_id"] == run.info.run_id].iloc[0]
+        steps = [m.step for m in c.get_metric_history(run.info.run_id, "loss")]
+        assert steps == sorted(set(steps)) and len(steps) == row["epochs"], (row.to_dict(), steps)
+        assert run.data.tags["selfsup.trial_status"] == row["status"]
+        assert run.data.params["method.name"] == row["method"]
+        expected = {"finished": "FINISHED", "stopped": "KILLED", "diverged": "FAILED"}[row["status"]]
+        assert run.info.status == expected, row.to_dict()
+
+    # 4. The best trial's encoder is registered and, being the first of its name, the champion.
+    best = table[table["status"] == "finished"].iloc[0]
+    assert out.model_uri is not None and out.champion
+    champion = c.get_model_version_by_alias(model_name, "champion")
+    assert out.model_uri == f"models:/{model_name}/{champion.version}"
+    assert champion.tags["method"] == best["method"]
+    assert float(champion.tags["knn_top1"]) == pytest.approx(best["knn_top1"])
+    assert champion.tags["dataset"] == "mnist-demo"
+    assert (Path(out.sweep_dir) / "knn_by_hparam.png").stat().st_size > 5000
+    csv = (Path(out.sweep_dir) / "results.csv").read_text()
+    assert csv.count("\n") == 6 and "diverged" in csv
