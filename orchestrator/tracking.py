@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import math
 import os
 import time
@@ -194,7 +195,10 @@ class MlflowTrainCallback(ray.train.UserCallback):
             self._client = client(self.tracking_uri)
             self._logged = logged_epochs(self._client, self.run_id)
         assert self._logged is not None
-        m = metrics[0]
+        m = {k: v for k, v in metrics[0].items() if k != "backfill"}
+        for earlier in json.loads(metrics[0].get("backfill") or "[]"):  # see train_loop: resumed runs
+            if "epoch" in earlier:
+                log_epoch(self._client, self.run_id, earlier, self._logged)
         if not log_epoch(self._client, self.run_id, m, self._logged):
             return
         epoch = int(m["epoch"])

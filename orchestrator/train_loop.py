@@ -21,6 +21,7 @@ Per epoch, every worker:
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -217,12 +218,16 @@ class KnnProbe:
 
 def save_state(path: Path, *, module: nn.Module, optimizer: torch.optim.Optimizer,
                scheduler: torch.optim.lr_scheduler.LambdaLR, epoch: int, metrics: dict[str, float],
-               seed: int) -> None:
-    """Write the checkpoint file (plain tensors and containers only: loads with weights_only=True)."""
+               seed: int, history: list[dict[str, float]] | None = None) -> None:
+    """Write the checkpoint file (plain tensors and containers only: loads with weights_only=True).
+
+    `history` holds every epoch's metrics so far (small), so that a resumed run can still log the
+    epochs whose report the MLflow callback never saw.
+    """
     torch.save({"model": module.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "epoch": epoch,
                 "rng": {"seed": seed, "epoch": epoch, "torch": torch.get_rng_state()},
-                "metrics": {k: float(v) for k, v in metrics.items()}}, path)
+                "metrics": {k: float(v) for k, v in metrics.items()}, "history": history or []}, path)
 
 
 def load_state(path: Path) -> dict[str, Any]:
@@ -310,11 +315,12 @@ def train_func_per_worker(config: dict[str, Any]) -> None:
     optimizer = build_optimizer(cfg, module)
     steps = steps_per_epoch(cfg, int(config["_train_rows"]), world)
     scheduler = build_scheduler(cfg, optimizer, steps)
-    start_epoch, metrics = 0, {}
+    start_epoch, metrics, history = 0, {}, []
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, metrics = int(state["epoch"]), dict(state["metrics"])
+        history = list(state.get("history", []))
 
     probe = KnnProbe(cfg, device) if rank == 0 else None
     untrained = metrics.get("knn_top1_untrained")
@@ -344,11 +350,17 @@ def train_func_per_worker(config: dict[str, Any]) -> None:
             metrics.update(probe(module.encoder))
             metrics["knn_top1_untrained"] = float(untrained)  # type: ignore[arg-type]
         metrics["epoch_seconds"] = time.perf_counter() - t0
+        finite = {k: float(v) for k, v in metrics.items() if math.isfinite(v)}
+        report: dict[str, Any] = dict(metrics)
+        if epoch == start_epoch + 1 and history:
+            # The epochs before this checkpoint, for the MLflow callback to log any it missed (the
+            # command was killed between the checkpoint and the callback's write).
+            report["backfill"] = json.dumps(history)
+        history.append(finite)
         if rank == 0:
             with tempfile.TemporaryDirectory() as d:
                 save_state(Path(d) / STATE_FILE, module=module, optimizer=optimizer, scheduler=scheduler,
-                           epoch=epoch, metrics={k: v for k, v in metrics.items() if math.isfinite(v)},
-                           seed=cfg.run.seed)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+                           epoch=epoch, metrics=finite, seed=cfg.run.seed, history=history)
+                ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d))
         else:
-            ray.train.report(metrics)
+            ray.train.report(report)
