@@ -155,6 +155,7 @@ def test_grayscale_blur_solarize_match_torchvision(images) -> None:
     x = images.float() / 255
     assert torch.allclose(rgb_to_grayscale(x), TF.rgb_to_grayscale(x), atol=TOL)
     assert torch.equal(solarize(x), TF.solarize(x, 0.5))
+    x = x[:24]
     sigma = torch.linspace(0.1, 2.0, len(x))
     for kernel in (3, 5):
         out = gaussian_blur(x, sigma, kernel)
@@ -187,6 +188,7 @@ def _torchvision_view(image_u8: torch.Tensor, p, k: int, size: int, kernel: int)
 def test_two_views_equal_torchvision_composition(images, preset) -> None:
     """The whole pipeline = torchvision's ops applied one image at a time with the same parameters
     (random per-sample order of the jitter ops included)."""
+    images = images[:24]
     aug = TwoViewAugment(preset, size=32, seed=3, blur=True)  # blur on to cover it at 32 px
     v1, v2, (p1, p2) = aug(images, return_params=True)
     for view, p in ((v1, p1), (v2, p2)):
