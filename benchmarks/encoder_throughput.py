@@ -1,15 +1,17 @@
 """Training throughput of the encoders: SimCLR steps (forward + backward + SGD) in views/s on CPU.
 
 One step is a batch of 256 images, i.e. 512 views of 32x32, through `methods.SimCLR` (paper
-projector, NT-Xent) and an SGD-with-momentum update. The encoders are timed in interleaved rounds
-so that both see the same machine load; the table gives each one's views/s, its ratio to the 1,000
-views/s the small ConvNet must reach on 2 cores (issue 2), and its ratio to ResNet-18 with the
-CIFAR stem measured in the same run. On a shared machine the wall-clock rate drops with the load
-of other processes, so the process CPU time is recorded too: views per CPU-second x threads is what
-the same threads would reach with the cores to themselves (if they scale; spinning threads make it
-an underestimate rather than an overestimate).
+projector, NT-Xent) and an SGD-with-momentum update. Each (encoder, torch threads) setting is timed
+in interleaved rounds so that all see the same machine load. The table gives views/s by the wall
+clock, its ratio to the 1,000 views/s the small ConvNet must reach on 2 cores (issue 2), and its
+ratio to ResNet-18 with the CIFAR stem at the same thread count, measured in the same run.
 
-    .venv/bin/python benchmarks/encoder_throughput.py [--rounds 3] [--threads 2]
+The development machine is shared (other processes load its 2 cores), so the process CPU time is
+recorded as well: views per CPU-second x threads is what those threads reach with the cores to
+themselves. With one thread that is exact up to cache effects; with two it is an underestimate
+under load, because OpenMP threads spin (burning CPU time) while they wait for each other.
+
+    .venv/bin/python benchmarks/encoder_throughput.py [--rounds 2] [--threads 1,2]
 
 Writes benchmarks/results/encoder_throughput.json and .md.
 """
@@ -22,6 +24,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -37,7 +40,7 @@ BASELINE = "resnet18-cifar"
 ENCODERS = {"convnet": ("convnet", False, 4), "resnet18-cifar": ("resnet18", True, 1)}
 
 
-def _stepper(name: str, batch: int, size: int):  # type: ignore[no-untyped-def]
+def _stepper(name: str, batch: int, size: int) -> Callable[[], None]:
     enc_name, stem, _ = ENCODERS[name]
     torch.manual_seed(0)
     model = SimCLR(build_encoder(enc_name, cifar_stem=stem))
@@ -56,61 +59,72 @@ def _stepper(name: str, batch: int, size: int):  # type: ignore[no-untyped-def]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=256, help="images per step (2 views each)")
     parser.add_argument("--size", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--threads", default="1,2", help="comma-separated torch thread counts")
     parser.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    thread_counts = [int(t) for t in args.threads.split(",")]
 
     steppers = {name: _stepper(name, args.batch_size, args.size) for name in ENCODERS}
-    for step in steppers.values():  # warm-up: allocator, oneDNN primitive caches
-        step()
-    seconds = {name: 0.0 for name in ENCODERS}
-    cpu_seconds = {name: 0.0 for name in ENCODERS}
-    steps = {name: 0 for name in ENCODERS}
+    settings = [(name, t) for t in thread_counts for name in ENCODERS]
+    wall = dict.fromkeys(settings, 0.0)
+    cpu = dict.fromkeys(settings, 0.0)
+    steps = dict.fromkeys(settings, 0)
+    for t in thread_counts:  # warm-up: allocator, oneDNN primitive caches
+        torch.set_num_threads(t)
+        for step in steppers.values():
+            step()
     load_before = os.getloadavg()[0]
     for _ in range(args.rounds):
-        for name, step in steppers.items():
+        for name, t in settings:
+            torch.set_num_threads(t)
             t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(ENCODERS[name][2]):
-                step()
-            seconds[name] += time.perf_counter() - t0
-            cpu_seconds[name] += time.process_time() - c0
-            steps[name] += ENCODERS[name][2]
-    views_per_s = {n: steps[n] * 2 * args.batch_size / seconds[n] for n in ENCODERS}
-    views_per_cpu_s = {n: steps[n] * 2 * args.batch_size / cpu_seconds[n] for n in ENCODERS}
-    rows = [{"encoder": n, "views_per_second": round(views_per_s[n], 1), "steps": steps[n],
-             "seconds": round(seconds[n], 2), "cpu_seconds": round(cpu_seconds[n], 2),
-             "views_per_cpu_second": round(views_per_cpu_s[n], 1),
-             "views_per_second_cores_to_itself": round(views_per_cpu_s[n] * args.threads, 1),
-             "ratio_to_target": round(views_per_s[n] / TARGET_VIEWS_PER_S, 2),
-             f"ratio_to_{BASELINE}": round(views_per_s[n] / views_per_s[BASELINE], 2)}
-            for n in ENCODERS]
+                steppers[name]()
+            wall[name, t] += time.perf_counter() - t0
+            cpu[name, t] += time.process_time() - c0
+            steps[name, t] += ENCODERS[name][2]
+    load_after = os.getloadavg()[0]
+
+    rows = []
+    for name, t in settings:
+        views = steps[name, t] * 2 * args.batch_size
+        base_views = steps[BASELINE, t] * 2 * args.batch_size
+        rows.append({
+            "encoder": name, "threads": t, "steps": steps[name, t],
+            "views_per_second": round(views / wall[name, t], 1),
+            "ratio_to_target": round(views / wall[name, t] / TARGET_VIEWS_PER_S, 3),
+            f"ratio_to_{BASELINE}": round(views / wall[name, t] / (base_views / wall[BASELINE, t]), 2),
+            "seconds": round(wall[name, t], 2), "cpu_seconds": round(cpu[name, t], 2),
+            "views_per_second_cores_to_itself": round(views / cpu[name, t] * t, 1),
+        })
     result = {
         "benchmark": "encoder_throughput",
         "what": "SimCLR training step (forward+backward+SGD), views/s, CPU",
         "batch_images": args.batch_size, "views_per_step": 2 * args.batch_size, "size": args.size,
-        "threads": args.threads, "torch": torch.__version__, "cpu_count": os.cpu_count(),
+        "torch": torch.__version__, "cpu_count": os.cpu_count(),
         "machine": platform.processor() or platform.machine(),
-        "load_average_1min": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
+        "load_average_1min": {"before": round(load_before, 2), "after": round(load_after, 2)},
         "target_views_per_second": TARGET_VIEWS_PER_S, "baseline": BASELINE, "rows": rows,
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "encoder_throughput.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
-        f"SimCLR training step on CPU ({args.threads} threads), batch {args.batch_size} images = "
+        f"SimCLR training step on CPU ({os.cpu_count()} cores), batch {args.batch_size} images = "
         f"{2 * args.batch_size} views of {args.size}x{args.size}; torch {torch.__version__}; "
-        f"1-min load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}.",
+        f"1-min load average of the machine {load_before:.1f} -> {load_after:.1f} "
+        "(other processes' work competes for the cores).",
         "",
-        f"| encoder | views/s (wall) | vs 1,000 views/s target | vs {BASELINE} "
-        f"| views/CPU-s x {args.threads} threads | vs target |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        f"| encoder | threads | views/s (wall) | vs 1,000 views/s target | vs {BASELINE} "
+        "| views/CPU-s x threads | vs target |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    lines += [f"| {r['encoder']} | {r['views_per_second']:,.0f} | {r['ratio_to_target']:.2f}x | "
-              f"{r[f'ratio_to_{BASELINE}']:.2f}x | {r['views_per_second_cores_to_itself']:,.0f} | "
+    lines += [f"| {r['encoder']} | {r['threads']} | {r['views_per_second']:,.0f} | "
+              f"{r['ratio_to_target']:.2f}x | {r[f'ratio_to_{BASELINE}']:.1f}x | "
+              f"{r['views_per_second_cores_to_itself']:,.0f} | "
               f"{r['views_per_second_cores_to_itself'] / TARGET_VIEWS_PER_S:.2f}x |" for r in rows]
     (args.out_dir / "encoder_throughput.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
