@@ -80,7 +80,7 @@ class OptimConfig:
     sgd_momentum: float = 0.9  # SGD and LARS
     lars_eta: float = 0.001  # LARS trust coefficient (You et al. 2017; solo-learn's CIFAR recipes: 0.02)
     batch_size: int = 256  # GLOBAL batch, split evenly over the workers
-    epochs: int = 8
+    epochs: int = 5
     warmup_epochs: float = 1.0
 
 

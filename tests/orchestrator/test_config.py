@@ -89,7 +89,7 @@ BAD = [
     (None, ["optim.name=adam"], ["optim.name = 'adam'", "sgd, lars, adamw"]),
     (None, ["method.momentum=0.99"], ["method.momentum", "only moco, byol take it, not simclr"]),
     (None, ["optim.lr=-1"], ["optim.lr = -1.0", "must be > 0"]),
-    (None, ["optim.warmup_epochs=20"], ["optim.warmup_epochs", "<= optim.epochs (8)"]),
+    (None, ["optim.warmup_epochs=20"], ["optim.warmup_epochs", "<= optim.epochs (5)"]),
     (None, ["run.name=a b"], ["run.name = 'a b'", "letters, digits"]),
     (None, ["data.path=/nonexistent/selfsup", "data.source=null"],
      ["data.path = '/nonexistent/selfsup'", "does not exist", "selfsup ingest"]),
