@@ -338,16 +338,21 @@ def random_trial(sw: SweepConfig, rng: random.Random) -> dict[str, Any]:
     return {"method.name": method, **{k: _sample(v, rng) for k, v in dims.items()}}
 
 
-def optuna_space(sw: SweepConfig) -> Any:
+class OptunaSpace:
     """A define-by-run space for OptunaSearch: the method first, then only its own parameters.
 
     Parameter names carry the method (`simclr:method.temperature`): Optuna keeps one distribution
-    per name, and two methods may list different values for the same field.
+    per name, and two methods may list different values for the same field. A class, not a
+    closure: Tune pickles the searcher (with its space) into the experiment state for --resume.
     """
-    def define(trial: Any) -> dict[str, Any]:
-        method = trial.suggest_categorical("method", sorted(sw.methods))
+
+    def __init__(self, sw: SweepConfig) -> None:
+        self.methods = {m: _method_dims(sw, m) for m in sorted(sw.methods)}
+
+    def __call__(self, trial: Any) -> dict[str, Any]:
+        method = trial.suggest_categorical("method", list(self.methods))
         over: dict[str, Any] = {"method.name": method}
-        for key, spec in _method_dims(sw, method).items():
+        for key, spec in self.methods[method].items():
             name = f"{method}:{key}"
             if isinstance(spec, list) or (isinstance(spec, dict) and "choice" in spec):
                 choices = spec if isinstance(spec, list) else spec["choice"]
@@ -362,7 +367,10 @@ def optuna_space(sw: SweepConfig) -> Any:
                 over[key] = spec
         return {"overrides": over}
 
-    return define
+
+def optuna_space(sw: SweepConfig) -> OptunaSpace:
+    """The conditional define-by-run space of a sweep (see `OptunaSpace`)."""
+    return OptunaSpace(sw)
 
 
 def build_search(sw: SweepConfig) -> tuple[dict[str, Any], Any, int]:
@@ -573,6 +581,7 @@ class SweepResult:
     wall_seconds: float = 0.0
     markdown: str = ""
     metric: str = "knn_top1"
+    timings: dict[str, float] = field(default_factory=dict)  # setup_s, tune_s, finish_s (driver)
 
 
 def _swept_keys(sw: SweepConfig) -> list[str]:
@@ -803,8 +812,12 @@ def run_sweep(s: Sweep, *, resume: bool = False, verbose: bool = True) -> SweepR
                 run_config=tune.RunConfig(name=sweep_dir.name, storage_path=str(sweep_dir.parent),
                                           callbacks=[_driver_callback(trials_dir, sw.metric, verbose)],
                                           verbose=0))
+        fit_start = time.perf_counter()
         results = tuner.fit()
+        fit_end = time.perf_counter()
         out = _finish(s, sweep_dir, record, results, uri, parent, verbose=verbose)
+        out.timings = {"setup_s": fit_start - start, "tune_s": fit_end - fit_start,
+                       "finish_s": time.perf_counter() - fit_end}
     finally:
         if started:
             import ray

@@ -259,3 +259,37 @@ def test_sweep_end_to_end_killed_and_resumed(tmp_path: Path, demo_data: Path, ml
     assert (Path(out.sweep_dir) / "knn_by_hparam.png").stat().st_size > 5000
     csv = (Path(out.sweep_dir) / "results.csv").read_text()
     assert csv.count("\n") == 6 and "diverged" in csv
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("searcher", ["random", "bayes"])
+def test_random_and_bayes_searchers_run_in_tune(searcher: str, ray_local: None, tmp_path: Path) -> None:
+    from ray import tune
+
+    def fake_trial(config: dict) -> None:  # defined here: Ray workers cannot import this test module
+        """Stands in for a pretraining run: a score that depends on the method's own parameters."""
+        import json
+
+        from ray import tune
+
+        over = config["overrides"]
+        score = {"simclr": 0.5, "moco": 0.6, "byol": 0.7}[over["method.name"]]
+        score += 0.1 * float(over.get("method.temperature", 0.0)) - abs(float(over.get("method.momentum", 0.99)) - 0.99)
+        tune.report({"knn_top1": score, "epoch": 1, "seen": json.dumps(over)})
+
+    sw = SweepConfig(searcher=searcher, num_samples=8, max_concurrent_trials=2, seed=1,
+                     methods={m: dict(v) for m, v in CIFAR_LIKE["methods"].items()},
+                     space={"optim.lr": {"loguniform": [1e-4, 1e-2]}})
+    param_space, search_alg, num_samples = sweep_mod.build_search(sw)
+    tuner = tune.Tuner(tune.with_resources(fake_trial, {"cpu": 0.5}), param_space=param_space,
+                       tune_config=tune.TuneConfig(search_alg=search_alg, num_samples=num_samples,
+                                                   max_concurrent_trials=2),
+                       run_config=tune.RunConfig(storage_path=str(tmp_path), name=searcher, verbose=0))
+    results = tuner.fit()
+    assert len(results) == 8 and not results.errors
+    seen = [json.loads(r.metrics["seen"]) for r in results]
+    for over in seen:
+        assert 1e-4 <= over["optim.lr"] <= 1e-2
+        assert ("method.temperature" in over) == (over["method.name"] != "byol")
+        assert ("method.momentum" in over) == (over["method.name"] != "simclr")
+    assert len({o["method.name"] for o in seen}) >= 2

@@ -1,0 +1,140 @@
+"""Sweep overhead: the demo sweep's wall time against the sum of its trials' training time.
+
+Runs `configs/sweep-demo.yaml` (SimCLR + BYOL on the demo digits, ASHA) end to end through
+`orchestrator.sweep.run_sweep`, with a fresh SQLite MLflow store and sweep folder in a temporary
+directory, one trial at a time by default (so that the trials' times add up to the wall time they
+took). Three times are compared, all from the same run:
+
+- wall: the whole `run_sweep` call (Ray start, MLflow parent run, Tune, table, plot, registration);
+- trial: the sum of the trials' own wall times (Tune's `time_total_s`: Train start, data, epochs);
+- train: the sum of the trials' epoch times (training steps + the per-epoch kNN evaluation).
+
+Overhead per trial = (wall - train) / trials; it splits into the sweep driver's share
+((wall - trial) / trials: Ray start, MLflow parent run, Tune's scheduling, table/plot/registration
+at the end) and the trial's own start-up ((trial - train) / trials: the trial process, its MLflow
+run, the Train controller and worker processes, the Ray Data pipeline, the kNN images and the
+untrained-encoder kNN, closing the run). Target: <= 10 s.
+
+Baseline for the machine's speed, measured in the same run (before and after the sweep): the time
+a fresh Python process takes to import torch, ray and mlflow (every trial starts several such
+processes). On a shared machine all the seconds above grow with the load; the ratio to this gauge
+carries over better.
+
+    .venv/bin/python benchmarks/sweep_overhead.py [--concurrency 1] [--set KEY=VALUE ...]
+
+Writes benchmarks/results/sweep_overhead.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+RESULTS = REPO / "benchmarks" / "results"
+TARGET_S = 10.0
+
+
+def import_gauge() -> float:
+    """Seconds for a fresh interpreter to import torch, ray and mlflow (the cost of one process start)."""
+    import subprocess
+
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import torch, ray, ray.train, mlflow"], check=True)
+    return time.perf_counter() - t0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default=str(REPO / "configs" / "sweep-demo.yaml"))
+    ap.add_argument("--concurrency", type=int, default=1, help="sweep.max_concurrent_trials (default 1)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra overrides")
+    args = ap.parse_args()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+    from orchestrator.sweep import load_sweep, run_sweep
+    from pipelines.ingest import ingest
+
+    gauge = [import_gauge()]
+    work = Path(tempfile.mkdtemp(prefix="sweep-overhead-"))
+    cwd = os.getcwd()
+    try:
+        t0 = time.perf_counter()
+        ingest("demo", str(work / "demo"), progress=False)
+        ingest_s = time.perf_counter() - t0
+        overrides = [f"data.path={work / 'demo'}", "data.source=null",
+                     f"tracking.uri=sqlite:///{work / 'mlflow.db'}",
+                     f"sweep.storage_path={work / 'sweeps'}", "sweep.name=overhead",
+                     f"sweep.max_concurrent_trials={args.concurrency}", *args.set]
+        s = load_sweep(args.config, overrides)
+        os.chdir(work)
+        out = run_sweep(s, verbose=True)
+    finally:
+        os.chdir(cwd)
+        shutil.rmtree(work, ignore_errors=True)
+
+    gauge.append(import_gauge())
+    g = sum(gauge) / len(gauge)
+    t = out.table
+    n = len(t)
+    tm = out.timings
+    wall, trial, train = out.wall_seconds, float(t["trial_s"].sum()), float(t["train_s"].sum())
+    result = {
+        "config": os.path.relpath(args.config, REPO), "overrides": args.set,
+        "max_concurrent_trials": args.concurrency, "trials": n,
+        "statuses": t["status"].value_counts().to_dict(),
+        "epochs_run": int(t["epochs"].sum()),
+        "wall_s": round(wall, 2), "sum_trial_s": round(trial, 2), "sum_train_s": round(train, 2),
+        "overhead_per_trial_s": round((wall - train) / n, 2),
+        "driver_overhead_per_trial_s": round((wall - trial) / n, 2),
+        "trial_startup_per_trial_s": round((trial - train) / n, 2),
+        "target_per_trial_s": TARGET_S,
+        "driver_setup_s": round(tm["setup_s"], 2), "driver_tune_s": round(tm["tune_s"], 2),
+        "driver_finish_s": round(tm["finish_s"], 2),
+        "tune_scheduling_per_trial_s": round((tm["tune_s"] - trial) / n, 2),
+        "import_gauge_s": round(g, 2),
+        "overhead_per_trial_in_gauges": round((wall - train) / n / g, 2),
+        "demo_ingest_s (not in wall)": round(ingest_s, 2),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}",
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "sweep_overhead.json").write_text(json.dumps(result, indent=2) + "\n")
+    md = [
+        "# Sweep overhead (`benchmarks/sweep_overhead.py`)",
+        "",
+        f"`{result['config']}`: {n} trials ({', '.join(f'{v} {k}' for k, v in result['statuses'].items())}), "
+        f"{result['epochs_run']} epochs in all, {args.concurrency} trial(s) at a time; {result['machine']}.",
+        "",
+        "| measure | seconds | per trial |",
+        "| --- | ---: | ---: |",
+        f"| sweep wall time | {wall:.1f} | {wall / n:.1f} |",
+        f"| sum of trial wall times (Tune `time_total_s`) | {trial:.1f} | {trial / n:.1f} |",
+        f"| sum of epoch times (training + kNN eval) | {train:.1f} | {train / n:.1f} |",
+        f"| **overhead = wall - epochs** | {wall - train:.1f} | **{(wall - train) / n:.1f}** (target <= {TARGET_S:.0f}) |",
+        f"| of which sweep driver (wall - trials) | {wall - trial:.1f} | {(wall - trial) / n:.1f} |",
+        f"| &nbsp;&nbsp;driver: Ray start, parent run (once) | {tm['setup_s']:.1f} | {tm['setup_s'] / n:.1f} |",
+        f"| &nbsp;&nbsp;driver: Tune scheduling (Tune time - trials) | {tm['tune_s'] - trial:.1f} | {(tm['tune_s'] - trial) / n:.1f} |",
+        f"| &nbsp;&nbsp;driver: table, plot, registration (once) | {tm['finish_s']:.1f} | {tm['finish_s'] / n:.1f} |",
+        f"| of which trial start-up (trials - epochs) | {trial - train:.1f} | {(trial - train) / n:.1f} |",
+        f"| baseline: one `import torch, ray, mlflow` process | {g:.1f} | overhead = {(wall - train) / n / g:.1f} x this |",
+        "",
+        "Command: `.venv/bin/python benchmarks/sweep_overhead.py"
+        + (f" --concurrency {args.concurrency}" if args.concurrency != 1 else "") + "`",
+        "",
+    ]
+    (RESULTS / "sweep_overhead.md").write_text("\n".join(md))
+    print("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
