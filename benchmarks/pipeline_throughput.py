@@ -313,9 +313,13 @@ def main() -> None:
     p.add_argument("--gpu", action="store_true", help="same as --device cuda")
     p.add_argument("--gpu-batch", type=int, default=4096)
     p.add_argument("--no-ray", dest="ray", action="store_false")
+    p.add_argument("--no-malloc-tuning", dest="malloc_tuning", action="store_false",
+                   help="leave glibc malloc's defaults (see pipelines.augment.keep_freed_memory)")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = p.parse_args()
     device = torch.device("cuda" if args.gpu else args.device)
+    # For every row alike: set before the DataLoader workers and Ray are started, which inherit it.
+    malloc_tuned = A.keep_freed_memory() if args.malloc_tuning else False
 
     data = load_bytes(args.data, args.images)
     rows: dict[str, list[float]] = {"baseline": [], "selfsup": [], "selfsup_dataloader": [], "kornia": []}
@@ -368,7 +372,7 @@ def main() -> None:
     command = "python benchmarks/pipeline_throughput.py " + " ".join(sys.argv[1:])
     result = {
         "command": command.strip(), "images": args.images, "preset": PRESET, "size": SIZE, "batch": BATCH,
-        "cpu_count": os.cpu_count(), "load_avg_1min_at_end": os.getloadavg()[0], "rounds": args.rounds,
+        "malloc_tuned": malloc_tuned, "cpu_count": os.cpu_count(), "load_avg_1min_at_end": os.getloadavg()[0], "rounds": args.rounds,
         "views_per_second": rows, "best_views_per_second": best,
         "ratio_vs_baseline": {k: v / best["baseline"] for k, v in best.items()},
         "ops_images_per_second_cpu": ops,
@@ -393,6 +397,7 @@ def main() -> None:
     md += ["", "(\"whole preset\" is in views/s.)"]
     if device_rate is not None:
         md += ["", f"Augmentation alone on {device} (batch {args.gpu_batch}): {device_rate:,.0f} views/s."]
+    md += ["", f"glibc malloc keeps freed memory (`pipelines.augment.keep_freed_memory()`, all rows): {malloc_tuned}."]
     md += ["", f"`{command.strip()}` on {os.cpu_count()} cores, {args.images} images, best of {args.rounds} "
                f"rounds; 1-min load average at the end {result['load_avg_1min_at_end']:.1f} "
                "(other jobs shared the cores)."]

@@ -116,6 +116,31 @@ def _normalize_unit(x: Tensor) -> Tensor:
     return x.sub_(mean).div_(std)
 
 
+def keep_freed_memory(limit_bytes: int = 32 << 20) -> bool:
+    """Tell glibc's malloc to keep freed memory for reuse instead of handing it back to the OS.
+
+    The CPU path allocates a few dozen ~1 MB tensors per batch; with glibc's defaults they are
+    mmapped / trimmed and every reuse pays page faults, which measured 2-3x slower on the colour
+    ops here (the same effect as PyTorch's advice to run CPU jobs with jemalloc/tcmalloc). This
+    sets ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD`` to ``limit_bytes`` for the whole process
+    (the env vars ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` do the same at start-up).
+    Call it once in a CPU worker process; processes forked later inherit it.
+
+    Returns:
+        True when glibc accepted both settings (False on other C libraries: nothing changed).
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+    return bool(mallopt(m_mmap_threshold, limit_bytes)) and bool(mallopt(m_trim_threshold, 2 * limit_bytes))
+
+
 def blur_kernel_size(size: int) -> int:
     """SimCLR's blur kernel: 10% of the image side, made odd (23 at 224, 3 at 32), as its TF code."""
     return 2 * ((size // 10) // 2) + 1
@@ -464,7 +489,7 @@ class TwoViewAugment:
         self.views = resolve_views(preset, size, **overrides)
         self.seed = int(torch.randint(0, 2**62, (), dtype=torch.int64)) if seed is None else int(seed)
         self._generators: dict[str, torch.Generator] = {}
-        self.cpu_chunk = max(8, (64 * 32 * 32) // (size * size))
+        self.cpu_chunk = max(8, (256 * 32 * 32) // (size * size))  # measured best at 32 px (256 rows)
 
     def _generator(self, device: torch.device) -> torch.Generator:
         key = str(device)
