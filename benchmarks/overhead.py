@@ -95,7 +95,8 @@ def run_plain(cfg: Config, threads: int) -> dict[str, float]:
         def batches():  # noqa: ANN202
             for i in range(0, len(order) - b + 1, b):
                 with torch.no_grad():
-                    yield augment(images[order[i:i + b]])
+                    views = augment(images[order[i:i + b]])
+                yield views  # outside no_grad: a generator suspended inside it would leak the mode
 
         stats = train_one_epoch(model, optimizer, scheduler, batches(), device=device, first_step=(epoch - 1) * steps,
                                 total_steps=steps * cfg.optim.epochs, max_steps=steps)
