@@ -55,7 +55,7 @@ from typing import Any
 import yaml
 
 from orchestrator.config import (METHOD_NAMES, METHOD_ONLY, Config, ConfigError, _parse_value,
-                                 apply_overrides, parse_overrides, to_yaml, validate)
+                                 apply_overrides, parse_overrides, validate)
 from orchestrator.errors import UserError
 
 SWEEP_RECORD = "selfsup-sweep.json"
@@ -272,8 +272,7 @@ def _values(spec: Any) -> list[Any]:
     if isinstance(spec, list):
         return spec
     if isinstance(spec, dict):
-        kind, args = next(iter(spec.items()))
-        return list(args)  # choice: the values; ranges: both ends (for validation only)
+        return list(next(iter(spec.values())))  # choice: the values; ranges: both ends (validation)
     return [spec]
 
 

@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -221,12 +220,10 @@ def test_sweep_end_to_end_killed_and_resumed(tmp_path: Path, demo_data: Path, ml
 
     table = out.table
     assert len(table) == 5 and table["trial"].is_unique
-    status = {(r.method, r.lr if isinstance(r.lr, float) else None, r.temperature): r.status
-              for r in table.itertuples()}
     by_lr = {r.lr: r for r in table.itertuples() if r.method == "byol"}
     assert by_lr[float("inf")].status == "diverged" and math.isnan(by_lr[float("inf")].knn_top1)
     assert by_lr[1e-8].status == "stopped" and by_lr[1e-8].epochs == 1, table.to_string()  # ASHA
-    assert (table["status"] == "finished").any(), status
+    assert (table["status"] == "finished").any(), table.to_string()
     assert "| trial | method |" in out.markdown and "diverged" in out.markdown
 
     # 3. MLflow: one parent, one child run per trial (each epoch logged once), final statuses.
