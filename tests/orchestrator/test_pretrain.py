@@ -53,6 +53,10 @@ def _overrides(data: Path, tmp: Path, uri: str, experiment: str, **extra: object
     return [f"{k}={v}" for k, v in base.items()]
 
 
+# Fault tests assert bookkeeping, not learning: half the images, a small kNN probe.
+SMALL = {"data.limit": 2048, "eval.knn_train_limit": 1000, "eval.knn_test_limit": 500}
+
+
 def _history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
     from mlflow.tracking import MlflowClient
 
@@ -108,7 +112,7 @@ def test_dead_worker_resumes_from_last_checkpoint_and_logs_each_epoch_once(
     monkeypatch.setenv("SELFSUP_RAY_TEMP_ROOT", ray_temp_root)
     monkeypatch.setenv(FAULT_ENV, "2")  # the last worker exits (os._exit) in epoch 2, once
     cfg = load_config(None, _overrides(demo_data, tmp_path, mlflow_server, "fault",
-                                       **{"tracking.register": "false", "run.name": "faulty"}))
+                                       **{"tracking.register": "false", "run.name": "faulty", **SMALL}))
     r = run_pretrain(cfg)
 
     assert (Path(r.run_dir) / FAULT_MARKER).is_file(), "the fault hook did not fire"
@@ -147,7 +151,7 @@ def test_killed_command_continues_with_resume(demo_data: Path, tmp_path: Path, m
     env.pop(FAULT_ENV, None)
     argv = [sys.executable, "-m", "orchestrator.cli", "pretrain"]
     for o in _overrides(demo_data, tmp_path, mlflow_server, "killed", **{"run.name": "killme",
-                                                                          "tracking.register": "false"}):
+                                                                          "tracking.register": "false", **SMALL}):
         argv += ["--set", o]
     run_dir = tmp_path / "runs" / "killme"
     log = open(tmp_path / "first.log", "wb")
