@@ -168,31 +168,34 @@ def cpus_per_worker(cfg: Config) -> float:
 def resolve_run(cfg: Config, *, stem: str, resume: bool) -> RunPaths:
     """Pick the run name and folder (see the module docstring), or raise `UserError`."""
     storage = Path(cfg.run.storage_path).expanduser().resolve()
-    if cfg.run.name is not None:
-        name = cfg.run.name
-        run_dir = storage / name
-        if resume and not (run_dir / RUN_RECORD).is_file():
-            raise UserError(f"--resume: there is no run {name!r} under {storage} to continue "
+    run_dir = numbered_dir(storage, name=cfg.run.name, stem=stem, record=RUN_RECORD, resume=resume, kind="run")
+    return RunPaths(run_dir.name, str(storage), run_dir)
+
+
+def numbered_dir(storage: Path, *, name: str | None, stem: str, record: str, resume: bool, kind: str) -> Path:
+    """STORAGE/NAME for a run or a sweep (`kind`): NAME is `name`, else the next free `<stem>-<n>`;
+    with `resume`, the named or newest folder that holds its `record` file. Raises `UserError`."""
+    if name is not None:
+        d = storage / name
+        if resume and not (d / record).is_file():
+            raise UserError(f"--resume: there is no {kind} {name!r} under {storage} to continue "
                             f"(leave out --resume to start it)")
-        if not resume and run_dir.exists():
-            raise UserError(f"run.name = {name!r}: {run_dir} exists already; continue it with --resume, "
-                            "or choose another run.name")
-        return RunPaths(name, str(storage), run_dir)
+        if not resume and d.exists():
+            raise UserError(f"{kind}.name = {name!r}: {d} exists already; continue it with --resume, "
+                            f"or choose another {kind}.name")
+        return d
     pattern = re.compile(rf"^{re.escape(stem)}-(\d+)$")
     numbers = sorted(int(m.group(1)) for p in (storage.iterdir() if storage.is_dir() else [])
-                     if (m := pattern.match(p.name)) and (p / RUN_RECORD).is_file())
+                     if (m := pattern.match(p.name)) and (p / record).is_file())
     if resume:
         if not numbers:
-            raise UserError(f"--resume: no {stem}-<n> run under {storage} to continue "
-                            "(set run.name to pick one)")
-        name = f"{stem}-{numbers[-1]}"
-    else:
-        taken = {p.name for p in storage.iterdir()} if storage.is_dir() else set()
-        n = (numbers[-1] + 1) if numbers else 1
-        while f"{stem}-{n}" in taken:
-            n += 1
-        name = f"{stem}-{n}"
-    return RunPaths(name, str(storage), storage / name)
+            raise UserError(f"--resume: no {stem}-<n> {kind} under {storage} to continue "
+                            f"(set {kind}.name to pick one)")
+        return storage / f"{stem}-{numbers[-1]}"
+    n = (numbers[-1] + 1) if numbers else 1
+    while (storage / f"{stem}-{n}").exists():
+        n += 1
+    return storage / f"{stem}-{n}"
 
 
 def read_record(paths: RunPaths) -> dict[str, Any]:

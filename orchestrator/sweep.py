@@ -44,7 +44,6 @@ import json
 import math
 import os
 import random
-import re
 import shutil
 import time
 import typing
@@ -54,7 +53,7 @@ from typing import Any
 
 import yaml
 
-from orchestrator.config import (METHOD_NAMES, METHOD_ONLY, Config, ConfigError, _parse_value,
+from orchestrator.config import (METHOD_NAMES, METHOD_ONLY, RUN_NAME, Config, ConfigError, _parse_value,
                                  apply_overrides, parse_overrides, validate)
 from orchestrator.errors import UserError
 
@@ -202,7 +201,7 @@ def check_sweep(s: Sweep) -> None:
         _fail("sweep.cpus_per_trial", sw.cpus_per_trial, "must be > 0")
     if sw.time_budget_s is not None and sw.time_budget_s <= 0:
         _fail("sweep.time_budget_s", sw.time_budget_s, "must be > 0 (or null)")
-    if sw.name is not None and not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$", sw.name):
+    if sw.name is not None and not RUN_NAME.match(sw.name):
         _fail("sweep.name", sw.name, "use letters, digits, '.', '_' and '-'")
     if sw.searcher == "bayes":
         try:
@@ -532,28 +531,10 @@ def _absolute(s: Sweep) -> Config:
 
 def resolve_sweep_dir(s: Sweep, *, resume: bool) -> Path:
     """STORAGE_PATH/NAME; NAME = sweep.name or the next free `<stem>-<n>` (resume: the newest)."""
+    from orchestrator.pretrain import numbered_dir
+
     storage = Path(s.sweep.storage_path).expanduser().resolve()
-    if s.sweep.name is not None:
-        d = storage / s.sweep.name
-        if resume and not (d / SWEEP_RECORD).is_file():
-            raise UserError(f"--resume: there is no sweep {s.sweep.name!r} under {storage} to continue "
-                            "(leave out --resume to start it)")
-        if not resume and d.exists():
-            raise UserError(f"sweep.name = {s.sweep.name!r}: {d} exists already; continue it with --resume, "
-                            "or choose another sweep.name")
-        return d
-    pattern = re.compile(rf"^{re.escape(s.stem)}-(\d+)$")
-    numbers = sorted(int(m.group(1)) for p in (storage.iterdir() if storage.is_dir() else [])
-                     if (m := pattern.match(p.name)) and (p / SWEEP_RECORD).is_file())
-    if resume:
-        if not numbers:
-            raise UserError(f"--resume: no {s.stem}-<n> sweep under {storage} to continue "
-                            "(set sweep.name to pick one)")
-        return storage / f"{s.stem}-{numbers[-1]}"
-    n = (numbers[-1] + 1) if numbers else 1
-    while (storage / f"{s.stem}-{n}").exists():
-        n += 1
-    return storage / f"{s.stem}-{n}"
+    return numbered_dir(storage, name=s.sweep.name, stem=s.stem, record=SWEEP_RECORD, resume=resume, kind="sweep")
 
 
 def _write_record(path: Path, record: dict[str, Any]) -> None:
