@@ -8,6 +8,7 @@ printed as one line on stderr with exit code 2; no traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -93,8 +94,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Ray reads this when it is imported: with "0" a Ray that selfsup starts itself binds 127.0.0.1
+# only (otherwise GCS, raylet and workers listen on every interface). Joining a cluster goes
+# through RAY_ADDRESS (orchestrator/submit.py sets it), which leaves Ray's own default.
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def keep_local_ray_on_loopback() -> None:
+    """Nothing listens beyond 127.0.0.1 unless the user says so (by setting RAY_ADDRESS)."""
+    if not os.environ.get("RAY_ADDRESS"):
+        os.environ.setdefault(LOOPBACK_ENV, "0")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_local_ray_on_loopback()
     try:
         return int(args.func(args) or 0)
     except USER_ERRORS as e:

@@ -376,6 +376,10 @@ def validate(cfg: Config, *, check_data: bool = True, check_gpu: bool = True) ->
     _positive("eval.knn_train_limit", e.knn_train_limit)
     _positive("eval.knn_test_limit", e.knn_test_limit)
     _positive("eval.batch_size", e.batch_size)
+    if r.ray_address and not os.environ.get("RAY_ADDRESS") and os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0":
+        # The CLI imported Ray in loopback-only mode (orchestrator.cli), which cannot join a cluster.
+        _fail("run.ray_address", r.ray_address, f"set the environment variable RAY_ADDRESS={r.ray_address} "
+              "instead (without it selfsup keeps its own Ray on 127.0.0.1)")
     if check_gpu and s.use_gpu and not _ray_address(cfg):
         import torch
 

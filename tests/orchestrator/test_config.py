@@ -6,6 +6,7 @@ No Ray here: every bad config must be rejected before Ray starts.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -139,3 +140,25 @@ def test_validate_can_skip_data_and_gpu_checks() -> None:
     validate(cfg, check_data=False, check_gpu=False)
     with pytest.raises(ConfigError):
         validate(cfg, check_gpu=False)
+
+
+def test_local_ray_stays_on_loopback_and_a_config_address_says_to_use_ray_address(
+        tmp_path: Path, data_dir: Path) -> None:
+    """The CLI keeps the Ray it starts on 127.0.0.1; a cluster is joined through RAY_ADDRESS."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", cli.LOOPBACK_ENV)}
+    code = ("import os, sys; from orchestrator import cli; cli.keep_local_ray_on_loopback(); "
+            "print(os.environ.get(cli.LOOPBACK_ENV)); sys.exit(cli.main(sys.argv[1:]))")
+    argv = ["pretrain", "--set", f"data.path={data_dir}", "--set", "data.source=null",
+            "--set", f"run.storage_path={tmp_path / 'runs'}", "--set", "run.ray_address=auto"]
+    p = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env, cwd=tmp_path,
+                       timeout=300)
+    assert p.stdout.strip() == "0"  # Ray, imported after this, binds 127.0.0.1 only
+    assert p.returncode == 2, p.stderr
+    assert "run.ray_address = 'auto': set the environment variable RAY_ADDRESS=auto" in p.stderr
+    assert not (tmp_path / "runs").exists()  # refused before anything was written
+    p = subprocess.run([sys.executable, "-c", code, "--help"], capture_output=True, text=True,
+                       env={**env, "RAY_ADDRESS": "auto"}, timeout=300)
+    assert p.stdout.splitlines()[0] == "None"  # joining a cluster keeps Ray's own default
