@@ -11,12 +11,21 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+# MLflow leaves scratch files under the system temp dir (downloaded model artifacts when a model
+# is loaded, db_init_lock files), and so does Ray (_ray_lockfiles). Every process the tests start
+# inherits TMPDIR, so all of that lands in one folder, removed when the session ends. Kept short:
+# Ray's unix-socket paths must stay under 107 bytes.
+_SESSION_TMP = tempfile.mkdtemp(prefix="selfsup-t-", dir="/tmp")
+os.environ["TMPDIR"] = _SESSION_TMP
+tempfile.tempdir = None
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR10 = REPO.parent / "shared" / "datasets" / "cifar10"
@@ -109,3 +118,7 @@ def ray_local(tmp_path: Path) -> Iterator[None]:
         # would also kill clusters that other processes on this machine own.
         ray.shutdown()
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    shutil.rmtree(_SESSION_TMP, ignore_errors=True)
