@@ -110,9 +110,6 @@ def restore_batchnorm(module: nn.Module) -> nn.Module:
     return module
 
 
-
-
-
 def prepare_for_distributed(model: nn.Module) -> nn.Module:
     """Apply the method's BatchNorm policy for multi-worker training; call before wrapping in DDP.
 

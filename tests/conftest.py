@@ -12,12 +12,12 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.http_wait import wait_http
 
 # MLflow leaves scratch files under the system temp dir (downloaded model artifacts when a model
 # is loaded, db_init_lock files), and so does Ray (_ray_lockfiles). Every process the tests start
@@ -64,19 +64,8 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=root, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited early:\n{(root / 'server.log').read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow server did not come up:\n{(root / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.5)
+        wait_http(f"{uri}/health", 120, exited=lambda: proc.poll() is not None,
+                  why=lambda reason: f"mlflow server: {reason}:\n{(root / 'server.log').read_text()[-3000:]}")
         yield uri
     finally:
         _stop_group(proc)

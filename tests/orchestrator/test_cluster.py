@@ -23,7 +23,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ import pytest
 import yaml
 
 import cluster_sandbox as sandbox
+from tests.http_wait import wait_http
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
@@ -163,21 +163,6 @@ def _wait_port(port: int, timeout_s: float = 20) -> None:
                 return
         time.sleep(0.1)
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
-
-
-def _wait_http(url: str, timeout_s: float, log: Path) -> None:
-    """MLflow starts in the background of the head's start commands: wait until it answers."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=5) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{url} did not answer in {timeout_s} s; {log}:\n{_tail(log)}")
-        time.sleep(0.5)
 
 
 def _run(cmd: list[str], log: Path, env: dict[str, str], timeout_s: float) -> float:
@@ -348,7 +333,9 @@ def test_ray_up_submit_pretrain_down(sandbox_root: Path, tmp_path: Path) -> None
         timings["ray_up_s"] = _run([ray, "up", "-y", "--no-config-cache", str(config_file)],
                                    log, local_env, 600)
         tracking_uri = f"http://127.0.0.1:{mlflow_port}"
-        _wait_http(f"{tracking_uri}/health", 300, home / "mlflow" / "server.log")
+        # MLflow starts in the background of the head's start commands: wait until it answers.
+        server_log = home / "mlflow" / "server.log"
+        wait_http(f"{tracking_uri}/health", 300, why=lambda reason: f"{reason}; {server_log}:\n{_tail(server_log)}")
         # Nothing of the cluster (Ray's daemons, MLflow) nor our sshd listens beyond 127.0.0.1.
         listening = sandbox.listening_addresses(sandbox.session_members(markers) + [sshd.pid])
         assert listening, "found no listening socket of the cluster"
