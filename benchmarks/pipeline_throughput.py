@@ -8,13 +8,18 @@ timed, for every row alike).
 Rows, measured in one run, alternating in rounds so background load hits all alike (best round kept):
   baseline     torchvision transforms on PIL images in a DataLoader with 2 workers (solo-learn /
                lightly without DALI);
-  selfsup      in-process: batched `torchvision.io.decode_jpeg` + `TwoViewAugment`, 2 threads
-               each decoding and augmenting its own batches (1 intra-op thread each);
+  selfsup      in-process: batched `torchvision.io.decode_jpeg` + `TwoViewAugment` (its CPU
+               backend, the numba kernel), 2 threads each decoding and augmenting its own batches
+               (1 intra-op thread each);
+  selfsup_torch_ops  the same with `TwoViewAugment(backend="torch")` (the PyTorch ops, as on a GPU);
   selfsup_dataloader  the same work per batch of 512 in a DataLoader with 2 worker processes (views
                come back through shared memory), as a CPU training loop without Ray would use it;
   kornia       the same decode, then `kornia.augmentation` 0.9 with the same preset, same 2 threads;
   ray_data     `pipelines.stream.read_split(augment_on="data")` on a local Ray (num_cpus=4):
-               shuffle, decode and augment inside Ray Data, iterated by the driver.
+               shuffle, decode and augment inside Ray Data, iterated by the driver;
+  selfsup_decoded_once  not decode + augment: what an epoch after the first costs with
+               `data.loader=memory` (the split decoded once; each epoch gathers shuffled batches
+               from the uint8 array and augments them, 2 threads). Reported apart from the target.
 Plus augmentation alone on an already-decoded batch, per op, selfsup vs kornia (`ops`), and with
 `--device cuda` (or `--gpu`) the same augmentation on the GPU (`device_views_per_second`).
 
@@ -130,6 +135,25 @@ def run_threads(data: list[bytes], work: Callable[[torch.Tensor], object], threa
     for t in pool:
         t.join()
     return 2 * len(data) / (time.perf_counter() - t0)
+
+
+def run_decoded_once(images: torch.Tensor, work: Callable[[torch.Tensor], object], threads: int) -> float:
+    """Augment shuffled batches gathered from an already decoded uint8 array (``data.loader=memory``)."""
+    torch.set_num_threads(1)
+    order = torch.randperm(len(images))
+    starts = list(range(0, len(images), BATCH))
+
+    def worker(k: int) -> None:
+        for s in starts[k::threads]:
+            work(images[order[s:s + BATCH]])
+
+    pool = [threading.Thread(target=worker, args=(k,)) for k in range(threads)]
+    t0 = time.perf_counter()
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    return 2 * len(images) / (time.perf_counter() - t0)
 
 
 class BatchedTwoViews(torch.utils.data.Dataset):
@@ -322,7 +346,9 @@ def main() -> None:
     malloc_tuned = A.keep_freed_memory() if args.malloc_tuning else False
 
     data = load_bytes(args.data, args.images)
-    rows: dict[str, list[float]] = {"baseline": [], "selfsup": [], "selfsup_dataloader": [], "kornia": []}
+    rows: dict[str, list[float]] = {"baseline": [], "selfsup": [], "selfsup_torch_ops": [], "selfsup_dataloader": [],
+                                    "kornia": []}
+    decoded = torch.cat([decode(data[s:s + BATCH]) for s in range(0, len(data), BATCH)])
     work = Path(tempfile.mkdtemp(prefix="pipeline-throughput-"))
     ray_tmp = tempfile.mkdtemp(prefix="selfsup-ray-", dir="/tmp")
     try:
@@ -342,15 +368,22 @@ def main() -> None:
             ctx.print_on_execution_start = False
             rows["ray_data"] = []
         aug = A.TwoViewAugment(PRESET, SIZE, seed=0)
+        aug_torch = A.TwoViewAugment(PRESET, SIZE, seed=0, backend="torch")
         kornia = kornia_pipeline()
+        with torch.no_grad():
+            aug(decoded[:BATCH])  # numba: compiled (or loaded from its cache) before any timing
+        decoded_once: list[float] = []
         for r in range(args.rounds):
             rows["baseline"].append(run_baseline(data))
             with torch.no_grad():
                 rows["selfsup"].append(run_threads(data, aug, threads=2))
+                rows["selfsup_torch_ops"].append(run_threads(data, aug_torch, threads=2))
                 rows["kornia"].append(run_threads(data, kornia, threads=2))
             rows["selfsup_dataloader"].append(run_batched_loader(data))
             if args.ray:
                 rows["ray_data"].append(run_ray(shards, 2 * args.images))
+            with torch.no_grad():
+                decoded_once.append(run_decoded_once(decoded, aug, threads=2))
             print(f"round {r}: " + ", ".join(f"{k} {v[-1]:,.0f}" for k, v in rows.items()) + " views/s", flush=True)
     finally:
         if args.ray:
@@ -368,6 +401,7 @@ def main() -> None:
         device_rate = measure_device(sample, device, args.gpu_batch)
         print(f"augmentation on {torch.cuda.get_device_name(device)}: {device_rate:,.0f} views/s", flush=True)
         ops_device = measure_ops(sample, device)
+    rows["selfsup_decoded_once"] = decoded_once
     best = {k: max(v) for k, v in rows.items()}
     command = "python benchmarks/pipeline_throughput.py " + " ".join(sys.argv[1:])
     result = {
@@ -384,7 +418,9 @@ def main() -> None:
     (args.out / "pipeline_throughput.json").write_text(json.dumps(result, indent=2) + "\n")
     labels = {
         "baseline": "PIL + torchvision transforms, DataLoader 2 workers (baseline)",
-        "selfsup": "selfsup: batched decode_jpeg + TwoViewAugment, in-process, 2 threads",
+        "selfsup": "selfsup: batched decode_jpeg + TwoViewAugment (numba CPU kernel), in-process, 2 threads",
+        "selfsup_torch_ops": "selfsup with TwoViewAugment(backend='torch') (PyTorch ops), in-process, 2 threads",
+        "selfsup_decoded_once": "(not decode + augment) data.loader=memory after epoch 1: gather + augment, 2 threads",
         "selfsup_dataloader": "selfsup: the same per batch in a DataLoader with 2 workers",
         "kornia": "batched decode_jpeg + kornia.augmentation 0.9, 2 threads",
         "ray_data": "selfsup via Ray Data: read_split(augment_on='data'), local Ray num_cpus=4",

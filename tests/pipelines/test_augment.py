@@ -184,12 +184,13 @@ def _torchvision_view(image_u8: torch.Tensor, p, k: int, size: int, kernel: int)
     return TF.normalize(x, list(MEAN), list(STD))
 
 
+@pytest.mark.parametrize("backend", ["torch", "numba"])
 @pytest.mark.parametrize("preset", sorted(PRESETS))
-def test_two_views_equal_torchvision_composition(images, preset) -> None:
+def test_two_views_equal_torchvision_composition(images, preset, backend) -> None:
     """The whole pipeline = torchvision's ops applied one image at a time with the same parameters
-    (random per-sample order of the jitter ops included)."""
+    (random per-sample order of the jitter ops included), with either backend."""
     images = images[:24]
-    aug = TwoViewAugment(preset, size=32, seed=3, blur=True)  # blur on to cover it at 32 px
+    aug = TwoViewAugment(preset, size=32, seed=3, blur=True, backend=backend)  # blur on to cover it at 32 px
     v1, v2, (p1, p2) = aug(images, return_params=True)
     for view, p in ((v1, p1), (v2, p2)):
         assert p.jitter.any() and p.grayscale.any() and (p.order[:, 0] == 3).any()
@@ -227,11 +228,13 @@ def test_rates_match_preset(preset) -> None:
         assert counts.min() > n / 24 * 0.8
 
 
-def test_flip_and_grayscale_rates_in_the_pixels(photos) -> None:
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+def test_flip_and_grayscale_rates_in_the_pixels(photos, backend) -> None:
     """Rates seen in the output, not only in the parameters: each view is the photo, its mirror,
     its luma or the mirrored luma, in the preset's proportions."""
     batch = photos.repeat(20, 1, 1, 1)  # 960 images
-    aug = TwoViewAugment("simclr", 32, seed=5, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), jitter_prob=0.0)
+    aug = TwoViewAugment("simclr", 32, seed=5, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), jitter_prob=0.0,
+                         backend=backend)
     v1, _ = aug(batch)
     unit = v1 * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1)
     plain = batch.float() / 255
@@ -250,30 +253,35 @@ def test_flip_and_grayscale_rates_in_the_pixels(photos) -> None:
 
 # ---------------------------------------------------------------- contract
 
-def test_shapes_dtype_device_and_normalisation(photos) -> None:
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+def test_shapes_dtype_device_and_normalisation(photos, backend) -> None:
     for size in (32, 24, 48):
-        v1, v2 = TwoViewAugment("byol", size=size, seed=0)(photos)
+        v1, v2 = TwoViewAugment("byol", size=size, seed=0, backend=backend)(photos)
         for v in (v1, v2):
             assert v.shape == (len(photos), 3, size, size) and v.dtype == torch.float32
             assert v.device == photos.device and torch.isfinite(v).all()
+    empty = TwoViewAugment("byol", size=32, seed=0, backend=backend)(photos[:0])
+    assert empty[0].shape == (0, 3, 32, 32) and empty[1].shape == (0, 3, 32, 32)
     identity = TwoViewAugment("simclr", 32, seed=0, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_prob=0.0,
-                              jitter_prob=0.0, grayscale_prob=0.0, blur=False, solarize_prob=0.0)
+                              jitter_prob=0.0, grayscale_prob=0.0, blur=False, solarize_prob=0.0, backend=backend)
     v1, v2 = identity(photos)
     expected = TF.normalize(photos.float() / 255, list(MEAN), list(STD))
     assert torch.allclose(normalize(photos), expected, atol=TOL)
     assert torch.allclose(v1, expected, atol=TOL) and torch.allclose(v2, expected, atol=TOL)
 
 
-def test_grayscale_input_becomes_three_channels(photos) -> None:
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+def test_grayscale_input_becomes_three_channels(photos, backend) -> None:
     gray = photos[:, :1]
-    v1, _ = TwoViewAugment("simclr", 32, seed=0)(gray)
+    v1, _ = TwoViewAugment("simclr", 32, seed=0, backend=backend)(gray)
     assert v1.shape == (len(photos), 3, 32, 32)
     unit = v1 * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1)
     assert torch.allclose(unit[:, 0], unit[:, 1], atol=1e-5) and torch.allclose(unit[:, 1], unit[:, 2], atol=1e-5)
 
 
-def test_same_seed_same_views_and_calls_differ(photos) -> None:
-    a, b = TwoViewAugment("simclr", 32, seed=7), TwoViewAugment("simclr", 32, seed=7)
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+def test_same_seed_same_views_and_calls_differ(photos, backend) -> None:
+    a, b = TwoViewAugment("simclr", 32, seed=7, backend=backend), TwoViewAugment("simclr", 32, seed=7, backend=backend)
     first_a, first_b = a(photos), b(photos)
     assert torch.equal(first_a[0], first_b[0]) and torch.equal(first_a[1], first_b[1])
     second_a = a(photos)
@@ -285,6 +293,37 @@ def test_same_seed_same_views_and_calls_differ(photos) -> None:
     c = TwoViewAugment("simclr", 32)(photos)[0]
     torch.manual_seed(0)
     assert torch.equal(c, TwoViewAugment("simclr", 32)(photos)[0])  # seed=None follows torch's global seed
+
+
+@pytest.mark.parametrize(("preset", "size", "shape", "overrides"), [
+    ("simclr", 32, (3, 32, 32), {}),
+    ("moco_v2", 32, (3, 32, 32), {"blur": True}),
+    ("byol", 32, (3, 32, 32), {"blur": True}),  # asymmetric blur and solarize
+    ("byol", 48, (3, 40, 56), {}),  # non-square input, crops that shrink and enlarge, kernel 5
+    ("simclr", 24, (1, 32, 32), {"blur_kernel_size": 7}),  # one-channel input, wide kernel
+])
+def test_numba_backend_equals_torch_backend(photos, preset, size, shape, overrides) -> None:
+    """The CPU kernel applies the very parameters the PyTorch ops apply, with the same arithmetic:
+    equal views for one seed (in normalised units, where 1e-4 is ~2e-5 of the [0, 1] range)."""
+    c, h, w = shape
+    images = TF.resize(photos, [h, w], antialias=True)[:, :c].contiguous()
+    torch_views = TwoViewAugment(preset, size, seed=13, backend="torch", **overrides)(images, return_params=True)
+    numba_views = TwoViewAugment(preset, size, seed=13, backend="numba", **overrides)(images, return_params=True)
+    for a, b in zip(torch_views[:2], numba_views[:2]):
+        assert a.shape == b.shape == (len(images), 3, size, size)
+        assert (a - b).abs().max() < 1e-4
+    assert torch.equal(torch_views[2][0].crop, numba_views[2][0].crop)  # one parameter stream for both
+    torch.set_num_threads(2)  # rows split over two threads: same result as one
+    try:
+        threaded = TwoViewAugment(preset, size, seed=13, backend="numba", **overrides)(images.repeat(3, 1, 1, 1))
+        torch.set_num_threads(1)
+        single = TwoViewAugment(preset, size, seed=13, backend="numba", **overrides)(images.repeat(3, 1, 1, 1))
+        assert torch.equal(threaded[0], single[0]) and torch.equal(threaded[1], single[1])
+    finally:
+        torch.set_num_threads(_THREADS)
+
+
+_THREADS = torch.get_num_threads()
 
 
 def test_each_sample_draws_its_own_parameters(photos) -> None:
@@ -337,6 +376,7 @@ def test_byol_views_are_asymmetric_in_the_pixels(photos) -> None:
     (dict(flip_prob=1.5), "flip_prob"),
     (dict(blur_prob=(0.1, 0.2, 0.3)), "blur_prob"),
     (dict(blur_kernel_size=4), "blur_kernel_size"),
+    (dict(backend="opencv"), "backend 'opencv' is unknown"),
 ])
 def test_bad_settings_name_the_setting(kwargs, match) -> None:
     with pytest.raises(DataError, match=match):
