@@ -30,6 +30,7 @@ OPTIMIZER_NAMES = ("sgd", "lars", "adamw")
 AUGMENT_PRESETS = ("simclr", "moco_v2", "byol")  # pipelines.augment.PRESETS
 METHOD_PRESET = {"simclr": "simclr", "moco": "moco_v2", "byol": "byol"}
 AUGMENT_ON = ("auto", "worker", "data")
+LOADERS = ("auto", "memory", "stream")
 # Method fields that only some methods take: (field, methods that accept it).
 METHOD_ONLY = {"temperature": ("simclr", "moco"), "momentum": ("moco", "byol"), "queue_size": ("moco",)}
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -50,6 +51,11 @@ class DataConfig:
     # Where the two views are made: "worker" (on the Train worker's device), "data" (in Ray Data
     # tasks), "auto" (worker on GPU; on CPU what pipelines.stream measured faster).
     augment_on: str = "auto"
+    # How the train split reaches the workers (orchestrator.data): "memory" decodes it once into
+    # Ray's object store and shuffles by index each epoch; "stream" reads, shuffles and decodes the
+    # shards through Ray Data every epoch (any size); "auto": memory when the decoded split takes at
+    # most a quarter of a node's object store, else stream.
+    loader: str = "auto"
     limit: int | None = None  # use only the first N training images (tests, benchmarks)
 
 
@@ -333,6 +339,10 @@ def validate(cfg: Config, *, check_data: bool = True, check_gpu: bool = True) ->
     if d.augment is not None:
         _one_of("data.augment", d.augment, AUGMENT_PRESETS)
     _one_of("data.augment_on", d.augment_on, AUGMENT_ON)
+    _one_of("data.loader", d.loader, LOADERS)
+    if d.loader == "memory" and d.augment_on == "data":
+        _fail("data.augment_on", d.augment_on, "needs data.loader=stream (with data.loader=memory the views are "
+              "made on the worker); use data.augment_on=worker or auto")
     for name, allowed in METHOD_ONLY.items():
         if getattr(m, name) is not None and m.name not in allowed:
             _fail(f"method.{name}", getattr(m, name),

@@ -31,6 +31,7 @@ from typing import Any
 
 from orchestrator import tracking
 from orchestrator.config import Config, ConfigError, check_data_folder, config_name, load_config, to_yaml
+from orchestrator.data import DecodedData
 from orchestrator.errors import UserError
 
 RUN_RECORD = "selfsup-run.json"
@@ -79,7 +80,14 @@ class RunPaths:
 # --- quiet Ray --------------------------------------------------------------------------------
 
 def quiet_ray_env() -> None:
-    """Environment that keeps Ray's log noise out of the terminal (set before `ray.init`)."""
+    """Environment that keeps Ray's log noise out of the terminal (set before `ray.init`).
+
+    Also: Ray Train's controller polls its workers every `RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`
+    (Train propagates it from the driver to the controller and workers), 2 s by default; reports,
+    the end of training and a dead worker are noticed only then. 0.5 s cuts that wait at every
+    epoch and at the end of each run (sweep trials are short), for a few cheap RPCs per second.
+    """
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "0")
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
@@ -241,13 +249,13 @@ def ensure_data(cfg: Config, *, quiet: bool = False) -> None:
 
 
 def train_dataset(cfg: Config) -> Any:
-    """The lazy Ray Data train split (shuffled, decoded, maybe augmented each epoch), `data.limit` rows."""
+    """The lazy Ray Data train split (shuffled, decoded, maybe augmented each epoch): the first
+    `data.limit` rows, the same every epoch (`data.loader=stream`)."""
     from pipelines.stream import read_split
 
-    ds = read_split(cfg.data.path, cfg.data.train_split, image_size=cfg.data.image_size,
-                    augment_on=cfg.resolved_augment_on(), preset=cfg.augment_preset(),  # type: ignore[arg-type]
-                    view_size=cfg.data.image_size, seed=None)
-    return ds.limit(cfg.data.limit) if cfg.data.limit is not None else ds
+    return read_split(cfg.data.path, cfg.data.train_split, image_size=cfg.data.image_size,
+                      augment_on=cfg.resolved_augment_on(), preset=cfg.augment_preset(),  # type: ignore[arg-type]
+                      view_size=cfg.data.image_size, seed=None, limit=cfg.data.limit)
 
 
 def train_rows(cfg: Config) -> int:
@@ -266,7 +274,8 @@ def dataset_name(cfg: Config) -> str:
 # --- trainer ----------------------------------------------------------------------------------
 
 def build_trainer(cfg: Config, *, callbacks: list[Any] | None = None, mlflow_parent_run_id: str | None = None,
-                  mlflow_run_id: str | None = None, progress: Any = None) -> Any:
+                  mlflow_run_id: str | None = None, progress: Any = None, data: DecodedData | None = None,
+                  curves: bool = True) -> Any:
     """The `TorchTrainer` of one run; Ray must be initialised and `run.name` set.
 
     Args:
@@ -275,6 +284,9 @@ def build_trainer(cfg: Config, *, callbacks: list[Any] | None = None, mlflow_par
         mlflow_parent_run_id: nest the MLflow run under this one (sweeps); used when a new run is created.
         mlflow_run_id: log into this existing MLflow run; None creates one (params + config logged).
         progress: a `ray.util.queue.Queue` that receives each epoch's metrics (terminal output).
+        data: the decoded train split in the object store (`data.loader=memory`, from
+            `orchestrator.data.put_decoded`); None streams the shards through Ray Data.
+        curves: log the loss/kNN curves PNG (sweep trials don't: the sweep draws its own figure).
 
     Returns:
         A `ray.train.torch.TorchTrainer`; its MLflow run id is `trainer.selfsup_mlflow_run_id`.
@@ -291,12 +303,14 @@ def build_trainer(cfg: Config, *, callbacks: list[Any] | None = None, mlflow_par
                                            parent_run_id=mlflow_parent_run_id, tags=_run_tags(cfg))
     storage = str(Path(cfg.run.storage_path).expanduser().resolve())
     worker_config = {**cfg.to_dict(), "_run_dir": str(Path(storage) / cfg.run.name),
-                     "_train_rows": train_rows(cfg), "_fault_kill_at_epoch": _fault_epoch()}
+                     "_train_rows": data.train_rows if data is not None else train_rows(cfg),
+                     "_fault_kill_at_epoch": _fault_epoch(), "_data": data.for_worker() if data is not None else None}
     resources: dict[str, float] = {"CPU": cpus_per_worker(cfg)}
     if cfg.scaling.use_gpu:
         resources["GPU"] = cfg.scaling.gpus_per_worker
-    mlflow_cb = tracking.MlflowTrainCallback(uri, mlflow_run_id, progress=progress,
-                                             total_epochs=cfg.optim.epochs)
+    mlflow_cb = tracking.MlflowTrainCallback(uri, mlflow_run_id, progress=progress, total_epochs=cfg.optim.epochs,
+                                             curves_every_s=60.0 if curves else None)
+    warm_up = tracking.controller_warm_up(mlflow_cb)
     trainer = TorchTrainer(
         train_loop_per_worker=_train_func(),
         train_loop_config=worker_config,
@@ -306,8 +320,8 @@ def build_trainer(cfg: Config, *, callbacks: list[Any] | None = None, mlflow_par
             name=cfg.run.name, storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep),
-            callbacks=[mlflow_cb, *(callbacks or [])]),
-        datasets={"train": train_dataset(cfg)},
+            callbacks=[mlflow_cb, *([warm_up] if warm_up is not None else []), *(callbacks or [])]),
+        datasets={"train": train_dataset(cfg)} if data is None else None,
     )
     trainer.selfsup_mlflow_run_id = mlflow_run_id
     return trainer
@@ -404,7 +418,8 @@ class _Printer:
 # --- the run ----------------------------------------------------------------------------------
 
 def run_pretrain(cfg: Config, *, resume: bool = False, stem: str = "run", callbacks: list[Any] | None = None,
-                 mlflow_parent_run_id: str | None = None, progress: bool = False) -> PretrainResult:
+                 mlflow_parent_run_id: str | None = None, progress: bool = False,
+                 data: DecodedData | None = None, curves: bool = True) -> PretrainResult:
     """Pretrain one encoder on Ray Train, track it in MLflow and register it.
 
     Args:
@@ -415,6 +430,9 @@ def run_pretrain(cfg: Config, *, resume: bool = False, stem: str = "run", callba
         callbacks: extra Ray Train callbacks, e.g. Tune's `TuneReportCallback()` in a sweep trial.
         mlflow_parent_run_id: nest this run's MLflow run under a sweep's parent run.
         progress: print one line per epoch on stdout.
+        data: decoded data already in the object store (a sweep's, shared by its trials); used when
+            this run's loader is memory and its data fields match, else decoded here.
+        curves: log the curves PNG (see `build_trainer`).
 
     Returns:
         The `PretrainResult` (kNN top-1, registered model version, ...). A diverged run (NaN loss)
@@ -424,6 +442,9 @@ def run_pretrain(cfg: Config, *, resume: bool = False, stem: str = "run", callba
         UserError: bad run name / resume request, missing data.
         ray.train.TrainingFailedError: the workers failed more than `run.max_failures` times.
     """
+    from orchestrator.timeline import mark
+
+    mark("run_pretrain_start")
     start = time.perf_counter()
     cfg = absolute_paths(cfg)
     paths = resolve_run(cfg, stem=stem, resume=resume)
@@ -442,18 +463,19 @@ def run_pretrain(cfg: Config, *, resume: bool = False, stem: str = "run", callba
                             "nothing to resume")
         run_id = str(record["mlflow_run_id"])
         uri = record.get("tracking_uri", uri)
-    else:
-        exp_id = tracking.ensure_experiment(uri, cfg.tracking.experiment)
-        run_id = tracking.start_run(uri, exp_id, paths.name, cfg.flat(), to_yaml(cfg),
-                                    parent_run_id=mlflow_parent_run_id, tags=_run_tags(cfg))
-        record = {"name": paths.name, "status": "running", "mlflow_run_id": run_id, "tracking_uri": uri,
-                  "experiment": cfg.tracking.experiment, "config": cfg.to_dict()}
-        write_record(paths, record)
-    cfg.tracking.uri = uri
 
     started, temp_dir = init_ray(cfg)
     printer = None
     try:
+        decoded = _decoded_for(cfg, data)  # refuses data.loader=memory that cannot fit before anything is written
+        if not resume:
+            exp_id = tracking.ensure_experiment(uri, cfg.tracking.experiment)
+            run_id = tracking.start_run(uri, exp_id, paths.name, cfg.flat(), to_yaml(cfg),
+                                        parent_run_id=mlflow_parent_run_id, tags=_run_tags(cfg))
+            record = {"name": paths.name, "status": "running", "mlflow_run_id": run_id, "tracking_uri": uri,
+                      "experiment": cfg.tracking.experiment, "config": cfg.to_dict()}
+            write_record(paths, record)
+        cfg.tracking.uri = uri
         queue = None
         if progress:
             from ray.util.queue import Queue
@@ -461,10 +483,13 @@ def run_pretrain(cfg: Config, *, resume: bool = False, stem: str = "run", callba
             queue = Queue(actor_options={"num_cpus": 0})
             printer = _Printer(queue, cfg.optim.epochs)
             printer.start()
-            _print_header(cfg, paths, resume)
-        trainer = build_trainer(cfg, callbacks=callbacks, mlflow_run_id=run_id, progress=queue)
+            _print_header(cfg, paths, resume, decoded)
+        trainer = build_trainer(cfg, callbacks=callbacks, mlflow_run_id=run_id, progress=queue, data=decoded,
+                                curves=curves)
+        mark("fit_start")
         try:
             result = trainer.fit()
+            mark("fit_end")
         except BaseException:
             tracking.finish_run(uri, run_id, "FAILED")
             raise
@@ -472,6 +497,7 @@ def run_pretrain(cfg: Config, *, resume: bool = False, stem: str = "run", callba
             if printer is not None:
                 printer.stop()
         out = _finish(cfg, paths, record, result, uri, run_id, start)
+        mark("run_pretrain_end")
     finally:
         if started:
             import ray
@@ -482,12 +508,23 @@ def run_pretrain(cfg: Config, *, resume: bool = False, stem: str = "run", callba
     return out
 
 
-def _print_header(cfg: Config, paths: RunPaths, resume: bool) -> None:
+def _decoded_for(cfg: Config, data: DecodedData | None) -> DecodedData | None:
+    """The decoded data this run trains from (`data.loader` memory), or None to stream (Ray must be up)."""
+    from orchestrator.data import matches, put_decoded, resolve_loader
+
+    if resolve_loader(cfg) != "memory":
+        return None
+    return data if matches(data, cfg) else put_decoded(cfg)
+
+
+def _print_header(cfg: Config, paths: RunPaths, resume: bool, decoded: DecodedData | None) -> None:
     s = cfg.scaling
     where = f"{s.num_workers} worker{'s' if s.num_workers > 1 else ''} ({'GPU' if s.use_gpu else 'CPU'})"
+    how = (f"decoded once into memory, {decoded.nbytes / 1e6:,.0f} MB" if decoded is not None
+           else "streamed through Ray Data")
     print(f"selfsup pretrain: {'resuming' if resume else 'run'} {paths.name}: {cfg.method.name}, "
           f"{cfg.model.encoder}, {where}, {cfg.optim.epochs} epochs, batch {cfg.optim.batch_size}, "
-          f"data {cfg.data.path} ({train_rows(cfg):,} training images)", flush=True)
+          f"data {cfg.data.path} ({train_rows(cfg):,} training images, {how})", flush=True)
 
 
 def _finish(cfg: Config, paths: RunPaths, record: dict[str, Any], result: Any, uri: str, run_id: str,

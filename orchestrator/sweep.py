@@ -477,7 +477,7 @@ def _release_placement_groups(path: Path) -> int:
 
 
 def run_trial(config: dict[str, Any], *, base: dict[str, Any], trials_dir: str, parent_run_id: str,
-              metric: str) -> None:
+              metric: str, data: Any = None) -> None:
     """The Tune function trainable: one pretraining run (a Ray Train `TorchTrainer`) per trial.
 
     Args:
@@ -486,7 +486,13 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], trials_dir: str, 
         trials_dir: where the trials' Train runs live (`trial-<trial id>` each).
         parent_run_id: the sweep's MLflow run; this trial's run is nested under it.
         metric: the sweep metric (filled with 0 on a diverged report, see `_report_callback`).
+        data: the sweep's decoded data in the object store (`orchestrator.data.DecodedData`), made
+            once by the driver; a trial whose data fields differ decodes its own.
     """
+    from orchestrator.timeline import mark, process_start_time
+
+    mark("trial_process_start", at=process_start_time())
+    mark("trial_fn_start")
     from ray import tune
 
     from orchestrator.pretrain import RUN_RECORD, run_pretrain
@@ -511,7 +517,7 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], trials_dir: str, 
     pg_file.parent.mkdir(parents=True, exist_ok=True)
     callbacks = [_report_callback(metric), _placement_group_recorder(str(pg_file))]
     run_pretrain(cfg, resume=record is not None, stem="trial", callbacks=callbacks,
-                 mlflow_parent_run_id=parent_run_id, progress=False)
+                 mlflow_parent_run_id=parent_run_id, progress=False, data=data, curves=False)
 
 
 # --- paths, records ---------------------------------------------------------------------------------
@@ -749,34 +755,42 @@ def run_sweep(s: Sweep, *, resume: bool = False, verbose: bool = True) -> SweepR
         uri, parent = record["tracking_uri"], record["parent_run_id"]
     else:
         ensure_data(s.base, quiet=not verbose)
-        base = _absolute(s)
-        uri = str(base.tracking.uri)
-        # The store and the experiment exist before any trial process opens them (SQLite races).
-        exp_id = tracking.ensure_experiment(uri, base.tracking.experiment)
-        params = {f"sweep.{k}": (json.dumps(v) if isinstance(v, (dict, list)) else v)
-                  for k, v in dataclasses.asdict(s.sweep).items()}
-        params["sweep.trials"] = n_grid_trials(s.sweep)
-        sweep_yaml = yaml.safe_dump({**base.to_dict(), "sweep": dataclasses.asdict(s.sweep)}, sort_keys=False)
-        parent = tracking.start_run(uri, exp_id, sweep_dir.name, params, sweep_yaml,
-                                    tags={"selfsup.kind": "sweep", "dataset": _dataset(base)})
-        record = {"name": sweep_dir.name, "status": "running", "parent_run_id": parent, "tracking_uri": uri,
-                  "base": base.to_dict(), "sweep": dataclasses.asdict(s.sweep)}
-        _write_record(record_path, record)
-        s = Sweep(base=base, sweep=s.sweep, source=s.source, stem=s.stem)
+        s = Sweep(base=_absolute(s), sweep=s.sweep, source=s.source, stem=s.stem)
+        uri = str(s.base.tracking.uri)
     sw = s.sweep
     trials_dir = sweep_dir / "trials"
-    if verbose:
-        what = "resuming" if resume else "running"
-        print(f"selfsup sweep: {what} {sweep_dir.name}: {sw.searcher} search, "
-              f"{n_grid_trials(sw)} trials over {', '.join(sorted(sw.methods))}, "
-              f"{sw.scheduler.upper()} on {sw.metric}, {sw.max_concurrent_trials} at a time; "
-              f"{s.base.optim.epochs} epochs x {s.base.scaling.num_workers} worker(s) each", flush=True)
 
     started, temp_dir = init_ray(s.base)
     try:
+        from orchestrator.data import put_decoded, resolve_loader
+
+        # data.loader=memory: decode once here, for every trial (their data fields are the base's
+        # unless the sweep varies one; such a trial decodes its own). Before anything is written:
+        # a data.loader=memory that cannot fit is refused here.
+        data = put_decoded(s.base) if resolve_loader(s.base) == "memory" else None
+        if not resume:
+            base = s.base
+            # The store and the experiment exist before any trial process opens them (SQLite races).
+            exp_id = tracking.ensure_experiment(uri, base.tracking.experiment)
+            params = {f"sweep.{k}": (json.dumps(v) if isinstance(v, (dict, list)) else v)
+                      for k, v in dataclasses.asdict(sw).items()}
+            params["sweep.trials"] = n_grid_trials(sw)
+            sweep_yaml = yaml.safe_dump({**base.to_dict(), "sweep": dataclasses.asdict(sw)}, sort_keys=False)
+            parent = tracking.start_run(uri, exp_id, sweep_dir.name, params, sweep_yaml,
+                                        tags={"selfsup.kind": "sweep", "dataset": _dataset(base)})
+            record = {"name": sweep_dir.name, "status": "running", "parent_run_id": parent, "tracking_uri": uri,
+                      "base": base.to_dict(), "sweep": dataclasses.asdict(sw)}
+            _write_record(record_path, record)
+        if verbose:
+            what = "resuming" if resume else "running"
+            how = f", decoded once into memory for every trial ({data.nbytes / 1e6:,.0f} MB)" if data else ""
+            print(f"selfsup sweep: {what} {sweep_dir.name}: {sw.searcher} search, "
+                  f"{n_grid_trials(sw)} trials over {', '.join(sorted(sw.methods))}, "
+                  f"{sw.scheduler.upper()} on {sw.metric}, {sw.max_concurrent_trials} at a time; "
+                  f"{s.base.optim.epochs} epochs x {s.base.scaling.num_workers} worker(s) each{how}", flush=True)
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, base=s.base.to_dict(), trials_dir=str(trials_dir),
-                                 parent_run_id=parent, metric=sw.metric),
+                                 parent_run_id=parent, metric=sw.metric, data=data),
             {"cpu": sw.cpus_per_trial})
         if resume and tune.Tuner.can_restore(str(sweep_dir)):
             tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_errored=True,
@@ -788,6 +802,9 @@ def run_sweep(s: Sweep, *, resume: bool = False, verbose: bool = True) -> SweepR
                 tune_config=tune.TuneConfig(
                     search_alg=search_alg, scheduler=build_scheduler(sw, s.base.optim.epochs),
                     num_samples=num_samples, max_concurrent_trials=sw.max_concurrent_trials,
+                    # No actor reuse: a trial Tune stops (ASHA) is still inside trainer.fit(), whose
+                    # Train controller keeps running in a reused process; tried: Tune could not
+                    # reset the actor and the sweep hung. A fresh process per trial costs ~3 s here.
                     time_budget_s=sw.time_budget_s, reuse_actors=False),
                 run_config=tune.RunConfig(name=sweep_dir.name, storage_path=str(sweep_dir.parent),
                                           callbacks=[_driver_callback(trials_dir, sw.metric, verbose)],

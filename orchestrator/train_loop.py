@@ -8,9 +8,11 @@ PyTorch, so `benchmarks/overhead.py` runs the same code in a single process with
 Per epoch, every worker:
 1. reseeds torch / numpy / random and the augmenter from (run.seed, rank, epoch), so a resumed epoch
    starts from the same random state as an uninterrupted one (the checkpoint's epoch fixes it);
-2. streams its Ray Data shard (`get_dataset_shard("train")`), makes two views of each batch on its
-   own device, and takes DDP steps (bf16 autocast + channels_last on GPU); LR warm-up + cosine per
-   step, momentum-encoder update after each optimiser step;
+2. takes its share of the epoch's images (`TrainBatches`: its slice of a global permutation of the
+   decoded split in the object store with `data.loader=memory`, its Ray Data shard from
+   `get_dataset_shard("train")` with `stream`), makes two views of each batch on its own device,
+   and takes DDP steps (bf16 autocast + channels_last on GPU); LR warm-up + cosine per step,
+   momentum-encoder update after each optimiser step;
 3. rank 0 computes kNN top-1/top-5 (`methods.evaluate.knn_accuracy`) of the encoder's features:
    memory bank = the first `eval.knn_train_limit` images of the train split, queries = the test
    split (all of it unless `eval.knn_test_limit`), no augmentation, eval-mode BN. The other ranks
@@ -41,7 +43,7 @@ from orchestrator.config import Config
 STATE_FILE = "state.pt"
 FAULT_MARKER = "fault-injected"
 # Keys the driver adds to the worker config next to `Config.to_dict()`.
-INTERNAL_KEYS = ("_run_dir", "_fault_kill_at_epoch", "_train_rows")
+INTERNAL_KEYS = ("_run_dir", "_fault_kill_at_epoch", "_train_rows", "_data")
 
 
 # --- model, optimiser, schedule -----------------------------------------------------------------
@@ -178,11 +180,16 @@ class KnnProbe:
     `eval.knn_test_limit`). Images are resized to `data.image_size` and normalised; no augmentation.
     """
 
-    def __init__(self, cfg: Config, device: torch.device) -> None:
+    def __init__(self, cfg: Config, device: torch.device, decoded: dict[str, Any] | None = None) -> None:
+        """`decoded`: the driver's decoded data (`orchestrator.data`, with "bank" and "test"); else decode here."""
         from pipelines.stream import load_split
 
         d, e = cfg.data, cfg.eval
         self.cfg, self.device = cfg, device
+        if decoded is not None:
+            self.bank_x, self.bank_y = _tensors(decoded["bank"])
+            self.test_x, self.test_y = _tensors(decoded["test"])
+            return
         self.bank_x, self.bank_y = load_split(d.path, d.train_split, limit=e.knn_train_limit, image_size=d.image_size)
         self.test_x, self.test_y = load_split(d.path, d.test_split, limit=e.knn_test_limit, image_size=d.image_size)
 
@@ -212,6 +219,15 @@ class KnnProbe:
         r = knn_accuracy(bank, self.bank_y, test, self.test_y, k=self.cfg.eval.knn_k,
                          temperature=self.cfg.eval.knn_t)
         return {"knn_top1": float(r["top1"]), "knn_top5": float(r["top5"])}
+
+
+def _tensors(split: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """A `DecodedSplit` from the object store (read-only numpy) as tensors, without copying the images."""
+    import warnings
+
+    with warnings.catch_warnings():  # read-only shared memory: only ever read here
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(split.images), torch.from_numpy(np.array(split.labels))
 
 
 # --- checkpoints --------------------------------------------------------------------------------
@@ -261,8 +277,23 @@ def _maybe_inject_fault(config: dict[str, Any], epoch: int, rank: int, world: in
     if kill_at is None or epoch != int(kill_at) or rank != world - 1:
         return
     marker = Path(config["_run_dir"]) / FAULT_MARKER
+    if marker.exists():
+        return  # fires once per run, across restarts
+    # Die only once the controller has registered the previous epoch's checkpoint: Ray Train V2
+    # collects reports when it polls the workers (every 2 s), and a worker that dies before the
+    # poll takes its group's last report with it (the restart then resumes from the one before).
+    snapshot = Path(config["_run_dir"]) / "checkpoint_manager_snapshot.json"
+    deadline = time.monotonic() + 60
+    while epoch > 1 and time.monotonic() < deadline:
+        try:
+            latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
+            if int(latest.get("metrics", {}).get("epoch", 0)) >= epoch - 1:
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.2)
     try:
-        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # fires once per run, across restarts
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
         return
     os.write(fd, f"worker rank {rank} killed in epoch {epoch}\n".encode())
@@ -270,19 +301,45 @@ def _maybe_inject_fault(config: dict[str, Any], epoch: int, rank: int, world: in
     os._exit(1)
 
 
-def _batches(cfg: Config, epoch_seed: int, device: torch.device) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
-    import ray.train
+class TrainBatches:
+    """This worker's two-view batches, one epoch at a time, from either loader (`orchestrator.data`).
 
-    from pipelines.augment import TwoViewAugment
-    from pipelines.stream import iter_two_view_batches
+    memory: the decoded split from the object store, this rank's slice of the epoch's global
+    permutation (`pipelines.memory`); stream: the worker's Ray Data shard (`get_dataset_shard`).
+    Views come from `TwoViewAugment` seeded per (run seed, rank, epoch), so a resumed epoch
+    repeats the views of an uninterrupted one.
+    """
 
-    world = ray.train.get_context().get_world_size()
-    augment_on = cfg.resolved_augment_on()
-    augment = TwoViewAugment(cfg.augment_preset(), size=cfg.data.image_size, seed=epoch_seed) \
-        if augment_on == "worker" else None
-    shard = ray.train.get_dataset_shard("train")
-    return iter_two_view_batches(shard, batch_size=cfg.optim.batch_size // world, augment=augment, device=device,
-                                 augment_on=augment_on)
+    def __init__(self, cfg: Config, decoded: dict[str, Any] | None, device: torch.device, rank: int,
+                 world: int) -> None:
+        self.cfg, self.device, self.rank, self.world = cfg, device, rank, world
+        self.batch_size = cfg.optim.batch_size // world
+        self.memory = None
+        if decoded is not None:
+            from pipelines.memory import MemoryBatches
+
+            self.memory = MemoryBatches(decoded["train"], device)
+
+    def epoch(self, epoch: int, epoch_seed: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        from pipelines.augment import TwoViewAugment
+
+        cfg = self.cfg
+        if self.memory is not None:
+            from pipelines.memory import epoch_indices
+
+            augment = TwoViewAugment(cfg.augment_preset(), size=cfg.data.image_size, seed=epoch_seed)
+            indices = epoch_indices(self.memory.rows, self.world, self.rank, self.batch_size,
+                                    seed=cfg.run.seed, epoch=epoch)
+            return self.memory.epoch(indices, batch_size=self.batch_size, augment=augment)
+        import ray.train
+
+        from pipelines.stream import iter_two_view_batches
+
+        augment_on = cfg.resolved_augment_on()
+        augment = TwoViewAugment(cfg.augment_preset(), size=cfg.data.image_size, seed=epoch_seed) \
+            if augment_on == "worker" else None
+        return iter_two_view_batches(ray.train.get_dataset_shard("train"), batch_size=self.batch_size,
+                                     augment=augment, device=self.device, augment_on=augment_on)
 
 
 def train_func_per_worker(config: dict[str, Any]) -> None:
@@ -290,6 +347,10 @@ def train_func_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    from orchestrator.timeline import mark, process_start_time
+
+    mark("worker_process_start", at=process_start_time())
+    mark("worker_fn_start")
     cfg = Config.from_dict({k: v for k, v in config.items() if not k.startswith("_")})
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -326,16 +387,26 @@ def train_func_per_worker(config: dict[str, Any]) -> None:
         start_epoch, metrics = int(state["epoch"]), dict(state["metrics"])
         history = list(state.get("history", []))
 
-    probe = KnnProbe(cfg, device) if rank == 0 else None
+    mark("worker_model_ready", rank=rank)
+    decoded = None
+    if config.get("_data") is not None:
+        from orchestrator.data import get_decoded
+
+        decoded = get_decoded(config["_data"])
+    batches = TrainBatches(cfg, decoded, device, rank, world)
+    probe = KnnProbe(cfg, device, decoded) if rank == 0 else None
+    mark("worker_probe_loaded", rank=rank)
     untrained = metrics.get("knn_top1_untrained")
     if probe is not None and untrained is None:
         untrained = probe(module.encoder)["knn_top1"]
+    mark("worker_untrained_knn", rank=rank)
 
     for epoch in range(start_epoch + 1, cfg.optim.epochs + 1):
         t0 = time.perf_counter()
+        mark("epoch_start", rank=rank, epoch=epoch)
         epoch_seed = seed_everything(cfg.run.seed, rank, epoch)
         stats = train_one_epoch(
-            ddp, optimizer, scheduler, _batches(cfg, epoch_seed, device), device=device,
+            ddp, optimizer, scheduler, batches.epoch(epoch, epoch_seed), device=device,
             first_step=(epoch - 1) * steps, total_steps=steps * cfg.optim.epochs, max_steps=steps,
             on_step=lambda i, e=epoch: _maybe_inject_fault(config, e, rank, world) if i == 1 else None)
         train_seconds, images, n_steps = stats.pop("seconds"), stats.pop("images"), stats.pop("steps")
@@ -346,7 +417,7 @@ def train_func_per_worker(config: dict[str, Any]) -> None:
         metrics = {"epoch": epoch, **stats,
                    "lr": scheduler.get_last_lr()[0],
                    "views_per_second": 2 * images * world / max(train_seconds, 1e-9),
-                   "train_seconds": train_seconds, "steps": n_steps,
+                   "train_seconds": train_seconds, "steps": n_steps, "torch_threads": torch.get_num_threads(),
                    "resumed_from_epoch": start_epoch}  # the checkpoint this worker group started from
         if hasattr(module, "momentum"):
             metrics["momentum"] = float(module.momentum)
@@ -354,6 +425,7 @@ def train_func_per_worker(config: dict[str, Any]) -> None:
             metrics.update(probe(module.encoder))
             metrics["knn_top1_untrained"] = float(untrained)  # type: ignore[arg-type]
         metrics["epoch_seconds"] = time.perf_counter() - t0
+        mark("epoch_end", rank=rank, epoch=epoch)
         finite = {k: float(v) for k, v in metrics.items() if math.isfinite(v)}
         report: dict[str, Any] = dict(metrics)
         if epoch == start_epoch + 1 and history:

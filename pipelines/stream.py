@@ -274,16 +274,20 @@ def _tensor(array: np.ndarray) -> torch.Tensor:
 
 
 def load_split(folder: str | Path, split: str = "test", *, limit: int | None = None,
-               image_size: int | None = None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode a whole split (or a subset) in this process, for kNN evaluation and embedding.
+               image_size: int | None = None, seed: int = 0, first: bool = False,
+               threads: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode a whole split (or a subset) in this process: kNN evaluation, embedding, the memory loader.
 
     Args:
         folder: the shard folder.
         split: `train` or `test`.
-        limit: at most this many images: a seeded subset that keeps each class's share
-            (stratified), returned in shard order. None = all.
+        limit: at most this many images. By default a seeded subset that keeps each class's share
+            (stratified), returned in shard order; with `first=True` the first `limit` rows (as
+            `read_split(limit=...)` and `data.limit`). None = all.
         image_size: as in `read_split` (default: the manifest's size).
-        seed: seed of the subset.
+        seed: seed of the stratified subset.
+        first: take the first `limit` rows instead of a stratified subset.
+        threads: decode row groups on this many threads (torchvision's decoders release the GIL).
 
     Returns:
         images uint8 `[N, 3, H, W]` and labels int64 `[N]`.
@@ -291,20 +295,36 @@ def load_split(folder: str | Path, split: str = "test", *, limit: int | None = N
     manifest = read_manifest(folder)
     files = split_files(folder, split)
     labels = np.concatenate([pq.read_table(f, columns=["label"]).column("label").to_numpy() for f in files]).astype(np.int64)
-    keep = _stratified_subset(labels, limit, seed) if limit is not None and limit < len(labels) else None
+    keep = None
+    if limit is not None and limit < len(labels):
+        keep = np.arange(limit) if first else _stratified_subset(labels, limit, seed)
     size = image_size or (manifest.image_size[0] if manifest.image_size else None)
-    chunks: list[torch.Tensor] = []
+    jobs: list[tuple[Path, int, np.ndarray]] = []  # (file, row group, rows in it to decode)
     start = 0
     for f in files:
-        pf = pq.ParquetFile(f)
-        for g in range(pf.metadata.num_row_groups):
-            n = pf.metadata.row_group(g).num_rows
-            rows = np.arange(start, start + n) if keep is None else keep[(keep >= start) & (keep < start + n)]
+        meta = pq.ParquetFile(f).metadata
+        for g in range(meta.num_row_groups):
+            n = meta.row_group(g).num_rows
+            rows = np.arange(n) if keep is None else keep[(keep >= start) & (keep < start + n)] - start
             if len(rows):
-                images = pf.read_row_group(g, columns=["image"]).column("image").to_pylist()
-                chunks.append(decode_images([images[i - start] for i in rows], size))
+                jobs.append((f, g, rows))
             start += n
+
+    def decode(job: tuple[Path, int, np.ndarray]) -> torch.Tensor:
+        f, g, rows = job
+        images = pq.ParquetFile(f).read_row_group(g, columns=["image"]).column("image").to_pylist()
+        return decode_images([images[i] for i in rows], size)
+
+    if threads > 1 and len(jobs) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(threads) as pool:
+            chunks = list(pool.map(decode, jobs))
+    else:
+        chunks = [decode(j) for j in jobs]
     selected = labels if keep is None else labels[keep]
+    if not chunks:
+        return torch.empty(0, 3, size or 0, size or 0, dtype=torch.uint8), torch.from_numpy(selected)
     return torch.cat(chunks), torch.from_numpy(selected)
 
 

@@ -65,7 +65,8 @@ def _history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
 
 @pytest.mark.slow
 def test_demo_learns_registers_and_the_encoder_embeds(demo_data: Path, tmp_path: Path, mlflow_server: str,
-                                                       ray_temp_root: str, monkeypatch: pytest.MonkeyPatch) -> None:
+                                                       ray_temp_root: str, monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
     import mlflow
     import torch
     from mlflow.tracking import MlflowClient
@@ -76,6 +77,9 @@ def test_demo_learns_registers_and_the_encoder_embeds(demo_data: Path, tmp_path:
     monkeypatch.setenv("SELFSUP_RAY_TEMP_ROOT", ray_temp_root)
     cfg = load_config(None, _overrides(demo_data, tmp_path, mlflow_server, "e2e", **{"tracking.model_name": "e2e-encoder"}))
     r = run_pretrain(cfg, stem="demo", progress=True)
+    out = capsys.readouterr().out
+    assert "(4,000 training images, decoded once into memory, 21 MB)" in out  # data.loader auto -> memory
+    assert out.count(" epoch ") == EPOCHS and "ETA" in out
 
     assert r.run_name == "demo-1" and r.epochs == EPOCHS and not r.diverged
     assert r.knn_top1 is not None and r.knn_top1_untrained is not None
@@ -106,13 +110,17 @@ def test_demo_learns_registers_and_the_encoder_embeds(demo_data: Path, tmp_path:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("loader", ["memory", "stream"])
 def test_dead_worker_resumes_from_last_checkpoint_and_logs_each_epoch_once(
         demo_data: Path, tmp_path: Path, mlflow_server: str, ray_temp_root: str,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch: pytest.MonkeyPatch, loader: str) -> None:
+    """With either loader: the restarted worker group maps the driver's decoded data again, or
+    gets a new Ray Data shard."""
     monkeypatch.setenv("SELFSUP_RAY_TEMP_ROOT", ray_temp_root)
     monkeypatch.setenv(FAULT_ENV, "2")  # the last worker exits (os._exit) in epoch 2, once
     cfg = load_config(None, _overrides(demo_data, tmp_path, mlflow_server, "fault",
-                                       **{"tracking.register": "false", "run.name": "faulty", **SMALL}))
+                                       **{"tracking.register": "false", "run.name": f"faulty-{loader}",
+                                          "data.loader": loader, **SMALL}))
     r = run_pretrain(cfg)
 
     assert (Path(r.run_dir) / FAULT_MARKER).is_file(), "the fault hook did not fire"

@@ -1,0 +1,131 @@
+"""How a run's images reach its workers: the `data.loader` choice, and the decoded data put in Ray's object store.
+
+`data.loader`:
+- "memory" (`pipelines.memory`): the driver decodes the train split once, plus the kNN memory bank
+  and queries, and puts them into Ray's object store (`put_decoded`); workers map that copy and
+  shuffle by index each epoch. A sweep's driver does this once for all its trials
+  (`orchestrator.sweep`), since the data fields are the same in every trial.
+- "stream" (`pipelines.stream.read_split`): Ray Data reads, shuffles and decodes the shards every
+  epoch and splits them over the workers (`get_dataset_shard`): for splits of any size.
+- "auto": memory when the decoded train split with the kNN images takes at most `AUTO_FRACTION`
+  of the smallest node's object store (CIFAR-10: 154 MB), else stream. `data.augment_on=data`
+  (views made inside Ray Data) implies stream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from orchestrator.config import Config, ConfigError
+
+AUTO_FRACTION = 0.25  # of the smallest node's object store
+MEMORY_FRACTION = 0.8  # data.loader=memory refuses more than this
+
+
+@dataclass
+class DecodedData:
+    """What `put_decoded` made: the object-store reference and what it holds.
+
+    `key` names the config fields the data depend on; a run whose fields differ (a sweep trial that
+    changes data.image_size, say) cannot use it and decodes its own.
+    """
+
+    key: tuple[Any, ...]
+    ref: Any  # ray.ObjectRef of {"train": DecodedSplit, "bank": DecodedSplit, "test": DecodedSplit}
+    train_rows: int
+    nbytes: int
+
+    def for_worker(self) -> dict[str, Any]:
+        """What a worker's config carries (the ObjectRef travels as a reference, not the data)."""
+        return {"key": list(self.key), "ref": self.ref, "train_rows": self.train_rows}
+
+
+def data_key(cfg: Config) -> tuple[Any, ...]:
+    d, e = cfg.data, cfg.eval
+    return (d.path, d.train_split, d.test_split, d.image_size, d.limit, e.knn_train_limit, e.knn_test_limit)
+
+
+def needed_bytes(cfg: Config) -> int:
+    """Bytes of the decoded train split (after `data.limit`), kNN bank and kNN queries."""
+    from pipelines.memory import decoded_bytes, split_rows
+
+    d, e = cfg.data, cfg.eval
+    rows = split_rows(d.path, d.train_split, d.limit)
+    rows += split_rows(d.path, d.train_split, e.knn_train_limit) + split_rows(d.path, d.test_split, e.knn_test_limit)
+    return decoded_bytes(rows, d.image_size)
+
+
+def node_object_store_bytes() -> float:
+    """The smallest object store among the alive Ray nodes (every node with workers maps a copy)."""
+    import ray
+
+    sizes = [n["Resources"].get("object_store_memory", 0.0) for n in ray.nodes() if n.get("Alive")]
+    return min(sizes) if sizes else 0.0
+
+
+def resolve_loader(cfg: Config) -> str:
+    """"memory" or "stream" for this run (Ray must be initialised for "auto").
+
+    Raises:
+        ConfigError: `data.loader=memory` for data that do not fit in the object store.
+    """
+    d = cfg.data
+    if d.loader == "stream" or (d.loader == "auto" and d.augment_on == "data"):
+        return "stream"
+    need, store = needed_bytes(cfg), node_object_store_bytes()
+    if d.loader == "memory":
+        if store and need > MEMORY_FRACTION * store:
+            raise ConfigError(f"data.loader = 'memory': the decoded images take {need / 1e9:.2f} GB, more than "
+                              f"{MEMORY_FRACTION:.0%} of a node's Ray object store ({store / 1e9:.2f} GB); "
+                              "use data.loader=stream (or auto)")
+        return "memory"
+    return "memory" if store and need <= AUTO_FRACTION * store else "stream"
+
+
+def decode_all(cfg: Config, *, threads: int | None = None) -> dict[str, Any]:
+    """The train split (first `data.limit` rows), the kNN bank and the kNN queries, decoded here.
+
+    Bank and queries are the seeded stratified subsets of `eval.knn_train_limit` training and
+    `eval.knn_test_limit` test images: the images `train_loop.KnnProbe` decodes itself otherwise.
+
+    Returns:
+        {"train", "bank", "test"}: `pipelines.memory.DecodedSplit` each.
+    """
+    import os
+
+    from pipelines.memory import decode_split
+
+    d, e = cfg.data, cfg.eval
+    threads = threads or max(1, os.cpu_count() or 1)
+    return {
+        "train": decode_split(d.path, d.train_split, image_size=d.image_size, limit=d.limit, threads=threads),
+        "bank": decode_split(d.path, d.train_split, image_size=d.image_size, limit=e.knn_train_limit,
+                             stratified=True, threads=threads),
+        "test": decode_split(d.path, d.test_split, image_size=d.image_size, limit=e.knn_test_limit,
+                             stratified=True, threads=threads),
+    }
+
+
+def put_decoded(cfg: Config, *, threads: int | None = None) -> DecodedData:
+    """`decode_all`, put into Ray's object store once (Ray must be initialised)."""
+    import ray
+
+    splits = decode_all(cfg, threads=threads)
+    return DecodedData(key=data_key(cfg), ref=ray.put(splits), train_rows=len(splits["train"]),
+                       nbytes=sum(s.nbytes for s in splits.values()))
+
+
+def get_decoded(worker_data: dict[str, Any]) -> dict[str, Any]:
+    """In a worker: the decoded splits behind `DecodedData.for_worker()` (zero-copy on the same node)."""
+    import ray
+
+    return ray.get(worker_data["ref"])
+
+
+def matches(data: DecodedData | None, cfg: Config) -> bool:
+    """Whether `data` were decoded for this config's data fields."""
+    return data is not None and tuple(data.key) == data_key(cfg)
+
+
+__all__ = ["DecodedData", "data_key", "decode_all", "get_decoded", "matches", "needed_bytes", "put_decoded", "resolve_loader"]

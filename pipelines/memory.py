@@ -1,0 +1,120 @@
+"""A training split decoded once and held in memory: the data path for datasets that fit (`data.loader=memory`).
+
+Why: streaming the shards through Ray Data re-reads, re-shuffles and re-decodes the whole split
+every epoch in Ray tasks that share the workers' cores. For a split that fits in memory that work
+is the same every epoch: on the 2-core machine it cost 8-17 s per epoch of the 256-image demo
+sweep trial and ~4 s per 10,000 CIFAR-10 images, against ~0.2 s to decode them once (see
+`benchmarks/overhead.py`). Small-image sets are small decoded: CIFAR-10's 50,000 training images
+are 154 MB as uint8 (3 x 32 x 32 bytes each).
+
+How: the driver decodes the split once (`load_split`, threaded) and puts the uint8 array into Ray's
+object store; every worker on a node maps that one copy (zero-copy, read-only shared memory), and
+in a sweep every trial reuses the copy the sweep driver made. Each epoch every rank draws the same
+seeded permutation of all rows (seed, epoch) and takes its own contiguous slice of whole batches,
+as `torch.utils.data.DistributedSampler` does: a new global order every epoch, every image at most
+once per epoch across the workers, and exactly `dropped_per_epoch` left out (the same count as the
+streaming path: a different random set each epoch). Views are made on the worker's device; on a
+GPU the whole uint8 split is copied to the device once and batches are gathered there.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipelines.manifest import read_manifest
+from pipelines.stream import load_split, steps_per_epoch
+
+
+@dataclass
+class DecodedSplit:
+    """uint8 images `[N, 3, S, S]` and int64 labels `[N]` (numpy: what the object store maps zero-copy)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.images.nbytes + self.labels.nbytes)
+
+
+def decoded_bytes(rows: int, image_size: int) -> int:
+    """Bytes of `rows` decoded RGB images of `image_size`^2 (uint8) with their labels."""
+    return rows * (3 * image_size * image_size + 8)
+
+
+def split_rows(folder: str | Path, split: str, limit: int | None = None) -> int:
+    """Rows of a split per the manifest, at most `limit`."""
+    rows = read_manifest(folder).rows(split)
+    return min(rows, limit) if limit is not None else rows
+
+
+def decode_split(folder: str | Path, split: str, *, image_size: int | None = None, limit: int | None = None,
+                 stratified: bool = False, seed: int = 0, threads: int = 2) -> DecodedSplit:
+    """Decode a split (or its first `limit` rows; with `stratified`, a seeded per-class subset) in this process."""
+    images, labels = load_split(folder, split, limit=limit, image_size=image_size, seed=seed,
+                                first=not stratified, threads=threads)
+    return DecodedSplit(images.numpy(), labels.numpy())
+
+
+def epoch_indices(rows: int, world_size: int, rank: int, batch_size: int, *, seed: int, epoch: int) -> np.ndarray:
+    """This rank's row indices for one epoch: its slice of a global permutation, whole batches only.
+
+    Every rank computes the same permutation from (seed, epoch), so the slices never overlap; a
+    resumed epoch replays the same order.
+
+    Args:
+        rows: images in the split.
+        world_size, rank: this worker's place in the group.
+        batch_size: images per batch on this worker.
+        seed, epoch: the run seed and the epoch (1-based).
+
+    Returns:
+        int64 `[steps_per_epoch(rows, world_size, batch_size) * batch_size]`.
+    """
+    per_rank = steps_per_epoch(rows, world_size, batch_size) * batch_size
+    order = np.random.default_rng([seed, epoch]).permutation(rows)
+    return order[rank * per_rank:(rank + 1) * per_rank]
+
+
+class MemoryBatches:
+    """Two-view batches from a `DecodedSplit` on one worker (`data.loader=memory`).
+
+    Args:
+        split: the decoded split (as `ray.get` returns it: read-only shared memory).
+        device: where batches are gathered and augmented. On CUDA the uint8 split is copied to the
+            device once (if it takes at most `gpu_fraction` of the free device memory; else each
+            batch is gathered on the host and copied).
+    """
+
+    def __init__(self, split: DecodedSplit, device: torch.device | str = "cpu", gpu_fraction: float = 0.5) -> None:
+        self.device = torch.device(device)
+        self.rows = len(split)
+        with warnings.catch_warnings():  # read-only shared memory: only ever read (gathered) here
+            warnings.simplefilter("ignore", UserWarning)
+            host = torch.from_numpy(np.asarray(split.images))
+        self.images = host
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            if host.numel() <= gpu_fraction * free:
+                self.images = host.to(self.device)
+
+    def epoch(self, indices: np.ndarray, *, batch_size: int, augment: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield `(view1, view2)` on the device for consecutive `batch_size` slices of `indices`."""
+        index = torch.from_numpy(np.ascontiguousarray(indices, dtype=np.int64))
+        if self.images.device != index.device:
+            index = index.to(self.images.device)
+        for start in range(0, len(index) - batch_size + 1, batch_size):
+            batch = self.images.index_select(0, index[start:start + batch_size])
+            with torch.no_grad():
+                views = augment(batch.to(self.device, non_blocking=True))
+            yield views  # outside no_grad: a generator suspended inside it would leak the mode
