@@ -119,14 +119,16 @@ def decode(data: list[bytes]) -> torch.Tensor:
     return torch.stack(decode_jpeg(tensors, mode=ImageReadMode.RGB))
 
 
-def run_threads(data: list[bytes], work: Callable[[torch.Tensor], object], threads: int) -> float:
-    """``threads`` Python threads, each decoding + augmenting its own batches (1 intra-op thread)."""
+def _in_threads(n_items: int, batch: Callable[[int], torch.Tensor], work: Callable[[torch.Tensor], object],
+                threads: int) -> float:
+    """``threads`` Python threads (1 intra-op thread each) run ``work(batch(start))`` over their
+    share of the batch starts; returns views/s (two per image)."""
     torch.set_num_threads(1)
-    starts = list(range(0, len(data), BATCH))
+    starts = list(range(0, n_items, BATCH))
 
     def worker(k: int) -> None:
         for s in starts[k::threads]:
-            work(decode(data[s:s + BATCH]))
+            work(batch(s))
 
     pool = [threading.Thread(target=worker, args=(k,)) for k in range(threads)]
     t0 = time.perf_counter()
@@ -134,26 +136,18 @@ def run_threads(data: list[bytes], work: Callable[[torch.Tensor], object], threa
         t.start()
     for t in pool:
         t.join()
-    return 2 * len(data) / (time.perf_counter() - t0)
+    return 2 * n_items / (time.perf_counter() - t0)
+
+
+def run_threads(data: list[bytes], work: Callable[[torch.Tensor], object], threads: int) -> float:
+    """Each thread decodes and augments its own batches of encoded images."""
+    return _in_threads(len(data), lambda s: decode(data[s:s + BATCH]), work, threads)
 
 
 def run_decoded_once(images: torch.Tensor, work: Callable[[torch.Tensor], object], threads: int) -> float:
     """Augment shuffled batches gathered from an already decoded uint8 array (``data.loader=memory``)."""
-    torch.set_num_threads(1)
     order = torch.randperm(len(images))
-    starts = list(range(0, len(images), BATCH))
-
-    def worker(k: int) -> None:
-        for s in starts[k::threads]:
-            work(images[order[s:s + BATCH]])
-
-    pool = [threading.Thread(target=worker, args=(k,)) for k in range(threads)]
-    t0 = time.perf_counter()
-    for t in pool:
-        t.start()
-    for t in pool:
-        t.join()
-    return 2 * len(images) / (time.perf_counter() - t0)
+    return _in_threads(len(images), lambda s: images[order[s:s + BATCH]], work, threads)
 
 
 class BatchedTwoViews(torch.utils.data.Dataset):

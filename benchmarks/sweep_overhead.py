@@ -32,6 +32,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -61,6 +62,8 @@ def main() -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
     from orchestrator.sweep import load_sweep, run_sweep
+    from orchestrator.timeline import ENV as TIMELINE_ENV
+    from orchestrator.timeline import PHASES, phases
     from pipelines.ingest import ingest
 
     gauge = [import_gauge()]
@@ -76,8 +79,12 @@ def main() -> int:
                      f"sweep.max_concurrent_trials={args.concurrency}", *args.set]
         s = load_sweep(args.config, overrides)
         os.chdir(work)
+        timeline = work / "timeline.jsonl"
+        os.environ[TIMELINE_ENV] = str(timeline)  # before Ray starts: every process inherits it
         out = run_sweep(s, verbose=True)
+        trial_phases = phases(str(timeline)) if timeline.is_file() else {}
     finally:
+        os.environ.pop(TIMELINE_ENV, None)
         os.chdir(cwd)
         shutil.rmtree(work, ignore_errors=True)
 
@@ -103,6 +110,10 @@ def main() -> int:
         "import_gauge_s": round(g, 2),
         "overhead_per_trial_in_gauges": round((wall - train) / n / g, 2),
         "demo_ingest_s (not in wall)": round(ingest_s, 2),
+        "trial_phases_s": trial_phases,
+        "trial_phase_medians_s": {label: round(statistics.median(v[label] for v in trial_phases.values() if label in v), 2)
+                                  for label, _, _ in PHASES
+                                  if any(label in v for v in trial_phases.values())},
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}",
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
@@ -126,6 +137,13 @@ def main() -> int:
         f"| &nbsp;&nbsp;driver: table, plot, registration (once) | {tm['finish_s']:.1f} | {tm['finish_s'] / n:.1f} |",
         f"| of which trial start-up (trials - epochs) | {trial - train:.1f} | {(trial - train) / n:.1f} |",
         f"| baseline: one `import torch, ray, mlflow` process | {g:.1f} | overhead = {(wall - train) / n / g:.1f} x this |",
+        "",
+        "A trial's phases (median over the trials that reached them; `SELFSUP_TIMELINE` marks; a trial ASHA "
+        "stopped has no end phases):",
+        "",
+        "| phase of one trial | median s |",
+        "| --- | ---: |",
+        *[f"| {k} | {v:.2f} |" for k, v in result["trial_phase_medians_s"].items()],
         "",
         "Command: `.venv/bin/python benchmarks/sweep_overhead.py"
         + (f" --concurrency {args.concurrency}" if args.concurrency != 1 else "") + "`",

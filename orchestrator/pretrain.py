@@ -444,7 +444,6 @@ def run_pretrain(cfg: Config, *, resume: bool = False, stem: str = "run", callba
     """
     from orchestrator.timeline import mark
 
-    mark("run_pretrain_start")
     start = time.perf_counter()
     cfg = absolute_paths(cfg)
     paths = resolve_run(cfg, stem=stem, resume=resume)
@@ -486,10 +485,10 @@ def run_pretrain(cfg: Config, *, resume: bool = False, stem: str = "run", callba
             _print_header(cfg, paths, resume, decoded)
         trainer = build_trainer(cfg, callbacks=callbacks, mlflow_run_id=run_id, progress=queue, data=decoded,
                                 curves=curves)
-        mark("fit_start")
+        mark("fit_start", run=paths.name)
         try:
             result = trainer.fit()
-            mark("fit_end")
+            mark("fit_end", run=paths.name)
         except BaseException:
             tracking.finish_run(uri, run_id, "FAILED")
             raise
@@ -497,7 +496,7 @@ def run_pretrain(cfg: Config, *, resume: bool = False, stem: str = "run", callba
             if printer is not None:
                 printer.stop()
         out = _finish(cfg, paths, record, result, uri, run_id, start)
-        mark("run_pretrain_end")
+        mark("run_end", run=paths.name)
     finally:
         if started:
             import ray

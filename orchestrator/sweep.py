@@ -489,15 +489,13 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], trials_dir: str, 
         data: the sweep's decoded data in the object store (`orchestrator.data.DecodedData`), made
             once by the driver; a trial whose data fields differ decodes its own.
     """
-    from orchestrator.timeline import mark, process_start_time
-
-    mark("trial_process_start", at=process_start_time())
-    mark("trial_fn_start")
     from ray import tune
 
     from orchestrator.pretrain import RUN_RECORD, run_pretrain
+    from orchestrator.timeline import mark, process_start_time
 
     trial_id = tune.get_context().get_trial_id()
+    mark("trial_start", run=f"{TRIAL_PREFIX}{trial_id}", process_start=process_start_time())
     over = dict(config["overrides"])
     over = {**trial_defaults(str(over.get("method.name", base["method"]["name"]))), **over}
     cfg = apply_overrides(Config.from_dict(base), over, source="sweep trial")

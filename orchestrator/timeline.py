@@ -38,3 +38,44 @@ def process_start_time() -> float:
         return boot + ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, StopIteration):
         return time.time()
+
+
+PHASES = (
+    ("trial process start -> trial function", "trial_start.process_start", "trial_start"),
+    ("trial function -> trainer.fit()", "trial_start", "fit_start"),
+    ("trainer.fit() -> worker process started", "fit_start", "worker_start.process_start"),
+    ("worker process -> train function", "worker_start.process_start", "worker_start"),
+    ("train function -> first epoch", "worker_start", "first_epoch_start"),
+    ("epochs (training + kNN)", "first_epoch_start", "last_epoch_end"),
+    ("last epoch -> trainer.fit() returns", "last_epoch_end", "fit_end"),
+    ("fit() returned -> run closed", "fit_end", "run_end"),
+)
+
+
+def phases(path: str) -> dict[str, dict[str, float]]:
+    """Per run (by name): the seconds of each of `PHASES` that its marks cover.
+
+    The first worker start and first epoch of a run count (a restarted worker group adds later
+    ones); epochs are rank 0's.
+    """
+    import math
+
+    points: dict[str, dict[str, float]] = {}
+    with open(path) as f:
+        events = sorted((json.loads(line) for line in f if line.strip()), key=lambda e: e["t"])
+    for e in events:
+        run = e.get("run")
+        if not run:
+            continue
+        p = points.setdefault(run, {})
+        name = e["event"]
+        if name == "epoch_start" and e.get("rank", 0) == 0:
+            p.setdefault("first_epoch_start", e["t"])
+        elif name == "epoch_end" and e.get("rank", 0) == 0:
+            p["last_epoch_end"] = e["t"]
+        elif name in ("trial_start", "worker_start") and name not in p:
+            p[name] = e["t"]
+            p[f"{name}.process_start"] = float(e.get("process_start", math.nan))
+        elif name in ("fit_start", "fit_end", "run_end"):
+            p.setdefault(name, e["t"])
+    return {run: {label: p[b] - p[a] for label, a, b in PHASES if a in p and b in p} for run, p in points.items()}

@@ -225,9 +225,6 @@ class MlflowTrainCallback(ray.train.UserCallback):
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
         if not metrics or "epoch" not in metrics[0]:
             return
-        from orchestrator.timeline import mark, process_start_time
-
-        mark("callback_report_start", epoch=metrics[0]["epoch"], controller_start=process_start_time())
         if self._warming is not None:
             self._warming.join()
             self._warming = None
@@ -252,7 +249,9 @@ class MlflowTrainCallback(ray.train.UserCallback):
                 self.progress.put_nowait(dict(m))
             except Exception:
                 pass
-        mark("callback_report_end", epoch=epoch)
+        from orchestrator.timeline import mark
+
+        mark("epoch_logged", run=getattr(getattr(run_context, "run_config", None), "name", None), epoch=epoch)
 
 
 def controller_warm_up(callback: MlflowTrainCallback) -> Any:

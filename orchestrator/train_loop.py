@@ -349,9 +349,8 @@ def train_func_per_worker(config: dict[str, Any]) -> None:
 
     from orchestrator.timeline import mark, process_start_time
 
-    mark("worker_process_start", at=process_start_time())
-    mark("worker_fn_start")
     cfg = Config.from_dict({k: v for k, v in config.items() if not k.startswith("_")})
+    mark("worker_start", run=cfg.run.name, process_start=process_start_time())
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -387,7 +386,6 @@ def train_func_per_worker(config: dict[str, Any]) -> None:
         start_epoch, metrics = int(state["epoch"]), dict(state["metrics"])
         history = list(state.get("history", []))
 
-    mark("worker_model_ready", rank=rank)
     decoded = None
     if config.get("_data") is not None:
         from orchestrator.data import get_decoded
@@ -395,15 +393,13 @@ def train_func_per_worker(config: dict[str, Any]) -> None:
         decoded = get_decoded(config["_data"])
     batches = TrainBatches(cfg, decoded, device, rank, world)
     probe = KnnProbe(cfg, device, decoded) if rank == 0 else None
-    mark("worker_probe_loaded", rank=rank)
     untrained = metrics.get("knn_top1_untrained")
     if probe is not None and untrained is None:
         untrained = probe(module.encoder)["knn_top1"]
-    mark("worker_untrained_knn", rank=rank)
 
     for epoch in range(start_epoch + 1, cfg.optim.epochs + 1):
         t0 = time.perf_counter()
-        mark("epoch_start", rank=rank, epoch=epoch)
+        mark("epoch_start", run=cfg.run.name, rank=rank, epoch=epoch)
         epoch_seed = seed_everything(cfg.run.seed, rank, epoch)
         stats = train_one_epoch(
             ddp, optimizer, scheduler, batches.epoch(epoch, epoch_seed), device=device,
@@ -425,7 +421,7 @@ def train_func_per_worker(config: dict[str, Any]) -> None:
             metrics.update(probe(module.encoder))
             metrics["knn_top1_untrained"] = float(untrained)  # type: ignore[arg-type]
         metrics["epoch_seconds"] = time.perf_counter() - t0
-        mark("epoch_end", rank=rank, epoch=epoch)
+        mark("epoch_end", run=cfg.run.name, rank=rank, epoch=epoch)
         finite = {k: float(v) for k, v in metrics.items() if math.isfinite(v)}
         report: dict[str, Any] = dict(metrics)
         if epoch == start_epoch + 1 and history:

@@ -23,9 +23,13 @@ from tests.http_wait import wait_http
 # is loaded, db_init_lock files), and so does Ray (_ray_lockfiles). Every process the tests start
 # inherits TMPDIR, so all of that lands in one folder, removed when the session ends. Kept short:
 # Ray's unix-socket paths must stay under 107 bytes.
-_SESSION_TMP = tempfile.mkdtemp(prefix="selfsup-t-", dir="/tmp")
+_SESSION_TMP = tempfile.mkdtemp(prefix="sst", dir="/tmp")  # short: Ray's socket paths live below it
 os.environ["TMPDIR"] = _SESSION_TMP
 tempfile.tempdir = None
+# The private Ray that `selfsup` starts keeps its session here too: a process that outlives
+# `ray.shutdown()` by a moment (or a driver a test kills) can still write there after the run
+# removed its folder, and the whole session folder goes at the end.
+os.environ["SELFSUP_RAY_TEMP_ROOT"] = _SESSION_TMP
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR10 = REPO.parent / "shared" / "datasets" / "cifar10"
@@ -97,7 +101,7 @@ def ray_local(tmp_path: Path) -> Iterator[None]:
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # Ray's unix socket paths must stay under 107 bytes, and pytest's tmp paths can be longer.
-    ray_tmp = tempfile.mkdtemp(prefix="selfsup-ray-", dir="/tmp")
+    ray_tmp = tempfile.mkdtemp(prefix="r")  # in the session folder (TMPDIR): short, removed at the end
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
              _temp_dir=ray_tmp)
     try:
@@ -107,6 +111,14 @@ def ray_local(tmp_path: Path) -> Iterator[None]:
         # would also kill clusters that other processes on this machine own.
         ray.shutdown()
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@pytest.fixture()
+def ray_temp_root() -> str:
+    """Where the Ray sessions of a `selfsup` command under test go (its `SELFSUP_RAY_TEMP_ROOT`):
+    the session folder, whose paths are short enough for Ray's unix sockets, removed at the end
+    also when the command was killed and could not remove its own."""
+    return _SESSION_TMP
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

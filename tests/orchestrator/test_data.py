@@ -31,7 +31,7 @@ def small_store_ray() -> Iterator[None]:
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray_tmp = tempfile.mkdtemp(prefix="selfsup-ray-", dir="/tmp")
+    ray_tmp = tempfile.mkdtemp(prefix="r")  # in the test session's TMPDIR (tests/conftest.py)
     ray.init(address="local", num_cpus=2, object_store_memory=STORE_MB << 20, include_dashboard=False,
              log_to_driver=False, _temp_dir=ray_tmp)
     try:

@@ -12,13 +12,10 @@ A shortened demo (2 epochs) keeps each run around a minute on an otherwise idle 
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -37,14 +34,6 @@ def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("demo") / "demo"
     ingest("demo", out, progress=False)
     return out
-
-
-@pytest.fixture()
-def ray_temp_root() -> Iterator[str]:
-    """A short folder for the Ray session a `selfsup pretrain` starts (unix sockets need short paths)."""
-    root = tempfile.mkdtemp(prefix="sst-", dir="/tmp")
-    yield root
-    shutil.rmtree(root, ignore_errors=True)
 
 
 def _overrides(data: Path, tmp: Path, uri: str, experiment: str, **extra: object) -> list[str]:

@@ -168,25 +168,17 @@ def _e2e_config(tmp_path: Path, data: Path, uri: str, model_name: str) -> str:
     })
 
 
-def _remove_ray_temp_of(pid: int) -> None:
-    """A killed driver cannot remove its private Ray temp folder; it is the one whose session is
-    named after the driver's pid (`session_<date>_<pid>`)."""
-    import glob
-    import shutil
-
-    for session in glob.glob("/tmp/selfsup-ray-*/session_*"):
-        if session.endswith(f"_{pid}"):
-            shutil.rmtree(Path(session).parent, ignore_errors=True)
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_sweep_end_to_end_killed_and_resumed(tmp_path: Path, demo_data: Path, mlflow_server: str,
-                                             capsys: pytest.CaptureFixture[str]) -> None:
+                                             capsys: pytest.CaptureFixture[str], ray_temp_root: str,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
     from mlflow import MlflowClient
 
     model_name = f"sweep-e2e-{tmp_path.name[-12:].strip('_')}-encoder"
     config = _e2e_config(tmp_path, demo_data, mlflow_server, model_name)
+    # Both drivers keep their Ray sessions under ray_temp_root: the killed one cannot remove its own.
+    monkeypatch.setenv("SELFSUP_RAY_TEMP_ROOT", ray_temp_root)
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
     # 1. The driver in its own process group, killed (SIGKILL, with its whole local Ray) while the
     #    third trial runs, i.e. after two trials ended.
@@ -208,7 +200,6 @@ def test_sweep_end_to_end_killed_and_resumed(tmp_path: Path, demo_data: Path, ml
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
-        _remove_ray_temp_of(proc.pid)
     assert len(ended) == 2, "".join(lines)[-3000:]
 
     # 2. --resume: the rest of the sweep; the two ended trials neither run again nor log again.
