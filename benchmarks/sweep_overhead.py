@@ -15,6 +15,12 @@ at the end) and the trial's own start-up ((trial - train) / trials: the trial pr
 run, the Train controller and worker processes, the Ray Data pipeline, the kNN images and the
 untrained-encoder kNN, closing the run). Target: <= 10 s.
 
+Floor, measured in the same run (a fresh driver process, `--floor-only N`, the same Ray settings
+through `orchestrator.pretrain.init_ray`): a Tune sweep of N trials, one at a time, whose function
+trainable runs an empty one-worker `TorchTrainer.fit()` (the worker imports torch and reports once).
+That is what a Tune trial that is a Ray Train run costs here before any of selfsup's work; the
+overhead is also given as a multiple of it.
+
 Baseline for the machine's speed, measured in the same run (before and after the sweep): the time
 a fresh Python process takes to import torch, ray and mlflow (every trial starts several such
 processes). On a shared machine all the seconds above grow with the load; the ratio to this gauge
@@ -53,14 +59,78 @@ def import_gauge() -> float:
     return time.perf_counter() - t0
 
 
+def _floor_trial(config: dict) -> None:
+    """A Tune trial whose whole work is an empty one-worker Ray Train run."""
+    import ray.train
+    from ray import tune
+    from ray.train.torch import TorchTrainer
+
+    def train_fn(_: dict) -> None:
+        import torch  # noqa: F401  (every real worker imports it)
+
+        ray.train.report({"done": 1})
+
+    TorchTrainer(train_fn, scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+                 run_config=ray.train.RunConfig(name=f"floor-{config['i']}", storage_path=config["storage"])).fit()
+    tune.report({"done": 1})
+
+
+def floor_only(trials: int, out_json: Path) -> None:
+    """Time a Tune sweep of `trials` empty Train runs (see the module docstring); writes seconds."""
+    from ray import tune
+
+    from orchestrator.config import Config
+    from orchestrator.pretrain import init_ray
+
+    import ray
+
+    work = Path(tempfile.mkdtemp(prefix="sweep-floor-"))
+    try:
+        t0 = time.perf_counter()
+        _, temp_dir = init_ray(Config())
+        os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "0"  # as run_sweep: trials write result files
+        t1 = time.perf_counter()
+        tuner = tune.Tuner(tune.with_resources(_floor_trial, {"cpu": 0.25}),
+                           param_space={"i": tune.grid_search(list(range(trials))), "storage": str(work / "train")},
+                           tune_config=tune.TuneConfig(max_concurrent_trials=1, reuse_actors=False),
+                           run_config=tune.RunConfig(name="floor", storage_path=str(work / "tune"), verbose=0))
+        grid = tuner.fit()
+        t2 = time.perf_counter()
+        errors = [r.error for r in grid if r.error is not None]
+        if errors:
+            raise RuntimeError(f"floor trial failed: {errors[0]}")
+        ray.shutdown()
+        if temp_dir:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+        out_json.write_text(json.dumps({"trials": trials, "ray_start_s": t1 - t0, "tune_s": t2 - t1}))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def measure_floor(trials: int) -> dict:
+    import subprocess
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "floor.json"
+        subprocess.run([sys.executable, __file__, "--floor-only", str(trials), "--floor-json", str(path)],
+                       check=True, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+        return json.loads(path.read_text())
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=str(REPO / "configs" / "sweep-demo.yaml"))
     ap.add_argument("--concurrency", type=int, default=1, help="sweep.max_concurrent_trials (default 1)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra overrides")
     ap.add_argument("--out", type=Path, default=RESULTS, help="folder for sweep_overhead.json and .md")
+    ap.add_argument("--floor-trials", type=int, default=4, help="trials of the empty-Train-run floor sweep")
+    ap.add_argument("--floor-only", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--floor-json", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if args.floor_only is not None:
+        floor_only(args.floor_only, args.floor_json)
+        return 0
 
     from orchestrator.sweep import load_sweep, run_sweep
     from orchestrator.timeline import ENV as TIMELINE_ENV
@@ -91,6 +161,8 @@ def main() -> int:
 
     gauge.append(import_gauge())
     g = sum(gauge) / len(gauge)
+    floor = measure_floor(args.floor_trials)
+    floor_per_trial = floor["tune_s"] / floor["trials"]
     t = out.table
     n = len(t)
     tm = out.timings
@@ -109,6 +181,9 @@ def main() -> int:
         "driver_finish_s": round(tm["finish_s"], 2),
         "tune_scheduling_per_trial_s": round((tm["tune_s"] - trial) / n, 2),
         "import_gauge_s": round(g, 2),
+        "floor_trials": floor["trials"], "floor_tune_s": round(floor["tune_s"], 2),
+        "floor_per_trial_s": round(floor_per_trial, 2),
+        "overhead_per_trial_in_floors": round((wall - train) / n / floor_per_trial, 2),
         "overhead_per_trial_in_gauges": round((wall - train) / n / g, 2),
         "demo_ingest_s (not in wall)": round(ingest_s, 2),
         "trial_phases_s": trial_phases,
@@ -141,6 +216,8 @@ def main() -> int:
           if args.concurrency == 1 else
           [f"| driver: Ray start, parent run (once) | {tm['setup_s']:.1f} | {tm['setup_s'] / n:.1f} |",
            f"| driver: table, plot, registration (once) | {tm['finish_s']:.1f} | {tm['finish_s'] / n:.1f} |"]),
+        f"| floor: Tune trial running an empty 1-worker `TorchTrainer.fit()` ({floor['trials']} trials, 1 at a time) "
+        f"| {floor['tune_s']:.1f} | {floor_per_trial:.1f} (overhead = {(wall - train) / n / floor_per_trial:.1f} x this) |",
         f"| baseline: one `import torch, ray, mlflow` process | {g:.1f} | overhead = {(wall - train) / n / g:.1f} x this |",
         "",
         "A trial's phases (median over the trials that reached them; `SELFSUP_TIMELINE` marks; a trial ASHA "

@@ -120,6 +120,11 @@ def init_ray(cfg: Config) -> tuple[bool, str | None]:
         ray.init(address=address, **common)
         return False, None
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # A private local Ray has no preemptible nodes to watch and no Prometheus reading Train's
+    # metrics: without them every run starts one process fewer (Train's PreemptionWatcher actor)
+    # and its controller and workers push no metrics (on 2 cores these compete with training).
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
     # Ray's unix-socket paths must stay under 107 bytes: a short private folder in /tmp.
     temp_dir = tempfile.mkdtemp(prefix="selfsup-ray-", dir=os.environ.get("SELFSUP_RAY_TEMP_ROOT", "/tmp"))
     ray.init(address="local", num_cpus=max(4, 2 * (os.cpu_count() or 1)), include_dashboard=False,
