@@ -17,14 +17,14 @@ with the same config, seed and thread count:
 - Ray Train, 1 worker, `data.loader=stream` (`--stream`, on by default): the shards streamed,
   shuffled and decoded through Ray Data every epoch: what streaming costs for data that fit in memory.
 
-Reported: the ratio of the summed epoch times, epochs 2..n (target <= 1.05; epoch 1 holds each
-side's first-touch costs), and, for honesty, the end-to-end ratios including Ray start-up, worker
-start-up and decoding. This machine's speed drifts by up to +-40% over minutes (the same plain loop
-measured 1.2 to 2.2 s per demo epoch in one afternoon), so the plain loop and Ray Train run in
-alternating rounds (`--rounds`, default 3) and the headline compares the median epoch (epochs 2..n
-of every round pooled); the fastest epoch and each round's ratio are reported beside it.
+Reported: the median epoch time of each side, epochs 2..n of every round pooled (epoch 1 holds
+each side's first-touch costs; target: Ray Train / plain <= 1.05), with the fastest epoch, each
+round's ratio of summed epoch times and, for honesty, the end-to-end ratios including Ray start-up,
+worker start-up and decoding. This machine's speed drifts by up to +-40% over minutes (the same
+plain loop measured 1.2 to 2.2 s per demo epoch in one afternoon), so the plain loop and Ray Train
+run in alternating rounds (`--rounds`, default 3) and the headline pools them.
 
-    .venv/bin/python benchmarks/overhead.py                 # demo data (ingested if missing), 4 epochs
+    .venv/bin/python benchmarks/overhead.py                 # demo data (ingested if missing), 8 epochs
     .venv/bin/python benchmarks/overhead.py --data data/cifar10 --image-size 32 --limit 10000
 """
 
