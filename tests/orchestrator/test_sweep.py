@@ -78,6 +78,8 @@ def test_repository_sweep_configs_load() -> None:
     ({"space": {"optim.batch_size": [256, 100]}, "methods": {"simclr": {}}}, None),
     ({"nosuchkey": 1}, "unknown field 'sweep.nosuchkey'"),
     ({"max_concurrent_trials": 0}, "sweep.max_concurrent_trials = 0: must be >= 1"),
+    ({"cpus_per_trial": 0}, "sweep.cpus_per_trial = 0.0: must be > 0"),
+    ({"time_budget_s": -5}, "sweep.time_budget_s = -5.0: must be > 0 (or null)"),
 ])
 def test_bad_sweeps_are_rejected_with_one_message(tmp_path: Path, sweep: dict, message: str | None) -> None:
     path = _write(tmp_path, {"data": {"source": None}, "scaling": {"num_workers": 1}, "sweep": sweep})
