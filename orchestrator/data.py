@@ -83,11 +83,26 @@ def resolve_loader(cfg: Config) -> str:
     return "memory" if store and need <= AUTO_FRACTION * store else "stream"
 
 
-def decode_all(cfg: Config, *, threads: int | None = None) -> dict[str, Any]:
-    """The train split (first `data.limit` rows), the kNN bank and the kNN queries, decoded here.
+def decode_knn(cfg: Config, *, threads: int = 1) -> dict[str, Any]:
+    """The kNN memory bank and queries, decoded here: seeded stratified subsets of
+    `eval.knn_train_limit` training and `eval.knn_test_limit` test images (None: the whole split).
 
-    Bank and queries are the seeded stratified subsets of `eval.knn_train_limit` training and
-    `eval.knn_test_limit` test images: the images `train_loop.KnnProbe` decodes itself otherwise.
+    Returns:
+        {"bank", "test"}: `pipelines.memory.DecodedSplit` each.
+    """
+    from pipelines.memory import decode_split
+
+    d, e = cfg.data, cfg.eval
+    return {
+        "bank": decode_split(d.path, d.train_split, image_size=d.image_size, limit=e.knn_train_limit,
+                             stratified=True, threads=threads),
+        "test": decode_split(d.path, d.test_split, image_size=d.image_size, limit=e.knn_test_limit,
+                             stratified=True, threads=threads),
+    }
+
+
+def decode_all(cfg: Config, *, threads: int | None = None) -> dict[str, Any]:
+    """The train split (first `data.limit` rows) and the kNN images (`decode_knn`), decoded here.
 
     Returns:
         {"train", "bank", "test"}: `pipelines.memory.DecodedSplit` each.
@@ -96,15 +111,10 @@ def decode_all(cfg: Config, *, threads: int | None = None) -> dict[str, Any]:
 
     from pipelines.memory import decode_split
 
-    d, e = cfg.data, cfg.eval
+    d = cfg.data
     threads = threads or max(1, os.cpu_count() or 1)
-    return {
-        "train": decode_split(d.path, d.train_split, image_size=d.image_size, limit=d.limit, threads=threads),
-        "bank": decode_split(d.path, d.train_split, image_size=d.image_size, limit=e.knn_train_limit,
-                             stratified=True, threads=threads),
-        "test": decode_split(d.path, d.test_split, image_size=d.image_size, limit=e.knn_test_limit,
-                             stratified=True, threads=threads),
-    }
+    return {"train": decode_split(d.path, d.train_split, image_size=d.image_size, limit=d.limit, threads=threads),
+            **decode_knn(cfg, threads=threads)}
 
 
 def put_decoded(cfg: Config, *, threads: int | None = None) -> DecodedData:
@@ -128,4 +138,4 @@ def matches(data: DecodedData | None, cfg: Config) -> bool:
     return data is not None and tuple(data.key) == data_key(cfg)
 
 
-__all__ = ["DecodedData", "data_key", "decode_all", "get_decoded", "matches", "needed_bytes", "put_decoded", "resolve_loader"]
+__all__ = ["DecodedData", "data_key", "decode_all", "decode_knn", "get_decoded", "matches", "needed_bytes", "put_decoded", "resolve_loader"]

@@ -14,8 +14,8 @@ Per epoch, every worker:
    and takes DDP steps (bf16 autocast + channels_last on GPU); LR warm-up + cosine per step,
    momentum-encoder update after each optimiser step;
 3. rank 0 computes kNN top-1/top-5 (`methods.evaluate.knn_accuracy`) of the encoder's features:
-   memory bank = the first `eval.knn_train_limit` images of the train split, queries = the test
-   split (all of it unless `eval.knn_test_limit`), no augmentation, eval-mode BN. The other ranks
+   memory bank = a seeded per-class subset of `eval.knn_train_limit` training images, queries =
+   the test split (all of it unless `eval.knn_test_limit`), no augmentation, eval-mode BN. The other ranks
    wait at the `ray.train.report` barrier;
 4. every rank calls `ray.train.report` once; rank 0 attaches the checkpoint `state.pt` (model incl.
    the MoCo queue buffers, optimiser, scheduler, epoch, seeds, metrics; loads with weights_only).
@@ -176,22 +176,19 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
 class KnnProbe:
     """Weighted kNN top-1/top-5 (InstDisc, Wu et al. 2018) of an encoder, on fixed images.
 
-    Bank: the first `eval.knn_train_limit` training images; queries: the test split (or its first
-    `eval.knn_test_limit`). Images are resized to `data.image_size` and normalised; no augmentation.
+    Bank: a seeded per-class subset of `eval.knn_train_limit` training images; queries: the test
+    split (or such a subset of `eval.knn_test_limit`), as `orchestrator.data.decode_knn` decodes
+    them. Images are resized to `data.image_size` and normalised; no augmentation.
     """
 
     def __init__(self, cfg: Config, device: torch.device, decoded: dict[str, Any] | None = None) -> None:
         """`decoded`: the driver's decoded data (`orchestrator.data`, with "bank" and "test"); else decode here."""
-        from pipelines.stream import load_split
+        from orchestrator.data import decode_knn
 
-        d, e = cfg.data, cfg.eval
         self.cfg, self.device = cfg, device
-        if decoded is not None:
-            self.bank_x, self.bank_y = _tensors(decoded["bank"])
-            self.test_x, self.test_y = _tensors(decoded["test"])
-            return
-        self.bank_x, self.bank_y = load_split(d.path, d.train_split, limit=e.knn_train_limit, image_size=d.image_size)
-        self.test_x, self.test_y = load_split(d.path, d.test_split, limit=e.knn_test_limit, image_size=d.image_size)
+        knn = decoded if decoded is not None else decode_knn(cfg)
+        self.bank_x, self.bank_y = knn["bank"].tensors()
+        self.test_x, self.test_y = knn["test"].tensors()
 
     @torch.no_grad()
     def features(self, encoder: nn.Module, images_uint8: torch.Tensor) -> torch.Tensor:
@@ -219,15 +216,6 @@ class KnnProbe:
         r = knn_accuracy(bank, self.bank_y, test, self.test_y, k=self.cfg.eval.knn_k,
                          temperature=self.cfg.eval.knn_t)
         return {"knn_top1": float(r["top1"]), "knn_top5": float(r["top5"])}
-
-
-def _tensors(split: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """A `DecodedSplit` from the object store (read-only numpy) as tensors, without copying the images."""
-    import warnings
-
-    with warnings.catch_warnings():  # read-only shared memory: only ever read here
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(split.images), torch.from_numpy(np.array(split.labels))
 
 
 # --- checkpoints --------------------------------------------------------------------------------
@@ -324,10 +312,12 @@ class TrainBatches:
         from pipelines.augment import TwoViewAugment
 
         cfg = self.cfg
+        augment_on = "worker" if self.memory is not None else cfg.resolved_augment_on()
+        augment = TwoViewAugment(cfg.augment_preset(), size=cfg.data.image_size, seed=epoch_seed) \
+            if augment_on == "worker" else None
         if self.memory is not None:
             from pipelines.memory import epoch_indices
 
-            augment = TwoViewAugment(cfg.augment_preset(), size=cfg.data.image_size, seed=epoch_seed)
             indices = epoch_indices(self.memory.rows, self.world, self.rank, self.batch_size,
                                     seed=cfg.run.seed, epoch=epoch)
             return self.memory.epoch(indices, batch_size=self.batch_size, augment=augment)
@@ -335,9 +325,6 @@ class TrainBatches:
 
         from pipelines.stream import iter_two_view_batches
 
-        augment_on = cfg.resolved_augment_on()
-        augment = TwoViewAugment(cfg.augment_preset(), size=cfg.data.image_size, seed=epoch_seed) \
-            if augment_on == "worker" else None
         return iter_two_view_batches(ray.train.get_dataset_shard("train"), batch_size=self.batch_size,
                                      augment=augment, device=self.device, augment_on=augment_on)
 

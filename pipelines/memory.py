@@ -46,6 +46,13 @@ class DecodedSplit:
     def nbytes(self) -> int:
         return int(self.images.nbytes + self.labels.nbytes)
 
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The images as a tensor without a copy (read-only shared memory when mapped from the
+        object store: only ever read) and the labels as a tensor of their own."""
+        with warnings.catch_warnings():  # torch warns about non-writable arrays
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(np.asarray(self.images)), torch.from_numpy(np.array(self.labels))
+
 
 def decoded_bytes(rows: int, image_size: int) -> int:
     """Bytes of `rows` decoded RGB images of `image_size`^2 (uint8) with their labels."""
@@ -99,9 +106,7 @@ class MemoryBatches:
     def __init__(self, split: DecodedSplit, device: torch.device | str = "cpu", gpu_fraction: float = 0.5) -> None:
         self.device = torch.device(device)
         self.rows = len(split)
-        with warnings.catch_warnings():  # read-only shared memory: only ever read (gathered) here
-            warnings.simplefilter("ignore", UserWarning)
-            host = torch.from_numpy(np.asarray(split.images))
+        host, _ = split.tensors()
         self.images = host
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
