@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from epoch_checks import assert_each_image_once_per_epoch_with_new_views, pickle_by_value
 from pipelines.memory import DecodedSplit, MemoryBatches, decode_split, decoded_bytes, epoch_indices, split_rows
 from pipelines.stream import dropped_per_epoch, load_split, steps_per_epoch
 
@@ -69,12 +69,6 @@ def test_memory_batches_gather_the_epoch_indices(small_shards: Path) -> None:
     assert torch.is_grad_enabled()  # the generator makes views under no_grad and leaves the mode alone
 
 
-def _pickle_this_module_by_value() -> None:
-    import ray.cloudpickle
-
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-
-
 def _train_loop(config: dict) -> None:
     """Ray Train worker: two epochs from the object store; writes (image digest, view checksum) per epoch."""
     import ray
@@ -108,7 +102,7 @@ def test_two_workers_get_every_image_once_per_epoch_from_the_object_store(ray_lo
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    _pickle_this_module_by_value()
+    pickle_by_value(__name__)
     split = decode_split(small_shards, "train")
     rows = len(split)
     assert rows == 128 and dropped_per_epoch(rows, 2, BATCH) == 0  # so "exactly once" is exact
@@ -123,15 +117,7 @@ def test_two_workers_get_every_image_once_per_epoch_from_the_object_store(ray_lo
     trainer.fit()
 
     per_rank = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
-    views = {}
-    for epoch in ("1", "2"):
-        got = sorted(d for seen in per_rank for d, _ in seen[epoch])
-        assert got == digests, f"epoch {epoch}: not every image exactly once"
-        assert [len(seen[epoch]) for seen in per_rank] == [rows // 2] * 2
-        views[epoch] = {d: s for seen in per_rank for d, s in seen[epoch]}
-    same = sum(abs(views["1"][d] - views["2"][d]) < 1e-3 for d in digests)
-    assert same <= 2, f"{same} of {rows} images got the same view in both epochs"
-    assert [d for d, _ in per_rank[0]["1"]] != [d for d, _ in per_rank[0]["2"]]  # new order, new shard
+    assert_each_image_once_per_epoch_with_new_views(per_rank, digests)
 
 
 def test_decoded_split_is_plain_numpy() -> None:

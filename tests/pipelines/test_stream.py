@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,20 +10,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from epoch_checks import assert_each_image_once_per_epoch_with_new_views, pickle_by_value
 from pipelines.manifest import read_manifest
 from pipelines.stream import (decode_images, dropped_per_epoch, iter_two_view_batches, load_split,
                               read_split, steps_per_epoch)
 
 BATCH = 16
 EPOCHS = 2
-
-
-def _pickle_this_module_by_value() -> None:
-    # Ray Train workers cannot import this test file by name (pytest put its folder on sys.path
-    # only in this process); ship `_train_loop` and the constants by value instead.
-    import ray.cloudpickle
-
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 def _train_loop(config: dict) -> None:
@@ -55,7 +47,7 @@ def test_two_workers_get_every_image_once_per_epoch_with_new_views(ray_local, sm
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    _pickle_this_module_by_value()
+    pickle_by_value(__name__)
     manifest = read_manifest(small_shards)
     rows = manifest.rows("train")
     assert rows == 128 and dropped_per_epoch(rows, 2, BATCH) == 0  # so "exactly once" is exact
@@ -71,17 +63,7 @@ def test_two_workers_get_every_image_once_per_epoch_with_new_views(ray_local, sm
     train_paths = pq.read_table([small_shards / f for f in manifest.splits["train"].files][0]).column("path").to_pylist()
     assert len(set(train_paths)) == rows
     per_rank = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
-    views: dict[int, dict[str, float]] = {}
-    for epoch in range(EPOCHS):
-        got = [p for seen in per_rank for p, _ in seen[str(epoch)]]
-        assert sorted(got) == sorted(train_paths), f"epoch {epoch}: not every image exactly once"
-        # Both ranks made the same number of steps (DDP needs it).
-        assert [len(seen[str(epoch)]) for seen in per_rank] == [rows // 2] * 2
-        views[epoch] = {p: s for seen in per_rank for p, s in seen[str(epoch)]}
-    same = sum(abs(views[0][p] - views[1][p]) < 1e-3 for p in train_paths)
-    assert same <= 2, f"{same} of {rows} images got the same view in both epochs"
-    # The shuffle changes each epoch: rank 0's order in epoch 0 and 1 differ.
-    assert [p for p, _ in per_rank[0]["0"]] != [p for p, _ in per_rank[0]["1"]]
+    assert_each_image_once_per_epoch_with_new_views(per_rank, train_paths)
 
 
 @pytest.mark.slow
