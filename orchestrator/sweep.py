@@ -45,6 +45,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 import typing
 from dataclasses import dataclass, field
@@ -566,6 +567,8 @@ class SweepResult:
     markdown: str = ""
     metric: str = "knn_top1"
     timings: dict[str, float] = field(default_factory=dict)  # setup_s, tune_s, finish_s (driver)
+    planned: int = 0  # trials the sweep asked for (a time budget can end it before all started)
+    budget_ran_out: bool = False  # sweep.time_budget_s ended the sweep
 
 
 def _swept_keys(sw: SweepConfig) -> list[str]:
@@ -616,6 +619,8 @@ def results_table(results: Any, sw: SweepConfig, epochs: int, trials_dir: Path, 
         rec = json.loads(rec_path.read_text()) if rec_path.is_file() else {}
         train_s = _epoch_seconds(client, rec.get("mlflow_run_id"))
         status = _trial_status(r, epochs)
+        if status == "not run" and rec:
+            status = "stopped"  # its Train run started (it has a record) but Tune ended it before epoch 1
         value = m.get(sw.metric)
         row = {"trial": trial_id, "method": over.get("method.name", ""),
                **{_short(k): over.get(k) for k in keys},
@@ -744,6 +749,12 @@ def run_sweep(s: Sweep, *, resume: bool = False, verbose: bool = True) -> SweepR
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "0"
     if resume:
         record = json.loads(record_path.read_text())
+        if record.get("status") == "finished":
+            raise UserError(f"sweep {sweep_dir.name!r} has finished ({sweep_dir / 'results.md'}); nothing to resume")
+        if record.get("status") == "time budget":
+            raise UserError(f"sweep {sweep_dir.name!r} ended on its time budget (sweep.time_budget_s = "
+                            f"{record['sweep'].get('time_budget_s')} s; {sweep_dir / 'results.md'}); --resume "
+                            "cannot extend it: start a new sweep with a larger sweep.time_budget_s")
         base = Config.from_dict(record["base"], source=str(record_path))
         recorded_sweep = parse_sweep_section(record["sweep"], source=str(record_path))
         if dataclasses.asdict(recorded_sweep) != {**dataclasses.asdict(s.sweep), "name": recorded_sweep.name}:
@@ -810,7 +821,9 @@ def run_sweep(s: Sweep, *, resume: bool = False, verbose: bool = True) -> SweepR
         fit_start = time.perf_counter()
         results = tuner.fit()
         fit_end = time.perf_counter()
-        out = _finish(s, sweep_dir, record, results, uri, parent, verbose=verbose)
+        # Tune ends a sweep whose time budget ran out without an error: tell it from a complete one.
+        budget = sw.time_budget_s is not None and fit_end - fit_start >= sw.time_budget_s
+        out = _finish(s, sweep_dir, record, results, uri, parent, verbose=verbose, budget_ran_out=budget)
         out.timings = {"setup_s": fit_start - start, "tune_s": fit_end - fit_start,
                        "finish_s": time.perf_counter() - fit_end}
     finally:
@@ -833,7 +846,7 @@ def _dataset(cfg: Config) -> str:
 
 
 def _finish(s: Sweep, sweep_dir: Path, record: dict[str, Any], results: Any, uri: str, parent: str, *,
-            verbose: bool) -> SweepResult:
+            verbose: bool, budget_ran_out: bool = False) -> SweepResult:
     """Final statuses on the child runs, table + plot artifacts, best encoder, champion."""
     from orchestrator import tracking
 
@@ -863,7 +876,7 @@ def _finish(s: Sweep, sweep_dir: Path, record: dict[str, Any], results: Any, uri
         c.log_artifact(parent, str(p))
 
     out = SweepResult(name=sweep_dir.name, sweep_dir=str(sweep_dir), parent_run_id=parent, tracking_uri=uri,
-                      table=table, metric=sw.metric)
+                      table=table, metric=sw.metric, planned=n_grid_trials(sw), budget_ran_out=budget_ran_out)
     counts = table["status"].value_counts().to_dict() if not table.empty else {}
     metrics = {f"trials_{k.replace(' ', '_')}": float(v) for k, v in counts.items()}
     ok = table[table["status"].isin(["finished", "stopped"]) & table[sw.metric].notna()] if not table.empty else table
@@ -886,8 +899,10 @@ def _finish(s: Sweep, sweep_dir: Path, record: dict[str, Any], results: Any, uri
 
         ts = int(time.time() * 1000)
         c.log_batch(parent, metrics=[Metric(k, v, ts, 0) for k, v in metrics.items()])
+    if budget_ran_out:
+        c.set_tag(parent, "selfsup.ended_by", "time_budget_s")
     c.set_terminated(parent, "FINISHED")
-    _write_record(sweep_dir / SWEEP_RECORD, {**record, "status": "finished"})
+    _write_record(sweep_dir / SWEEP_RECORD, {**record, "status": "time budget" if budget_ran_out else "finished"})
     out.markdown = md
     return out
 
@@ -934,6 +949,10 @@ def _trial_config(s: Sweep, row: dict[str, Any]) -> Config:
 def _print_summary(out: SweepResult) -> None:
     print(f"\nselfsup sweep {out.name}: {len(out.table)} trials in {out.wall_seconds:.0f}s\n")
     print(out.markdown)
+    if out.budget_ran_out:
+        done = int((out.table["status"] == "finished").sum()) if not out.table.empty else 0
+        print(f"  time budget:  ran out: {len(out.table)} of {out.planned} trials started, {done} finished; "
+              "the trials it cut short are 'stopped', the rest did not run")
     print(f"  table, plot:  {out.sweep_dir}/results.csv, results.md, knn_by_hparam.png "
           f"(also artifacts of MLflow run {out.parent_run_id})")
     if out.best:
@@ -942,11 +961,16 @@ def _print_summary(out: SweepResult) -> None:
     if out.model_uri:
         print(f"  registered:   {out.model_uri}" + ("  (now the champion)" if out.champion else
                                                     "  (the champion stays: it is at least as good)"))
-    print("  an interrupted sweep continues with the same command plus --resume", flush=True)
+    if not out.budget_ran_out:
+        print("  an interrupted sweep continues with the same command plus --resume", flush=True)
 
 
 def main(config: str | None = None, overrides: list[str] | None = None, resume: bool = False) -> int:
     """`selfsup sweep`: returns the exit code (UserError propagates to the CLI: exit 2)."""
     s = load_sweep(config, overrides or [])
     out = run_sweep(s, resume=resume, verbose=True)
-    return 0 if out.best is not None else 1
+    if out.best is None:
+        why = " before the time budget (sweep.time_budget_s) ran out" if out.budget_ran_out else ""
+        print(f"selfsup sweep: no trial reported {out.metric}{why}; nothing registered", file=sys.stderr, flush=True)
+        return 1
+    return 0

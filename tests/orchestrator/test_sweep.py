@@ -19,6 +19,7 @@ import yaml
 
 from orchestrator import sweep as sweep_mod
 from orchestrator.config import ConfigError
+from orchestrator.errors import UserError
 from orchestrator.sweep import (SweepConfig, grid_trials, load_sweep, n_grid_trials, optuna_space,
                                 random_trial)
 
@@ -249,6 +250,60 @@ def test_sweep_end_to_end_killed_and_resumed(tmp_path: Path, demo_data: Path, ml
     assert (Path(out.sweep_dir) / "knn_by_hparam.png").stat().st_size > 5000
     csv = (Path(out.sweep_dir) / "results.csv").read_text()
     assert csv.count("\n") == 6 and "diverged" in csv
+
+    # 5. A finished sweep is not run or logged again by another --resume.
+    with pytest.raises(UserError, match=r"sweep 'e2e' has finished \(.*results\.md\); nothing to resume"):
+        sweep_mod.run_sweep(load_sweep(config), resume=True)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_time_budget_ends_the_sweep_and_says_so(tmp_path: Path, demo_data: Path, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """sweep.time_budget_s = 6: a trial takes longer than that here (Ray Train start-up alone is
+    ~15 s), so the budget ends the sweep inside its first trials. They end as 'stopped' (table and
+    MLflow), nothing is registered, `selfsup sweep` exits 1 saying why, and --resume refuses."""
+    from mlflow import MlflowClient
+
+    from orchestrator.cli import main as cli_main
+
+    monkeypatch.chdir(tmp_path)  # a SQLite store's artifacts go to ./mlruns
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = _write(tmp_path, {
+        "data": {"path": str(demo_data), "source": None, "image_size": 28, "limit": 256},
+        "optim": {"name": "adamw", "lr": 2e-3, "batch_size": 64, "epochs": 2, "warmup_epochs": 0.5},
+        "scaling": {"num_workers": 1},
+        "eval": {"knn_train_limit": 500, "knn_test_limit": 200},
+        "tracking": {"uri": uri, "experiment": "budget", "model_name": "budget-encoder"},
+        "sweep": {"name": "budget", "storage_path": str(tmp_path / "sweeps"), "searcher": "grid",
+                  "methods": {"simclr": {"method.temperature": [0.5, 0.2]}, "byol": {"method.momentum": [0.99, 0.9]}},
+                  "max_concurrent_trials": 2, "time_budget_s": 6},
+    })
+    assert cli_main(["sweep", "--config", config]) == 1
+    captured = capsys.readouterr()
+    assert "no trial reported knn_top1 before the time budget (sweep.time_budget_s) ran out" in captured.err
+    m = re.search(r"time budget:\s+ran out: (\d) of 4 trials started, 0 finished", captured.out)
+    assert m and 1 <= int(m.group(1)) <= 2, captured.out
+
+    import pandas as pd
+
+    table = pd.read_csv(tmp_path / "sweeps" / "budget" / "results.csv")
+    assert len(table) == int(m.group(1)) and set(table["status"]) == {"stopped"}, table.to_string()
+    c = MlflowClient(tracking_uri=uri)
+    exp = c.get_experiment_by_name("budget")
+    runs = c.search_runs([exp.experiment_id])
+    parent = [r for r in runs if r.data.tags.get("selfsup.kind") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
+    assert len(parent) == 1 and parent[0].info.status == "FINISHED"
+    assert parent[0].data.tags["selfsup.ended_by"] == "time_budget_s"
+    assert len(children) == len(table) and {r.info.status for r in children} == {"KILLED"}
+    assert {r.data.tags["selfsup.trial_status"] for r in children} == {"stopped"}
+    assert c.search_registered_models(filter_string="name = 'budget-encoder'") == []
+
+    assert cli_main(["sweep", "--config", config, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "sweep 'budget' ended on its time budget (sweep.time_budget_s = 6.0 s" in err
+    assert "start a new sweep with a larger sweep.time_budget_s" in err
 
 
 @pytest.mark.slow
