@@ -60,12 +60,15 @@ def main() -> None:
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = p.parse_args()
 
+    from orchestrator import tracking
     from orchestrator.pretrain import run_pretrain
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="cifar10-knn-") as tmp:
         for method in args.methods:
             cfg = load_config(str(REPO / "configs" / f"cifar10-{method}.yaml"), overrides(args, method, tmp))
+            # Artifacts (checkpointed encoders, curves) stay in the temporary folder, not ./mlruns.
+            tracking.ensure_experiment(str(cfg.tracking.uri), cfg.tracking.experiment, artifact_location=f"{tmp}/mlruns")
             start = time.perf_counter()
             r = run_pretrain(cfg, progress=True)
             minutes = (time.perf_counter() - start) / 60

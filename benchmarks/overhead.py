@@ -47,6 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from orchestrator.config import Config, load_config  # noqa: E402
+from orchestrator import tracking  # noqa: E402
 
 
 def make_config(args: argparse.Namespace, storage: str, uri: str, loader: str) -> Config:
@@ -159,6 +160,8 @@ def main() -> None:
 
         cfg = absolute_paths(cfg)
         ensure_data(cfg)
+        # The runs' artifacts go into the temporary folder too (MLflow's default is ./mlruns in the cwd).
+        tracking.ensure_experiment(cfg.tracking.uri, cfg.tracking.experiment, artifact_location=f"{tmp}/mlruns")
         for r in range(args.rounds):
             plains.append(run_plain_process(args, tmp))  # first: its decode warms the page cache for both
             rays.append(run_ray(cfg))

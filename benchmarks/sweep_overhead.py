@@ -128,6 +128,8 @@ def main() -> int:
     ap.add_argument("--floor-json", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if args.floor_trials < 1:
+        ap.error(f"--floor-trials {args.floor_trials}: the overhead table compares against the floor; use 1 or more")
     if args.floor_only is not None:
         floor_only(args.floor_only, args.floor_json)
         return 0

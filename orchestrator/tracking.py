@@ -52,14 +52,18 @@ def client(uri: str) -> Any:
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-def ensure_experiment(uri: str, name: str) -> str:
-    """Create the store (if new) and the experiment (if missing); returns the experiment id."""
+def ensure_experiment(uri: str, name: str, artifact_location: str | None = None) -> str:
+    """Create the store (if new) and the experiment (if missing); returns the experiment id.
+
+    `artifact_location` applies to a new experiment only; None is MLflow's default (for a SQLite
+    store: ./mlruns in the current directory, whereever the database file is).
+    """
     c = client(uri)
     exp = c.get_experiment_by_name(name)
     if exp is not None:
         return str(exp.experiment_id)
     try:
-        return str(c.create_experiment(name))
+        return str(c.create_experiment(name, artifact_location=artifact_location))
     except Exception:  # created concurrently by another driver
         exp = c.get_experiment_by_name(name)
         if exp is None:
