@@ -85,6 +85,7 @@ def floor_only(trials: int, out_json: Path) -> None:
     import ray
 
     work = Path(tempfile.mkdtemp(prefix="sweep-floor-"))
+    temp_dir = None
     try:
         t0 = time.perf_counter()
         _, temp_dir = init_ray(Config())
@@ -99,11 +100,11 @@ def floor_only(trials: int, out_json: Path) -> None:
         errors = [r.error for r in grid if r.error is not None]
         if errors:
             raise RuntimeError(f"floor trial failed: {errors[0]}")
+        out_json.write_text(json.dumps({"trials": trials, "ray_start_s": t1 - t0, "tune_s": t2 - t1}))
+    finally:  # also when a trial failed: the private Ray and its session folder go
         ray.shutdown()
         if temp_dir:
             shutil.rmtree(temp_dir, ignore_errors=True)
-        out_json.write_text(json.dumps({"trials": trials, "ray_start_s": t1 - t0, "tune_s": t2 - t1}))
-    finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
