@@ -49,7 +49,10 @@ def _train_fn(config: dict) -> None:
 
     import torch  # noqa: F401  (as a real worker)
 
+    import ray
+
     Path(config["age_file"]).write_text(str(_age_s()))
+    Path(config["age_file"] + ".env").write_text(ray.get_runtime_context().get_runtime_env_string())
     time.sleep(1.0)
 
 
@@ -133,8 +136,11 @@ def run_mode(mode: str, trials: int) -> dict:
         if grid.errors:
             raise RuntimeError(f"{mode}: a trial failed: {grid.errors[0]}")
         ages = [(r.metrics["trial_age_s"], r.metrics["worker_age_s"]) for r in grid]
+        # Is the Train worker's runtime_env the string the probe prestarts for it?
+        worker_envs = {p.read_text() for p in (work / "train").glob("worker-age-*.env")}
         return {"mode": mode, "trials": trials, "wall_s": round(wall, 2), "per_trial_s": round(wall / trials, 2),
-                "trial_age_s": [round(a, 2) for a, _ in ages], "worker_age_s": [round(b, 2) for _, b in ages]}
+                "trial_age_s": [round(a, 2) for a, _ in ages], "worker_age_s": [round(b, 2) for _, b in ages],
+                "worker_env_is_prestarted_env": worker_envs == {envs[1][0]}}
     finally:
         ray.shutdown()
         shutil.rmtree(temp, ignore_errors=True)
@@ -176,7 +182,9 @@ def main() -> int:
     lines += [f"| {what[r['mode']]} | {r['per_trial_s']:.2f} | {r['per_trial_s'] / base:.2f} | "
               f"{', '.join(f'{a:.1f}' for a in r['trial_age_s'])} | {', '.join(f'{a:.1f}' for a in r['worker_age_s'])} |"
               for r in rows]
-    lines += ["", "A process age well above its own start-up (~3-5 s here) means the actor took a prestarted worker."]
+    lines += ["", "A process age well above its own start-up (~3-5 s here) means the actor took a prestarted worker.",
+              "The Train worker's runtime_env string equals the one prestarted for it: "
+              + ", ".join(f"{r['mode']} {'yes' if r['worker_env_is_prestarted_env'] else 'no'}" for r in rows) + "."]
     lines += ["", f"Command: `.venv/bin/python benchmarks/prestart_probe.py --trials {args.trials}`", ""]
     (args.out / "prestart_probe.md").write_text("\n".join(lines))
     print("\n".join(lines))
