@@ -46,8 +46,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from orchestrator.config import Config, load_config  # noqa: E402
 from orchestrator import tracking  # noqa: E402
+from orchestrator.config import Config, load_config  # noqa: E402
 
 
 def make_config(args: argparse.Namespace, storage: str, uri: str, loader: str) -> Config:

@@ -44,12 +44,10 @@ def _age_s() -> float:
 
 def _train_fn(config: dict) -> None:
     import time
-
     from pathlib import Path
 
-    import torch  # noqa: F401  (as a real worker)
-
     import ray
+    import torch  # noqa: F401  (as a real worker)
 
     Path(config["age_file"]).write_text(str(_age_s()))
     Path(config["age_file"] + ".env").write_text(ray.get_runtime_context().get_runtime_env_string())
@@ -57,16 +55,17 @@ def _train_fn(config: dict) -> None:
 
 
 def _trial(config: dict) -> None:
+    from pathlib import Path
+
     import ray.train
     from ray import tune
     from ray.train.torch import TorchTrainer
 
-    from pathlib import Path
-
     trial_age = _age_s()
     age_file = Path(config["storage"]) / f"worker-age-{config['i']}"
     age_file.parent.mkdir(parents=True, exist_ok=True)
-    TorchTrainer(_train_fn, train_loop_config={"age_file": str(age_file)}, scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+    TorchTrainer(_train_fn, train_loop_config={"age_file": str(age_file)},
+                 scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
                  run_config=ray.train.RunConfig(name=f"t{config['i']}", storage_path=config["storage"])).fit()
     tune.report({"trial_age_s": trial_age, "worker_age_s": float(age_file.read_text())})
 

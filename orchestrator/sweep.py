@@ -584,14 +584,15 @@ def _short(key: str) -> str:
     return key.split(".", 1)[1] if "." in key else key
 
 
-def _trial_status(result: Any, epochs: int) -> str:
+def _trial_status(result: Any, epochs: int, started: bool) -> str:
+    """`started`: the trial's Train run began (it wrote its run record)."""
     m = result.metrics or {}
     if result.error is not None:
         return "error"
     if m.get("diverged"):
         return "diverged"
-    if "epoch" not in m:
-        return "not run"
+    if "epoch" not in m:  # started: Tune ended it (time budget) before its first epoch
+        return "stopped" if started else "not run"
     return "finished" if int(m["epoch"]) >= epochs else "stopped"
 
 
@@ -618,9 +619,7 @@ def results_table(results: Any, sw: SweepConfig, epochs: int, trials_dir: Path, 
         rec_path = trials_dir / f"{TRIAL_PREFIX}{trial_id}" / RUN_RECORD
         rec = json.loads(rec_path.read_text()) if rec_path.is_file() else {}
         train_s = _epoch_seconds(client, rec.get("mlflow_run_id"))
-        status = _trial_status(r, epochs)
-        if status == "not run" and rec:
-            status = "stopped"  # its Train run started (it has a record) but Tune ended it before epoch 1
+        status = _trial_status(r, epochs, started=bool(rec))
         value = m.get(sw.metric)
         row = {"trial": trial_id, "method": over.get("method.name", ""),
                **{_short(k): over.get(k) for k in keys},

@@ -56,7 +56,7 @@ def ensure_experiment(uri: str, name: str, artifact_location: str | None = None)
     """Create the store (if new) and the experiment (if missing); returns the experiment id.
 
     `artifact_location` applies to a new experiment only; None is MLflow's default (for a SQLite
-    store: ./mlruns in the current directory, whereever the database file is).
+    store: ./mlruns in the current directory, wherever the database file is).
     """
     c = client(uri)
     exp = c.get_experiment_by_name(name)
