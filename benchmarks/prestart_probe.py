@@ -12,7 +12,11 @@ controller's (the controller's helpers and the worker inherit it).
 Each mode runs in its own process with its own local Ray (4 logical CPUs, as `init_ray`):
 `off` (plain), `preload` (modules imported at worker start, nothing prestarted) and `prestart`
 (both). Each runs a Tune grid of N trials, one at a time, whose trial is an empty 1-worker
-`TorchTrainer.fit()` (the worker imports torch and sleeps 1 s). Reported: sweep wall time per trial.
+`TorchTrainer.fit()` (the worker imports torch, calls `ray.train.report` and sleeps 1 s).
+A fourth mode, `local`, runs the same function through Ray Train's local mode
+(`ScalingConfig(num_workers=0)`: no controller, no worker process; the function runs in the Tune
+trial's own process) and records whether `ray.train.report` works there. Reported: sweep wall time
+per trial.
 
     .venv/bin/python benchmarks/prestart_probe.py [--trials 4] [--out benchmarks/results]
 """
@@ -32,7 +36,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PRELOAD = ["torch", "ray.train.torch", "ray.tune", "orchestrator.train_loop", "orchestrator.tracking"]
-MODES = ("off", "preload", "prestart")
+MODES = ("off", "preload", "prestart", "local")
 
 
 def _age_s() -> float:
@@ -47,10 +51,17 @@ def _train_fn(config: dict) -> None:
     from pathlib import Path
 
     import ray
+    import ray.train
     import torch  # noqa: F401  (as a real worker)
 
     Path(config["age_file"]).write_text(str(_age_s()))
     Path(config["age_file"] + ".env").write_text(ray.get_runtime_context().get_runtime_env_string())
+    try:
+        ray.train.report({"done": 1})
+        outcome = "works"
+    except Exception as e:  # Ray Train's local mode inside a Tune trial refuses it
+        outcome = f"{type(e).__name__}: {str(e).split('. ')[0]}"
+    Path(config["age_file"] + ".report").write_text(outcome)
     time.sleep(1.0)
 
 
@@ -64,8 +75,9 @@ def _trial(config: dict) -> None:
     trial_age = _age_s()
     age_file = Path(config["storage"]) / f"worker-age-{config['i']}"
     age_file.parent.mkdir(parents=True, exist_ok=True)
-    TorchTrainer(_train_fn, train_loop_config={"age_file": str(age_file)},
-                 scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+    scaling = (ray.train.ScalingConfig(num_workers=0) if config["local"]  # Train's local mode: in this process
+               else ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}))
+    TorchTrainer(_train_fn, train_loop_config={"age_file": str(age_file)}, scaling_config=scaling,
                  run_config=ray.train.RunConfig(name=f"t{config['i']}", storage_path=config["storage"])).fit()
     tune.report({"trial_age_s": trial_age, "worker_age_s": float(age_file.read_text())})
 
@@ -127,7 +139,8 @@ def run_mode(mode: str, trials: int) -> dict:
         t0 = time.perf_counter()
         grid = tune.Tuner(
             tune.with_resources(_trial, {"cpu": 0.25}),
-            param_space={"i": tune.grid_search(list(range(trials))), "storage": str(work / "train")},
+            param_space={"i": tune.grid_search(list(range(trials))), "storage": str(work / "train"),
+                         "local": mode == "local"},
             tune_config=tune.TuneConfig(max_concurrent_trials=1, reuse_actors=False),
             run_config=tune.RunConfig(name="probe", storage_path=str(work / "tune"), verbose=0,
                                       callbacks=[Prestart()] if mode == "prestart" else [])).fit()
@@ -137,9 +150,10 @@ def run_mode(mode: str, trials: int) -> dict:
         ages = [(r.metrics["trial_age_s"], r.metrics["worker_age_s"]) for r in grid]
         # Is the Train worker's runtime_env the string the probe prestarts for it?
         worker_envs = {p.read_text() for p in (work / "train").glob("worker-age-*.env")}
+        reports = sorted({p.read_text() for p in (work / "train").glob("worker-age-*.report")})
         return {"mode": mode, "trials": trials, "wall_s": round(wall, 2), "per_trial_s": round(wall / trials, 2),
                 "trial_age_s": [round(a, 2) for a, _ in ages], "worker_age_s": [round(b, 2) for _, b in ages],
-                "worker_env_is_prestarted_env": worker_envs == {envs[1][0]}}
+                "worker_env_is_prestarted_env": worker_envs == {envs[1][0]}, "ray_train_report": reports}
     finally:
         ray.shutdown()
         shutil.rmtree(temp, ignore_errors=True)
@@ -177,13 +191,18 @@ def main() -> int:
              "| mode | s per trial | vs off | trial process age at trial fn (s) | worker process age at train fn (s) |",
              "| --- | ---: | ---: | --- | --- |"]
     what = {"off": "off: plain local Ray (baseline)", "preload": "preload: modules imported at worker start",
-            "prestart": "prestart: preload + 1 trial and 4 controller-env workers prestarted per trial"}
+            "prestart": "prestart: preload + 1 trial and 4 controller-env workers prestarted per trial",
+            "local": "local: Ray Train local mode (`num_workers=0`), the function in the trial's process"}
     lines += [f"| {what[r['mode']]} | {r['per_trial_s']:.2f} | {r['per_trial_s'] / base:.2f} | "
               f"{', '.join(f'{a:.1f}' for a in r['trial_age_s'])} | {', '.join(f'{a:.1f}' for a in r['worker_age_s'])} |"
               for r in rows]
-    lines += ["", "A process age well above its own start-up (~3-5 s here) means the actor took a prestarted worker.",
+    lines += ["", "A process age well above its own start-up (~3-5 s here) means the actor took a prestarted worker "
+              "(in local mode the \"worker\" is the trial process itself).",
               "The Train worker's runtime_env string equals the one prestarted for it: "
-              + ", ".join(f"{r['mode']} {'yes' if r['worker_env_is_prestarted_env'] else 'no'}" for r in rows) + "."]
+              + ", ".join(f"{r['mode']} {'yes' if r['worker_env_is_prestarted_env'] else 'no'}"
+                          for r in rows if r["mode"] != "local") + ".",
+              "`ray.train.report` in the training function: "
+              + "; ".join(f"{r['mode']} {' / '.join(r['ray_train_report'])}" for r in rows) + "."]
     lines += ["", f"Command: `.venv/bin/python benchmarks/prestart_probe.py --trials {args.trials}`", ""]
     (args.out / "prestart_probe.md").write_text("\n".join(lines))
     print("\n".join(lines))
