@@ -275,18 +275,22 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any], *, source: str = "--
     return new
 
 
-def load_config(path: str | None, overrides: list[str] | None = None, *, check: bool = True) -> Config:
+def load_config(path: str | None, overrides: list[str] | None = None, *, check: bool = True,
+                check_data: bool | None = True) -> Config:
     """Defaults, then the YAML file at `path` (None: the built-in demo), then `--set` overrides.
 
     Args:
         path: YAML file; sections and fields it leaves out keep their defaults.
         overrides: ["section.field=value", ...] as given to ``--set``.
-        check: run `validate` (data folder, GPU, ...) on the result.
+        check: run `validate` (data folder, GPU, ...) on the result; its message starts with where
+            the field it names was set (`--set KEY=VALUE` or the file), see `where_set`.
+        check_data: passed to `validate`; None checks the data folder only when no `data.source`
+            will ingest it first.
 
     Raises:
         ConfigError: unreadable file, unknown key, wrong type or impossible value.
     """
-    cfg = Config()
+    cfg, raw = Config(), None
     if path is not None:
         p = Path(path)
         if not p.is_file():
@@ -296,10 +300,33 @@ def load_config(path: str | None, overrides: list[str] | None = None, *, check: 
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
         cfg = Config.from_dict(raw or {}, source=str(path))
-    cfg = apply_overrides(cfg, parse_overrides(overrides or []))
+    over = parse_overrides(overrides or [])
+    cfg = apply_overrides(cfg, over)
     if check:
-        validate(cfg)
+        try:
+            validate(cfg, check_data=cfg.data.source is None if check_data is None else check_data)
+        except ConfigError as e:
+            raise ConfigError(where_set(str(e), path=path, raw=raw, overrides=over)) from None
     return cfg
+
+
+_NAMED_FIELD = re.compile(r"([a-z_]+)\.([a-z_0-9]+) = .*?: ")
+
+
+def where_set(message: str, *, path: str | None, raw: Any, overrides: dict[str, Any]) -> str:
+    """A validation error ("section.field = value: what is allowed") told from where that field was
+    set, as the type errors are: "--set section.field=value: ..." when an override set it,
+    "PATH: section.field = value: ..." when the file does; unchanged for a default value (or a
+    message that names no field first)."""
+    m = _NAMED_FIELD.match(message)
+    if m is None:
+        return message
+    key = f"{m[1]}.{m[2]}"
+    if key in overrides:
+        return f"--set {key}={overrides[key]}: {message[m.end():]}"
+    if path is not None and isinstance(raw, dict) and isinstance(raw.get(m[1]), dict) and m[2] in raw[m[1]]:
+        return f"{path}: {message}"
+    return message
 
 
 def config_name(path: str | None) -> str:

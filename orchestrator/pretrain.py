@@ -610,10 +610,7 @@ def _print_summary(r: PretrainResult) -> None:
 
 def main(config: str | None = None, overrides: list[str] | None = None, resume: bool = False) -> int:
     """`selfsup pretrain`: returns the exit code (UserError propagates to the CLI: exit 2)."""
-    cfg = load_config(config, overrides or [], check=False)
-    from orchestrator.config import validate
-
-    validate(cfg, check_data=cfg.data.source is None)
+    cfg = load_config(config, overrides or [], check_data=None)  # a data.source is ingested first
     try:
         result = run_pretrain(cfg, resume=resume, stem=config_name(config), progress=True)
     except (UserError, ConfigError):

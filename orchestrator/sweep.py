@@ -55,7 +55,7 @@ from typing import Any
 import yaml
 
 from orchestrator.config import (METHOD_NAMES, METHOD_ONLY, RUN_NAME, Config, ConfigError, _parse_value,
-                                 apply_overrides, parse_overrides, validate)
+                                 apply_overrides, parse_overrides, validate, where_set)
 from orchestrator.errors import UserError
 
 SWEEP_RECORD = "selfsup-sweep.json"
@@ -96,6 +96,7 @@ class Sweep:
     sweep: SweepConfig
     source: str  # the sweep file (for messages)
     stem: str  # automatic sweep names: "<stem>-<n>"
+    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # the base's `--set`s (for messages)
 
 
 # --- loading ---------------------------------------------------------------------------------------
@@ -134,8 +135,12 @@ def load_sweep(path: str | None, overrides: list[str] | None = None) -> Sweep:
     base = apply_overrides(base, base_over)
     for key, value in sweep_over.items():
         _set_sweep_field(sweep, key[len("sweep."):], value, f"--set {key}={value}")
-    s = Sweep(base=base, sweep=sweep, source=str(path), stem=p.stem)
-    check_sweep(s)
+    s = Sweep(base=base, sweep=sweep, source=str(path), stem=p.stem, overrides=base_over)
+    try:
+        check_sweep(s)
+    except ConfigError as e:  # told from where the field was set, as pretrain's messages are
+        raise ConfigError(where_set(str(e), path=str(path), raw={**merged, "sweep": sweep_raw},
+                                    overrides={**base_over, **sweep_over})) from None
     return s
 
 
@@ -232,6 +237,11 @@ def check_sweep(s: Sweep) -> None:
                 cfg = apply_overrides(s.base, over, source=f"{s.source}: sweep {m}")
                 validate(cfg, check_data=False, check_gpu=False)
             except ConfigError as e:
+                # A base field set by --set (and not swept) is blamed on the --set, else on the file.
+                msg = where_set(str(e), path=None, raw=None,
+                                overrides={k: v for k, v in s.overrides.items() if k not in point})
+                if msg != str(e):
+                    raise ConfigError(f"{msg} (in sweep trial {_describe(over)})") from None
                 raise ConfigError(f"{s.source}: sweep trial {_describe(over)}: {e}") from None
     if n_grid_trials(sw) == 0:
         _fail("sweep.methods", sw.methods, "the sweep has no trials")

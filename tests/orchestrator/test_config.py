@@ -83,17 +83,20 @@ BAD = [
     (None, ["optim.lr=fast"], ["--set optim.lr=fast", "expected a number"]),
     (None, ["optim.epochs=2.5"], ["optim.epochs", "expected an integer"]),
     (None, ["scaling.use_gpu=maybe"], ["scaling.use_gpu", "true or false"]),
-    (None, ["optim.batch_size=255"], ["optim.batch_size = 255", "divisible by scaling.num_workers (2)"]),
+    (None, ["optim.batch_size=255"], ["--set optim.batch_size=255", "divisible by scaling.num_workers (2)"]),
+    ("optim:\n  batch_size: 255\n", [], ["bad.yaml: optim.batch_size = 255", "divisible by scaling.num_workers"]),
     (None, ["scaling.use_gpu=true"], ["scaling.use_gpu", "no CUDA GPU"]),
-    (None, ["method.name=swav"], ["method.name = 'swav'", "simclr, moco, byol"]),
-    (None, ["model.encoder=vit"], ["model.encoder = 'vit'", "convnet, resnet18, resnet50"]),
-    (None, ["optim.name=adam"], ["optim.name = 'adam'", "sgd, lars, adamw"]),
+    (None, ["method.name=swav"], ["--set method.name=swav: allowed: simclr, moco, byol"]),
+    (None, ["model.encoder=vit"], ["--set model.encoder=vit", "convnet, resnet18, resnet50"]),
+    (None, ["optim.name=adam"], ["--set optim.name=adam", "sgd, lars, adamw"]),
     (None, ["method.momentum=0.99"], ["method.momentum", "only moco, byol take it, not simclr"]),
-    (None, ["optim.lr=-1"], ["optim.lr = -1.0", "must be > 0"]),
+    (None, ["optim.lr=-1"], ["--set optim.lr=-1: must be > 0"]),
+    ("optim:\n  lr: 0\n", [], ["bad.yaml: optim.lr = 0.0: must be > 0"]),
+    ("optim:\n  lr: 0\n", ["optim.lr=-2"], ["--set optim.lr=-2: must be > 0"]),  # the --set wins, and is named
     (None, ["optim.warmup_epochs=20"], ["optim.warmup_epochs", "<= optim.epochs (5)"]),
-    (None, ["run.name=a b"], ["run.name = 'a b'", "letters, digits"]),
+    (None, ["run.name=a b"], ["--set run.name=a b", "letters, digits"]),
     (None, ["data.path=/nonexistent/selfsup", "data.source=null"],
-     ["data.path = '/nonexistent/selfsup'", "does not exist", "selfsup ingest"]),
+     ["--set data.path=/nonexistent/selfsup", "does not exist", "selfsup ingest"]),
     (None, ["data.test_split=val"], ["data.test_split = 'val'", "has splits: test, train"]),
     (None, ["tracking.uri=file:///tmp/mlruns"], ["tracking.uri", "sqlite"]),
     (None, ["optim"], ["--set 'optim'", "KEY=VALUE"]),
@@ -157,7 +160,7 @@ def test_local_ray_stays_on_loopback_and_a_config_address_says_to_use_ray_addres
                        timeout=300)
     assert p.stdout.strip() == "0"  # Ray, imported after this, binds 127.0.0.1 only
     assert p.returncode == 2, p.stderr
-    assert "run.ray_address = 'auto': set the environment variable RAY_ADDRESS=auto" in p.stderr
+    assert "--set run.ray_address=auto: set the environment variable RAY_ADDRESS=auto" in p.stderr
     assert not (tmp_path / "runs").exists()  # refused before anything was written
     p = subprocess.run([sys.executable, "-c", code, "--help"], capture_output=True, text=True,
                        env={**env, "RAY_ADDRESS": "auto"}, timeout=300)

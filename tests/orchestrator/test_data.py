@@ -97,7 +97,7 @@ def test_memory_loader_that_cannot_fit_writes_nothing(demo_data: Path, small_sto
 
 
 def test_memory_loader_and_ray_data_augmentation_are_refused_together(demo_data: Path) -> None:
-    with pytest.raises(ConfigError, match="data.augment_on = 'data': needs data.loader=stream"):
+    with pytest.raises(ConfigError, match="--set data.augment_on=data: needs data.loader=stream"):
         load_config(None, [f"data.path={demo_data}", "data.loader=memory", "data.augment_on=data"])
-    with pytest.raises(ConfigError, match="data.loader = 'disk': allowed: auto, memory, stream"):
+    with pytest.raises(ConfigError, match="--set data.loader=disk: allowed: auto, memory, stream"):
         load_config(None, [f"data.path={demo_data}", "data.loader=disk"])

@@ -92,6 +92,26 @@ def test_bad_sweeps_are_rejected_with_one_message(tmp_path: Path, sweep: dict, m
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
+def test_a_bad_value_is_told_from_where_it_was_set(tmp_path: Path) -> None:
+    """The message names the file for a value the file sets, the --set for a value a --set sets."""
+    path = _write(tmp_path, {"data": {"source": None}, "scaling": {"num_workers": 1},
+                             "sweep": {"max_concurrent_trials": 0, "methods": {"simclr": {}}}})
+    with pytest.raises(ConfigError) as e:
+        load_sweep(path)
+    assert str(e.value) == f"{path}: sweep.max_concurrent_trials = 0: must be >= 1"
+    with pytest.raises(ConfigError) as e:
+        load_sweep(path, ["sweep.max_concurrent_trials=-1"])
+    assert str(e.value) == "--set sweep.max_concurrent_trials=-1: must be >= 1"
+    path = _write(tmp_path, {"data": {"source": None}, "scaling": {"num_workers": 1},
+                             "sweep": {"methods": {"simclr": {"method.temperature": [0.1, -1]}}}})
+    with pytest.raises(ConfigError) as e:  # a swept value: the file's trial
+        load_sweep(path)
+    assert str(e.value).startswith(f"{path}: sweep trial simclr: temperature=-1: method.temperature = -1.0: ")
+    with pytest.raises(ConfigError) as e:  # a base value every trial takes from a --set
+        load_sweep(path, ["optim.lr=0"])
+    assert str(e.value) == "--set optim.lr=0: must be > 0 (in sweep trial simclr: temperature=0.1)"
+
+
 def test_set_overrides_reach_sweep_and_base(tmp_path: Path) -> None:
     path = _write(tmp_path, {"data": {"source": None}, "sweep": CIFAR_LIKE})
     s = load_sweep(path, ["sweep.searcher=random", "sweep.num_samples=7", "optim.epochs=3"])
