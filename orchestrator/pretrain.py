@@ -306,9 +306,7 @@ def build_trainer(cfg: Config, *, callbacks: list[Any] | None = None, mlflow_par
         raise ValueError("build_trainer needs cfg.run.name (see resolve_run)")
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
     if mlflow_run_id is None:
-        exp_id = tracking.ensure_experiment(uri, cfg.tracking.experiment)
-        mlflow_run_id = tracking.start_run(uri, exp_id, cfg.run.name, cfg.flat(), to_yaml(cfg),
-                                           parent_run_id=mlflow_parent_run_id, tags=_run_tags(cfg))
+        mlflow_run_id = create_run(cfg, uri=uri, parent_run_id=mlflow_parent_run_id)
     storage = str(Path(cfg.run.storage_path).expanduser().resolve())
     worker_config = {**cfg.to_dict(), "_run_dir": str(Path(storage) / cfg.run.name),
                      "_train_rows": data.train_rows if data is not None else train_rows(cfg),
@@ -344,6 +342,14 @@ def _train_func() -> Any:
 def _fault_epoch() -> int | None:
     value = os.environ.get(FAULT_ENV)
     return int(value) if value else None
+
+
+def create_run(cfg: Config, *, uri: str, parent_run_id: str | None = None) -> str:
+    """The MLflow run of pretraining `cfg` (paths absolute, `run.name` set): its params, config
+    YAML and tags; nested under `parent_run_id` (a sweep's). Returns the run id."""
+    exp_id = tracking.ensure_experiment(uri, cfg.tracking.experiment)
+    return tracking.start_run(uri, exp_id, str(cfg.run.name), cfg.flat(), to_yaml(cfg),
+                              parent_run_id=parent_run_id, tags=_run_tags(cfg))
 
 
 def _run_tags(cfg: Config) -> dict[str, str]:
@@ -426,8 +432,8 @@ class _Printer:
 # --- the run ----------------------------------------------------------------------------------
 
 def run_pretrain(cfg: Config, *, resume: bool = False, stem: str = "run", callbacks: list[Any] | None = None,
-                 mlflow_parent_run_id: str | None = None, progress: bool = False,
-                 data: DecodedData | None = None, curves: bool = True) -> PretrainResult:
+                 mlflow_parent_run_id: str | None = None, mlflow_run_id: str | None = None, close_run: bool = True,
+                 progress: bool = False, data: DecodedData | None = None, curves: bool = True) -> PretrainResult:
     """Pretrain one encoder on Ray Train, track it in MLflow and register it.
 
     Args:
@@ -437,6 +443,11 @@ def run_pretrain(cfg: Config, *, resume: bool = False, stem: str = "run", callba
         stem: prefix of automatic run names (the config file's stem).
         callbacks: extra Ray Train callbacks, e.g. Tune's `TuneReportCallback()` in a sweep trial.
         mlflow_parent_run_id: nest this run's MLflow run under a sweep's parent run.
+        mlflow_run_id: log into this MLflow run, which the caller made with `create_run` (a sweep's
+            driver makes its trials' runs: a trial process then never imports MLflow before its
+            training starts); None makes the run here. Ignored on `resume` (the record has it).
+        close_run: mark the MLflow run FINISHED / FAILED at the end; False leaves that to the
+            caller (a sweep's driver, which knows when Tune stopped a trial).
         progress: print one line per epoch on stdout.
         data: decoded data already in the object store (a sweep's, shared by its trials); used when
             this run's loader is memory and its data fields match, else decoded here.
@@ -476,9 +487,7 @@ def run_pretrain(cfg: Config, *, resume: bool = False, stem: str = "run", callba
     try:
         decoded = _decoded_for(cfg, data)  # refuses data.loader=memory that cannot fit before anything is written
         if not resume:
-            exp_id = tracking.ensure_experiment(uri, cfg.tracking.experiment)
-            run_id = tracking.start_run(uri, exp_id, paths.name, cfg.flat(), to_yaml(cfg),
-                                        parent_run_id=mlflow_parent_run_id, tags=_run_tags(cfg))
+            run_id = mlflow_run_id or create_run(cfg, uri=uri, parent_run_id=mlflow_parent_run_id)
             record = {"name": paths.name, "status": "running", "mlflow_run_id": run_id, "tracking_uri": uri,
                       "experiment": cfg.tracking.experiment, "config": cfg.to_dict()}
             write_record(paths, record)
@@ -493,17 +502,18 @@ def run_pretrain(cfg: Config, *, resume: bool = False, stem: str = "run", callba
             _print_header(cfg, paths, resume, decoded)
         trainer = build_trainer(cfg, callbacks=callbacks, mlflow_run_id=run_id, progress=queue, data=decoded,
                                 curves=curves)
-        mark("fit_start", run=paths.name)
+        mark("fit_start", run=paths.name, mlflow_imported="mlflow" in sys.modules)
         try:
             result = trainer.fit()
             mark("fit_end", run=paths.name)
         except BaseException:
-            tracking.finish_run(uri, run_id, "FAILED")
+            if close_run:
+                tracking.finish_run(uri, run_id, "FAILED")
             raise
         finally:
             if printer is not None:
                 printer.stop()
-        out = _finish(cfg, paths, record, result, uri, run_id, start)
+        out = _finish(cfg, paths, record, result, uri, run_id, start, close_run=close_run)
         mark("run_end", run=paths.name)
     finally:
         if started:
@@ -535,8 +545,9 @@ def _print_header(cfg: Config, paths: RunPaths, resume: bool, decoded: DecodedDa
 
 
 def _finish(cfg: Config, paths: RunPaths, record: dict[str, Any], result: Any, uri: str, run_id: str,
-            start: float) -> PretrainResult:
-    """Read the last checkpoint, register the encoder, close the MLflow run and the record."""
+            start: float, *, close_run: bool = True) -> PretrainResult:
+    """Read the last checkpoint, register the encoder, close the MLflow run (unless the caller
+    closes it: `close_run` False) and the record."""
     from orchestrator.train_loop import STATE_FILE, build_model, encoder_state, load_state
 
     last = dict(result.metrics or {})
@@ -554,9 +565,8 @@ def _finish(cfg: Config, paths: RunPaths, record: dict[str, Any], result: Any, u
                          loss=_f(metrics.get("loss")), diverged=bool(last.get("diverged")),
                          metrics={k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
     if out.diverged:
-        c = tracking.client(uri)
-        c.set_tag(run_id, "diverged", "true")
-        tracking.finish_run(uri, run_id, "FAILED")
+        if close_run:
+            mark_diverged(uri, run_id)
         write_record(paths, {**record, "status": "diverged"})
         out.wall_seconds = time.perf_counter() - start
         return out
@@ -571,11 +581,18 @@ def _finish(cfg: Config, paths: RunPaths, record: dict[str, Any], result: Any, u
                   "image_size": cfg.data.image_size, "run_name": paths.name})
         out.model_name, out.model_version = name, str(mv.version)
         _promote(uri, name, out.model_version)
-    tracking.finish_run(uri, run_id, "FINISHED")
+    if close_run:
+        tracking.finish_run(uri, run_id, "FINISHED")
     write_record(paths, {**record, "status": "finished", "model_uri": out.model_uri,
                          "knn_top1": out.knn_top1})
     out.wall_seconds = time.perf_counter() - start
     return out
+
+
+def mark_diverged(uri: str, run_id: str) -> None:
+    """A diverged run (NaN/inf loss): tag `diverged`, status FAILED."""
+    tracking.client(uri).set_tag(run_id, "diverged", "true")
+    tracking.finish_run(uri, run_id, "FAILED")
 
 
 def _promote(uri: str, name: str, version: str) -> None:

@@ -22,6 +22,7 @@ from orchestrator.config import ConfigError
 from orchestrator.errors import UserError
 from orchestrator.sweep import (SweepConfig, grid_trials, load_sweep, n_grid_trials, optuna_space,
                                 random_trial)
+from orchestrator.timeline import ENV as TIMELINE_ENV
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -226,11 +227,17 @@ def test_sweep_end_to_end_killed_and_resumed(tmp_path: Path, demo_data: Path, ml
     assert len(ended) == 2, "".join(lines)[-3000:]
 
     # 2. --resume: the rest of the sweep; the two ended trials neither run again nor log again.
+    timeline = tmp_path / "timeline.jsonl"
+    monkeypatch.setenv(TIMELINE_ENV, str(timeline))  # the trial processes inherit it
     s = load_sweep(config)
     out = sweep_mod.run_sweep(s, resume=True, verbose=True)
     printed = capsys.readouterr().out
     restarted = set(re.findall(r"trial (\S+) started", printed))
     assert not restarted & set(ended), printed
+    # The driver made the trials' MLflow runs: no trial process imported MLflow before training.
+    fits = [e for e in map(json.loads, timeline.read_text().splitlines()) if e["event"] == "fit_start"]
+    assert fits and {e["run"] for e in fits} <= {f"trial-{t}" for t in restarted}, fits
+    assert not any(e["mlflow_imported"] for e in fits), fits
 
     table = out.table
     assert len(table) == 5 and table["trial"].is_unique
