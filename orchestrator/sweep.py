@@ -502,9 +502,22 @@ def trial_config(base: dict[str, Any], overrides: dict[str, Any], trial_id: str,
     return cfg
 
 
+def _record_file(trials_dir: Path, trial_id: str) -> Path:
+    """The run record of a trial's Train run (written by `run_pretrain` as the run starts)."""
+    from orchestrator.pretrain import RUN_RECORD
+
+    return trials_dir / f"{TRIAL_PREFIX}{trial_id}" / RUN_RECORD
+
+
 def _run_id_file(trials_dir: Path, trial_id: str) -> Path:
     """Where the driver leaves the MLflow run id it made for a trial (see `_driver_callback`)."""
-    return trials_dir / "mlflow-runs" / f"{TRIAL_PREFIX}{trial_id}"
+    return trials_dir / "mlflow-runs" / f"{TRIAL_PREFIX}{trial_id}.json"
+
+
+def _driver_run_id(trials_dir: Path, trial_id: str) -> str | None:
+    """The MLflow run id the driver made for this trial, or None."""
+    f = _run_id_file(trials_dir, trial_id)
+    return str(json.loads(f.read_text())["mlflow_run_id"]) if f.is_file() else None
 
 
 def run_trial(config: dict[str, Any], *, base: dict[str, Any], trials_dir: str, parent_run_id: str,
@@ -525,13 +538,13 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], trials_dir: str, 
     """
     from ray import tune
 
-    from orchestrator.pretrain import RUN_RECORD, run_pretrain
+    from orchestrator.pretrain import run_pretrain
     from orchestrator.timeline import mark, process_start_time
 
     trial_id = tune.get_context().get_trial_id()
     mark("trial_start", run=f"{TRIAL_PREFIX}{trial_id}", process_start=process_start_time())
     cfg = trial_config(base, dict(config["overrides"]), trial_id, trials_dir)
-    record_path = Path(trials_dir) / str(cfg.run.name) / RUN_RECORD
+    record_path = _record_file(Path(trials_dir), trial_id)
     record = json.loads(record_path.read_text()) if record_path.is_file() else None
     if record is not None and record.get("status") in ("finished", "diverged"):
         # The Train run ended but the driver died before Tune saved that: report its end, don't rerun.
@@ -539,8 +552,7 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], trials_dir: str, 
                 "diverged": float(record.get("status") == "diverged")}
         tune.report(done)
         return
-    id_file = _run_id_file(Path(trials_dir), trial_id)
-    run_id = id_file.read_text().strip() if id_file.is_file() else None
+    run_id = _driver_run_id(Path(trials_dir), trial_id)
     pg_file = _pg_file(Path(trials_dir), trial_id)
     pg_file.parent.mkdir(parents=True, exist_ok=True)
     callbacks = [_report_callback(metric), _placement_group_recorder(str(pg_file))]
@@ -614,16 +626,24 @@ def _short(key: str) -> str:
     return key.split(".", 1)[1] if "." in key else key
 
 
-def _trial_status(result: Any, epochs: int, started: bool) -> str:
-    """`started`: the trial's Train run began (it wrote its run record)."""
-    m = result.metrics or {}
-    if result.error is not None:
+# A trial's status (the table's) -> its MLflow run's final status.
+RUN_STATUS = {"finished": "FINISHED", "stopped": "KILLED", "not run": "KILLED", "diverged": "FAILED",
+              "error": "FAILED"}
+
+
+def _status(m: dict[str, Any], epochs: int, *, error: bool = False, started: bool = True) -> str:
+    """A trial's status from its last result `m`; `started`: its Train run began (it wrote its run record)."""
+    if error:
         return "error"
     if m.get("diverged"):
         return "diverged"
     if "epoch" not in m:  # started: Tune ended it (time budget) before its first epoch
         return "stopped" if started else "not run"
     return "finished" if int(m["epoch"]) >= epochs else "stopped"
+
+
+def _trial_status(result: Any, epochs: int, started: bool) -> str:
+    return _status(result.metrics or {}, epochs, error=result.error is not None, started=started)
 
 
 def _epoch_seconds(client: Any, run_id: str | None) -> float:
@@ -638,15 +658,13 @@ def results_table(results: Any, sw: SweepConfig, epochs: int, trials_dir: Path, 
     """One row per trial: trial, method, swept values, epochs, metric, loss, status, train seconds."""
     import pandas as pd
 
-    from orchestrator.pretrain import RUN_RECORD
-
     keys = _swept_keys(sw)
     rows = []
     for r in results:
         over = dict((r.config or {}).get("overrides") or {})
         m = r.metrics or {}
         trial_id = str(m.get("trial_id") or (Path(r.path).name if r.path else ""))
-        rec_path = trials_dir / f"{TRIAL_PREFIX}{trial_id}" / RUN_RECORD
+        rec_path = _record_file(trials_dir, trial_id)
         rec = json.loads(rec_path.read_text()) if rec_path.is_file() else {}
         train_s = _epoch_seconds(client, rec.get("mlflow_run_id"))
         status = _trial_status(r, epochs, started=bool(rec))
@@ -743,49 +761,42 @@ def _driver_callback(trials_dir: Path, metric: str, verbose: bool, *, base: dict
     from ray.tune import Callback
 
     from orchestrator import tracking
-    from orchestrator.pretrain import RUN_RECORD, create_run, mark_diverged
+    from orchestrator.pretrain import create_run, mark_diverged
 
     def release(trial: Any) -> None:
         _release_placement_groups(_pg_file(trials_dir, trial.trial_id))
 
-    def run_id_of(trial: Any) -> str | None:
-        f = _run_id_file(trials_dir, trial.trial_id)
-        return f.read_text().strip() if f.is_file() else None
-
     class SweepDriverCallback(Callback):
         def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             over = (trial.config or {}).get("overrides") or {}
-            f = _run_id_file(trials_dir, trial.trial_id)
             # A trial restarted by --resume keeps its run: the id file, or its Train run's record.
-            if not f.is_file() and not (trials_dir / f"{TRIAL_PREFIX}{trial.trial_id}" / RUN_RECORD).is_file():
+            if (_driver_run_id(trials_dir, trial.trial_id) is None
+                    and not _record_file(trials_dir, trial.trial_id).is_file()):
                 cfg = trial_config(base, dict(over), trial.trial_id, str(trials_dir))
                 run_id = create_run(cfg, uri=uri, parent_run_id=parent_run_id)
-                f.parent.mkdir(parents=True, exist_ok=True)
-                tmp = f.with_suffix(".tmp")
-                tmp.write_text(run_id)
-                os.replace(tmp, f)
+                _write_record(_run_id_file(trials_dir, trial.trial_id), {"mlflow_run_id": run_id})
             if verbose:
                 print(f"  trial {trial.trial_id} started: {_describe(over)}", flush=True)
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             release(trial)
             m = trial.last_result or {}
-            run_id = run_id_of(trial)
+            run_id = _driver_run_id(trials_dir, trial.trial_id)
             if run_id is not None:
-                if m.get("diverged"):
+                status = _status(m, epochs)  # as the sweep's table will say (ASHA-stopped: KILLED)
+                if status == "diverged":
                     mark_diverged(uri, run_id)
-                else:  # ASHA stopped it before its last epoch: KILLED, as the sweep's table says
-                    done = int(m.get("epoch") or 0) >= epochs
-                    tracking.finish_run(uri, run_id, "FINISHED" if done else "KILLED")
+                else:
+                    tracking.finish_run(uri, run_id, RUN_STATUS[status])
             if verbose:
                 what = "diverged" if m.get("diverged") else f"{metric} {float(m.get(metric, math.nan)):.4f}"
                 print(f"  trial {trial.trial_id} ended after epoch {m.get('epoch', '?')}: {what}", flush=True)
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             release(trial)
-            run_id = run_id_of(trial)
+            run_id = _driver_run_id(trials_dir, trial.trial_id)
             if run_id is not None:
-                tracking.finish_run(uri, run_id, "FAILED")
+                tracking.finish_run(uri, run_id, RUN_STATUS["error"])
             if verbose:
                 print(f"  trial {trial.trial_id} failed (see {trial.local_path})", flush=True)
 
@@ -926,11 +937,8 @@ def _finish(s: Sweep, sweep_dir: Path, record: dict[str, Any], results: Any, uri
         c.set_tag(run_id, "selfsup.trial_id", row["trial"])
         # A trial Tune stopped (ASHA, time budget) or that failed was killed before it could
         # close its run (or closed it as FAILED on the way down): the driver says what happened.
-        final = {"stopped": "KILLED", "error": "FAILED", "not run": "KILLED"}.get(row["status"])
-        if final is not None:
-            c.set_terminated(run_id, final)
-        elif c.get_run(run_id).info.status == "RUNNING":
-            c.set_terminated(run_id, "FAILED" if row["status"] == "diverged" else "FINISHED")
+        if row["status"] in ("stopped", "error", "not run") or c.get_run(run_id).info.status == "RUNNING":
+            c.set_terminated(run_id, RUN_STATUS[row["status"]])
 
     csv_path, md_path, png_path = (sweep_dir / "results.csv", sweep_dir / "results.md", sweep_dir / "knn_by_hparam.png")
     table.to_csv(csv_path, index=False)
