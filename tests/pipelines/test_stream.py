@@ -69,8 +69,18 @@ def test_two_workers_get_every_image_once_per_epoch_with_new_views(ray_local, sm
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_augment_in_ray_data_gives_normalised_views_new_each_epoch(ray_local, small_shards: Path) -> None:
+    import ray.data
+
     ds = read_split(small_shards, "test", augment_on="data", preset="simclr", view_size=24,
                     columns=("path",), seed=1, limit=24)
+    # The shards are listed once, here, not again every epoch (Ray 2.60's default Parquet reader
+    # lists them per execution and starts 32 footer-reading actors each time; pipelines.stream._read_parquet).
+    plan, ops = [ds._logical_plan.dag], []
+    while plan:
+        ops.append(type(plan[-1]).__name__)
+        plan.extend(plan.pop().input_dependencies)
+    assert "ListFiles" not in ops and "Read" in ops, ops
+    assert ray.data.DataContext.get_current().use_datasource_v2  # the caller's own default is left as it was
     epochs = []
     for _ in range(2):
         batches = list(iter_two_view_batches(ds.iterator(), batch_size=8, augment_on="data", keep=("path",)))
