@@ -385,6 +385,12 @@ def optuna_space(sw: SweepConfig) -> OptunaSpace:
     return OptunaSpace(sw)
 
 
+def trial_resources(sw: SweepConfig) -> dict[str, float]:
+    """What Tune reserves for each trial's own process (`sweep.cpus_per_trial`); the trial's Train
+    workers ask for theirs (`scaling.*`) when it starts them."""
+    return {"cpu": sw.cpus_per_trial}
+
+
 def build_search(sw: SweepConfig) -> tuple[dict[str, Any], Any, int]:
     """(param_space, search_alg or None, num_samples) for the Tuner."""
     from ray import tune
@@ -874,7 +880,7 @@ def run_sweep(s: Sweep, *, resume: bool = False, verbose: bool = True) -> SweepR
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, base=s.base.to_dict(), trials_dir=str(trials_dir),
                                  parent_run_id=parent, metric=sw.metric, data=data),
-            {"cpu": sw.cpus_per_trial})
+            trial_resources(sw))
         if resume and tune.Tuner.can_restore(str(sweep_dir)):
             tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_errored=True,
                                        param_space=None)

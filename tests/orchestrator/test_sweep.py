@@ -344,21 +344,33 @@ def test_random_and_bayes_searchers_run_in_tune(searcher: str, ray_local: None, 
 
         from ray import tune
 
+        import time
+
+        import ray
+
+        start = time.time()
         over = config["overrides"]
         score = {"simclr": 0.5, "moco": 0.6, "byol": 0.7}[over["method.name"]]
         score += 0.1 * float(over.get("method.temperature", 0.0)) - abs(float(over.get("method.momentum", 0.99)) - 0.99)
-        tune.report({"knn_top1": score, "epoch": 1, "seen": json.dumps(over)})
+        time.sleep(1.0)  # long enough for the trials Tune runs at once to overlap
+        tune.report({"knn_top1": score, "epoch": 1, "seen": json.dumps(over), "start": start, "end": time.time(),
+                     "cpu": ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0)})
 
-    sw = SweepConfig(searcher=searcher, num_samples=8, max_concurrent_trials=2, seed=1,
+    sw = SweepConfig(searcher=searcher, num_samples=8, max_concurrent_trials=2, cpus_per_trial=0.5, seed=1,
                      methods={m: dict(v) for m, v in CIFAR_LIKE["methods"].items()},
                      space={"optim.lr": {"loguniform": [1e-4, 1e-2]}})
     param_space, search_alg, num_samples = sweep_mod.build_search(sw)
-    tuner = tune.Tuner(tune.with_resources(fake_trial, {"cpu": 0.5}), param_space=param_space,
+    tuner = tune.Tuner(tune.with_resources(fake_trial, sweep_mod.trial_resources(sw)), param_space=param_space,
                        tune_config=tune.TuneConfig(search_alg=search_alg, num_samples=num_samples,
-                                                   max_concurrent_trials=2),
+                                                   max_concurrent_trials=sw.max_concurrent_trials),
                        run_config=tune.RunConfig(storage_path=str(tmp_path), name=searcher, verbose=0))
     results = tuner.fit()
     assert len(results) == 8 and not results.errors
+    # Each trial's process held sweep.cpus_per_trial, and never more than max_concurrent_trials ran
+    # at once (4 logical CPUs would have fit 8 trials of 0.5).
+    assert {r.metrics["cpu"] for r in results} == {0.5}
+    spans = [(r.metrics["start"], r.metrics["end"]) for r in results]
+    assert max(sum(s <= t < e for s, e in spans) for t, _ in spans) <= sw.max_concurrent_trials
     seen = [json.loads(r.metrics["seen"]) for r in results]
     for over in seen:
         assert 1e-4 <= over["optim.lr"] <= 1e-2
