@@ -212,9 +212,10 @@ def _read_parquet(files: list[str], columns: list[str], concurrency: int) -> ray
 
     Ray 2.60's default V2 datasource lists the files again on every execution, i.e. every epoch of a
     lazy dataset, and its footer indexer starts `RAY_DATA_PARQUET_FOOTER_NUM_ACTORS` (32) actor
-    processes for it each time. On this project's 2-core machine that was 7-8 s of a 2,048-image
+    processes for it each time. On this project's 2-core machine that was 7.4 s of a 2,048-image
     demo epoch's 8 s read (`ds.stats()`: ListFiles 7.4 s wall, 0.16 s CPU); V1 reads the footers
-    once, here, and the same epoch's read took 0.44 s (`benchmarks/stream_read.py`). The flag is
+    once, here: 0.36 s against 8.31 s per read of the demo's 4,000 images
+    (`benchmarks/stream_read.py`). The flag is
     read when the dataset is built, so it is switched for this call only: a caller's own
     `read_parquet` keeps Ray's default. V1 samples a few files here (Ray tasks) with a progress
     bar of its own, kept off the terminal the same way.
@@ -222,8 +223,6 @@ def _read_parquet(files: list[str], columns: list[str], concurrency: int) -> ray
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
-    if not hasattr(ctx, "use_datasource_v2"):  # a Ray without the switch: its one reader
-        return ray.data.read_parquet(files, columns=columns, concurrency=concurrency)
     before = ctx.use_datasource_v2, ctx.enable_progress_bars
     ctx.use_datasource_v2, ctx.enable_progress_bars = False, False
     try:

@@ -341,12 +341,10 @@ def test_random_and_bayes_searchers_run_in_tune(searcher: str, ray_local: None, 
     def fake_trial(config: dict) -> None:  # defined here: Ray workers cannot import this test module
         """Stands in for a pretraining run: a score that depends on the method's own parameters."""
         import json
-
-        from ray import tune
-
         import time
 
         import ray
+        from ray import tune
 
         start = time.time()
         over = config["overrides"]
