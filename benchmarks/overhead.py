@@ -24,6 +24,13 @@ worker start-up and decoding. This machine's speed drifts by up to +-40% over mi
 plain loop measured 1.2 to 2.2 s per demo epoch in one afternoon), so the plain loop and Ray Train
 run in alternating rounds (`--rounds`, default 3) and the headline pools them.
 
+Also reported, because it is steadier than the times: the CPU each side used during epochs 2..n-1,
+from /proc (the plain process's own CPU time; on the Ray side a snapshot of every process at the
+reports of epochs 1 and n-1, taken by a Train callback in the controller): the training process,
+and each of Ray's other processes (the driver and everything it started). Those leave
+`cores - other` cores to the Train worker, so the same CPU work per epoch takes at least
+`plain cores / (cores - other)` as long: the floor that Ray's own processes set for the ratio.
+
     .venv/bin/python benchmarks/overhead.py                 # demo data (ingested if missing), 8 epochs
     .venv/bin/python benchmarks/overhead.py --data data/cifar10 --image-size 32 --limit 10000
 """
@@ -62,13 +69,100 @@ def make_config(args: argparse.Namespace, storage: str, uri: str, loader: str) -
     return load_config(None, overrides, check=False)
 
 
-def run_ray(cfg: Config) -> dict[str, Any]:
+def _proc_name(cmdline: list[str]) -> str:
+    """A short name for a process: `ray::Actor` as Ray titles its workers, else the program or script."""
+    if not cmdline:
+        return "?"
+    if cmdline[0].startswith("ray::"):
+        return cmdline[0].split()[0].split(".")[0]
+    script = next((a for a in cmdline[1:3] if a.endswith(".py")), None)
+    return Path(script or cmdline[0]).name
+
+
+def cpu_snapshot() -> dict[str, Any]:
+    """Every process's (parent, name, CPU seconds so far) from /proc, and the time."""
+    tick = os.sysconf("SC_CLK_TCK")
+    procs: dict[int, tuple[int, str, float]] = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{pid}/cmdline") as f:
+                cmdline = [a for a in f.read().split("\0") if a]
+        except OSError:  # gone meanwhile
+            continue
+        procs[int(pid)] = (int(fields[1]), _proc_name(cmdline), (int(fields[11]) + int(fields[12])) / tick)
+    return {"t": time.time(), "procs": procs}
+
+
+def cpu_snapshots_callback(path: str, last_epoch: int) -> Any:
+    """A Ray Train callback that, in the Train controller, appends a `cpu_snapshot()` to `path` at
+    the reports of epochs 1 and `last_epoch`: the window between them is epochs 2..last_epoch with
+    their reports, checkpoints and MLflow logging (and at most one health-check interval of lag at
+    each end). The run's last epoch is left out of the window: after it MLflow's callback draws the
+    curves PNG, once per run, before this callback runs. A snapshot costs a few ms of CPU. (Defined
+    in a function so that the plain loop's process imports no Ray.)"""
+    import ray.train
+
+    class CpuSnapshots(ray.train.UserCallback):
+        def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+            epoch = int(metrics[0].get("epoch", 0)) if metrics else 0
+            if epoch in (1, last_epoch):
+                with open(path, "a") as f:
+                    f.write(json.dumps({"epoch": epoch, **cpu_snapshot()}) + "\n")
+
+    return CpuSnapshots()
+
+
+def ray_cpu_split(path: str, root: int, cores: int) -> dict[str, Any] | None:
+    """Cores used in the snapshots' window by the Train worker and by every other process of the
+    run (`root`, the driver, and its descendants: GCS, raylet, agents, Train's actors)."""
+    try:
+        with open(path) as f:
+            snaps = [json.loads(line) for line in f if line.strip()]
+    except OSError:
+        return None
+    if len(snaps) < 2:
+        return None
+    a, b = snaps[0], snaps[-1]
+    parent = {int(k): v[0] for s in (a, b) for k, v in s["procs"].items()}
+    children: dict[int, list[int]] = {}
+    for pid, ppid in parent.items():
+        children.setdefault(ppid, []).append(pid)
+    tree, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        if pid not in tree:
+            tree.add(pid)
+            todo += children.get(pid, [])
+    seconds = b["t"] - a["t"]
+    by_name: dict[str, float] = {}
+    worker = 0.0
+    for pid in tree:
+        if str(pid) not in a["procs"] or str(pid) not in b["procs"]:
+            continue  # started or ended inside the window: not counted (none should)
+        _, name, cpu_b = b["procs"][str(pid)]
+        used = (cpu_b - a["procs"][str(pid)][2]) / seconds
+        if name == "ray::RayTrainWorker":
+            worker += used
+        else:
+            label = "driver (this script)" if pid == root else name
+            by_name[label] = by_name.get(label, 0.0) + used
+    other = sum(by_name.values())
+    return {"window_seconds": seconds, "cores": cores, "train_worker_cores": worker, "other_cores": other,
+            "other_by_process": dict(sorted(by_name.items(), key=lambda kv: -kv[1]))}
+
+
+def run_ray(cfg: Config, cpu_file: str | None = None) -> dict[str, Any]:
     from mlflow.tracking import MlflowClient
 
     from orchestrator.pretrain import run_pretrain
 
+    callbacks = [cpu_snapshots_callback(cpu_file, cfg.optim.epochs - 1)] if cpu_file and cfg.optim.epochs >= 3 else None
     start = time.perf_counter()
-    r = run_pretrain(cfg, stem="overhead")
+    r = run_pretrain(cfg, stem="overhead", callbacks=callbacks)
     wall = time.perf_counter() - start
     c = MlflowClient(cfg.tracking.uri)
 
@@ -77,7 +171,8 @@ def run_ray(cfg: Config) -> dict[str, Any]:
 
     return {"wall_seconds": wall, "epoch_seconds": history("epoch_seconds"), "train_seconds": history("train_seconds"),
             "torch_threads": history("torch_threads")[-1:], "knn_top1": r.knn_top1 or float("nan"),
-            "loss": r.loss or float("nan")}
+            "loss": r.loss or float("nan"),
+            "cpu": ray_cpu_split(cpu_file, os.getpid(), os.cpu_count() or 1) if cpu_file else None}
 
 
 def run_plain(cfg: Config, threads: int) -> dict[str, Any]:
@@ -101,6 +196,7 @@ def run_plain(cfg: Config, threads: int) -> dict[str, Any]:
     probe = KnnProbe(cfg, device, decoded)
     probe(model.encoder)  # the Ray side computes knn_top1_untrained once too
     epochs, train = [], []
+    cpu_marks: list[tuple[float, float]] = []  # (wall, CPU seconds of this process) after epochs 1 and n-1
     for epoch in range(1, cfg.optim.epochs + 1):
         t0 = time.perf_counter()
         epoch_seed = seed_everything(cfg.run.seed, 0, epoch)
@@ -109,8 +205,14 @@ def run_plain(cfg: Config, threads: int) -> dict[str, Any]:
         knn = probe(model.encoder)
         epochs.append(time.perf_counter() - t0)
         train.append(stats["seconds"])
+        if epoch in (1, cfg.optim.epochs - 1) and cfg.optim.epochs >= 3:
+            cpu_marks.append((time.perf_counter(), time.process_time()))
+    cpu = None
+    if len(cpu_marks) == 2 and cpu_marks[1][0] > cpu_marks[0][0]:
+        cpu = {"window_seconds": cpu_marks[1][0] - cpu_marks[0][0],
+               "cores_used": (cpu_marks[1][1] - cpu_marks[0][1]) / (cpu_marks[1][0] - cpu_marks[0][0])}
     return {"wall_seconds": time.perf_counter() - start, "epoch_seconds": epochs, "train_seconds": train,
-            "torch_threads": [torch.get_num_threads()], "knn_top1": knn["knn_top1"], "loss": stats["loss"]}
+            "torch_threads": [torch.get_num_threads()], "knn_top1": knn["knn_top1"], "loss": stats["loss"], "cpu": cpu}
 
 
 def run_plain_process(args: argparse.Namespace, tmp: str) -> dict[str, Any]:
@@ -125,6 +227,22 @@ def run_plain_process(args: argparse.Namespace, tmp: str) -> dict[str, Any]:
         argv += ["--limit", str(args.limit)]
     subprocess.run(argv, check=True)
     return json.loads(out.read_text())
+
+
+def cpu_summary(plains: list[dict[str, Any]], rays: list[dict[str, Any]], cores: int) -> dict[str, Any] | None:
+    """Medians over the rounds of the cores each side used in epochs 2..n, and the floor they set."""
+    splits = [r["cpu"] for r in rays if r.get("cpu")]
+    plain = [p["cpu"]["cores_used"] for p in plains if p.get("cpu")]
+    if not splits or not plain:
+        return None
+    names = {n for s in splits for n in s["other_by_process"]}
+    by_name = {n: statistics.median(s["other_by_process"].get(n, 0.0) for s in splits) for n in names}
+    out = {"cores": cores, "plain_training_process": statistics.median(plain),
+           "ray_train_worker": statistics.median(s["train_worker_cores"] for s in splits),
+           "ray_other_processes": statistics.median(s["other_cores"] for s in splits),
+           "ray_other_by_process": dict(sorted(by_name.items(), key=lambda kv: -kv[1]))}
+    out["floor_ratio"] = max(1.0, out["plain_training_process"] / (cores - out["ray_other_processes"]))
+    return out
 
 
 def main() -> None:
@@ -164,7 +282,7 @@ def main() -> None:
         tracking.ensure_experiment(cfg.tracking.uri, cfg.tracking.experiment, artifact_location=f"{tmp}/mlruns")
         for r in range(args.rounds):
             plains.append(run_plain_process(args, tmp))  # first: its decode warms the page cache for both
-            rays.append(run_ray(cfg))
+            rays.append(run_ray(cfg, cpu_file=f"{tmp}/cpu-{r}.jsonl"))
             print(f"round {r}: plain {total(plains[-1]['epoch_seconds']):.2f} s, Ray Train "
                   f"{total(rays[-1]['epoch_seconds']):.2f} s (epochs 2..n)", flush=True)
         streamed = run_ray(absolute_paths(make_config(args, f"{tmp}/runs", f"sqlite:///{tmp}/mlflow.db", "stream"))) \
@@ -198,6 +316,9 @@ def main() -> None:
         "end_to_end_ratio": ratio(ray_side, plain, "wall_seconds"),
         "target_median_epoch_ratio": 1.05,
     }
+    cpu = cpu_summary(plains, rays, os.cpu_count() or 1)
+    if cpu is not None:
+        result["cpu_cores"] = cpu
     if streamed is not None:
         result.update(stream_epoch_ratio=ratio(streamed, plain, "epoch_seconds"),
                       stream_train_ratio=ratio(streamed, plain, "train_seconds"),
@@ -256,6 +377,17 @@ def main() -> None:
         "worker processes, decoding, MLflow and checkpoints. The stream column feeds the same worker "
         "through Ray Data (read, shuffle and decode every epoch on the same cores).",
     ]
+    if cpu is not None:
+        md += ["", f"CPU during epochs 2..n-1, in cores of this machine's {cpu['cores']} (from /proc; median of the "
+               f"rounds; Ray side: every process of the run, the driver and its descendants):", "",
+               "| | plain loop (baseline) | Ray Train, 1 worker |", "| --- | ---: | ---: |",
+               f"| the training process | {cpu['plain_training_process']:.3f} | {cpu['ray_train_worker']:.3f} |",
+               f"| Ray's other processes | 0 | {cpu['ray_other_processes']:.3f} |"]
+        md += [f"| … {name} | | {v:.3f} |" for name, v in cpu["ray_other_by_process"].items() if v >= 0.001]
+        md += ["", f"Floor this puts under the ratio: plain loop's cores / (cores − Ray's other processes) = "
+               f"{cpu['plain_training_process']:.3f} / ({cpu['cores']} − {cpu['ray_other_processes']:.3f}) = "
+               f"**{cpu['floor_ratio']:.3f}** (1 when the plain loop leaves room for them): the same CPU work "
+               "per epoch, on the cores that Ray's own processes leave."]
     (out / "overhead.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
