@@ -97,6 +97,20 @@ def cpu_snapshot() -> dict[str, Any]:
     return {"t": time.time(), "procs": procs}
 
 
+def descendants_of(parent: dict[int, int], root: int) -> set[int]:
+    """`root` and every process below it, from a {pid: parent pid} map."""
+    children: dict[int, list[int]] = {}
+    for pid, ppid in parent.items():
+        children.setdefault(ppid, []).append(pid)
+    tree, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        if pid not in tree:
+            tree.add(pid)
+            todo += children.get(pid, [])
+    return tree
+
+
 def cpu_snapshots_callback(path: str, last_epoch: int) -> Any:
     """A Ray Train callback that, in the Train controller, appends a `cpu_snapshot()` to `path` at
     the reports of epochs 1 and `last_epoch`: the window between them is epochs 2..last_epoch with
@@ -127,16 +141,7 @@ def ray_cpu_split(path: str, root: int, cores: int) -> dict[str, Any] | None:
     if len(snaps) < 2:
         return None
     a, b = snaps[0], snaps[-1]
-    parent = {int(k): v[0] for s in (a, b) for k, v in s["procs"].items()}
-    children: dict[int, list[int]] = {}
-    for pid, ppid in parent.items():
-        children.setdefault(ppid, []).append(pid)
-    tree, todo = set(), [root]
-    while todo:
-        pid = todo.pop()
-        if pid not in tree:
-            tree.add(pid)
-            todo += children.get(pid, [])
+    tree = descendants_of({int(k): v[0] for s in (a, b) for k, v in s["procs"].items()}, root)
     seconds = b["t"] - a["t"]
     by_name: dict[str, float] = {}
     worker = 0.0

@@ -33,6 +33,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from overhead import descendants_of  # noqa: E402  (this script's folder, benchmarks/, is on sys.path)
+
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -58,22 +60,15 @@ def threads(pid: int) -> dict[int, tuple[str, float, int]]:
 
 
 def descendants(root: int) -> set[int]:
-    children: dict[int, list[int]] = {}
+    parent: dict[int, int] = {}
     for p in os.listdir("/proc"):
         if p.isdigit():
             try:
                 with open(f"/proc/{p}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                    parent[int(p)] = int(f.read().rsplit(")", 1)[1].split()[1])
             except OSError:
                 continue
-            children.setdefault(ppid, []).append(int(p))
-    seen, todo = set(), [root]
-    while todo:
-        pid = todo.pop()
-        if pid not in seen:
-            seen.add(pid)
-            todo += children.get(pid, [])
-    return seen
+    return descendants_of(parent, root)
 
 
 def measure(pids: dict[str, int], tree_root: int, window: float) -> tuple[dict[str, Any], dict[str, Any]]:
