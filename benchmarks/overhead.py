@@ -165,7 +165,7 @@ def run_ray(cfg: Config, cpu_file: str | None = None) -> dict[str, Any]:
 
     from orchestrator.pretrain import run_pretrain
 
-    callbacks = [cpu_snapshots_callback(cpu_file, cfg.optim.epochs - 1)] if cpu_file and cfg.optim.epochs >= 3 else None
+    callbacks = [cpu_snapshots_callback(cpu_file, cfg.optim.epochs - 1)] if cpu_file else None  # < 3 epochs: no window
     start = time.perf_counter()
     r = run_pretrain(cfg, stem="overhead", callbacks=callbacks)
     wall = time.perf_counter() - start
@@ -210,10 +210,10 @@ def run_plain(cfg: Config, threads: int) -> dict[str, Any]:
         knn = probe(model.encoder)
         epochs.append(time.perf_counter() - t0)
         train.append(stats["seconds"])
-        if epoch in (1, cfg.optim.epochs - 1) and cfg.optim.epochs >= 3:
+        if epoch in (1, cfg.optim.epochs - 1):  # < 3 epochs: one mark, no window
             cpu_marks.append((time.perf_counter(), time.process_time()))
     cpu = None
-    if len(cpu_marks) == 2 and cpu_marks[1][0] > cpu_marks[0][0]:
+    if len(cpu_marks) == 2:
         cpu = {"window_seconds": cpu_marks[1][0] - cpu_marks[0][0],
                "cores_used": (cpu_marks[1][1] - cpu_marks[0][1]) / (cpu_marks[1][0] - cpu_marks[0][0])}
     return {"wall_seconds": time.perf_counter() - start, "epoch_seconds": epochs, "train_seconds": train,

@@ -33,7 +33,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from overhead import descendants_of  # noqa: E402  (this script's folder, benchmarks/, is on sys.path)
+from overhead import cpu_snapshot, descendants_of  # noqa: E402  (this script's folder, benchmarks/, is on sys.path)
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -59,21 +59,9 @@ def threads(pid: int) -> dict[int, tuple[str, float, int]]:
     return out
 
 
-def descendants(root: int) -> set[int]:
-    parent: dict[int, int] = {}
-    for p in os.listdir("/proc"):
-        if p.isdigit():
-            try:
-                with open(f"/proc/{p}/stat") as f:
-                    parent[int(p)] = int(f.read().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                continue
-    return descendants_of(parent, root)
-
-
 def measure(pids: dict[str, int], tree_root: int, window: float) -> tuple[dict[str, Any], dict[str, Any]]:
     """Cores and the busiest thread's wake-ups/s of each named pid, and the cores of root's tree."""
-    tree = descendants(tree_root)
+    tree = descendants_of({pid: ppid for pid, (ppid, _, _) in cpu_snapshot()["procs"].items()}, tree_root)
     a = {p: threads(p) for p in tree | set(pids.values())}
     t0 = time.perf_counter()
     time.sleep(window)
