@@ -2,10 +2,10 @@
 
 One call takes a uint8 batch ``[B, C, H, W]`` on any device and returns two normalised float32
 views ``[B, 3, size, size]`` on the same device, and with ``local_crops=V`` also DINO's multi-crop
-local views ``[V, B, 3, local_size, local_size]`` (each crop of each sample its own parameters). Every sample draws its own parameters from one
-``torch.Generator`` on that device, so the same seed gives the same views and nothing leaves the
-device. The ops follow torchvision's semantics (checked against ``torchvision.transforms.v2``
-in ``tests/pipelines/test_augment.py``):
+local views ``[V, B, 3, local_size, local_size]``. Every sample (and local crop) draws its own
+parameters from one ``torch.Generator`` on that device, so the same seed gives the same views
+and nothing leaves the device. The ops follow torchvision's semantics (checked against
+``torchvision.transforms.v2`` in ``tests/pipelines/test_augment.py``):
 
     random resized crop -> horizontal flip -> colour jitter (p) -> grayscale (p) -> blur (p)
     -> solarize (p) -> normalise
@@ -90,7 +90,9 @@ PRESETS: dict[str, dict[str, object]] = {
 }
 # DINO's local crops (main_dino.py): scale (0.05, 0.4), blur p=0.5, no solarize, the rest as the
 # preset's first view. Any preset takes local crops; only the DINO method consumes them.
-LOCAL_VIEW: dict[str, object] = dict(crop_scale=(0.05, 0.4), blur_prob=0.5, solarize_prob=0.0)
+LOCAL_CROP_SCALE: tuple[float, float] = (0.05, 0.4)
+LOCAL_BLUR_PROB = 0.5
+LOCAL_SOLARIZE_PROB = 0.0
 BACKENDS = ("auto", "numba", "torch")
 OVERRIDES = (
     "crop_scale", "crop_ratio", "flip_prob", "jitter", "jitter_strength", "jitter_prob",
@@ -494,17 +496,16 @@ def resolve_views(preset: str, size: int, **overrides: object) -> tuple[ViewConf
 
 
 def resolve_local_view(preset: str, size: int, local_size: int, **overrides: object) -> ViewConfig:
-    """The local crops' settings: the preset's first view with ``LOCAL_VIEW``'s crop scale, blur and
-    solarize. Blur follows the global views' CIFAR convention (off when ``size <= 32`` unless
+    """The local crops' settings: the preset's first view with DINO's local crop scale, blur and
+    solarize (``LOCAL_*``). Blur follows the global views' CIFAR convention (off when ``size <= 32`` unless
     ``blur=True``), with a kernel of 10% of ``local_size``."""
     first, _ = resolve_views(preset, size, **overrides)
     blur = overrides.get("blur")
     if blur is None:
         blur = size > 32
-    return dataclasses.replace(
-        first, crop_scale=LOCAL_VIEW["crop_scale"], solarize_prob=float(LOCAL_VIEW["solarize_prob"]),  # type: ignore[arg-type]
-        blur_prob=float(LOCAL_VIEW["blur_prob"]) if blur else 0.0,  # type: ignore[arg-type]
-        blur_kernel_size=blur_kernel_size(local_size))
+    return dataclasses.replace(first, crop_scale=LOCAL_CROP_SCALE, solarize_prob=LOCAL_SOLARIZE_PROB,
+                               blur_prob=LOCAL_BLUR_PROB if blur else 0.0,
+                               blur_kernel_size=blur_kernel_size(local_size))
 
 
 class TwoViewAugment:

@@ -1,5 +1,6 @@
 """Two gloo processes: DDP + gathered NT-Xent, SimSiam, Barlow Twins, VICReg and DINO each equal one
-process on the whole batch; MoCo's queue receives every rank's keys. No Ray: torch.multiprocessing and a TCP rendezvous on 127.0.0.1."""
+process on the whole batch; MoCo's queue receives every rank's keys. No Ray: torch.multiprocessing
+and a TCP rendezvous on 127.0.0.1."""
 
 from __future__ import annotations
 
