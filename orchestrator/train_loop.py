@@ -10,8 +10,8 @@ Per epoch, every worker:
    starts from the same random state as an uninterrupted one (the checkpoint's epoch fixes it);
 2. takes its share of the epoch's images (`TrainBatches`: its slice of a global permutation of the
    decoded split in the object store with `data.loader=memory`, its Ray Data shard from
-   `get_dataset_shard("train")` with `stream`), makes two views of each batch on its own device,
-   and takes DDP steps (bf16 autocast + channels_last on GPU); LR warm-up + cosine per step,
+   `get_dataset_shard("train")` with `stream`), makes two views of each batch on its own device
+   (DINO: plus its local crops, passed to `forward` as a third argument), and takes DDP steps (bf16 autocast + channels_last on GPU); LR warm-up + cosine per step,
    momentum-encoder update after each optimiser step;
 3. rank 0 computes kNN top-1/top-5 (`methods.evaluate.knn_accuracy`) of the encoder's features:
    memory bank = a seeded per-class subset of `eval.knn_train_limit` training images, queries =
@@ -125,7 +125,7 @@ def autocast(device: torch.device) -> Any:
 
 
 def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LambdaLR, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                    scheduler: torch.optim.lr_scheduler.LambdaLR, batches: Iterable[tuple[torch.Tensor, ...]],
                     *, device: torch.device, first_step: int, total_steps: int,
                     max_steps: int | None = None, on_step: Callable[[int], None] | None = None) -> dict[str, float]:
     """Train over `batches` of (view1, view2[, local]); returns the mean loss/diagnostics, steps, images, seconds.
@@ -310,7 +310,7 @@ class TrainBatches:
 
             self.memory = MemoryBatches(decoded["train"], device)
 
-    def epoch(self, epoch: int, epoch_seed: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    def epoch(self, epoch: int, epoch_seed: int) -> Iterable[tuple[torch.Tensor, ...]]:
         from pipelines.augment import TwoViewAugment
 
         cfg = self.cfg
