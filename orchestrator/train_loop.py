@@ -11,8 +11,9 @@ Per epoch, every worker:
 2. takes its share of the epoch's images (`TrainBatches`: its slice of a global permutation of the
    decoded split in the object store with `data.loader=memory`, its Ray Data shard from
    `get_dataset_shard("train")` with `stream`), makes two views of each batch on its own device
-   (DINO: plus its local crops, passed to `forward` as a third argument), and takes DDP steps (bf16 autocast + channels_last on GPU); LR warm-up + cosine per step,
-   momentum-encoder update after each optimiser step;
+   (DINO: plus its local crops, passed to `forward` as a third argument), and takes DDP steps
+   (bf16 autocast + channels_last on GPU); LR warm-up + cosine per step, momentum-encoder update
+   after each optimiser step;
 3. rank 0 computes kNN top-1/top-5 (`methods.evaluate.knn_accuracy`) of the encoder's features:
    memory bank = a seeded per-class subset of `eval.knn_train_limit` training images, queries =
    the test split (all of it unless `eval.knn_test_limit`), no augmentation, eval-mode BN. The other ranks
