@@ -1,15 +1,22 @@
-"""What is learned: encoders, heads, losses, SimCLR / MoCo v2 / BYOL, schedules, evaluation.
+"""What is learned: encoders, heads, losses, SimCLR / MoCo v2 / BYOL / SimSiam / Barlow Twins / VICReg /
+DINO, schedules, evaluation.
 
 Pure PyTorch: nothing here imports Ray or MLflow.
 """
 
 from methods.batchnorm import prepare_for_distributed, restore_batchnorm
+from methods.barlow_twins import BarlowTwins
 from methods.byol import BYOL
+from methods.dino import DINO
 from methods.encoders import ENCODERS, build_encoder
 from methods.moco import MoCo
 from methods.simclr import SimCLR
+from methods.simsiam import SimSiam
+from methods.vicreg import VICReg
 
-METHODS = {"simclr": SimCLR, "moco": MoCo, "byol": BYOL}
+# Each class also names its augmentation preset (`augment_preset`, a `pipelines.augment.PRESETS` key).
+METHODS = {"simclr": SimCLR, "moco": MoCo, "byol": BYOL, "simsiam": SimSiam,
+           "barlow_twins": BarlowTwins, "vicreg": VICReg, "dino": DINO}
 
-__all__ = ["BYOL", "ENCODERS", "METHODS", "MoCo", "SimCLR", "build_encoder",
-           "prepare_for_distributed", "restore_batchnorm"]
+__all__ = ["BYOL", "DINO", "ENCODERS", "METHODS", "BarlowTwins", "MoCo", "SimCLR", "SimSiam", "VICReg",
+           "build_encoder", "prepare_for_distributed", "restore_batchnorm"]

@@ -28,6 +28,7 @@ class BYOL(nn.Module):
     """
 
     sync_batchnorm = True  # read by methods.prepare_for_distributed
+    augment_preset = "byol"  # pipelines.augment.PRESETS key
 
     def __init__(self, encoder: nn.Module, *, projection_dim: int = 256, hidden_dim: int = 4096,
                  momentum: float = 0.996) -> None:

@@ -1,6 +1,7 @@
-"""Losses: SimCLR's NT-Xent, MoCo's InfoNCE with a queue, BYOL's normalised regression.
+"""Losses: SimCLR's NT-Xent, MoCo's InfoNCE with a queue, BYOL's normalised regression, SimSiam's
+negative cosine, Barlow Twins' cross-correlation, VICReg's three terms and DINO's cross-entropy.
 
-All three L2-normalise their inputs, so callers pass raw projections.
+Callers pass raw projections: each loss normalises (or batch-normalises) what its paper does.
 """
 
 from __future__ import annotations
@@ -92,3 +93,138 @@ def byol_loss(p: Tensor, z: Tensor) -> Tensor:
         Scalar loss in [0, 4]. BYOL sums it over both view orders (`methods.byol.BYOL`).
     """
     return (2 - 2 * F.cosine_similarity(p, z.detach(), dim=1)).mean()
+
+
+def negative_cosine_loss(p: Tensor, z: Tensor) -> Tensor:
+    """SimSiam's D(p, z) = -cos(p, z), mean over the batch (Chen & He 2021, eq. 1).
+
+    Unlike `byol_loss`, z is NOT detached here: the stop-gradient is part of SimSiam's symmetric
+    loss (eq. 3/4), which the method writes out (`methods.simsiam.SimSiam`), as lightly's
+    `NegativeCosineSimilarity` leaves it to the caller.
+
+    Args:
+        p: [n, d] predictions.
+        z: [n, d] projections.
+
+    Returns:
+        Scalar in [-1, 1].
+    """
+    return -F.cosine_similarity(p, z, dim=1).mean()
+
+
+def _gather_both(z1: Tensor, z2: Tensor, gather: bool) -> tuple[Tensor, Tensor]:
+    """Every worker's rows (gradient-correct, `methods.dist`) when distributed and asked, else as is."""
+    if gather and dist.world_size() > 1:
+        return dist.gather_with_grad(z1), dist.gather_with_grad(z2)
+    return z1, z2
+
+
+def barlow_twins_loss(z1: Tensor, z2: Tensor, lambd: float = 0.0051, gather: bool = True) -> Tensor:
+    """Barlow Twins (Zbontar et al. 2021, eq. 1 and 2):
+
+    L = sum_i (1 - C_ii)^2 + lambd * sum_i sum_{j != i} C_ij^2,
+    C_ij = sum_b zn1_{b,i} zn2_{b,j} / N, zn = z batch-normalised per dimension (mean 0, biased
+    variance 1, eps 1e-5 as `nn.BatchNorm1d(affine=False)` in the reference code).
+
+    With torch.distributed initialised and `gather=True`, the normalisation statistics and C are
+    over the N samples of ALL workers (the reference code gets the same from SyncBatchNorm and an
+    all-reduce of C): both projections are gathered with the gradient-correct all-gather, so every
+    rank computes the same global loss, and under DDP (which averages the ranks' gradients) the
+    parameter gradients equal those of one process on the concatenated batch.
+
+    Args:
+        z1: [n, d] projections of the first views on this worker.
+        z2: [n, d] projections of the second views (row i pairs with z1's row i).
+        lambd: weight of the redundancy-reduction term (paper: 5e-3; reference code's default
+            0.0051). Departure from solo-learn: no `scale_loss` factor (its CIFAR recipe uses 0.1).
+        gather: normalise and correlate over every worker's samples when distributed.
+
+    Returns:
+        Scalar loss.
+    """
+    z1, z2 = _gather_both(z1, z2, gather)  # [N, d] each
+    big_n = z1.size(0)
+    zn1 = F.batch_norm(z1, None, None, training=True)  # biased variance, no affine
+    zn2 = F.batch_norm(z2, None, None, training=True)
+    c = zn1.T @ zn2 / big_n  # [d, d] cross-correlation
+    on_diag = (torch.diagonal(c) - 1).pow(2).sum()
+    off_diag = c.pow(2).sum() - torch.diagonal(c).pow(2).sum()
+    return on_diag + lambd * off_diag
+
+
+def vicreg_loss(z1: Tensor, z2: Tensor, sim_weight: float = 25.0, var_weight: float = 25.0,
+                cov_weight: float = 1.0, gather: bool = True) -> Tensor:
+    """VICReg (Bardes et al. 2022, eq. 1-6):
+
+    L = lambda s(Z, Z') + mu [v(Z) + v(Z')] + nu [c(Z) + c(Z')],
+    s = mean squared error over all n*d entries (the reference code's `F.mse_loss`; eq. 5 writes
+    the per-sample sum over dimensions, i.e. d times this), v(Z) = mean_j max(0, 1 - sqrt(Var(z_j)
+    + 1e-4)) with the unbiased variance, c(Z) = sum_{i != j} Cov(Z)_ij^2 / d with
+    Cov = (Z - mean)^T (Z - mean) / (N - 1).
+
+    With torch.distributed initialised and `gather=True`, all three terms are computed on the
+    gathered global batch (the reference code gathers for variance and covariance; the invariance
+    mean over the global batch equals the DDP average of the per-worker means), so every rank
+    computes the same loss and DDP's gradients equal one process on the concatenated batch.
+
+    Args:
+        z1: [n, d] projections (the paper's expander outputs) of the first views.
+        z2: [n, d] of the second views.
+        sim_weight: lambda (paper: 25). var_weight: mu (25). cov_weight: nu (1).
+        gather: variance and covariance over every worker's samples when distributed.
+
+    Returns:
+        Scalar loss.
+    """
+    z1, z2 = _gather_both(z1, z2, gather)  # [N, d] each
+    invariance = F.mse_loss(z1, z2)
+    variance = _vicreg_variance(z1) + _vicreg_variance(z2)
+    covariance = _vicreg_covariance(z1) + _vicreg_covariance(z2)
+    return sim_weight * invariance + var_weight * variance + cov_weight * covariance
+
+
+def _vicreg_variance(z: Tensor, eps: float = 1e-4) -> Tensor:
+    std = torch.sqrt(z.var(dim=0) + eps)  # [d], unbiased
+    return F.relu(1 - std).mean()
+
+
+def _vicreg_covariance(z: Tensor) -> Tensor:
+    n, d = z.shape
+    centred = z - z.mean(dim=0)
+    cov = centred.T @ centred / (n - 1)  # [d, d]
+    return (cov.pow(2).sum() - torch.diagonal(cov).pow(2).sum()) / d
+
+
+def dino_loss(student_out: list[Tensor], teacher_out: list[Tensor], center: Tensor,
+              student_temp: float = 0.1, teacher_temp: float = 0.04) -> Tensor:
+    """DINO's cross-entropy between teacher and student views (Caron et al. 2021, eq. 3 and Alg. 1):
+
+    L = mean over pairs (t, s), t a teacher (global) view and s a DIFFERENT student view, of
+    mean_b sum_k -P_t[b, k] log P_s[b, k], with P_t = softmax((g_t - center) / teacher_temp) and
+    P_s = softmax(g_s / student_temp). As the reference `DINOLoss` and lightly's `DINOLoss`: the
+    student list holds the global views first, in the teacher's order, so student view i and
+    teacher view i are the same crop and that pair is left out.
+
+    The teacher side is detached here (DINO's stop-gradient). The center is not updated here: the
+    method does it after the loss (`methods.dino.DINO`).
+
+    Args:
+        student_out: V tensors [n, K], the student's outputs for every view (globals first).
+        teacher_out: G tensors [n, K], the teacher's outputs for the global views (G <= V).
+        center: [1, K] or [K], the running mean of the teacher's outputs.
+        student_temp: tau_s (paper: 0.1).
+        teacher_temp: tau_t at this step (paper: 0.04, or a warm-up 0.04 -> 0.07).
+
+    Returns:
+        Scalar loss.
+    """
+    log_p_student = [F.log_softmax(s / student_temp, dim=-1) for s in student_out]
+    total, terms = student_out[0].new_zeros(()), 0
+    for it, t in enumerate(teacher_out):
+        p_teacher = F.softmax((t.detach() - center) / teacher_temp, dim=-1)  # [n, K]
+        for iv, log_p in enumerate(log_p_student):
+            if iv == it:
+                continue
+            total = total + (-p_teacher * log_p).sum(dim=-1).mean()
+            terms += 1
+    return total / max(terms, 1)

@@ -44,6 +44,7 @@ class MoCo(nn.Module):
     """
 
     sync_batchnorm = False  # shuffle-BN instead; read by methods.prepare_for_distributed
+    augment_preset = "moco_v2"  # pipelines.augment.PRESETS key
 
     def __init__(self, encoder: nn.Module, *, projection_dim: int = 128, hidden_dim: int = 2048,
                  queue_size: int = 65536, temperature: float = 0.2, momentum: float = 0.999,

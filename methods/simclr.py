@@ -25,6 +25,7 @@ class SimCLR(nn.Module):
     """
 
     sync_batchnorm = True  # read by methods.prepare_for_distributed
+    augment_preset = "simclr"  # pipelines.augment.PRESETS key
 
     def __init__(self, encoder: nn.Module, *, projection_dim: int = 128,
                  hidden_dim: int | None = None, temperature: float = 0.5) -> None:

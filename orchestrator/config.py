@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import types
@@ -22,17 +23,26 @@ from typing import Any
 
 import yaml
 
+from methods import METHODS
+from methods.encoders import ENCODERS
 from orchestrator.errors import UserError
+from pipelines.augment import PRESETS, local_crop_size
 
-METHOD_NAMES = ("simclr", "moco", "byol")
-ENCODER_NAMES = ("convnet", "resnet18", "resnet50")
+METHOD_NAMES = tuple(METHODS)
+ENCODER_NAMES = ENCODERS
 OPTIMIZER_NAMES = ("sgd", "lars", "adamw")
-AUGMENT_PRESETS = ("simclr", "moco_v2", "byol")  # pipelines.augment.PRESETS
-METHOD_PRESET = {"simclr": "simclr", "moco": "moco_v2", "byol": "byol"}
+AUGMENT_PRESETS = tuple(PRESETS)
+METHOD_PRESET = {name: cls.augment_preset for name, cls in METHODS.items()}
 AUGMENT_ON = ("auto", "worker", "data")
 LOADERS = ("auto", "memory", "stream")
 # Method fields that only some methods take: (field, methods that accept it).
-METHOD_ONLY = {"temperature": ("simclr", "moco"), "momentum": ("moco", "byol"), "queue_size": ("moco",)}
+METHOD_ONLY = {"temperature": ("simclr", "moco"), "momentum": ("moco", "byol", "dino"), "queue_size": ("moco",),
+               "lambd": ("barlow_twins",), "sim_weight": ("vicreg",), "var_weight": ("vicreg",),
+               "cov_weight": ("vicreg",), "teacher_temp": ("dino",), "warmup_teacher_temp": ("dino",),
+               "warmup_teacher_temp_fraction": ("dino",), "local_crops": ("dino",), "local_crop_size": ("dino",)}
+# Method fields that are not constructor arguments: they shape the augmentation (`Config.multi_crop`).
+AUGMENT_FIELDS = ("local_crops", "local_crop_size")
+DINO_LOCAL_CROPS = 2  # the paper: 8 (main_dino.py) or 10 local crops at 96 px; 2 keeps CPU runs short
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
@@ -71,10 +81,19 @@ class MethodConfig:
 
     name: str = "simclr"
     temperature: float | None = None  # SimCLR, MoCo
-    momentum: float | None = None  # MoCo, BYOL: base EMA rate of the momentum encoder
+    momentum: float | None = None  # MoCo, BYOL, DINO: base EMA rate of the momentum encoder / teacher
     queue_size: int | None = None  # MoCo
-    projection_dim: int | None = None
+    projection_dim: int | None = None  # DINO: the number of prototypes K
     hidden_dim: int | None = None
+    lambd: float | None = None  # Barlow Twins: off-diagonal weight (paper 0.0051)
+    sim_weight: float | None = None  # VICReg: invariance weight lambda (25)
+    var_weight: float | None = None  # VICReg: variance weight mu (25)
+    cov_weight: float | None = None  # VICReg: covariance weight nu (1)
+    teacher_temp: float | None = None  # DINO: teacher temperature after the warm-up (0.07)
+    warmup_teacher_temp: float | None = None  # DINO: teacher temperature at the start (0.04)
+    warmup_teacher_temp_fraction: float | None = None  # DINO: share of training it rises over (0.3)
+    local_crops: int | None = None  # DINO: local crops per image (null = DINO_LOCAL_CROPS; 0 = none)
+    local_crop_size: int | None = None  # DINO: their side (null = data.image_size * 96/224, as the paper)
 
 
 @dataclass
@@ -168,9 +187,22 @@ class Config:
     def method_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for `METHODS[name](encoder, **kwargs)`: only the fields that are set."""
         m = self.method
-        kw = {"projection_dim": m.projection_dim, "hidden_dim": m.hidden_dim, "temperature": m.temperature,
-              "momentum": m.momentum, "queue_size": m.queue_size}
+        kw = {f.name: getattr(m, f.name) for f in fields(m) if f.name != "name" and f.name not in AUGMENT_FIELDS}
         return {k: v for k, v in kw.items() if v is not None}
+
+    def multi_crop(self) -> tuple[int, int]:
+        """(local crops per image, their side): DINO's multi-crop, (0, 0) for every other method."""
+        m = self.method
+        if m.name != "dino":
+            return 0, 0
+        n = DINO_LOCAL_CROPS if m.local_crops is None else m.local_crops
+        size = m.local_crop_size or local_crop_size(self.data.image_size)
+        return (n, size) if n > 0 else (0, 0)
+
+    def augment_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for `pipelines.augment.TwoViewAugment` beyond preset, size and seed."""
+        n, size = self.multi_crop()
+        return {"local_crops": n, "local_size": size} if n else {}
 
     def augment_preset(self) -> str:
         """The augmentation preset: `data.augment`, else the method's own."""
@@ -180,6 +212,8 @@ class Config:
         """"worker" or "data" ("auto" resolved by `pipelines.stream.default_augment_on`)."""
         if self.data.augment_on != "auto":
             return self.data.augment_on
+        if self.multi_crop()[0]:
+            return "worker"  # local crops are made on the worker only (Ray Data carries two views)
         from pipelines.stream import default_augment_on
 
         return str(default_augment_on("cuda" if self.scaling.use_gpu else "cpu"))
@@ -344,6 +378,8 @@ def _one_of(field_name: str, value: Any, allowed: tuple[str, ...]) -> None:
 
 
 def _positive(field_name: str, value: float | int | None, *, zero_ok: bool = False) -> None:
+    if value is not None and not math.isfinite(value):
+        _fail(field_name, value, "must be a finite number")
     if value is not None and (value < 0 or (value == 0 and not zero_ok)):
         _fail(field_name, value, "must be >= 0" if zero_ok else "must be > 0")
 
@@ -377,8 +413,18 @@ def validate(cfg: Config, *, check_data: bool = True, check_gpu: bool = True) ->
     _positive("method.temperature", m.temperature)
     if m.momentum is not None and not 0 <= m.momentum < 1:
         _fail("method.momentum", m.momentum, "must be in [0, 1)")
-    for name in ("queue_size", "projection_dim", "hidden_dim"):
+    for name in ("queue_size", "projection_dim", "hidden_dim", "teacher_temp", "warmup_teacher_temp",
+                 "local_crop_size"):
         _positive(f"method.{name}", getattr(m, name))
+    for name in ("lambd", "sim_weight", "var_weight", "cov_weight", "local_crops"):
+        _positive(f"method.{name}", getattr(m, name), zero_ok=True)
+    if m.warmup_teacher_temp_fraction is not None and not 0 <= m.warmup_teacher_temp_fraction <= 1:
+        _fail("method.warmup_teacher_temp_fraction", m.warmup_teacher_temp_fraction, "must be in [0, 1]")
+    if m.local_crop_size is not None and m.local_crop_size > d.image_size:
+        _fail("method.local_crop_size", m.local_crop_size, f"must be <= data.image_size ({d.image_size})")
+    if cfg.multi_crop()[0] and d.augment_on == "data":
+        _fail("data.augment_on", d.augment_on, "DINO's local crops are made on the worker; use "
+              "data.augment_on=worker or auto (or method.local_crops=0)")
     _positive("optim.lr", o.lr)
     _positive("optim.weight_decay", o.weight_decay, zero_ok=True)
     _positive("optim.sgd_momentum", o.sgd_momentum, zero_ok=True)

@@ -10,9 +10,10 @@ Per epoch, every worker:
    starts from the same random state as an uninterrupted one (the checkpoint's epoch fixes it);
 2. takes its share of the epoch's images (`TrainBatches`: its slice of a global permutation of the
    decoded split in the object store with `data.loader=memory`, its Ray Data shard from
-   `get_dataset_shard("train")` with `stream`), makes two views of each batch on its own device,
-   and takes DDP steps (bf16 autocast + channels_last on GPU); LR warm-up + cosine per step,
-   momentum-encoder update after each optimiser step;
+   `get_dataset_shard("train")` with `stream`), makes two views of each batch on its own device
+   (DINO: plus its local crops, passed to `forward` as a third argument), and takes DDP steps
+   (bf16 autocast + channels_last on GPU); LR warm-up + cosine per step, momentum-encoder update
+   after each optimiser step;
 3. rank 0 computes kNN top-1/top-5 (`methods.evaluate.knn_accuracy`) of the encoder's features:
    memory bank = a seeded per-class subset of `eval.knn_train_limit` training images, queries =
    the test split (all of it unless `eval.knn_test_limit`), no augmentation, eval-mode BN. The other ranks
@@ -125,13 +126,14 @@ def autocast(device: torch.device) -> Any:
 
 
 def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LambdaLR, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                    scheduler: torch.optim.lr_scheduler.LambdaLR, batches: Iterable[tuple[torch.Tensor, ...]],
                     *, device: torch.device, first_step: int, total_steps: int,
                     max_steps: int | None = None, on_step: Callable[[int], None] | None = None) -> dict[str, float]:
-    """Train over `batches` of (view1, view2); returns the mean loss/diagnostics, steps, images, seconds.
+    """Train over `batches` of (view1, view2[, local]); returns the mean loss/diagnostics, steps, images, seconds.
 
     Args:
-        model: the method module, possibly DDP-wrapped; `forward(x1, x2) -> {"loss", ...}`.
+        model: the method module, possibly DDP-wrapped; `forward(x1, x2) -> {"loss", ...}`, or
+            `forward(x1, x2, local)` when the batches carry DINO's local crops.
         first_step: global step at the start of the epoch (for the momentum schedule's progress).
         total_steps: steps of the whole run.
         max_steps: stop after this many steps (keeps workers in lockstep if a shard runs long).
@@ -143,14 +145,15 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
     sums: dict[str, float] = {}
     steps = images = 0
     start = time.perf_counter()
-    for v1, v2 in batches:
+    for v1, v2, *local in batches:
         if max_steps is not None and steps >= max_steps:
             break
         v1, v2 = v1.to(device, non_blocking=True), v2.to(device, non_blocking=True)
+        local = [t.to(device, non_blocking=True) for t in local]
         if channels_last:
             v1, v2 = v1.contiguous(memory_format=torch.channels_last), v2.contiguous(memory_format=torch.channels_last)
         with autocast(device):
-            out = model(v1, v2)
+            out = model(v1, v2, *local)
         loss = out["loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -308,13 +311,13 @@ class TrainBatches:
 
             self.memory = MemoryBatches(decoded["train"], device)
 
-    def epoch(self, epoch: int, epoch_seed: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    def epoch(self, epoch: int, epoch_seed: int) -> Iterable[tuple[torch.Tensor, ...]]:
         from pipelines.augment import TwoViewAugment
 
         cfg = self.cfg
         augment_on = "worker" if self.memory is not None else cfg.resolved_augment_on()
-        augment = TwoViewAugment(cfg.augment_preset(), size=cfg.data.image_size, seed=epoch_seed) \
-            if augment_on == "worker" else None
+        augment = TwoViewAugment(cfg.augment_preset(), size=cfg.data.image_size, seed=epoch_seed,
+                                 **cfg.augment_kwargs()) if augment_on == "worker" else None
         if self.memory is not None:
             from pipelines.memory import epoch_indices
 

@@ -1,10 +1,11 @@
-"""Batched two-view augmentations for contrastive pretraining (SimCLR, MoCo v2, BYOL).
+"""Batched two-view augmentations for self-supervised pretraining (SimCLR, MoCo v2, BYOL, DINO, ...).
 
 One call takes a uint8 batch ``[B, C, H, W]`` on any device and returns two normalised float32
-views ``[B, 3, size, size]`` on the same device. Every sample draws its own parameters from one
-``torch.Generator`` on that device, so the same seed gives the same views and nothing leaves the
-device. The ops follow torchvision's semantics (checked against ``torchvision.transforms.v2``
-in ``tests/pipelines/test_augment.py``):
+views ``[B, 3, size, size]`` on the same device, and with ``local_crops=V`` also DINO's multi-crop
+local views ``[V, B, 3, local_size, local_size]``. Every sample (and local crop) draws its own
+parameters from one ``torch.Generator`` on that device, so the same seed gives the same views
+and nothing leaves the device. The ops follow torchvision's semantics (checked against
+``torchvision.transforms.v2`` in ``tests/pipelines/test_augment.py``):
 
     random resized crop -> horizontal flip -> colour jitter (p) -> grayscale (p) -> blur (p)
     -> solarize (p) -> normalise
@@ -26,12 +27,15 @@ Papers:
     MoCo v2: Chen et al. 2020, "Improved Baselines with Momentum Contrastive Learning",
         and its reference code (``main_moco.py --aug-plus``).
     BYOL: Grill et al. 2020, "Bootstrap Your Own Latent", Appendix B, Table 6.
+    DINO: Caron et al. 2021, "Emerging Properties in Self-Supervised Vision Transformers", and its
+        reference code (``main_dino.py``, ``DataAugmentationDINO``): multi-crop.
 """
 
 from __future__ import annotations
 
 import math
 from concurrent.futures import ThreadPoolExecutor
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -75,7 +79,20 @@ PRESETS: dict[str, dict[str, object]] = {
         jitter=(0.4, 0.4, 0.2, 0.1), jitter_prob=0.8, grayscale_prob=0.2,
         blur_prob=(1.0, 0.1), blur_sigma=(0.1, 2.0), solarize_prob=(0.0, 0.2),
     ),
+    # DINO's global crops (main_dino.py defaults): BYOL's colour ops and asymmetric blur/solarize,
+    # crops of (0.4, 1) since the local crops cover the small scales. (Its ResNet-50 recipe uses
+    # 0.14 instead of 0.4.)
+    "dino": dict(
+        crop_scale=(0.4, 1.0), crop_ratio=(3 / 4, 4 / 3), flip_prob=0.5,
+        jitter=(0.4, 0.4, 0.2, 0.1), jitter_prob=0.8, grayscale_prob=0.2,
+        blur_prob=(1.0, 0.1), blur_sigma=(0.1, 2.0), solarize_prob=(0.0, 0.2),
+    ),
 }
+# DINO's local crops (main_dino.py): scale (0.05, 0.4), blur p=0.5, no solarize, the rest as the
+# preset's first view. Any preset takes local crops; only the DINO method consumes them.
+LOCAL_CROP_SCALE: tuple[float, float] = (0.05, 0.4)
+LOCAL_BLUR_PROB = 0.5
+LOCAL_SOLARIZE_PROB = 0.0
 BACKENDS = ("auto", "numba", "torch")
 OVERRIDES = (
     "crop_scale", "crop_ratio", "flip_prob", "jitter", "jitter_strength", "jitter_prob",
@@ -148,6 +165,11 @@ def keep_freed_memory(limit_bytes: int = 32 << 20) -> bool:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
     return bool(mallopt(m_mmap_threshold, limit_bytes)) and bool(mallopt(m_trim_threshold, 2 * limit_bytes))
+
+
+def local_crop_size(size: int) -> int:
+    """DINO's local crop side for global views of ``size``: its 96/224 ratio (14 at 32, 12 at 28)."""
+    return max(1, round(size * 96 / 224))
 
 
 def blur_kernel_size(size: int) -> int:
@@ -473,6 +495,19 @@ def resolve_views(preset: str, size: int, **overrides: object) -> tuple[ViewConf
     return views[0], views[1]  # type: ignore[return-value]
 
 
+def resolve_local_view(preset: str, size: int, local_size: int, **overrides: object) -> ViewConfig:
+    """The local crops' settings: the preset's first view with DINO's local crop scale, blur and
+    solarize (``LOCAL_*``). Blur follows the global views' CIFAR convention (off when ``size <= 32`` unless
+    ``blur=True``), with a kernel of 10% of ``local_size``."""
+    first, _ = resolve_views(preset, size, **overrides)
+    blur = overrides.get("blur")
+    if blur is None:
+        blur = size > 32
+    return dataclasses.replace(first, crop_scale=LOCAL_CROP_SCALE, solarize_prob=LOCAL_SOLARIZE_PROB,
+                               blur_prob=LOCAL_BLUR_PROB if blur else 0.0,
+                               blur_kernel_size=blur_kernel_size(local_size))
+
+
 class TwoViewAugment:
     """Two random views per image, batched and on the images' device.
 
@@ -484,6 +519,10 @@ class TwoViewAugment:
             from torch's global RNG, so ``torch.manual_seed`` makes it reproducible too.
         backend: ``"auto"`` (numba for CPU tensors, PyTorch elsewhere), ``"numba"`` (CPU only) or
             ``"torch"``. Both give the same views to ~1e-6 for the same parameters.
+        local_crops: V, DINO's local crops per image (0: none, the call returns two views).
+            Their parameters are drawn after the two global views', so adding local crops leaves
+            the global views of a seed unchanged.
+        local_size: side of the local crops; None = ``local_crop_size(size)``.
         **overrides: any of ``OVERRIDES``, e.g. ``crop_scale=(0.2, 1.0)``, ``jitter_strength=0.5``,
             ``blur_prob=0.0`` or ``blur_prob=(1.0, 0.1)``, ``blur=False``.
 
@@ -495,17 +534,24 @@ class TwoViewAugment:
     """
 
     def __init__(self, preset: str = "simclr", size: int = 32, seed: int | None = None, *,
-                 backend: str = "auto", **overrides: object) -> None:
+                 backend: str = "auto", local_crops: int = 0, local_size: int | None = None,
+                 **overrides: object) -> None:
         if backend not in BACKENDS:
             raise DataError(f"augmentation backend {backend!r} is unknown; choose one of {list(BACKENDS)}")
+        if not isinstance(local_crops, int) or local_crops < 0:
+            raise DataError(f"augmentation local_crops={local_crops!r}: a non-negative int")
         self.preset = preset
         self.size = size
         self.backend = backend
         self.views = resolve_views(preset, size, **overrides)
+        self.local_crops = local_crops
+        self.local_size = local_crop_size(size) if local_size is None else local_size
+        if not isinstance(self.local_size, int) or self.local_size < 1:
+            raise DataError(f"augmentation local_size={local_size!r}: a positive int")
+        self.local_view = resolve_local_view(preset, size, self.local_size, **overrides) if local_crops else None
         self._pool: ThreadPoolExecutor | None = None
         self.seed = int(torch.randint(0, 2**62, (), dtype=torch.int64)) if seed is None else int(seed)
         self._generators: dict[str, torch.Generator] = {}
-        self.cpu_chunk = max(8, (256 * 32 * 32) // (size * size))  # measured best at 32 px (256 rows)
 
     def _generator(self, device: torch.device) -> torch.Generator:
         key = str(device)
@@ -518,7 +564,9 @@ class TwoViewAugment:
     def __call__(self, images: Tensor, return_params: bool = False):  # type: ignore[no-untyped-def]
         """uint8 ``[B, C, H, W]`` (C = 1 or 3) -> ``(view1, view2)``, float32 ``[B, 3, size, size]``.
 
-        With ``return_params=True`` returns ``(view1, view2, (params1, params2))``.
+        With ``local_crops=V > 0`` -> ``(view1, view2, local)``, local float32
+        ``[V, B, 3, local_size, local_size]``. With ``return_params=True`` the parameters come last:
+        ``(view1, view2, [local,] (params1, params2, *local_params))``.
         """
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] not in (1, 3):
             raise DataError(
@@ -527,30 +575,45 @@ class TwoViewAugment:
         n, _, height, width = images.shape
         device = images.device
         g = self._generator(device)
-        p1 = sample_view_params(n, height, width, self.views[0], g, device)
-        p2 = sample_view_params(n, height, width, self.views[1], g, device)
+        params = [sample_view_params(n, height, width, self.views[0], g, device),
+                  sample_view_params(n, height, width, self.views[1], g, device)]
+        configs = list(self.views)
+        outs = [torch.empty(2 * n, 3, self.size, self.size, dtype=torch.float32, device=device)]
+        if self.local_view is not None:
+            params += [sample_view_params(n, height, width, self.local_view, g, device)
+                       for _ in range(self.local_crops)]
+            configs += [self.local_view] * self.local_crops
+            outs.append(torch.empty(self.local_crops * n, 3, self.local_size, self.local_size,
+                                    dtype=torch.float32, device=device))
+        # targets[k]: where view k's n rows go (rows k*n.. of the global block, then of the local one)
+        targets = [outs[0][k * n:(k + 1) * n] for k in range(2)]
+        targets += [outs[1][k * n:(k + 1) * n] for k in range(self.local_crops if self.local_view else 0)]
         if self._numba(device):
-            out = self._numba_views(images, (p1, p2))
-            if return_params:
-                return out[:n], out[n:], (p1, p2)
-            return out[:n], out[n:]
+            self._numba_views(images, params, configs, targets)
+        else:
+            self._torch_views(images, params, configs, targets)
+        result: list[Tensor] = [outs[0][:n], outs[0][n:]]
+        if self.local_view is not None:
+            result.append(outs[1].view(self.local_crops, n, 3, self.local_size, self.local_size))
+        if return_params:
+            return (*result, tuple(params))
+        return tuple(result)
+
+    def _torch_views(self, images: Tensor, params: list[ViewParams], configs: list[ViewConfig],
+                     targets: list[Tensor]) -> None:
+        """Every view with the PyTorch ops, normalised, written into its target ``[n, 3, S, S]``."""
+        n, _, height, width = images.shape
         x = images.expand(n, 3, height, width) if images.shape[1] == 1 else images
         x = x.to(torch.float32).mul_(1 / 255)
-        out = torch.empty(2 * n, 3, self.size, self.size, dtype=torch.float32, device=device)
         # On CPU, chunks of a few hundred KiB per tensor stay in cache between the ~50 elementwise
         # ops; on an accelerator one launch per op for the whole batch is better.
-        chunk = self.cpu_chunk if device.type == "cpu" else n
-        for v, params in enumerate((p1, p2)):
-            kernel = self.views[v].blur_kernel_size
+        for p, config, target in zip(params, configs, targets):
+            side = target.shape[-1]
+            chunk = max(8, (256 * 32 * 32) // (side * side)) if images.device.type == "cpu" else max(n, 1)
             for start in range(0, n, chunk):
                 rows = slice(start, min(n, start + chunk))
-                part = ViewParams(*(t[rows] for t in vars(params).values()))
-                out[v * n + rows.start : v * n + rows.stop] = augment_views(x[rows], part, self.size, kernel)
-        out = _normalize_unit(out)
-        view1, view2 = out[:n], out[n:]
-        if return_params:
-            return view1, view2, (p1, p2)
-        return view1, view2
+                part = ViewParams(*(t[rows] for t in vars(p).values()))
+                target[rows] = _normalize_unit(augment_views(x[rows], part, side, config.blur_kernel_size))
 
     def _numba(self, device: torch.device) -> bool:
         if self.backend == "torch":
@@ -562,26 +625,28 @@ class TwoViewAugment:
             return False
         return True
 
-    def _numba_views(self, images: Tensor, params: tuple[ViewParams, ViewParams]) -> Tensor:
-        """Both views with the numba kernel: rows split over ``torch.get_num_threads()`` threads."""
+    def _numba_views(self, images: Tensor, params: list[ViewParams], configs: list[ViewConfig],
+                     targets: list[Tensor]) -> None:
+        """Every view with the numba kernel, into its contiguous target ``[n, 3, S, S]``; rows split
+        over ``torch.get_num_threads()`` threads."""
         from pipelines.augment_numba import augment_views_into
 
         n = images.shape[0]
-        out = torch.empty(2 * n, 3, self.size, self.size, dtype=torch.float32)
         if n == 0:
-            return out
-        src, dst = images.contiguous().numpy(), out.numpy()
+            return
+        src = images.contiguous().numpy()
         mean, std = np.asarray(MEAN, np.float32), np.asarray(STD, np.float32)
         parts = max(1, min(torch.get_num_threads(), n // 64))  # a part under 64 images is not worth a thread
         bounds = np.linspace(0, n, parts + 1).astype(np.int64)
         jobs = []
-        for v, p in enumerate(params):
+        for p, config, target in zip(params, configs, targets):
+            dst = target.numpy()  # a contiguous row block of the output: writes land in place
             arrays = [t.contiguous().numpy() for t in (p.crop, p.flip, p.jitter, p.factors.float(), p.order,
                                                         p.grayscale, p.blur, p.blur_sigma.float(), p.solarize)]
-            kernel = self.views[v].blur_kernel_size
+            kernel = config.blur_kernel_size
             for a, b in zip(bounds[:-1], bounds[1:]):
                 crop, flip, jitter, factors, order, gray, blur, sigma, solar = (x[a:b] for x in arrays)
-                jobs.append((src[a:b], dst[v * n + a:v * n + b], crop, flip, jitter, factors, order, gray, blur,
+                jobs.append((src[a:b], dst[a:b], crop, flip, jitter, factors, order, gray, blur,
                              sigma, kernel, solar, mean, std))
         if parts == 1:
             for job in jobs:
@@ -590,7 +655,6 @@ class TwoViewAugment:
             if self._pool is None or self._pool._max_workers < parts:  # type: ignore[attr-defined]
                 self._pool = ThreadPoolExecutor(parts, thread_name_prefix="selfsup-augment")
             list(self._pool.map(lambda job: augment_views_into(*job), jobs))
-        return out
 
     def __getstate__(self) -> dict[str, object]:  # the thread pool does not pickle (Ray ships augmenters)
         return {**self.__dict__, "_pool": None}

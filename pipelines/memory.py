@@ -114,7 +114,8 @@ class MemoryBatches:
                 self.images = host.to(self.device)
 
     def epoch(self, indices: np.ndarray, *, batch_size: int, augment: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield `(view1, view2)` on the device for consecutive `batch_size` slices of `indices`."""
+        """Yield `(view1, view2)` on the device for consecutive `batch_size` slices of `indices`
+        (then DINO's local crops, when `augment` makes them)."""
         index = torch.from_numpy(np.ascontiguousarray(indices, dtype=np.int64))
         if self.images.device != index.device:
             index = index.to(self.images.device)

@@ -261,8 +261,8 @@ def iter_two_view_batches(shard: Any, *, batch_size: int, augment: Any = None,
         prefetch_batches: batches Ray Data prepares ahead.
 
     Yields:
-        `(view1, view2)` float `[batch_size, 3, S, S]` on `device`, or `(view1, view2, extras)`
-        when `keep` is given.
+        `(view1, view2)` float `[batch_size, 3, S, S]` on `device`, then DINO's local crops
+        `[V, batch_size, 3, s, s]` when the augmenter makes them, then a dict of the `keep` columns.
     """
     device = torch.device(device)
     if augment_on == "worker" and augment is None:
@@ -274,17 +274,18 @@ def iter_two_view_batches(shard: Any, *, batch_size: int, augment: Any = None,
                 raise ValueError("augment_on='worker' but the batches have no 'image' column; "
                                  "build the dataset with read_split(..., augment_on='worker')")
             with torch.no_grad():
-                v1, v2 = augment(_tensor(batch["image"]).to(device, non_blocking=True))
+                v1, v2, *local = augment(_tensor(batch["image"]).to(device, non_blocking=True))
         else:
             if "view1" not in batch:
                 raise ValueError("augment_on='data' but the batches have no 'view1' column; "
                                  "build the dataset with read_split(..., augment_on='data')")
             v1 = _tensor(batch["view1"]).to(device, non_blocking=True)
             v2 = _tensor(batch["view2"]).to(device, non_blocking=True)
+            local = []
         if keep:
-            yield v1, v2, {k: batch[k] for k in keep}
+            yield v1, v2, *local, {k: batch[k] for k in keep}
         else:
-            yield v1, v2
+            yield v1, v2, *local
 
 
 def _tensor(array: np.ndarray) -> torch.Tensor:

@@ -1,11 +1,14 @@
 """Worker side of test_gather_ddp.py, kept free of pytest so spawned processes import little.
 
 Two gloo ranks run DDP + gathered NT-Xent (correct gather, then one whose backward divides by the
-world size) and one MoCo forward, and save what they saw for the test to compare.
+world size) and one MoCo forward; then SimSiam, Barlow Twins, VICReg and DINO (with local crops)
+under DDP, Barlow Twins and VICReg once more without gathering; and save what they saw for the test
+to compare.
 """
 
 from __future__ import annotations
 
+import functools
 import socket
 from pathlib import Path
 from typing import Any
@@ -14,13 +17,28 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
+import methods.barlow_twins
 import methods.dist
-from methods import MoCo, SimCLR, build_encoder, prepare_for_distributed
+import methods.vicreg
+from methods import METHODS, MoCo, SimCLR, build_encoder, prepare_for_distributed
 from methods.batchnorm import GlobalBatchNorm
 
 WORLD = 2
 N = 8  # global batch; 4 per rank
 SIZE = 16  # smallest input the ConvNet takes
+
+
+LOCAL = 2  # DINO's local crops per image
+LOCAL_SIZE = 8
+# Paper structure at test width (double precision, ConvNet with BatchNorm everywhere).
+NEW_METHODS = {
+    "simsiam": {"hidden_dim": 32, "projection_dim": 16, "predictor_hidden_dim": 8},
+    "barlow_twins": {"hidden_dim": 32, "projection_dim": 16},
+    "vicreg": {"hidden_dim": 32, "projection_dim": 16},
+    "dino": {"hidden_dim": 32, "bottleneck_dim": 8, "projection_dim": 24},
+}
+UNGATHERED = {"barlow_twins": (methods.barlow_twins, "barlow_twins_loss"),
+              "vicreg": (methods.vicreg, "vicreg_loss")}
 
 
 def _port() -> int:
@@ -33,6 +51,36 @@ def _data() -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(123)
     x1 = torch.randn(N, 3, SIZE, SIZE, generator=g, dtype=torch.float64)
     return x1, x1 + 0.3 * torch.randn(N, 3, SIZE, SIZE, generator=g, dtype=torch.float64)
+
+
+def _local_views() -> torch.Tensor:
+    g = torch.Generator().manual_seed(321)
+    return torch.randn(LOCAL, N, 3, LOCAL_SIZE, LOCAL_SIZE, generator=g, dtype=torch.float64)
+
+
+def new_method(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    return METHODS[name](build_encoder("convnet"), **NEW_METHODS[name]).double()
+
+
+def method_inputs(name: str, rows: slice = slice(None)) -> tuple[torch.Tensor, ...]:
+    """The views `name` takes, restricted to `rows` of the global batch (DINO: plus local crops)."""
+    x1, x2 = _data()
+    extra = (_local_views()[:, rows],) if name == "dino" else ()
+    return (x1[rows], x2[rows], *extra)
+
+
+def _new_method_grads(name: str, rows: slice) -> dict[str, Any]:
+    model = prepare_for_distributed(new_method(name))
+    assert any(isinstance(m, GlobalBatchNorm) for m in model.modules())
+    ddp = nn.parallel.DistributedDataParallel(model)
+    loss = ddp(*method_inputs(name, rows))["loss"]
+    loss.backward()
+    out = {"loss": loss.item(), "grads": {k: p.grad.clone() for k, p in model.named_parameters()
+                                          if p.grad is not None}}
+    if name == "dino":
+        out["center"] = model.center.clone()
+    return out
 
 
 def _simclr() -> SimCLR:
@@ -98,6 +146,16 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             _, result["grads_divided"] = _ddp_grads(x1[mine], x2[mine])
         finally:
             methods.dist._GatherWithGrad = original  # type: ignore[misc]
+
+        for name in NEW_METHODS:
+            result[name] = _new_method_grads(name, mine)
+        for name, (module, fn) in UNGATHERED.items():
+            original_loss = getattr(module, fn)
+            setattr(module, fn, functools.partial(original_loss, gather=False))
+            try:
+                result[f"{name}_ungathered"] = _new_method_grads(name, mine)
+            finally:
+                setattr(module, fn, original_loss)
 
         moco = _moco()
         queue_before = moco.queue.clone()

@@ -1,5 +1,6 @@
-"""Two gloo processes: DDP + gathered NT-Xent equals one process on the whole batch; MoCo's queue
-receives every rank's keys. No Ray: torch.multiprocessing and a TCP rendezvous on 127.0.0.1."""
+"""Two gloo processes: DDP + gathered NT-Xent, SimSiam, Barlow Twins, VICReg and DINO each equal one
+process on the whole batch; MoCo's queue receives every rank's keys. No Ray: torch.multiprocessing
+and a TCP rendezvous on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from methods_ddp_worker import N, WORLD, _data, _moco, _port, _simclr, _worker
+from methods_ddp_worker import (N, NEW_METHODS, UNGATHERED, WORLD, _data, _moco, _port, _simclr, _worker,
+                                method_inputs, new_method)
 
 
 @pytest.fixture(scope="module")
@@ -51,3 +53,24 @@ def test_moco_queue_holds_every_ranks_keys(ranks: list[dict[str, Any]]) -> None:
         torch.testing.assert_close(r["queue"][:N], keys)  # rank 0's keys, then rank 1's, in order
         torch.testing.assert_close(r["queue"][N:], r["queue_before"][N:])
     torch.testing.assert_close(ranks[0]["queue"], ranks[1]["queue"])
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("name", sorted(NEW_METHODS))
+def test_ddp_gradients_of_new_methods_equal_single_process(ranks: list[dict[str, Any]], name: str) -> None:
+    # One process, the concatenated batch, plain BatchNorm: the global batch that GlobalBatchNorm
+    # and the gathered losses reconstruct across the two ranks.
+    model = new_method(name)
+    out = model(*method_inputs(name))
+    out["loss"].backward()
+    reference = _flat({k: p.grad for k, p in model.named_parameters() if p.grad is not None})
+
+    assert sum(r[name]["loss"] for r in ranks) / WORLD == pytest.approx(out["loss"].item(), rel=1e-10)
+    for r in ranks:
+        torch.testing.assert_close(_flat(r[name]["grads"]), reference, rtol=1e-8, atol=1e-10)
+    if name == "dino":  # the center's EMA takes the all-reduced teacher mean: the same as one process
+        for r in ranks:
+            torch.testing.assert_close(r[name]["center"], model.center)
+    if name in UNGATHERED:  # without the gather each rank normalises its own half: a different loss
+        ungathered = _flat(ranks[0][f"{name}_ungathered"]["grads"])
+        assert (ungathered - reference).norm() / reference.norm() > 1e-2

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from methods.losses import byol_loss, moco_loss, nt_xent_loss
+from methods.losses import (barlow_twins_loss, byol_loss, dino_loss, moco_loss, negative_cosine_loss,
+                            nt_xent_loss, vicreg_loss)
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -43,6 +44,76 @@ def byol_reference(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     for i in range(p.size(0)):
         total = total + ((p[i] / p[i].norm() - z[i] / z[i].norm()) ** 2).sum()
     return total / p.size(0)
+
+
+def negative_cosine_reference(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """SimSiam eq. 1: D(p, z) = -p/|p| . z/|z| per row, mean."""
+    return -sum(_cos(p[i], z[i]) for i in range(p.size(0))) / p.size(0)
+
+
+def _standardise(x: torch.Tensor, unbiased: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Column means and variances, one column and one sample at a time."""
+    n, d = x.shape
+    means = torch.stack([sum(x[b, j] for b in range(n)) / n for j in range(d)])
+    var = torch.stack([sum((x[b, j] - means[j]) ** 2 for b in range(n)) / (n - 1 if unbiased else n)
+                       for j in range(d)])
+    return means, var
+
+
+def barlow_twins_reference(z1: torch.Tensor, z2: torch.Tensor, lambd: float) -> torch.Tensor:
+    """Barlow Twins eq. 1/2: C_ij = sum_b zn1_bi zn2_bj / N, zn standardised with the biased var."""
+    n, d = z1.shape
+    m1, v1 = _standardise(z1, unbiased=False)
+    m2, v2 = _standardise(z2, unbiased=False)
+    zn1 = (z1 - m1) / torch.sqrt(v1 + 1e-5)
+    zn2 = (z2 - m2) / torch.sqrt(v2 + 1e-5)
+    loss = z1.new_zeros(())
+    for i in range(d):
+        for j in range(d):
+            c = sum(zn1[b, i] * zn2[b, j] for b in range(n)) / n
+            loss = loss + ((1 - c) ** 2 if i == j else lambd * c ** 2)
+    return loss
+
+
+def vicreg_reference(z1: torch.Tensor, z2: torch.Tensor, lam: float, mu: float, nu: float) -> torch.Tensor:
+    """VICReg eq. 1-6 (invariance as the reference code's mean over n*d entries)."""
+    n, d = z1.shape
+    sim = sum(((z1[b] - z2[b]) ** 2).sum() for b in range(n)) / (n * d)
+
+    def v(z: torch.Tensor) -> torch.Tensor:
+        _, var = _standardise(z, unbiased=True)
+        return sum(torch.clamp(1 - torch.sqrt(var[j] + 1e-4), min=0) for j in range(d)) / d
+
+    def c(z: torch.Tensor) -> torch.Tensor:
+        means, _ = _standardise(z, unbiased=True)
+        total = z.new_zeros(())
+        for i in range(d):
+            for j in range(d):
+                if i != j:
+                    cov = sum((z[b, i] - means[i]) * (z[b, j] - means[j]) for b in range(n)) / (n - 1)
+                    total = total + cov ** 2
+        return total / d
+
+    return lam * sim + mu * (v(z1) + v(z2)) + nu * (c(z1) + c(z2))
+
+
+def dino_reference(student: list[torch.Tensor], teacher: list[torch.Tensor], center: torch.Tensor,
+                   ts: float, tt: float) -> torch.Tensor:
+    """DINO eq. 3 / lightly's DINOLoss: H(P_t, P_s) per sample, over pairs with different views."""
+    total, terms = student[0].new_zeros(()), 0
+    for it, t in enumerate(teacher):
+        for iv, s in enumerate(student):
+            if iv == it:
+                continue
+            pair = student[0].new_zeros(())
+            for b in range(s.size(0)):
+                et = torch.exp((t[b].detach() - center) / tt)
+                pt = et / et.sum()
+                log_ps = s[b] / ts - torch.log(torch.exp(s[b] / ts).sum())
+                pair = pair - (pt * log_ps).sum()
+            total = total + pair / s.size(0)
+            terms += 1
+    return total / terms
 
 
 def _leaves(*shapes: tuple[int, ...], seed: int) -> list[torch.Tensor]:
@@ -99,3 +170,80 @@ def test_byol_loss_matches_reference(n: int, d: int) -> None:
     torch.testing.assert_close(p.grad, rp.grad)
     assert z.grad is None  # stop-gradient on the target is inside byol_loss
     torch.testing.assert_close(byol_loss(z, 3 * z), torch.zeros((), dtype=torch.float64))
+
+
+@pytest.mark.parametrize("n,d", [(1, 3), (5, 8)])
+def test_negative_cosine_loss_matches_reference_and_leaves_detaching_to_the_caller(n: int, d: int) -> None:
+    p, z = _leaves((n, d), (n, d), seed=300 + n)
+    rp, rz = (t.detach().clone().requires_grad_() for t in (p, z))
+    loss = negative_cosine_loss(p, z)
+    ref = negative_cosine_reference(rp, rz)
+    loss.backward()
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(p.grad, rp.grad)
+    torch.testing.assert_close(z.grad, rz.grad)  # z gets a gradient: SimSiam detaches it itself
+    torch.testing.assert_close(negative_cosine_loss(z, 2 * z), -torch.ones((), dtype=torch.float64))
+
+
+@pytest.mark.parametrize("n,d", [(2, 3), (6, 5)])
+@pytest.mark.parametrize("lambd", [0.0051, 0.5])
+def test_barlow_twins_loss_matches_reference(n: int, d: int, lambd: float) -> None:
+    z1, z2 = _leaves((n, d), (n, d), seed=400 + n)
+    r1, r2 = (t.detach().clone().requires_grad_() for t in (z1, z2))
+    loss = barlow_twins_loss(3 * z1 + 1, z2, lambd=lambd)  # scale and shift: BN must undo them
+    ref = barlow_twins_reference(3 * r1 + 1, r2, lambd)
+    loss.backward()
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(z1.grad, r1.grad)
+    torch.testing.assert_close(z2.grad, r2.grad)
+
+
+def test_barlow_twins_loss_is_near_zero_for_identical_decorrelated_views() -> None:
+    # Two identical views whose dimensions are uncorrelated: C = I up to the BN eps.
+    z = torch.tensor([[1.0, 1.0], [1.0, -1.0], [-1.0, 1.0], [-1.0, -1.0]], dtype=torch.float64)
+    assert barlow_twins_loss(z, z.clone()).item() < 1e-8
+
+
+@pytest.mark.parametrize("n,d", [(2, 3), (7, 4)])
+@pytest.mark.parametrize("weights", [(25.0, 25.0, 1.0), (1.0, 5.0, 0.5)])
+def test_vicreg_loss_matches_reference(n: int, d: int, weights: tuple[float, float, float]) -> None:
+    z1, z2 = _leaves((n, d), (n, d), seed=500 + n)
+    r1, r2 = (t.detach().clone().requires_grad_() for t in (z1, z2))
+    # 0.3 * z: the std falls under 1 in most dimensions, so the hinge of v is active.
+    loss = vicreg_loss(0.3 * z1, z2, *weights)
+    ref = vicreg_reference(0.3 * r1, r2, *weights)
+    loss.backward()
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(z1.grad, r1.grad)
+    torch.testing.assert_close(z2.grad, r2.grad)
+
+
+@pytest.mark.parametrize("n_local", [0, 2])
+@pytest.mark.parametrize("temps", [(0.1, 0.04), (0.2, 0.07)])
+def test_dino_loss_matches_reference(n_local: int, temps: tuple[float, float]) -> None:
+    n, k = 3, 6
+    student = _leaves(*[(n, k)] * (2 + n_local), seed=600 + n_local)
+    teacher = _leaves((n, k), (n, k), seed=700)
+    center = torch.randn(1, k, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ref_student = [s.detach().clone().requires_grad_() for s in student]
+    loss = dino_loss(student, teacher, center, *temps)
+    ref = dino_reference(ref_student, [t.detach() for t in teacher], center[0], *temps)
+    loss.backward()
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    for s, r in zip(student, ref_student):
+        torch.testing.assert_close(s.grad, r.grad)
+    assert all(t.grad is None for t in teacher)  # stop-gradient on the teacher is inside dino_loss
+
+
+def test_dino_loss_leaves_out_a_views_pair_with_itself() -> None:
+    # Two global views only: the loss is the mean of the two cross pairs, never (view i, view i).
+    a = torch.tensor([[4.0, 0.0, 0.0]], dtype=torch.float64)
+    b = torch.tensor([[0.0, 4.0, 0.0]], dtype=torch.float64)
+    center = torch.zeros(1, 3, dtype=torch.float64)
+    cross = dino_loss([a, b], [a, b], center)
+    same = dino_loss([a, b], [b, a], center)  # each student view now matches the OTHER teacher view
+    assert same.item() < 0.01 < cross.item()

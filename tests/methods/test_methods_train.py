@@ -16,7 +16,14 @@ SMALL = {  # paper widths are far too big for a CPU test; the structure is the s
     "simclr": {"hidden_dim": 64},
     "moco": {"hidden_dim": 64, "queue_size": 256, "momentum": 0.99},
     "byol": {"hidden_dim": 64, "projection_dim": 32},
+    "simsiam": {"hidden_dim": 64, "projection_dim": 32, "predictor_hidden_dim": 16},
+    "barlow_twins": {"hidden_dim": 64, "projection_dim": 32},
+    "vicreg": {"hidden_dim": 64, "projection_dim": 32},
+    # A constant teacher temperature: with the warm-up the target itself softens over the 8 steps
+    # and the loss on a fixed batch rises whatever the student learns.
+    "dino": {"hidden_dim": 64, "bottleneck_dim": 16, "projection_dim": 128, "warmup_teacher_temp_fraction": 0.0},
 }
+EXTRA = {"dino": {"teacher_temp"}}  # method-specific diagnostics next to the shared ones
 
 
 def _batch(n: int = 16, size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
@@ -26,8 +33,9 @@ def _batch(n: int = 16, size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _loss(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor) -> float:
-    """The loss against the same negatives each time (MoCo's queue is put back as it was)."""
-    saved = {k: v.clone() for k, v in model.named_buffers() if k.startswith("queue")}
+    """The loss against the same negatives / targets each time (MoCo's queue, DINO's center are put
+    back as they were)."""
+    saved = {k: v.clone() for k, v in model.named_buffers() if k.startswith(("queue", "center"))}
     torch.manual_seed(1)  # same shuffle-BN order
     loss = model(x1, x2)["loss"].item()
     for k, v in saved.items():
@@ -40,9 +48,9 @@ def test_method_forward_returns_loss_and_detached_diagnostics(name: str) -> None
     torch.manual_seed(0)
     model = METHODS[name](build_encoder("convnet"), **SMALL[name])
     out = model(*_batch(8))
-    assert set(out) == {"loss", *DIAGNOSTICS}
+    assert set(out) == {"loss", *DIAGNOSTICS, *EXTRA.get(name, ())}
     assert out["loss"].ndim == 0 and out["loss"].requires_grad
-    assert all(out[k].ndim == 0 and not out[k].requires_grad for k in DIAGNOSTICS)
+    assert all(out[k].ndim == 0 and not out[k].requires_grad for k in out if k != "loss")
     assert model.encoder.output_dim == 256
     assert prepare_for_distributed(model) is model  # one process: nothing to change
 
@@ -54,11 +62,12 @@ def test_a_few_optimizer_steps_lower_the_loss(name: str) -> None:
     x1, x2 = _batch()
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
     before = _loss(model, x1, x2)
-    initial_queue = {k: v.clone() for k, v in model.named_buffers() if k.startswith("queue")}
+    initial_queue = {k: v.clone() for k, v in model.named_buffers() if k.startswith(("queue", "center"))}
     for step in range(8):
         loss = model(x1, x2)["loss"]
         # On a fixed batch MoCo's queue soon holds this very batch's keys, so the negatives become
-        # copies of the positives; keep the negatives fixed to see the queries learn.
+        # copies of the positives; keep the negatives fixed to see the queries learn. Likewise DINO's
+        # center: centring softens the targets as it moves, which raises the loss on a fixed batch.
         for k, v in initial_queue.items():
             getattr(model, k).copy_(v)
         opt.zero_grad()

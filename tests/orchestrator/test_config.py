@@ -17,7 +17,8 @@ from orchestrator.config import (Config, ConfigError, apply_overrides, load_conf
                                  validate)
 
 REPO = Path(__file__).resolve().parents[2]
-PRESETS = ["demo", "cifar10-simclr", "cifar10-moco", "cifar10-byol"]
+PRESETS = ["demo", "cifar10-simclr", "cifar10-moco", "cifar10-byol", "cifar10-simsiam", "cifar10-barlow_twins",
+           "cifar10-vicreg", "cifar10-dino"]
 
 
 @pytest.fixture()
@@ -86,10 +87,22 @@ BAD = [
     (None, ["optim.batch_size=255"], ["--set optim.batch_size=255", "divisible by scaling.num_workers (2)"]),
     ("optim:\n  batch_size: 255\n", [], ["bad.yaml: optim.batch_size = 255", "divisible by scaling.num_workers"]),
     (None, ["scaling.use_gpu=true"], ["scaling.use_gpu", "no CUDA GPU"]),
-    (None, ["method.name=swav"], ["--set method.name=swav: allowed: simclr, moco, byol"]),
+    (None, ["method.name=swav"], ["--set method.name=swav: allowed: simclr, moco, byol, simsiam, barlow_twins, "
+                                  "vicreg, dino"]),
     (None, ["model.encoder=vit"], ["--set model.encoder=vit", "convnet, resnet18, resnet50"]),
     (None, ["optim.name=adam"], ["--set optim.name=adam", "sgd, lars, adamw"]),
-    (None, ["method.momentum=0.99"], ["method.momentum", "only moco, byol take it, not simclr"]),
+    (None, ["method.momentum=0.99"], ["method.momentum", "only moco, byol, dino take it, not simclr"]),
+    (None, ["method.name=vicreg", "method.lambd=0.01"], ["method.lambd", "only barlow_twins take it, not vicreg"]),
+    (None, ["method.name=barlow_twins", "method.lambd=-0.1"], ["--set method.lambd=-0.1: must be >= 0"]),
+    (None, ["method.name=barlow_twins", "method.lambd=.nan"], ["--set method.lambd=nan: must be a finite number"]),
+    (None, ["method.name=vicreg", "method.var_weight=.inf"], ["method.var_weight", "finite"]),
+    (None, ["method.name=simclr", "method.temperature=.nan"], ["method.temperature", "finite"]),
+    (None, ["method.name=dino", "method.teacher_temp=0"], ["--set method.teacher_temp=0: must be > 0"]),
+    (None, ["method.name=dino", "method.momentum=1.5"], ["method.momentum", "[0, 1)"]),
+    (None, ["method.name=dino", "method.local_crops=-1"], ["method.local_crops", ">= 0"]),
+    (None, ["method.name=dino", "method.local_crop_size=64"], ["method.local_crop_size", "<= data.image_size (28)"]),
+    (None, ["method.name=dino", "data.augment_on=data", "data.loader=stream"],
+     ["data.augment_on", "local crops are made on the worker"]),
     (None, ["optim.lr=-1"], ["--set optim.lr=-1: must be > 0"]),
     ("optim:\n  lr: 0\n", [], ["bad.yaml: optim.lr = 0.0: must be > 0"]),
     ("optim:\n  lr: 0\n", ["optim.lr=-2"], ["--set optim.lr=-2: must be > 0"]),  # the --set wins, and is named
@@ -165,3 +178,41 @@ def test_local_ray_stays_on_loopback_and_a_config_address_says_to_use_ray_addres
     p = subprocess.run([sys.executable, "-c", code, "--help"], capture_output=True, text=True,
                        env={**env, "RAY_ADDRESS": "auto"}, timeout=300)
     assert p.stdout.splitlines()[0] == "None"  # joining a cluster keeps Ray's own default
+
+
+def test_method_list_and_preset_pairing_come_from_the_packages() -> None:
+    from methods import METHODS
+    from orchestrator.config import AUGMENT_PRESETS, METHOD_NAMES, METHOD_PRESET
+    from pipelines.augment import PRESETS as AUGMENT
+
+    assert METHOD_NAMES == tuple(METHODS) and AUGMENT_PRESETS == tuple(AUGMENT)
+    assert set(METHOD_PRESET.values()) <= set(AUGMENT)
+    assert METHOD_PRESET["dino"] == "dino" and METHOD_PRESET["barlow_twins"] == "byol"
+
+
+@pytest.mark.parametrize("overrides,kwargs", [
+    ({"method.name": "barlow_twins", "method.lambd": 0.01}, {"lambd": 0.01}),
+    ({"method.name": "vicreg", "method.sim_weight": 10, "method.cov_weight": 0.5},
+     {"sim_weight": 10.0, "cov_weight": 0.5}),
+    ({"method.name": "dino", "method.teacher_temp": 0.05, "method.momentum": 0.99, "method.local_crops": 4},
+     {"teacher_temp": 0.05, "momentum": 0.99}),  # local crops shape the augmentation, not the model
+    ({"method.name": "simsiam", "method.hidden_dim": 64}, {"hidden_dim": 64}),
+])
+def test_new_method_fields_become_constructor_kwargs(overrides: dict, kwargs: dict) -> None:
+    from orchestrator.train_loop import build_model
+
+    cfg = apply_overrides(Config(), overrides)
+    assert cfg.method_kwargs() == kwargs
+    if cfg.method.name != "dino":  # DINO's 65,536 prototypes are slow to build for a config test
+        build_model(cfg)
+
+
+def test_dino_multi_crop_settings_reach_the_augmenter() -> None:
+    cfg = apply_overrides(Config(), {"method.name": "dino"})
+    assert cfg.multi_crop() == (2, 12)  # 2 local crops of 28 * 96/224 px
+    assert cfg.augment_kwargs() == {"local_crops": 2, "local_size": 12}
+    assert cfg.resolved_augment_on() == "worker" and cfg.augment_preset() == "dino"
+    off = apply_overrides(cfg, {"method.local_crops": 0})
+    assert off.multi_crop() == (0, 0) and off.augment_kwargs() == {}
+    assert apply_overrides(cfg, {"method.local_crops": 6, "method.local_crop_size": 16}).multi_crop() == (6, 16)
+    assert apply_overrides(Config(), {"method.name": "byol"}).augment_kwargs() == {}

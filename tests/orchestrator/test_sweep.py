@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from methods import METHODS
 from orchestrator import sweep as sweep_mod
 from orchestrator.config import ConfigError
 from orchestrator.errors import UserError
@@ -61,6 +62,13 @@ def test_repository_sweep_configs_load() -> None:
     demo = load_sweep(str(REPO / "configs" / "sweep-demo.yaml"))
     assert n_grid_trials(demo.sweep) >= 4 and len(demo.sweep.methods) >= 2
     assert demo.sweep.scheduler == "asha"
+    every = load_sweep(str(REPO / "configs" / "sweep-all-methods.yaml"))
+    assert set(every.sweep.methods) == set(METHODS)
+    trials = grid_trials(every.sweep)
+    assert len(trials) == n_grid_trials(every.sweep) == 11
+    assert {t["method.lambd"] for t in trials if "method.lambd" in t} == {0.0051, 0.02}
+    assert {t["method.teacher_temp"] for t in trials if t["method.name"] == "dino"} == {0.04, 0.07}
+    assert all(("method.sim_weight" in t) == (t["method.name"] == "vicreg") for t in trials)
     cifar = load_sweep(str(REPO / "configs" / "sweep-cifar10.yaml"), ["data.source=null"])
     assert set(cifar.sweep.methods) == {"simclr", "moco", "byol"}
     trials = grid_trials(cifar.sweep)
@@ -71,7 +79,9 @@ def test_repository_sweep_configs_load() -> None:
 
 @pytest.mark.parametrize("sweep, message", [
     ({"searcher": "annealing"}, "sweep.searcher = 'annealing': allowed: grid, random, bayes"),
-    ({"methods": {"dino": {}}}, "sweep.methods = 'dino': allowed methods: simclr, moco, byol"),
+    ({"methods": {"swav": {}}}, "sweep.methods = 'swav': allowed methods: simclr, moco, byol, simsiam, "
+                                "barlow_twins, vicreg, dino"),
+    ({"methods": {"simsiam": {"method.lambd": [0.01]}}}, "only barlow_twins take it, not simsiam"),
     ({"methods": {"byol": {"method.temperature": [0.1]}}}, "only simclr, moco take it, not byol"),
     ({"space": {"method.momentum": [0.9]}}, "list it under sweep.methods.<method>"),
     ({"space": {"optim.lr": {"loguniform": [1e-4, 1e-2]}}}, "the grid searcher takes lists"),

@@ -164,11 +164,12 @@ def test_grayscale_blur_solarize_match_torchvision(images) -> None:
             assert torch.allclose(out[k], ref, atol=TOL)
 
 
-def _torchvision_view(image_u8: torch.Tensor, p, k: int, size: int, kernel: int) -> torch.Tensor:
+def _torchvision_view(image_u8: torch.Tensor, p, k: int, size: int, kernel: int,
+                      antialias: bool = True) -> torch.Tensor:
     """Sample ``k`` of one view, rebuilt with torchvision ops from the parameters it drew."""
     x = image_u8.float() / 255
     i, j, h, w = p.crop[k].tolist()
-    x = TF.resized_crop(x, i, j, h, w, [size, size], antialias=True)
+    x = TF.resized_crop(x, i, j, h, w, [size, size], antialias=antialias)
     if p.flip[k]:
         x = TF.horizontal_flip(x)
     if p.jitter[k]:
@@ -197,6 +198,51 @@ def test_two_views_equal_torchvision_composition(images, preset, backend) -> Non
         for k in range(len(images)):
             ref = _torchvision_view(images[k], p, k, 32, aug.views[0].blur_kernel_size)
             assert torch.allclose(view[k], ref, atol=1e-4), (preset, k, (view[k] - ref).abs().max())
+
+
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+def test_local_crops_equal_torchvision_composition(images, backend) -> None:
+    """DINO's multi-crop: every local crop of every sample is torchvision's ops with its own
+    parameters, at the local size, with either backend. Without antialias: local crops shrink (the
+    documented departure of `resized_crop`)."""
+    images = images[:16]
+    aug = TwoViewAugment("dino", size=32, seed=4, blur=True, backend=backend, local_crops=3, local_size=24)
+    v1, v2, local, params = aug(images, return_params=True)
+    assert v1.shape == v2.shape == (16, 3, 32, 32) and local.shape == (3, 16, 3, 24, 24)
+    assert local.dtype == torch.float32 and len(params) == 5
+    kernel = aug.local_view.blur_kernel_size
+    assert kernel == 3 and any(p.blur.any() for p in params[2:])  # the local blur is exercised
+    for c in range(3):
+        p = params[2 + c]
+        for k in range(len(images)):
+            ref = _torchvision_view(images[k], p, k, 24, kernel, antialias=False)
+            assert torch.allclose(local[c, k], ref, atol=1e-4), (backend, c, k, (local[c, k] - ref).abs().max())
+
+
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+def test_local_crops_leave_the_global_views_of_a_seed_unchanged(photos, backend) -> None:
+    two = TwoViewAugment("dino", size=32, seed=8, backend=backend)(photos)
+    with_local = TwoViewAugment("dino", size=32, seed=8, backend=backend, local_crops=2)(photos)
+    assert len(two) == 2 and len(with_local) == 3
+    assert torch.equal(two[0], with_local[0]) and torch.equal(two[1], with_local[1])
+    assert with_local[2].shape == (2, len(photos), 3, 14, 14)  # local_crop_size(32): DINO's 96/224
+    assert not torch.equal(with_local[2][0], with_local[2][1])  # each crop draws its own parameters
+
+
+def test_local_crop_settings_follow_dino() -> None:
+    aug = TwoViewAugment("dino", size=224, local_crops=6)
+    g, local = aug.views[0], aug.local_view
+    assert aug.local_size == 96 and g.crop_scale == (0.4, 1.0)
+    assert local.crop_scale == (0.05, 0.4) and local.blur_prob == 0.5 and local.solarize_prob == 0.0
+    assert local.jitter == g.jitter == (0.4, 0.4, 0.2, 0.1) and local.blur_kernel_size == 9
+    assert (aug.views[0].blur_prob, aug.views[1].blur_prob, aug.views[1].solarize_prob) == (1.0, 0.1, 0.2)
+    assert TwoViewAugment("dino", size=32, local_crops=2).local_view.blur_prob == 0.0  # CIFAR: no blur
+    p = sample_view_params(20000, 224, 224, local, torch.Generator().manual_seed(0), torch.device("cpu"))
+    area = (p.crop[:, 2] * p.crop[:, 3]).float() / 224 ** 2
+    assert area.min() > 0.045 and area.max() < 0.41  # scale (0.05, 0.4), up to rounding
+    assert _binomial_ok(p.blur, 0.5)
+    with pytest.raises(DataError, match="local_crops"):
+        TwoViewAugment("dino", 32, local_crops=-1)
 
 
 # ---------------------------------------------------------------- rates
