@@ -295,10 +295,7 @@ def load_config(path: str | None, overrides: list[str] | None = None, *, check: 
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"--config {path}: no such file")
-        try:
-            raw = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raw = read_yaml(p)
         cfg = Config.from_dict(raw or {}, source=str(path))
     over = parse_overrides(overrides or [])
     cfg = apply_overrides(cfg, over)
@@ -308,6 +305,18 @@ def load_config(path: str | None, overrides: list[str] | None = None, *, check: 
         except ConfigError as e:
             raise ConfigError(where_set(str(e), path=path, raw=raw, overrides=over)) from None
     return cfg
+
+
+def read_yaml(p: Path) -> Any:
+    """A YAML file's content, or `ConfigError` naming the file when it is unreadable or not YAML text."""
+    try:
+        return yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {e.start}); a config is a YAML file") from None
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read ({e.strerror or e})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
 
 
 _NAMED_FIELD = re.compile(r"([a-z_]+)\.([a-z_0-9]+) = .*?: ")

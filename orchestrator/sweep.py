@@ -58,7 +58,7 @@ from typing import Any
 import yaml
 
 from orchestrator.config import (METHOD_NAMES, METHOD_ONLY, RUN_NAME, Config, ConfigError, _parse_value,
-                                 apply_overrides, parse_overrides, validate, where_set)
+                                 apply_overrides, parse_overrides, read_yaml, validate, where_set)
 from orchestrator.errors import UserError
 
 SWEEP_RECORD = "selfsup-sweep.json"
@@ -148,10 +148,7 @@ def load_sweep(path: str | None, overrides: list[str] | None = None) -> Sweep:
 
 
 def _read_yaml(p: Path) -> dict[str, Any]:
-    try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    raw = read_yaml(p) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{p}: expected a mapping of sections, got {type(raw).__name__}")
     return raw
