@@ -252,10 +252,17 @@ def _method_dims(sw: SweepConfig, method: str) -> dict[str, Any]:
     return {**sw.space, **sw.methods.get(method, {})}
 
 
+def _finite(values: Any) -> bool:
+    """No NaN or infinity among `values` (YAML `.nan`/`.inf`); other types are checked by field type."""
+    return all(math.isfinite(v) for v in values if isinstance(v, float))
+
+
 def _check_dimension(where: str, spec: Any, searcher: str) -> None:
     if isinstance(spec, list):
         if not spec:
             _fail(where, spec, "an empty list has no values to try")
+        if not _finite(spec):
+            _fail(where, spec, "values must be finite numbers (no .nan or .inf)")
         return
     if isinstance(spec, dict):
         if len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
@@ -267,9 +274,12 @@ def _check_dimension(where: str, spec: Any, searcher: str) -> None:
         if kind == "choice":
             if not isinstance(args, list) or not args:
                 _fail(where, spec, "choice takes a non-empty list")
-        elif not (isinstance(args, list) and len(args) == 2 and all(isinstance(a, (int, float)) for a in args)
+            if not _finite(args):
+                _fail(where, spec, "values must be finite numbers (no .nan or .inf)")
+        elif not (isinstance(args, list) and len(args) == 2
+                  and all(isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a) for a in args)
                   and args[0] < args[1]):
-            _fail(where, spec, f"{kind} takes [low, high] with low < high")
+            _fail(where, spec, f"{kind} takes [low, high]: finite numbers with low < high")
         elif kind == "loguniform" and args[0] <= 0:
             _fail(where, spec, "loguniform needs low > 0")
         return

@@ -82,6 +82,15 @@ def test_repository_sweep_configs_load() -> None:
     ({"max_concurrent_trials": 0}, "sweep.max_concurrent_trials = 0: must be >= 1"),
     ({"cpus_per_trial": 0}, "sweep.cpus_per_trial = 0.0: must be > 0"),
     ({"time_budget_s": -5}, "sweep.time_budget_s = -5.0: must be > 0 (or null)"),
+    # NaN and infinity: in search spaces (lists, choices, range ends) and in sweep fields
+    ({"methods": {"simclr": {"method.temperature": [0.1, math.nan]}}},
+     "sweep.methods.simclr.method.temperature = [0.1, nan]: values must be finite numbers"),
+    ({"space": {"optim.lr": {"choice": [math.inf]}}}, "values must be finite numbers"),
+    ({"searcher": "random", "space": {"optim.lr": {"loguniform": [1e-4, math.inf]}}},
+     "loguniform takes [low, high]: finite numbers with low < high"),
+    ({"searcher": "random", "space": {"optim.lr": {"uniform": [math.nan, 1]}}}, "finite numbers with low < high"),
+    ({"time_budget_s": math.inf}, "sweep.time_budget_s: expected a finite number, got inf"),
+    ({"reduction_factor": math.nan}, "sweep.reduction_factor: expected a finite number, got nan"),
 ])
 def test_bad_sweeps_are_rejected_with_one_message(tmp_path: Path, sweep: dict, message: str | None) -> None:
     path = _write(tmp_path, {"data": {"source": None}, "scaling": {"num_workers": 1}, "sweep": sweep})
