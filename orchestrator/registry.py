@@ -105,12 +105,27 @@ def registered_names(client: Any) -> list[str]:
             return sorted(names)
 
 
+def name_filter(name: str) -> str | None:
+    """An MLflow search filter for versions of model `name`, or None where no filter can say it.
+
+    MLflow's filter parser strips the outer quotes of a value and unescapes nothing (3.17
+    `SearchUtils._strip_quotes`), so a name is quoted with the quote it does not contain; a name
+    with both kinds has no filter (the caller then filters every version itself).
+    """
+    if "'" not in name:
+        return f"name = '{name}'"
+    if '"' not in name:
+        return f'name = "{name}"'
+    return None
+
+
 def _versions(client: Any, name: str) -> list[Any]:
     out: list[Any] = []
     token = None
+    query = name_filter(name)
     while True:
-        page = client.search_model_versions(f"name = '{name}'", max_results=1000, page_token=token)
-        out.extend(page)
+        page = client.search_model_versions(query, max_results=1000, page_token=token)
+        out.extend(v for v in page if v.name == name)
         token = page.token
         if not token:
             return sorted(out, key=lambda v: int(v.version))
