@@ -56,6 +56,8 @@ class PretrainResult:
     model_name: str | None = None
     model_version: str | None = None
     diverged: bool = False
+    champion: bool = False  # the registered version is now the champion
+    champion_note: str = ""  # why not, when it is not
     wall_seconds: float = 0.0
     metrics: dict[str, float] = field(default_factory=dict)
 
@@ -277,6 +279,18 @@ def dataset_name(cfg: Config) -> str:
     from pipelines.manifest import read_manifest
 
     return read_manifest(cfg.data.path).name
+
+
+def protocol_tags(cfg: Config) -> dict[str, Any]:
+    """How this run's kNN accuracy was measured, as model version tags: the registry's champion
+    rule compares only versions that agree on these (`orchestrator.registry.PROTOCOL_TAGS`)."""
+    from pipelines.memory import split_rows
+
+    d, e = cfg.data, cfg.eval
+    return {"dataset": dataset_name(cfg), "image_size": d.image_size, "knn_k": e.knn_k, "knn_t": e.knn_t,
+            "knn_bank": split_rows(d.path, d.train_split, e.knn_train_limit),
+            "knn_queries": split_rows(d.path, d.test_split, e.knn_test_limit),
+            "knn_bank_split": d.train_split, "knn_query_split": d.test_split}
 
 
 # --- trainer ----------------------------------------------------------------------------------
@@ -576,11 +590,11 @@ def _finish(cfg: Config, paths: RunPaths, record: dict[str, Any], result: Any, u
         name = cfg.tracking.model_name or f"{dataset_name(cfg)}-encoder"
         mv = tracking.register_encoder(
             model.encoder, tracking_uri=uri, run_id=run_id, model_name=name, image_size=cfg.data.image_size,
-            tags={"method": cfg.method.name, "dataset": dataset_name(cfg), "knn_top1": out.knn_top1,
-                  "knn_top1_untrained": out.knn_top1_untrained, "encoder": cfg.model.encoder,
-                  "image_size": cfg.data.image_size, "run_name": paths.name})
+            tags={"method": cfg.method.name, "knn_top1": out.knn_top1, "knn_top1_untrained": out.knn_top1_untrained,
+                  "encoder": cfg.model.encoder, "run_name": paths.name, **protocol_tags(cfg)})
         out.model_name, out.model_version = name, str(mv.version)
-        _promote(uri, name, out.model_version)
+        promotion = _promote(uri, name, out.model_version)
+        out.champion, out.champion_note = promotion.moved, promotion.reason
     if close_run:
         tracking.finish_run(uri, run_id, "FINISHED")
     write_record(paths, {**record, "status": "finished", "model_uri": out.model_uri,
@@ -595,13 +609,12 @@ def mark_diverged(uri: str, run_id: str) -> None:
     tracking.finish_run(uri, run_id, "FAILED")
 
 
-def _promote(uri: str, name: str, version: str) -> None:
-    """Point `champion` at this version if its knn_top1 beats the current champion's."""
-    try:
-        from orchestrator.registry import promote_if_better
-    except ImportError:
-        return
-    promote_if_better(tracking.client(uri), name, version, metric="knn_top1")
+def _promote(uri: str, name: str, version: str) -> Any:
+    """Point `champion` at this version if its knn_top1 beats the current champion's, measured
+    alike; returns the `registry.Promotion` (why not, when it did not move)."""
+    from orchestrator.registry import promote_if_better
+
+    return promote_if_better(tracking.client(uri), name, version, metric="knn_top1")
 
 
 def _f(v: Any) -> float | None:
@@ -621,7 +634,8 @@ def _print_summary(r: PretrainResult) -> None:
     if r.tracking_uri.startswith("sqlite:"):
         print(f"                view it: mlflow ui --backend-store-uri {r.tracking_uri}")
     if r.model_uri:
-        print(f"  registered:   {r.model_uri}  ->  mlflow.pytorch.load_model({r.model_uri!r})")
+        print(f"  registered:   {r.model_uri}  ->  selfsup registry embed {r.model_uri} IMAGES OUT.parquet")
+        print(f"  champion:     {'now this version' if r.champion else r.champion_note}")
     print(f"  checkpoints:  {r.run_dir}  (continue an interrupted run with --resume)")
 
 

@@ -618,6 +618,7 @@ class SweepResult:
     best: dict[str, Any] | None = None
     model_uri: str | None = None
     champion: bool = False
+    champion_note: str = ""  # why the champion stayed, when it did
     wall_seconds: float = 0.0
     markdown: str = ""
     metric: str = "knn_top1"
@@ -976,9 +977,10 @@ def _finish(s: Sweep, sweep_dir: Path, record: dict[str, Any], results: Any, uri
         if sw.register and s.base.tracking.register:
             if record.get("model_uri"):  # registered by an earlier run of this sweep's driver
                 out.model_uri, out.champion = record["model_uri"], bool(record.get("champion"))
+                out.champion_note = str(record.get("champion_note", ""))
             else:
-                out.model_uri, out.champion = _register_best(s, best, uri)
-                record.update(model_uri=out.model_uri, champion=out.champion)
+                out.model_uri, out.champion, out.champion_note = _register_best(s, best, uri)
+                record.update(model_uri=out.model_uri, champion=out.champion, champion_note=out.champion_note)
                 c.set_tag(parent, "registered_model", out.model_uri)
     if metrics:
         from mlflow.entities import Metric
@@ -993,33 +995,32 @@ def _finish(s: Sweep, sweep_dir: Path, record: dict[str, Any], results: Any, uri
     return out
 
 
-def _register_best(s: Sweep, best: dict[str, Any], uri: str) -> tuple[str | None, bool]:
+def _register_best(s: Sweep, best: dict[str, Any], uri: str) -> tuple[str | None, bool, str]:
     """Register the best trial's encoder (from its last checkpoint) and maybe move `champion`."""
     from orchestrator import tracking
-    from orchestrator.pretrain import dataset_name
+    from orchestrator.pretrain import protocol_tags
     from orchestrator.registry import promote_if_better
     from orchestrator.train_loop import STATE_FILE, build_model, encoder_state, load_state
 
     ckpt = best.get("checkpoint_path")
     if not ckpt or not (Path(ckpt) / STATE_FILE).is_file():
-        return None, False
+        return None, False, ""
     state = load_state(Path(ckpt) / STATE_FILE)
     cfg = _trial_config(s, best)
     model = build_model(cfg)
     model.encoder.load_state_dict(encoder_state(state["model"]))
-    dataset = dataset_name(cfg)
-    name = cfg.tracking.model_name or f"{dataset}-encoder"
+    protocol = protocol_tags(cfg)
+    name = cfg.tracking.model_name or f"{protocol['dataset']}-encoder"
     c = tracking.client(uri)
     status = c.get_run(best["mlflow_run_id"]).info.status
     mv = tracking.register_encoder(
         model.encoder, tracking_uri=uri, run_id=best["mlflow_run_id"], model_name=name,
         image_size=cfg.data.image_size,
-        tags={"method": cfg.method.name, "dataset": dataset, s.sweep.metric: best[s.sweep.metric],
-              "encoder": cfg.model.encoder, "image_size": cfg.data.image_size,
-              "run_name": f"{TRIAL_PREFIX}{best['trial']}", "sweep": s.stem})
+        tags={"method": cfg.method.name, s.sweep.metric: best[s.sweep.metric], "encoder": cfg.model.encoder,
+              "run_name": f"{TRIAL_PREFIX}{best['trial']}", "sweep": s.stem, **protocol})
     c.set_terminated(best["mlflow_run_id"], status)  # registering reopened the trial's run
-    champion = promote_if_better(c, name, str(mv.version), metric=s.sweep.metric)
-    return f"models:/{name}/{mv.version}", champion
+    promotion = promote_if_better(c, name, str(mv.version), metric=s.sweep.metric)
+    return f"models:/{name}/{mv.version}", promotion.moved, promotion.reason
 
 
 def _trial_config(s: Sweep, row: dict[str, Any]) -> Config:
@@ -1046,7 +1047,7 @@ def _print_summary(out: SweepResult) -> None:
               f"{out.metric} {out.best[out.metric]:.4f}")
     if out.model_uri:
         print(f"  registered:   {out.model_uri}" + ("  (now the champion)" if out.champion else
-                                                    "  (the champion stays: it is at least as good)"))
+                                                    f"  (not the champion: {out.champion_note})"))
     if not out.budget_ran_out:
         print("  an interrupted sweep continues with the same command plus --resume", flush=True)
 

@@ -291,11 +291,13 @@ def register_encoder(encoder: Any, *, tracking_uri: str, run_id: str, model_name
 
     The model takes float32 `[B, 3, image_size, image_size]`, RGB normalised with
     `pipelines.augment.MEAN` / `STD`, any B >= 1, and returns float32 `[B, output_dim]`. It loads
-    with plain `mlflow.pytorch.load_model("models:/NAME/VERSION")`.
+    with `orchestrator.registry.load_encoder` (or plain `mlflow.pytorch.load_model`).
 
     Args:
         encoder: the trained encoder (`nn.Module` with `output_dim`); moved to CPU and eval mode.
-        tags: set on the model version (e.g. method, dataset, knn_top1); values become strings.
+        tags: set on the model version (e.g. method, dataset, knn_top1, the kNN protocol of
+            `pretrain.protocol_tags`); values become strings. `image_size` and `embedding_dim`
+            (the input and output widths, which the champion rule compares) are always set.
 
     Returns:
         The new `ModelVersion` (with its tags).
@@ -322,6 +324,7 @@ def register_encoder(encoder: Any, *, tracking_uri: str, run_id: str, model_name
                                         serialization_format="pt2", pip_requirements=PIP_REQUIREMENTS,
                                         registered_model_name=model_name, await_registration_for=60)
     version = str(info.registered_model_version)
+    tags = {**tags, "image_size": image_size, "embedding_dim": int(encoder.output_dim)}
     for k, v in tags.items():
         c.set_model_version_tag(model_name, version, k, str(v))
     return c.get_model_version(model_name, version)
