@@ -10,7 +10,7 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from methods_ddp_worker import N, WORLD, _data, _moco, _port, _simclr, _worker
+from methods_ddp_worker import N, WORLD, _bn_data, _data, _moco, _port, _simclr, _worker
 
 
 @pytest.fixture(scope="module")
@@ -51,3 +51,17 @@ def test_moco_queue_holds_every_ranks_keys(ranks: list[dict[str, Any]]) -> None:
         torch.testing.assert_close(r["queue"][:N], keys)  # rank 0's keys, then rank 1's, in order
         torch.testing.assert_close(r["queue"][N:], r["queue_before"][N:])
     torch.testing.assert_close(ranks[0]["queue"], ranks[1]["queue"])
+
+
+@pytest.mark.timeout(180)
+def test_global_batchnorm_statistics_are_float32_under_autocast(ranks: list[dict[str, Any]]) -> None:
+    """As `BatchNorm` and `SyncBatchNorm` do: bfloat16 in and out, float32 statistics in between."""
+    x = _bn_data()
+    reference = torch.nn.BatchNorm2d(3)
+    y = reference(x.float())  # one process, the whole batch, float32 throughout
+    for rank, r in enumerate(ranks):
+        assert r["bn_dtype"] == "torch.bfloat16"
+        torch.testing.assert_close(r["bn_running_mean"], reference.running_mean, rtol=1e-6, atol=1e-5)
+        torch.testing.assert_close(r["bn_running_var"], reference.running_var, rtol=1e-5, atol=1e-5)
+        mine = slice(rank * N // WORLD, (rank + 1) * N // WORLD)
+        torch.testing.assert_close(r["bn_out"], y[mine].to(torch.bfloat16).float(), rtol=0, atol=1e-2)
