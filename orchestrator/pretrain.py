@@ -230,7 +230,7 @@ def write_record(paths: RunPaths, record: dict[str, Any]) -> None:
     os.replace(tmp, paths.record)
 
 
-def _differences(a: Config, b: Config) -> list[str]:
+def config_differences(a: Config, b: Config) -> list[str]:
     fa, fb = a.flat(), b.flat()
     return [f"{k} ({fa[k]!r} -> {fb[k]!r})" for k in fa if k != "run.name" and fa[k] != fb[k]]
 
@@ -486,7 +486,7 @@ def run_pretrain(cfg: Config, *, resume: bool = False, stem: str = "run", callba
     if resume:
         record = read_record(paths)
         recorded = Config.from_dict(record["config"], source=str(paths.record))
-        diff = _differences(recorded, cfg)
+        diff = config_differences(recorded, cfg)
         if diff:
             raise UserError(f"--resume continues run {paths.name!r} with its recorded config; these differ: "
                             f"{', '.join(diff)} (start a new run instead)")

@@ -826,7 +826,7 @@ def run_sweep(s: Sweep, *, resume: bool = False, verbose: bool = True) -> SweepR
     from ray import tune
 
     from orchestrator import tracking
-    from orchestrator.pretrain import ensure_data, init_ray
+    from orchestrator.pretrain import config_differences, ensure_data, init_ray
 
     start = time.perf_counter()
     sweep_dir = resolve_sweep_dir(s, resume=resume)
@@ -844,6 +844,11 @@ def run_sweep(s: Sweep, *, resume: bool = False, verbose: bool = True) -> SweepR
                             f"{record['sweep'].get('time_budget_s')} s; {sweep_dir / 'results.md'}); --resume "
                             "cannot extend it: start a new sweep with a larger sweep.time_budget_s")
         base = Config.from_dict(record["base"], source=str(record_path))
+        # As `pretrain --resume`: the trials that ran and the ones still to run share one base config.
+        diff = config_differences(base, _absolute(s))
+        if diff:
+            raise UserError(f"--resume continues sweep {sweep_dir.name!r} with its recorded base config "
+                            f"({record_path}); these differ: {', '.join(diff)} (start a new sweep instead)")
         recorded_sweep = parse_sweep_section(record["sweep"], source=str(record_path))
         if dataclasses.asdict(recorded_sweep) != {**dataclasses.asdict(s.sweep), "name": recorded_sweep.name}:
             raise UserError(f"--resume continues sweep {sweep_dir.name!r} with its recorded sweep section "
