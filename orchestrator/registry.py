@@ -1,9 +1,13 @@
 """Registered encoders in the MLflow model registry: list, show, best, promote, embed.
 
-Model versions carry the tags `method`, `dataset` and `knn_top1` (written by
+Model versions carry the tags `method`, `dataset`, `knn_top1` and how that was measured (kNN
+bank and queries, k, T, input size, embedding width; written at registration by
 `orchestrator.tracking.register_encoder`); one registered model per dataset, `<dataset>-encoder`.
 The alias `champion` names the best version of a model; `promote_if_better` is the one place that
-moves it by metric (sweeps and pretrain call it).
+moves it by metric (sweeps and pretrain call it), and only between versions measured alike.
+
+`load_encoder` is the one place that loads a registered model (embed, evaluate, tests): pt2 only,
+checked before it is read, so that nothing from the model store runs here.
 
 Everything here works against the local SQLite store and against an `mlflow server` URI.
 Note: `search_model_versions` leaves `aliases` empty (MLflow 3.x), so aliases are read from
@@ -339,7 +343,7 @@ class LoadedEncoder:
         return f"models:/{self.name}/{self.version}"
 
 
-def load_encoder(client: Any, ref: str | ModelRef, *, tracking_uri: str | None = None) -> LoadedEncoder:
+def load_encoder(ref: str | ModelRef, *, tracking_uri: str | None = None, client: Any = None) -> LoadedEncoder:
     """Load a registered encoder, running nothing that the store holds: the one way selfsup loads a model.
 
     MLflow 3.17 unpickles by default (`MLFLOW_ALLOW_PICKLE_DESERIALIZATION`), and a model version can
@@ -350,12 +354,20 @@ def load_encoder(client: Any, ref: str | ModelRef, *, tracking_uri: str | None =
     (MLflow's own check, which `mlflow.pytorch.load_model` runs only when pickle is switched off);
     then `torch.export.load` reads it.
 
+    Args:
+        ref: `NAME`, `NAME@ALIAS`, `NAME/VERSION`, optionally prefixed `models:/` (see `resolve_version`).
+        tracking_uri: see `resolve_tracking_uri`.
+        client: an `MlflowClient` on that store (default: `connect(tracking_uri)`).
+
     Raises:
-        UserError: unknown reference, or a model that is not such a pt2 model (one line: why).
+        UserError: unknown reference, unreachable store, or a model that is not such a pt2 model
+            (one line: why).
     """
     import mlflow.artifacts
     import torch
 
+    if client is None:
+        client = connect(tracking_uri)
     version = resolve_version(client, ref)
     name, number = str(version.name), str(version.version)
     where = f"models:/{name}/{number}"
@@ -518,7 +530,7 @@ def embed(model_ref: str, source: str | Path, out: str | Path, *, tracking_uri: 
     if not (src / "manifest.json").exists() and not _image_folder_items(src)[0]:
         raise UserError(f"{source}: no shard folder (manifest.json) and no "
                         f"{'/'.join(IMAGE_SUFFIXES)} images found")
-    encoder = load_encoder(connect(tracking_uri), model_ref, tracking_uri=tracking_uri)
+    encoder = load_encoder(model_ref, tracking_uri=tracking_uri)
     model, size = encoder.module, encoder.image_size
 
     out_path = Path(out)

@@ -320,13 +320,12 @@ def test_a_pt2_model_with_a_code_path_is_refused(mlflow_server: str, tmp_path: P
         mlflow.pytorch.log_model(TinyEncoder(seed=0), name="encoder", serialization_format="pt2",
                                  input_example=torch.randn(2, 3, 32, 32).numpy(), code_paths=[str(code)],
                                  pip_requirements=["torch"], registered_model_name=model)
-    client = registry.connect(mlflow_server)
     with pytest.raises(UserError, match=r"refused to load: the \w+ flavor carries a code path \('code'\)"):
-        registry.load_encoder(client, f"{model}/1", tracking_uri=mlflow_server)
+        registry.load_encoder(f"{model}/1", tracking_uri=mlflow_server)
 
 
 def test_load_encoder_loads_what_selfsup_registers(store: Store) -> None:
-    encoder = registry.load_encoder(registry.connect(store.uri), f"{store.model}/2", tracking_uri=store.uri)
+    encoder = registry.load_encoder(f"{store.model}/2", tracking_uri=store.uri)
     assert (encoder.image_size, encoder.output_dim, encoder.uri) == ((32, 32), 16, f"models:/{store.model}/2")
     with torch.no_grad():
         assert encoder.module(torch.randn(5, 3, 32, 32)).shape == (5, 16)
