@@ -36,6 +36,9 @@ from orchestrator.errors import UserError
 
 RUN_RECORD = "selfsup-run.json"
 FAULT_ENV = "SELFSUP_FAULT_KILL_AT_EPOCH"
+# Test hook: SELFSUP_FAULT_KILL_BEFORE_LOGGING_EPOCH=N kills the driver (and the Train controller)
+# once epoch N's checkpoint is registered, before its metrics reach MLflow.
+FAULT_BEFORE_LOG_ENV = "SELFSUP_FAULT_KILL_BEFORE_LOGGING_EPOCH"
 log = logging.getLogger("selfsup")
 
 
@@ -328,8 +331,11 @@ def build_trainer(cfg: Config, *, callbacks: list[Any] | None = None, mlflow_par
     resources: dict[str, float] = {"CPU": cpus_per_worker(cfg)}
     if cfg.scaling.use_gpu:
         resources["GPU"] = cfg.scaling.gpus_per_worker
+    kill_before_log = os.environ.get(FAULT_BEFORE_LOG_ENV)
     mlflow_cb = tracking.MlflowTrainCallback(uri, mlflow_run_id, progress=progress, total_epochs=cfg.optim.epochs,
-                                             curves_every_s=60.0 if curves else None)
+                                             curves_every_s=60.0 if curves else None,
+                                             fault_kill_before_logging=(int(kill_before_log), os.getpid())
+                                             if kill_before_log else None)
     warm_up = tracking.controller_warm_up(mlflow_cb)
     trainer = TorchTrainer(
         train_loop_per_worker=_train_func(),
@@ -527,7 +533,7 @@ def run_pretrain(cfg: Config, *, resume: bool = False, stem: str = "run", callba
         finally:
             if printer is not None:
                 printer.stop()
-        out = _finish(cfg, paths, record, result, uri, run_id, start, close_run=close_run)
+        out = _finish(cfg, paths, record, result, uri, run_id, start, close_run=close_run, curves=curves)
         mark("run_end", run=paths.name)
     finally:
         if started:
@@ -559,7 +565,7 @@ def _print_header(cfg: Config, paths: RunPaths, resume: bool, decoded: DecodedDa
 
 
 def _finish(cfg: Config, paths: RunPaths, record: dict[str, Any], result: Any, uri: str, run_id: str,
-            start: float, *, close_run: bool = True) -> PretrainResult:
+            start: float, *, close_run: bool = True, curves: bool = True) -> PretrainResult:
     """Read the last checkpoint, register the encoder, close the MLflow run (unless the caller
     closes it: `close_run` False) and the record."""
     from orchestrator.train_loop import STATE_FILE, build_model, encoder_state, load_state
@@ -570,6 +576,13 @@ def _finish(cfg: Config, paths: RunPaths, record: dict[str, Any], result: Any, u
         with result.checkpoint.as_directory() as d:
             state = load_state(Path(d) / STATE_FILE)
         metrics = {**state["metrics"], **{k: v for k, v in last.items() if k not in state["metrics"]}}
+        # A command killed after the last checkpoint but before its epoch reached MLflow: --resume
+        # runs no epoch, so nothing reports it; log it (and any other missing one) from here.
+        if tracking.backfill_epochs(uri, run_id, list(state.get("history", []))) and curves:
+            try:
+                tracking.log_curves(tracking.client(uri), run_id)
+            except Exception:  # a plot must never end a run
+                pass
     else:
         metrics = last
     out = PretrainResult(run_name=paths.name, run_dir=str(paths.run_dir), tracking_uri=uri,
