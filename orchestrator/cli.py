@@ -131,6 +131,9 @@ def is_user_error(e: BaseException) -> bool:
     mlflow_exc = sys.modules.get("mlflow.exceptions")  # only if MLflow was imported (it is slow to)
     if mlflow_exc is not None and isinstance(e, mlflow_exc.MlflowException):
         return True
+    pyarrow = sys.modules.get("pyarrow")  # a Parquet file that is not one (ArrowInvalid, ...)
+    if pyarrow is not None and isinstance(e, pyarrow.ArrowException):
+        return True
     yaml = sys.modules.get("yaml")
     return yaml is not None and isinstance(e, yaml.YAMLError)
 
