@@ -168,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get(DEBUG_ENV) == "1":
             traceback.print_exc()
             return code
-        hint = "" if code == 2 else f" (this is a bug in selfsup; {DEBUG_ENV}=1 shows the traceback)"
+        hint = "" if code == 2 else f" (unexpected; {DEBUG_ENV}=1 shows the traceback)"
         print(f"selfsup {args.command}: error: {one_line(e)}{hint}", file=sys.stderr)
         return code
 
