@@ -37,6 +37,14 @@ class GlobalBatchNorm(_BatchNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or world_size() == 1:
             return super().forward(x)
+        # Statistics in float32 (or wider) under autocast, as BatchNorm and SyncBatchNorm compute
+        # them: a bfloat16 sum over a batch keeps ~3 significant digits, and a bfloat16 mean of
+        # activations near 100 is off by up to 0.25. The output keeps the input's dtype, as theirs.
+        compute = torch.promote_types(x.dtype, torch.float32)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return self._global_forward(x.to(compute)).to(x.dtype)
+
+    def _global_forward(self, x: torch.Tensor) -> torch.Tensor:
         c = x.size(1)
         dims = [0] + list(range(2, x.dim()))
         shape = [1, c] + [1] * (x.dim() - 2)

@@ -1,8 +1,10 @@
 """The `selfsup` command line: ingest, pretrain, sweep, registry.
 
 Each subcommand parses its arguments here and hands them to the module that does the work.
-User errors (bad config, bad data, unknown registry name) are raised as `UserError` subclasses and
-printed as one line on stderr with exit code 2; no traceback.
+`main` is the one place that turns an exception into an exit code: whatever a user can cause
+(a `UserError`/`DataError`, a file that is missing or unreadable, an MLflow error such as an
+unknown model, bytes that do not decode) ends as one line on stderr and exit code 2; anything
+else as one line and exit code 1. `SELFSUP_DEBUG=1` prints the traceback instead.
 """
 
 from __future__ import annotations
@@ -10,13 +12,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 from collections.abc import Sequence
-
 
 from orchestrator.errors import UserError
 from pipelines.errors import DataError
 
-USER_ERRORS = (UserError, DataError)
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError, DataError)
+DEBUG_ENV = "SELFSUP_DEBUG"
+MAX_MESSAGE = 600  # characters of a foreign exception's message (MLflow's can hold a whole JSON body)
 
 
 def _cmd_ingest(args: argparse.Namespace) -> int:
@@ -72,10 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(func=func)
 
     reg = sub.add_parser("registry", help="look up, promote and use registered encoders")
-    reg.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    uri_help = "MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"
+    reg.add_argument("--tracking-uri", default=None, help=uri_help)
     reg.set_defaults(func=_cmd_registry)
     rsub = reg.add_subparsers(dest="registry_command", required=True)
-    rsub.add_parser("list", help="encoders, versions, aliases, kNN top-1, method, dataset")
+    lst = rsub.add_parser("list", help="encoders, versions, aliases, kNN top-1, method, dataset")
     show = rsub.add_parser("show", help="one encoder: NAME, NAME@ALIAS or NAME/VERSION")
     show.add_argument("ref")
     best = rsub.add_parser("best", help="the best registered encoder by a metric")
@@ -91,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     emb.add_argument("uri", help="models:/NAME@ALIAS, models:/NAME/VERSION, or NAME@ALIAS")
     emb.add_argument("source", help="an image folder or a shard folder")
     emb.add_argument("out", help="output Parquet file")
+    # --tracking-uri also after the command (`selfsup registry list --tracking-uri URI`). SUPPRESS:
+    # a subcommand default would overwrite the value given before the command.
+    for sp in (lst, show, best, prom, emb):
+        sp.add_argument("--tracking-uri", default=argparse.SUPPRESS, help=uri_help)
     return p
 
 
@@ -106,17 +115,62 @@ def keep_local_ray_on_loopback() -> None:
         os.environ.setdefault(LOOPBACK_ENV, "0")
 
 
+def is_user_error(e: BaseException) -> bool:
+    """Whether the user can fix what `e` says: their input, files, store or model names.
+
+    OS errors (a missing, unreadable or unwritable path), MLflow errors (an unknown model, run or
+    experiment, a store that refuses a value) and decode errors (bytes or text that are not what
+    they claim) come from what the user pointed selfsup at; other exceptions are selfsup's bugs.
+    """
+    if isinstance(e, USER_ERRORS + (OSError, UnicodeError)):
+        return True
+    import json
+
+    if isinstance(e, json.JSONDecodeError):
+        return True
+    mlflow_exc = sys.modules.get("mlflow.exceptions")  # only if MLflow was imported (it is slow to)
+    if mlflow_exc is not None and isinstance(e, mlflow_exc.MlflowException):
+        return True
+    pyarrow = sys.modules.get("pyarrow")  # a Parquet file that is not one (ArrowInvalid, ...)
+    if pyarrow is not None and isinstance(e, pyarrow.ArrowException):
+        return True
+    yaml = sys.modules.get("yaml")
+    return yaml is not None and isinstance(e, yaml.YAMLError)
+
+
+def one_line(e: BaseException) -> str:
+    """The exception as one line: its message (OS errors: "PATH: reason"), prefixed with its type
+    unless it is one of selfsup's own errors."""
+    if isinstance(e, OSError) and e.strerror:
+        where = f"{e.filename}: " if e.filename is not None else ""
+        to = f" -> {e.filename2}" if e.filename2 is not None else ""
+        text = f"{where}{e.strerror}{to}"
+    else:
+        message = getattr(e, "message", None)  # MlflowException: without its error-code wrapping
+        text = " ".join(str(message if isinstance(message, str) else e).split())
+    if len(text) > MAX_MESSAGE:
+        text = text[:MAX_MESSAGE] + " ..."
+    if isinstance(e, USER_ERRORS):
+        return text
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     keep_local_ray_on_loopback()
     try:
         return int(args.func(args) or 0)
-    except USER_ERRORS as e:
-        print(f"selfsup {args.command}: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"selfsup {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        code = 2 if is_user_error(e) else 1
+        if os.environ.get(DEBUG_ENV) == "1":
+            traceback.print_exc()
+            return code
+        hint = "" if code == 2 else f" (unexpected; {DEBUG_ENV}=1 shows the traceback)"
+        print(f"selfsup {args.command}: error: {one_line(e)}{hint}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

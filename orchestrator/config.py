@@ -43,7 +43,15 @@ METHOD_ONLY = {"temperature": ("simclr", "moco"), "momentum": ("moco", "byol", "
 # Method fields that are not constructor arguments: they shape the augmentation (`Config.multi_crop`).
 AUGMENT_FIELDS = ("local_crops", "local_crop_size")
 DINO_LOCAL_CROPS = 2  # the paper: 8 (main_dino.py) or 10 local crops at 96 px; 2 keeps CPU runs short
+# Upper bounds: far above any recipe here (SimCLR's largest batch is 8192, LARS runs reach 32768),
+# low enough that a typo (an extra zero or two) is refused before it asks for memory no machine has.
+MAX_BATCH_SIZE = 65536
+MAX_IMAGE_SIZE = 1024
+MAX_VIEWS_GIB = 16  # the two float32 views of one worker's batch
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+# Registered model names: what `models:/NAME@ALIAS` URIs, MLflow search filters and file names all
+# take as they are (no quotes, '/', '@' or spaces).
+MODEL_NAME = RUN_NAME
 
 
 class ConfigError(UserError):
@@ -255,14 +263,21 @@ def _parse_value(tp: Any, value: Any, where: str) -> Any:
             return int(value)
         raise ConfigError(f"{where}: expected an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)  # YAML 1.1 reads "1e-3" as a string
+                number = float(value)  # YAML 1.1 reads "1e-3" as a string
             except ValueError:
                 pass
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        # Every float field is a rate, a count of epochs/CPUs or a time: NaN or infinity (YAML
+        # `.nan`/`.inf`, `--set x=nan`) is never meant, and NaN would pass every `<`/`>` bound below.
+        if not math.isfinite(number):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -329,10 +344,7 @@ def load_config(path: str | None, overrides: list[str] | None = None, *, check: 
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"--config {path}: no such file")
-        try:
-            raw = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raw = read_yaml(p)
         cfg = Config.from_dict(raw or {}, source=str(path))
     over = parse_overrides(overrides or [])
     cfg = apply_overrides(cfg, over)
@@ -342,6 +354,18 @@ def load_config(path: str | None, overrides: list[str] | None = None, *, check: 
         except ConfigError as e:
             raise ConfigError(where_set(str(e), path=path, raw=raw, overrides=over)) from None
     return cfg
+
+
+def read_yaml(p: Path) -> Any:
+    """A YAML file's content, or `ConfigError` naming the file when it is unreadable or not YAML text."""
+    try:
+        return yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {e.start}); a config is a YAML file") from None
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read ({e.strerror or e})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
 
 
 _NAMED_FIELD = re.compile(r"([a-z_]+)\.([a-z_0-9]+) = .*?: ")
@@ -378,8 +402,6 @@ def _one_of(field_name: str, value: Any, allowed: tuple[str, ...]) -> None:
 
 
 def _positive(field_name: str, value: float | int | None, *, zero_ok: bool = False) -> None:
-    if value is not None and not math.isfinite(value):
-        _fail(field_name, value, "must be a finite number")
     if value is not None and (value < 0 or (value == 0 and not zero_ok)):
         _fail(field_name, value, "must be >= 0" if zero_ok else "must be > 0")
 
@@ -427,7 +449,8 @@ def validate(cfg: Config, *, check_data: bool = True, check_gpu: bool = True) ->
               "data.augment_on=worker or auto (or method.local_crops=0)")
     _positive("optim.lr", o.lr)
     _positive("optim.weight_decay", o.weight_decay, zero_ok=True)
-    _positive("optim.sgd_momentum", o.sgd_momentum, zero_ok=True)
+    if not 0 <= o.sgd_momentum < 1:
+        _fail("optim.sgd_momentum", o.sgd_momentum, "must be in [0, 1)")
     _positive("optim.lars_eta", o.lars_eta)
     _positive("optim.batch_size", o.batch_size)
     _positive("optim.epochs", o.epochs)
@@ -444,14 +467,25 @@ def validate(cfg: Config, *, check_data: bool = True, check_gpu: bool = True) ->
     _positive("scaling.cpus_per_worker", s.cpus_per_worker)
     _positive("scaling.gpus_per_worker", s.gpus_per_worker)
     _positive("data.image_size", d.image_size)
+    if d.image_size > MAX_IMAGE_SIZE:
+        _fail("data.image_size", d.image_size, f"must be <= {MAX_IMAGE_SIZE} (pixels per side)")
+    if o.batch_size > MAX_BATCH_SIZE:
+        _fail("optim.batch_size", o.batch_size, f"must be <= {MAX_BATCH_SIZE} (the global batch)")
+    views_gib = 2 * (o.batch_size // s.num_workers) * 3 * d.image_size ** 2 * 4 / 2 ** 30
+    if views_gib > MAX_VIEWS_GIB:
+        _fail("optim.batch_size", o.batch_size,
+              f"with data.image_size {d.image_size} and {s.num_workers} worker(s) the two float32 views of one "
+              f"worker's batch take {views_gib:.0f} GiB; at most {MAX_VIEWS_GIB} GiB (use more workers, a smaller "
+              "batch or smaller images)")
     _positive("data.limit", d.limit)
     if r.max_failures < -1:
         _fail("run.max_failures", r.max_failures, "must be >= 0, or -1 for unlimited")
     _positive("run.checkpoints_to_keep", r.checkpoints_to_keep)
     if r.name is not None and not RUN_NAME.match(r.name):
         _fail("run.name", r.name, "use letters, digits, '.', '_' and '-' (no '/' or spaces)")
-    if t.model_name is not None and not t.model_name.strip():
-        _fail("tracking.model_name", t.model_name, "must not be empty (null = <dataset>-encoder)")
+    if t.model_name is not None and not MODEL_NAME.match(t.model_name):
+        _fail("tracking.model_name", t.model_name, "use 1-100 letters, digits, '.', '_' and '-', starting with "
+              "a letter or digit (null = <dataset>-encoder)")
     if t.uri is not None and t.uri.startswith("file:"):
         _fail("tracking.uri", t.uri, "MLflow 3 refuses file:// stores; use sqlite:///PATH or http://HOST:PORT")
     _positive("eval.knn_k", e.knn_k)
@@ -459,6 +493,8 @@ def validate(cfg: Config, *, check_data: bool = True, check_gpu: bool = True) ->
     _positive("eval.knn_train_limit", e.knn_train_limit)
     _positive("eval.knn_test_limit", e.knn_test_limit)
     _positive("eval.batch_size", e.batch_size)
+    if e.batch_size > MAX_BATCH_SIZE:
+        _fail("eval.batch_size", e.batch_size, f"must be <= {MAX_BATCH_SIZE}")
     if r.ray_address and not os.environ.get("RAY_ADDRESS") and os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0":
         # The CLI imported Ray in loopback-only mode (orchestrator.cli), which cannot join a cluster.
         _fail("run.ray_address", r.ray_address, f"set the environment variable RAY_ADDRESS={r.ray_address} "

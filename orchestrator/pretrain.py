@@ -36,6 +36,9 @@ from orchestrator.errors import UserError
 
 RUN_RECORD = "selfsup-run.json"
 FAULT_ENV = "SELFSUP_FAULT_KILL_AT_EPOCH"
+# Test hook: SELFSUP_FAULT_KILL_BEFORE_LOGGING_EPOCH=N kills the driver (and the Train controller)
+# once epoch N's checkpoint is registered, before its metrics reach MLflow.
+FAULT_BEFORE_LOG_ENV = "SELFSUP_FAULT_KILL_BEFORE_LOGGING_EPOCH"
 log = logging.getLogger("selfsup")
 
 
@@ -56,6 +59,8 @@ class PretrainResult:
     model_name: str | None = None
     model_version: str | None = None
     diverged: bool = False
+    champion: bool = False  # the registered version is now the champion
+    champion_note: str = ""  # why not, when it is not
     wall_seconds: float = 0.0
     metrics: dict[str, float] = field(default_factory=dict)
 
@@ -228,7 +233,7 @@ def write_record(paths: RunPaths, record: dict[str, Any]) -> None:
     os.replace(tmp, paths.record)
 
 
-def _differences(a: Config, b: Config) -> list[str]:
+def config_differences(a: Config, b: Config) -> list[str]:
     fa, fb = a.flat(), b.flat()
     return [f"{k} ({fa[k]!r} -> {fb[k]!r})" for k in fa if k != "run.name" and fa[k] != fb[k]]
 
@@ -279,6 +284,18 @@ def dataset_name(cfg: Config) -> str:
     return read_manifest(cfg.data.path).name
 
 
+def protocol_tags(cfg: Config) -> dict[str, Any]:
+    """How this run's kNN accuracy was measured, as model version tags: the registry's champion
+    rule compares only versions that agree on these (`orchestrator.registry.PROTOCOL_TAGS`)."""
+    from pipelines.memory import split_rows
+
+    d, e = cfg.data, cfg.eval
+    return {"dataset": dataset_name(cfg), "image_size": d.image_size, "knn_k": e.knn_k, "knn_t": e.knn_t,
+            "knn_bank": split_rows(d.path, d.train_split, e.knn_train_limit),
+            "knn_queries": split_rows(d.path, d.test_split, e.knn_test_limit),
+            "knn_bank_split": d.train_split, "knn_query_split": d.test_split}
+
+
 # --- trainer ----------------------------------------------------------------------------------
 
 def build_trainer(cfg: Config, *, callbacks: list[Any] | None = None, mlflow_parent_run_id: str | None = None,
@@ -314,8 +331,11 @@ def build_trainer(cfg: Config, *, callbacks: list[Any] | None = None, mlflow_par
     resources: dict[str, float] = {"CPU": cpus_per_worker(cfg)}
     if cfg.scaling.use_gpu:
         resources["GPU"] = cfg.scaling.gpus_per_worker
+    kill_before_log = os.environ.get(FAULT_BEFORE_LOG_ENV)
     mlflow_cb = tracking.MlflowTrainCallback(uri, mlflow_run_id, progress=progress, total_epochs=cfg.optim.epochs,
-                                             curves_every_s=60.0 if curves else None)
+                                             curves_every_s=60.0 if curves else None,
+                                             fault_kill_before_logging=(int(kill_before_log), os.getpid())
+                                             if kill_before_log else None)
     warm_up = tracking.controller_warm_up(mlflow_cb)
     trainer = TorchTrainer(
         train_loop_per_worker=_train_func(),
@@ -472,7 +492,7 @@ def run_pretrain(cfg: Config, *, resume: bool = False, stem: str = "run", callba
     if resume:
         record = read_record(paths)
         recorded = Config.from_dict(record["config"], source=str(paths.record))
-        diff = _differences(recorded, cfg)
+        diff = config_differences(recorded, cfg)
         if diff:
             raise UserError(f"--resume continues run {paths.name!r} with its recorded config; these differ: "
                             f"{', '.join(diff)} (start a new run instead)")
@@ -513,7 +533,7 @@ def run_pretrain(cfg: Config, *, resume: bool = False, stem: str = "run", callba
         finally:
             if printer is not None:
                 printer.stop()
-        out = _finish(cfg, paths, record, result, uri, run_id, start, close_run=close_run)
+        out = _finish(cfg, paths, record, result, uri, run_id, start, close_run=close_run, curves=curves)
         mark("run_end", run=paths.name)
     finally:
         if started:
@@ -545,7 +565,7 @@ def _print_header(cfg: Config, paths: RunPaths, resume: bool, decoded: DecodedDa
 
 
 def _finish(cfg: Config, paths: RunPaths, record: dict[str, Any], result: Any, uri: str, run_id: str,
-            start: float, *, close_run: bool = True) -> PretrainResult:
+            start: float, *, close_run: bool = True, curves: bool = True) -> PretrainResult:
     """Read the last checkpoint, register the encoder, close the MLflow run (unless the caller
     closes it: `close_run` False) and the record."""
     from orchestrator.train_loop import STATE_FILE, build_model, encoder_state, load_state
@@ -556,6 +576,13 @@ def _finish(cfg: Config, paths: RunPaths, record: dict[str, Any], result: Any, u
         with result.checkpoint.as_directory() as d:
             state = load_state(Path(d) / STATE_FILE)
         metrics = {**state["metrics"], **{k: v for k, v in last.items() if k not in state["metrics"]}}
+        # A command killed after the last checkpoint but before its epoch reached MLflow: --resume
+        # runs no epoch, so nothing reports it; log it (and any other missing one) from here.
+        if tracking.backfill_epochs(uri, run_id, list(state.get("history", []))) and curves:
+            try:
+                tracking.log_curves(tracking.client(uri), run_id)
+            except Exception:  # a plot must never end a run
+                pass
     else:
         metrics = last
     out = PretrainResult(run_name=paths.name, run_dir=str(paths.run_dir), tracking_uri=uri,
@@ -576,11 +603,11 @@ def _finish(cfg: Config, paths: RunPaths, record: dict[str, Any], result: Any, u
         name = cfg.tracking.model_name or f"{dataset_name(cfg)}-encoder"
         mv = tracking.register_encoder(
             model.encoder, tracking_uri=uri, run_id=run_id, model_name=name, image_size=cfg.data.image_size,
-            tags={"method": cfg.method.name, "dataset": dataset_name(cfg), "knn_top1": out.knn_top1,
-                  "knn_top1_untrained": out.knn_top1_untrained, "encoder": cfg.model.encoder,
-                  "image_size": cfg.data.image_size, "run_name": paths.name})
+            tags={"method": cfg.method.name, "knn_top1": out.knn_top1, "knn_top1_untrained": out.knn_top1_untrained,
+                  "encoder": cfg.model.encoder, "run_name": paths.name, **protocol_tags(cfg)})
         out.model_name, out.model_version = name, str(mv.version)
-        _promote(uri, name, out.model_version)
+        promotion = _promote(uri, name, out.model_version)
+        out.champion, out.champion_note = promotion.moved, promotion.reason
     if close_run:
         tracking.finish_run(uri, run_id, "FINISHED")
     write_record(paths, {**record, "status": "finished", "model_uri": out.model_uri,
@@ -595,13 +622,12 @@ def mark_diverged(uri: str, run_id: str) -> None:
     tracking.finish_run(uri, run_id, "FAILED")
 
 
-def _promote(uri: str, name: str, version: str) -> None:
-    """Point `champion` at this version if its knn_top1 beats the current champion's."""
-    try:
-        from orchestrator.registry import promote_if_better
-    except ImportError:
-        return
-    promote_if_better(tracking.client(uri), name, version, metric="knn_top1")
+def _promote(uri: str, name: str, version: str) -> Any:
+    """Point `champion` at this version if its knn_top1 beats the current champion's, measured
+    alike; returns the `registry.Promotion` (why not, when it did not move)."""
+    from orchestrator.registry import promote_if_better
+
+    return promote_if_better(tracking.client(uri), name, version, metric="knn_top1")
 
 
 def _f(v: Any) -> float | None:
@@ -621,7 +647,8 @@ def _print_summary(r: PretrainResult) -> None:
     if r.tracking_uri.startswith("sqlite:"):
         print(f"                view it: mlflow ui --backend-store-uri {r.tracking_uri}")
     if r.model_uri:
-        print(f"  registered:   {r.model_uri}  ->  mlflow.pytorch.load_model({r.model_uri!r})")
+        print(f"  registered:   {r.model_uri}  ->  selfsup registry embed {r.model_uri} IMAGES OUT.parquet")
+        print(f"  champion:     {'now this version' if r.champion else r.champion_note}")
     print(f"  checkpoints:  {r.run_dir}  (continue an interrupted run with --resume)")
 
 

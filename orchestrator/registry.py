@@ -1,9 +1,13 @@
 """Registered encoders in the MLflow model registry: list, show, best, promote, embed.
 
-Model versions carry the tags `method`, `dataset` and `knn_top1` (written by
+Model versions carry the tags `method`, `dataset`, `knn_top1` and how that was measured (kNN
+bank and queries, k, T, input size, embedding width; written at registration by
 `orchestrator.tracking.register_encoder`); one registered model per dataset, `<dataset>-encoder`.
 The alias `champion` names the best version of a model; `promote_if_better` is the one place that
-moves it by metric (sweeps and pretrain call it).
+moves it by metric (sweeps and pretrain call it), and only between versions measured alike.
+
+`load_encoder` is the one place that loads a registered model (embed, evaluate, tests): pt2 only,
+checked before it is read, so that nothing from the model store runs here.
 
 Everything here works against the local SQLite store and against an `mlflow server` URI.
 Note: `search_model_versions` leaves `aliases` empty (MLflow 3.x), so aliases are read from
@@ -105,12 +109,27 @@ def registered_names(client: Any) -> list[str]:
             return sorted(names)
 
 
+def name_filter(name: str) -> str | None:
+    """An MLflow search filter for versions of model `name`, or None where no filter can say it.
+
+    MLflow's filter parser strips the outer quotes of a value and unescapes nothing (3.17
+    `SearchUtils._strip_quotes`), so a name is quoted with the quote it does not contain; a name
+    with both kinds has no filter (the caller then filters every version itself).
+    """
+    if "'" not in name:
+        return f"name = '{name}'"
+    if '"' not in name:
+        return f'name = "{name}"'
+    return None
+
+
 def _versions(client: Any, name: str) -> list[Any]:
     out: list[Any] = []
     token = None
+    query = name_filter(name)
     while True:
-        page = client.search_model_versions(f"name = '{name}'", max_results=1000, page_token=token)
-        out.extend(page)
+        page = client.search_model_versions(query, max_results=1000, page_token=token)
+        out.extend(v for v in page if v.name == name)
         token = page.token
         if not token:
             return sorted(out, key=lambda v: int(v.version))
@@ -243,48 +262,187 @@ def promote(client: Any, name: str, version: str | int, alias: str = CHAMPION) -
     return v
 
 
+# What a kNN accuracy depends on besides the encoder (model version tags written at registration:
+# `pretrain.protocol_tags` and `tracking.register_encoder`). Two versions' metrics compare only
+# when all of these agree: a bigger memory bank or other queries give another number for the same
+# encoder, and a champion of another input size or width cannot stand in for the one it replaces.
+PROTOCOL_TAGS = ("dataset", "image_size", "embedding_dim", "knn_k", "knn_t", "knn_bank", "knn_queries",
+                 "knn_bank_split", "knn_query_split")
+
+
+@dataclass
+class Promotion:
+    """What `promote_if_better` did: `moved` (also its truth value) and, when not, `reason`."""
+
+    moved: bool
+    reason: str = ""
+    holder: str | None = None  # the version that holds the alias afterwards
+
+    def __bool__(self) -> bool:
+        return self.moved
+
+
+def protocol_differences(current: Any, candidate: Any) -> list[str]:
+    """The protocol tags on which two versions differ: "knn_bank 1000 (v3) vs 4000 (v5)"."""
+    a, b = dict(current.tags or {}), dict(candidate.tags or {})
+    return [f"{k} {a.get(k, 'unrecorded')} (v{current.version}) vs {b.get(k, 'unrecorded')} (v{candidate.version})"
+            for k in PROTOCOL_TAGS if a.get(k) != b.get(k)]
+
+
 def promote_if_better(client: Any, name: str, version: str | int, *, metric: str = "knn_top1",
-                      alias: str = CHAMPION) -> bool:
-    """Move `alias` to `version` only if it beats the current holder on `metric`.
+                      alias: str = CHAMPION) -> Promotion:
+    """Move `alias` to `version` only if it beats the current holder on `metric`, measured alike.
 
-    The current holder must be of the same dataset (the version's `dataset` tag); a holder of
-    another dataset, or one without the metric, is replaced. Ties keep the current holder.
-
-    Returns:
-        True if the alias now points at `version` because of this call.
+    Like with like: the holder and the candidate must agree on every `PROTOCOL_TAGS` tag (dataset,
+    kNN bank size and queries, k, T, input size, embedding width); otherwise the alias stays and the
+    reason says which differ (`selfsup registry promote` moves it by hand). A holder without the
+    metric is replaced; ties keep the current holder.
     """
     candidate = resolve_version(client, ModelRef(name, version=str(version)))
     value = version_metric(client, candidate, metric)
     if value is None or not math.isfinite(value):
-        return False
+        return Promotion(False, f"version {candidate.version} has no finite {metric}")
     aliases = dict(client.get_registered_model(name).aliases or {})
     if alias in aliases:
         current = client.get_model_version_by_alias(name, alias)
         if str(current.version) == str(candidate.version):
-            return False
-        same_dataset = (dict(current.tags or {}).get("dataset")
-                        == dict(candidate.tags or {}).get("dataset"))
+            return Promotion(False, f"version {candidate.version} holds {alias!r} already", str(current.version))
+        differ = protocol_differences(current, candidate)
+        if differ:
+            return Promotion(False, f"{alias!r} stays at version {current.version}: measured differently "
+                             f"({'; '.join(differ)}); move it with `selfsup registry promote {name} "
+                             f"{candidate.version}`", str(current.version))
         held = version_metric(client, current, metric)
-        if same_dataset and held is not None and math.isfinite(held) and value <= held:
-            return False
+        if held is not None and math.isfinite(held) and value <= held:
+            return Promotion(False, f"{alias!r} stays at version {current.version}: {metric} {held:.4f} >= "
+                             f"{value:.4f}", str(current.version))
     client.set_registered_model_alias(name, alias, candidate.version)
-    return True
+    return Promotion(True, holder=str(candidate.version))
 
 
-# --- embeddings ------------------------------------------------------------------------------------
+# --- loading: pt2 only, nothing from the store runs -------------------------------------------------
 
-def _model_input_size(model_uri: str) -> tuple[int, int]:
-    """(H, W) of the registered model's input signature `[-1, 3, H, W]`."""
-    import mlflow
+# The files selfsup's own registration writes (`tracking.register_encoder`: pt2, no code paths).
+PT2_FILE = "model.pt2"
+ALLOWED_FLAVORS = {"pytorch", "python_function"}
 
-    info = mlflow.models.get_model_info(model_uri)
-    sig = info.signature
-    if sig is None or not sig.inputs.is_tensor_spec():
-        raise UserError(f"model {model_uri} has no tensor input signature; cannot tell its image size")
-    shape = sig.inputs.inputs[0].shape
+
+@dataclass
+class LoadedEncoder:
+    """A registered encoder loaded for inference: `module(x)` maps float32 `[B, 3, H, W]` (normalised
+    with `pipelines.augment.MEAN`/`STD`) to `[B, output_dim]`."""
+
+    module: Any  # a torch.export GraphModule (already in eval mode; it refuses `.eval()`)
+    name: str
+    version: str
+    image_size: tuple[int, int]
+    output_dim: int | None
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+def load_encoder(ref: str | ModelRef, *, tracking_uri: str | None = None, client: Any = None) -> LoadedEncoder:
+    """Load a registered encoder, running nothing that the store holds: the one way selfsup loads a model.
+
+    MLflow 3.17 unpickles by default (`MLFLOW_ALLOW_PICKLE_DESERIALIZATION`), and a model version can
+    carry a `code` folder that `mlflow.pytorch.load_model` puts on `sys.path`. selfsup registers
+    torch.export ("pt2") models only, so it loads only those: the version's MLmodel (read as plain
+    YAML) must have the `pytorch` flavor, no `code` in any flavor and its weights as `data/model.pt2`
+    (no pickled `model.pth`); the pt2 archive must hold nothing but tensors and JSON/text records
+    (MLflow's own check, which `mlflow.pytorch.load_model` runs only when pickle is switched off);
+    then `torch.export.load` reads it.
+
+    Args:
+        ref: `NAME`, `NAME@ALIAS`, `NAME/VERSION`, optionally prefixed `models:/` (see `resolve_version`).
+        tracking_uri: see `resolve_tracking_uri`.
+        client: an `MlflowClient` on that store (default: `connect(tracking_uri)`).
+
+    Raises:
+        UserError: unknown reference, unreachable store, or a model that is not such a pt2 model
+            (one line: why).
+    """
+    import mlflow.artifacts
+    import torch
+
+    if client is None:
+        client = connect(tracking_uri)
+    version = resolve_version(client, ref)
+    name, number = str(version.name), str(version.version)
+    where = f"models:/{name}/{number}"
+    uri = resolve_tracking_uri(tracking_uri)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keep stderr to our own lines
+    with tempfile.TemporaryDirectory(prefix="selfsup-model-") as tmp:
+        # Downloading runs nothing; the files are checked before anything reads them as a model.
+        # The version's own artifact location, not `models:/...`, whose resolution reads MLflow's
+        # global registry URI rather than the one passed here.
+        source = client.get_model_version_download_uri(name, number)
+        root = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp,
+                                                        tracking_uri=uri)).resolve()
+        pt2, image_size, output_dim = _check_pt2_model(root, where)
+        module = torch.export.load(str(pt2)).module()
+    return LoadedEncoder(module=module, name=name, version=number, image_size=image_size,
+                         output_dim=output_dim)
+
+
+def _refuse(where: str, why: str) -> UserError:
+    return UserError(f"{where}: refused to load: {why}; selfsup loads only the torch.export (pt2) "
+                     "encoders it registers, and never runs code from the model store")
+
+
+def _check_pt2_model(root: Path, where: str) -> tuple[Path, tuple[int, int], int | None]:
+    """The pt2 file, (H, W) and output width of a downloaded model folder, or `UserError` (see
+    `load_encoder`)."""
+    import json
+
+    import yaml
+
+    try:
+        mlmodel = yaml.safe_load((root / "MLmodel").read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise _refuse(where, f"no readable MLmodel file ({type(e).__name__})") from None
+    flavors = mlmodel.get("flavors") if isinstance(mlmodel, dict) else None
+    if not isinstance(flavors, dict) or not isinstance(flavors.get("pytorch"), dict):
+        raise _refuse(where, f"not a pytorch model (flavors: {', '.join(map(str, flavors or {})) or 'none'})")
+    other = sorted(map(str, set(flavors) - ALLOWED_FLAVORS))
+    if other:
+        raise _refuse(where, f"unexpected flavor {', '.join(other)}")
+    for flavor, conf in flavors.items():
+        if isinstance(conf, dict) and conf.get("code"):
+            raise _refuse(where, f"the {flavor} flavor carries a code path ({conf['code']!r})")
+    data = flavors["pytorch"].get("model_data")
+    data_dir = (root / str(data)).resolve() if isinstance(data, str) and data else None
+    if data_dir is None or not data_dir.is_relative_to(root) or not data_dir.is_dir():
+        raise _refuse(where, f"bad model_data {data!r}")
+    pt2 = data_dir / PT2_FILE
+    if not pt2.is_file() or pt2.is_symlink():
+        found = sorted(p.name for p in data_dir.iterdir())
+        raise _refuse(where, f"it is not a pt2 model (its data holds {', '.join(found) or 'nothing'}; "
+                      "a pickled model.pth would run code as it loads)")
+    try:
+        from mlflow.pytorch import _validate_pt2_archive_is_pickle_free  # MLflow 3.17.2
+    except ImportError:  # fail closed on an MLflow without the check
+        raise _refuse(where, "this MLflow has no pt2 archive check") from None
+    from mlflow.exceptions import MlflowException
+
+    try:
+        _validate_pt2_archive_is_pickle_free(str(pt2))
+    except MlflowException as e:
+        record = re.search(r"record '([^']*)'", str(e.message))
+        raise _refuse(where, "its pt2 archive holds a record that is not plain tensors or text"
+                      + (f" ({record[1]})" if record else "")) from None
+    try:
+        sig = mlmodel.get("signature") or {}
+        inputs = json.loads(sig["inputs"])
+        shape = inputs[0]["tensor-spec"]["shape"]
+        outputs = json.loads(sig["outputs"]) if sig.get("outputs") else None
+        output_dim = int(outputs[0]["tensor-spec"]["shape"][-1]) if outputs else None
+    except (KeyError, IndexError, TypeError, ValueError):
+        raise _refuse(where, "no tensor input signature, so its image size is unknown") from None
     if len(shape) != 4 or shape[1] != 3:
-        raise UserError(f"model {model_uri} takes input {shape}, not [B, 3, H, W] images")
-    return int(shape[2]), int(shape[3])
+        raise _refuse(where, f"it takes input {shape}, not [B, 3, H, W] images")
+    return pt2, (int(shape[2]), int(shape[3])), output_dim
 
 
 def _image_folder_items(source: Path) -> tuple[list[Path], list[int]]:
@@ -362,7 +520,6 @@ def embed(model_ref: str, source: str | Path, out: str | Path, *, tracking_uri: 
     Returns:
         The number of rows written.
     """
-    import mlflow
     import pyarrow as pa
     import pyarrow.parquet as pq
     import torch
@@ -373,17 +530,8 @@ def embed(model_ref: str, source: str | Path, out: str | Path, *, tracking_uri: 
     if not (src / "manifest.json").exists() and not _image_folder_items(src)[0]:
         raise UserError(f"{source}: no shard folder (manifest.json) and no "
                         f"{'/'.join(IMAGE_SUFFIXES)} images found")
-    client = connect(tracking_uri)
-    version = resolve_version(client, model_ref)
-    uri = f"models:/{version.name}/{version.version}"
-    uri_store = resolve_tracking_uri(tracking_uri)
-    mlflow.set_tracking_uri(uri_store)
-    mlflow.set_registry_uri(uri_store)
-    size = _model_input_size(uri)
-    model = mlflow.pytorch.load_model(uri)
-    # A pt2 model loads as a torch.export GraphModule, exported in eval mode; it refuses .eval().
-    if isinstance(model, torch.nn.Module) and not hasattr(model, "graph"):
-        model.eval()
+    encoder = load_encoder(model_ref, tracking_uri=tracking_uri)
+    model, size = encoder.module, encoder.image_size
 
     out_path = Path(out)
     out_path.parent.mkdir(parents=True, exist_ok=True)

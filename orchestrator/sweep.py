@@ -58,7 +58,7 @@ from typing import Any
 import yaml
 
 from orchestrator.config import (METHOD_NAMES, METHOD_ONLY, RUN_NAME, Config, ConfigError, _parse_value,
-                                 apply_overrides, parse_overrides, validate, where_set)
+                                 apply_overrides, parse_overrides, read_yaml, validate, where_set)
 from orchestrator.errors import UserError
 
 SWEEP_RECORD = "selfsup-sweep.json"
@@ -148,10 +148,7 @@ def load_sweep(path: str | None, overrides: list[str] | None = None) -> Sweep:
 
 
 def _read_yaml(p: Path) -> dict[str, Any]:
-    try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    raw = read_yaml(p) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{p}: expected a mapping of sections, got {type(raw).__name__}")
     return raw
@@ -255,10 +252,17 @@ def _method_dims(sw: SweepConfig, method: str) -> dict[str, Any]:
     return {**sw.space, **sw.methods.get(method, {})}
 
 
+def _finite(values: Any) -> bool:
+    """No NaN or infinity among `values` (YAML `.nan`/`.inf`); other types are checked by field type."""
+    return all(math.isfinite(v) for v in values if isinstance(v, float))
+
+
 def _check_dimension(where: str, spec: Any, searcher: str) -> None:
     if isinstance(spec, list):
         if not spec:
             _fail(where, spec, "an empty list has no values to try")
+        if not _finite(spec):
+            _fail(where, spec, "values must be finite numbers (no .nan or .inf)")
         return
     if isinstance(spec, dict):
         if len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
@@ -270,9 +274,12 @@ def _check_dimension(where: str, spec: Any, searcher: str) -> None:
         if kind == "choice":
             if not isinstance(args, list) or not args:
                 _fail(where, spec, "choice takes a non-empty list")
-        elif not (isinstance(args, list) and len(args) == 2 and all(isinstance(a, (int, float)) for a in args)
+            if not _finite(args):
+                _fail(where, spec, "values must be finite numbers (no .nan or .inf)")
+        elif not (isinstance(args, list) and len(args) == 2
+                  and all(isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a) for a in args)
                   and args[0] < args[1]):
-            _fail(where, spec, f"{kind} takes [low, high] with low < high")
+            _fail(where, spec, f"{kind} takes [low, high]: finite numbers with low < high")
         elif kind == "loguniform" and args[0] <= 0:
             _fail(where, spec, "loguniform needs low > 0")
         return
@@ -611,6 +618,7 @@ class SweepResult:
     best: dict[str, Any] | None = None
     model_uri: str | None = None
     champion: bool = False
+    champion_note: str = ""  # why the champion stayed, when it did
     wall_seconds: float = 0.0
     markdown: str = ""
     metric: str = "knn_top1"
@@ -818,7 +826,7 @@ def run_sweep(s: Sweep, *, resume: bool = False, verbose: bool = True) -> SweepR
     from ray import tune
 
     from orchestrator import tracking
-    from orchestrator.pretrain import ensure_data, init_ray
+    from orchestrator.pretrain import config_differences, ensure_data, init_ray
 
     start = time.perf_counter()
     sweep_dir = resolve_sweep_dir(s, resume=resume)
@@ -836,6 +844,11 @@ def run_sweep(s: Sweep, *, resume: bool = False, verbose: bool = True) -> SweepR
                             f"{record['sweep'].get('time_budget_s')} s; {sweep_dir / 'results.md'}); --resume "
                             "cannot extend it: start a new sweep with a larger sweep.time_budget_s")
         base = Config.from_dict(record["base"], source=str(record_path))
+        # As `pretrain --resume`: the trials that ran and the ones still to run share one base config.
+        diff = config_differences(base, _absolute(s))
+        if diff:
+            raise UserError(f"--resume continues sweep {sweep_dir.name!r} with its recorded base config "
+                            f"({record_path}); these differ: {', '.join(diff)} (start a new sweep instead)")
         recorded_sweep = parse_sweep_section(record["sweep"], source=str(record_path))
         if dataclasses.asdict(recorded_sweep) != {**dataclasses.asdict(s.sweep), "name": recorded_sweep.name}:
             raise UserError(f"--resume continues sweep {sweep_dir.name!r} with its recorded sweep section "
@@ -969,9 +982,10 @@ def _finish(s: Sweep, sweep_dir: Path, record: dict[str, Any], results: Any, uri
         if sw.register and s.base.tracking.register:
             if record.get("model_uri"):  # registered by an earlier run of this sweep's driver
                 out.model_uri, out.champion = record["model_uri"], bool(record.get("champion"))
+                out.champion_note = str(record.get("champion_note", ""))
             else:
-                out.model_uri, out.champion = _register_best(s, best, uri)
-                record.update(model_uri=out.model_uri, champion=out.champion)
+                out.model_uri, out.champion, out.champion_note = _register_best(s, best, uri)
+                record.update(model_uri=out.model_uri, champion=out.champion, champion_note=out.champion_note)
                 c.set_tag(parent, "registered_model", out.model_uri)
     if metrics:
         from mlflow.entities import Metric
@@ -986,33 +1000,32 @@ def _finish(s: Sweep, sweep_dir: Path, record: dict[str, Any], results: Any, uri
     return out
 
 
-def _register_best(s: Sweep, best: dict[str, Any], uri: str) -> tuple[str | None, bool]:
+def _register_best(s: Sweep, best: dict[str, Any], uri: str) -> tuple[str | None, bool, str]:
     """Register the best trial's encoder (from its last checkpoint) and maybe move `champion`."""
     from orchestrator import tracking
-    from orchestrator.pretrain import dataset_name
+    from orchestrator.pretrain import protocol_tags
     from orchestrator.registry import promote_if_better
     from orchestrator.train_loop import STATE_FILE, build_model, encoder_state, load_state
 
     ckpt = best.get("checkpoint_path")
     if not ckpt or not (Path(ckpt) / STATE_FILE).is_file():
-        return None, False
+        return None, False, ""
     state = load_state(Path(ckpt) / STATE_FILE)
     cfg = _trial_config(s, best)
     model = build_model(cfg)
     model.encoder.load_state_dict(encoder_state(state["model"]))
-    dataset = dataset_name(cfg)
-    name = cfg.tracking.model_name or f"{dataset}-encoder"
+    protocol = protocol_tags(cfg)
+    name = cfg.tracking.model_name or f"{protocol['dataset']}-encoder"
     c = tracking.client(uri)
     status = c.get_run(best["mlflow_run_id"]).info.status
     mv = tracking.register_encoder(
         model.encoder, tracking_uri=uri, run_id=best["mlflow_run_id"], model_name=name,
         image_size=cfg.data.image_size,
-        tags={"method": cfg.method.name, "dataset": dataset, s.sweep.metric: best[s.sweep.metric],
-              "encoder": cfg.model.encoder, "image_size": cfg.data.image_size,
-              "run_name": f"{TRIAL_PREFIX}{best['trial']}", "sweep": s.stem})
+        tags={"method": cfg.method.name, s.sweep.metric: best[s.sweep.metric], "encoder": cfg.model.encoder,
+              "run_name": f"{TRIAL_PREFIX}{best['trial']}", "sweep": s.stem, **protocol})
     c.set_terminated(best["mlflow_run_id"], status)  # registering reopened the trial's run
-    champion = promote_if_better(c, name, str(mv.version), metric=s.sweep.metric)
-    return f"models:/{name}/{mv.version}", champion
+    promotion = promote_if_better(c, name, str(mv.version), metric=s.sweep.metric)
+    return f"models:/{name}/{mv.version}", promotion.moved, promotion.reason
 
 
 def _trial_config(s: Sweep, row: dict[str, Any]) -> Config:
@@ -1039,7 +1052,7 @@ def _print_summary(out: SweepResult) -> None:
               f"{out.metric} {out.best[out.metric]:.4f}")
     if out.model_uri:
         print(f"  registered:   {out.model_uri}" + ("  (now the champion)" if out.champion else
-                                                    "  (the champion stays: it is at least as good)"))
+                                                    f"  (not the champion: {out.champion_note})"))
     if not out.budget_ran_out:
         print("  an interrupted sweep continues with the same command plus --resume", flush=True)
 

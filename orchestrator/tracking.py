@@ -182,15 +182,19 @@ class MlflowTrainCallback(ray.train.UserCallback):
             its own figure). Drawing costs ~0.3 s of CPU next to the training (1 s the first time:
             matplotlib), so short epochs do not redraw every time.
         total_epochs: the run's last epoch.
+        fault_kill_before_logging: test hook, (epoch, driver pid): as that epoch's report arrives
+            (its checkpoint already registered by Train) kill the driver and this controller before
+            logging it, as a command killed at that moment (see `pretrain.FAULT_BEFORE_LOG_ENV`).
     """
 
     def __init__(self, tracking_uri: str, run_id: str, *, progress: Any = None, curves_every_s: float | None = 60.0,
-                 total_epochs: int | None = None) -> None:
+                 total_epochs: int | None = None, fault_kill_before_logging: tuple[int, int] | None = None) -> None:
         self.tracking_uri = tracking_uri
         self.run_id = run_id
         self.progress = progress
         self.curves_every_s = curves_every_s
         self.total_epochs = total_epochs
+        self.fault_kill_before_logging = fault_kill_before_logging
         self._client: Any = None
         self._logged: set[int] | None = None
         self._last_plot: float | None = None
@@ -237,6 +241,11 @@ class MlflowTrainCallback(ray.train.UserCallback):
             self._logged = logged_epochs(self._client, self.run_id)
         assert self._logged is not None
         m = {k: v for k, v in metrics[0].items() if k != "backfill"}
+        if self.fault_kill_before_logging and int(m["epoch"]) == self.fault_kill_before_logging[0]:
+            import signal
+
+            os.kill(self.fault_kill_before_logging[1], signal.SIGKILL)
+            os._exit(1)
         for earlier in json.loads(metrics[0].get("backfill") or "[]"):  # see train_loop: resumed runs
             if "epoch" in earlier:
                 log_epoch(self._client, self.run_id, earlier, self._logged)
@@ -256,6 +265,19 @@ class MlflowTrainCallback(ray.train.UserCallback):
         from orchestrator.timeline import mark
 
         mark("epoch_logged", run=getattr(getattr(run_context, "run_config", None), "name", None), epoch=epoch)
+
+
+def backfill_epochs(uri: str, run_id: str, history: list[dict[str, Any]]) -> int:
+    """Log the epochs of a checkpoint's `history` that the run lacks; returns how many.
+
+    The callback logs an epoch after Train has registered its checkpoint: a command killed in
+    between leaves the checkpoint without its epoch in MLflow. A resumed run logs the earlier ones
+    with its first report (`backfill`); the last epoch has no later report, so the driver logs it
+    from the final checkpoint here.
+    """
+    c = client(uri)
+    already = logged_epochs(c, run_id)
+    return sum(log_epoch(c, run_id, m, already) for m in history if "epoch" in m)
 
 
 def controller_warm_up(callback: MlflowTrainCallback) -> Any:
@@ -291,11 +313,13 @@ def register_encoder(encoder: Any, *, tracking_uri: str, run_id: str, model_name
 
     The model takes float32 `[B, 3, image_size, image_size]`, RGB normalised with
     `pipelines.augment.MEAN` / `STD`, any B >= 1, and returns float32 `[B, output_dim]`. It loads
-    with plain `mlflow.pytorch.load_model("models:/NAME/VERSION")`.
+    with `orchestrator.registry.load_encoder` (or plain `mlflow.pytorch.load_model`).
 
     Args:
         encoder: the trained encoder (`nn.Module` with `output_dim`); moved to CPU and eval mode.
-        tags: set on the model version (e.g. method, dataset, knn_top1); values become strings.
+        tags: set on the model version (e.g. method, dataset, knn_top1, the kNN protocol of
+            `pretrain.protocol_tags`); values become strings. `image_size` and `embedding_dim`
+            (the input and output widths, which the champion rule compares) are always set.
 
     Returns:
         The new `ModelVersion` (with its tags).
@@ -322,6 +346,7 @@ def register_encoder(encoder: Any, *, tracking_uri: str, run_id: str, model_name
                                         serialization_format="pt2", pip_requirements=PIP_REQUIREMENTS,
                                         registered_model_name=model_name, await_registration_for=60)
     version = str(info.registered_model_version)
+    tags = {**tags, "image_size": image_size, "embedding_dim": int(encoder.output_dim)}
     for k, v in tags.items():
         c.set_model_version_tag(model_name, version, k, str(v))
     return c.get_model_version(model_name, version)

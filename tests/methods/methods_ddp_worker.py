@@ -21,7 +21,7 @@ import methods.barlow_twins
 import methods.dist
 import methods.vicreg
 from methods import METHODS, MoCo, SimCLR, build_encoder, prepare_for_distributed
-from methods.batchnorm import GlobalBatchNorm
+from methods.batchnorm import GlobalBatchNorm, convert_to_global_bn
 
 WORLD = 2
 N = 8  # global batch; 4 per rank
@@ -131,6 +131,22 @@ def _ddp_grads(x1: torch.Tensor, x2: torch.Tensor) -> tuple[float, dict[str, tor
     return loss.item(), {k: p.grad.clone() for k, p in model.named_parameters()}
 
 
+def _bn_data() -> torch.Tensor:
+    """bfloat16 activations far from zero: a bfloat16 mean of ~100 is off by up to 0.25, which a
+    float32 statistic is not."""
+    g = torch.Generator().manual_seed(7)
+    return (100 + 2 * torch.randn(N, 3, 4, 4, generator=g)).to(torch.bfloat16)
+
+
+def _global_bn_under_autocast(x: torch.Tensor) -> dict[str, Any]:
+    """One `GlobalBatchNorm` training step on this rank's bfloat16 slice, inside CPU autocast."""
+    bn = convert_to_global_bn(nn.BatchNorm2d(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = bn(x)
+    return {"bn_dtype": str(y.dtype), "bn_out": y.float(), "bn_running_mean": bn.running_mean.clone(),
+            "bn_running_var": bn.running_var.clone()}
+
+
 def _worker(rank: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
@@ -162,6 +178,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         moco(x1[mine], x2[mine])
         result["queue_before"], result["queue"] = queue_before, moco.queue.clone()
         result["ptr"] = int(moco.queue_ptr)
+        result.update(_global_bn_under_autocast(_bn_data()[mine]))
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
     finally:
         tdist.destroy_process_group()

@@ -11,8 +11,8 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from methods_ddp_worker import (N, NEW_METHODS, UNGATHERED, WORLD, _data, _moco, _port, _simclr, _worker,
-                                method_inputs, new_method)
+from methods_ddp_worker import (N, NEW_METHODS, UNGATHERED, WORLD, _bn_data, _data, _moco, _port, _simclr,
+                                _worker, method_inputs, new_method)
 
 
 @pytest.fixture(scope="module")
@@ -74,3 +74,17 @@ def test_ddp_gradients_of_new_methods_equal_single_process(ranks: list[dict[str,
     if name in UNGATHERED:  # without the gather each rank normalises its own half: a different loss
         ungathered = _flat(ranks[0][f"{name}_ungathered"]["grads"])
         assert (ungathered - reference).norm() / reference.norm() > 1e-2
+
+
+@pytest.mark.timeout(180)
+def test_global_batchnorm_statistics_are_float32_under_autocast(ranks: list[dict[str, Any]]) -> None:
+    """As `BatchNorm` and `SyncBatchNorm` do: bfloat16 in and out, float32 statistics in between."""
+    x = _bn_data()
+    reference = torch.nn.BatchNorm2d(3)
+    y = reference(x.float())  # one process, the whole batch, float32 throughout
+    for rank, r in enumerate(ranks):
+        assert r["bn_dtype"] == "torch.bfloat16"
+        torch.testing.assert_close(r["bn_running_mean"], reference.running_mean, rtol=1e-6, atol=1e-5)
+        torch.testing.assert_close(r["bn_running_var"], reference.running_var, rtol=1e-5, atol=1e-5)
+        mine = slice(rank * N // WORLD, (rank + 1) * N // WORLD)
+        torch.testing.assert_close(r["bn_out"], y[mine].to(torch.bfloat16).float(), rtol=0, atol=1e-2)

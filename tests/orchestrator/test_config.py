@@ -94,7 +94,7 @@ BAD = [
     (None, ["method.momentum=0.99"], ["method.momentum", "only moco, byol, dino take it, not simclr"]),
     (None, ["method.name=vicreg", "method.lambd=0.01"], ["method.lambd", "only barlow_twins take it, not vicreg"]),
     (None, ["method.name=barlow_twins", "method.lambd=-0.1"], ["--set method.lambd=-0.1: must be >= 0"]),
-    (None, ["method.name=barlow_twins", "method.lambd=.nan"], ["--set method.lambd=nan: must be a finite number"]),
+    (None, ["method.name=barlow_twins", "method.lambd=.nan"], ["--set method.lambd=nan: expected a finite number"]),
     (None, ["method.name=vicreg", "method.var_weight=.inf"], ["method.var_weight", "finite"]),
     (None, ["method.name=simclr", "method.temperature=.nan"], ["method.temperature", "finite"]),
     (None, ["method.name=dino", "method.teacher_temp=0"], ["--set method.teacher_temp=0: must be > 0"]),
@@ -113,6 +113,23 @@ BAD = [
     (None, ["data.test_split=val"], ["data.test_split = 'val'", "has splits: test, train"]),
     (None, ["tracking.uri=file:///tmp/mlruns"], ["tracking.uri", "sqlite"]),
     (None, ["optim"], ["--set 'optim'", "KEY=VALUE"]),
+    # NaN and infinity: every float field must be finite, from a file or from --set
+    (None, ["optim.lr=nan"], ["--set optim.lr=nan: expected a finite number"]),
+    (None, ["optim.lr=inf"], ["--set optim.lr=inf: expected a finite number"]),
+    ("optim:\n  lr: .nan\n", [], ["bad.yaml: optim.lr: expected a finite number, got nan"]),
+    ("optim:\n  warmup_epochs: .inf\n", [], ["bad.yaml: optim.warmup_epochs: expected a finite number"]),
+    ("optim:\n  weight_decay: -.inf\n", [], ["bad.yaml: optim.weight_decay: expected a finite number"]),
+    (None, ["method.temperature=NaN"], ["--set method.temperature=NaN: expected a finite number"]),
+    (None, ["eval.knn_t=.inf"], ["--set eval.knn_t=inf: expected a finite number"]),
+    (None, ["method.name=byol", "method.momentum=.nan"], ["--set method.momentum=nan: expected a finite"]),
+    # bounds
+    (None, ["method.name=byol", "method.momentum=1"], ["--set method.momentum=1: must be in [0, 1)"]),
+    (None, ["optim.sgd_momentum=1.5"], ["--set optim.sgd_momentum=1.5: must be in [0, 1)"]),
+    (None, ["optim.batch_size=131072"], ["--set optim.batch_size=131072: must be <= 65536 (the global batch)"]),
+    (None, ["data.image_size=4096"], ["--set data.image_size=4096: must be <= 1024"]),
+    (None, ["data.image_size=1024", "optim.batch_size=4096"],
+     ["--set optim.batch_size=4096: with data.image_size 1024 and 2 worker(s)", "48 GiB; at most 16 GiB"]),
+    (None, ["tracking.model_name=a'b"], ["--set tracking.model_name=a'b", "letters, digits"]),
 ]
 
 
@@ -134,6 +151,14 @@ def test_bad_config_one_clear_line_exit_2(text: str | None, overrides: list[str]
     assert err.startswith("selfsup pretrain: error: ")
     for fragment in fragments:
         assert fragment in err
+
+
+def test_config_that_is_not_text_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = tmp_path / "binary.yaml"
+    f.write_bytes(b"\xff\xfe\x00\x01optim:")
+    assert cli.main(["pretrain", "--config", str(f)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"selfsup pretrain: error: {f}: not UTF-8 text (byte 0); a config is a YAML file"
 
 
 def test_missing_config_file(capsys: pytest.CaptureFixture[str]) -> None:

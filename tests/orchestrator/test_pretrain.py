@@ -1,10 +1,11 @@
 """`selfsup pretrain` end to end on a local Ray, against a real `mlflow server` on 127.0.0.1.
 
 - the demo on 2 workers learns (kNN top-1 beats the untrained encoder), is tracked once per epoch,
-  and its registered encoder loads with plain `mlflow.pytorch.load_model` and embeds any batch size;
+  and its registered encoder loads with selfsup's pt2-only `registry.load_encoder` and embeds any batch size;
 - a worker killed mid-run (fault hook) costs one restart from the last checkpoint; every epoch is
   still logged exactly once;
-- the whole command killed after its first checkpoint continues with `--resume`.
+- the whole command killed after its first checkpoint continues with `--resume`; killed again
+  between the last checkpoint and its MLflow log, a further `--resume` logs the missing epoch.
 
 A shortened demo (2 epochs) keeps each run around a minute on an otherwise idle 2-core machine.
 """
@@ -21,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.config import load_config
-from orchestrator.pretrain import FAULT_ENV, RUN_RECORD, run_pretrain
+from orchestrator.pretrain import FAULT_BEFORE_LOG_ENV, FAULT_ENV, RUN_RECORD, run_pretrain
 from orchestrator.train_loop import FAULT_MARKER
 
 EPOCHS = 2
@@ -56,7 +57,6 @@ def _history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
 def test_demo_learns_registers_and_the_encoder_embeds(demo_data: Path, tmp_path: Path, mlflow_server: str,
                                                        ray_temp_root: str, monkeypatch: pytest.MonkeyPatch,
                                                        capsys: pytest.CaptureFixture[str]) -> None:
-    import mlflow
     import torch
     from mlflow.tracking import MlflowClient
 
@@ -86,8 +86,12 @@ def test_demo_learns_registers_and_the_encoder_embeds(demo_data: Path, tmp_path:
     mv = c.get_model_version("e2e-encoder", r.model_version)
     assert mv.tags["method"] == "simclr" and mv.tags["dataset"] == "mnist-demo"
     assert float(mv.tags["knn_top1"]) == pytest.approx(r.knn_top1)
-    mlflow.set_tracking_uri(mlflow_server)
-    model = mlflow.pytorch.load_model(f"models:/e2e-encoder/{r.model_version}")
+    # How the run measured kNN, recorded for the champion rule (the demo's bank: the whole train split).
+    assert {k: mv.tags[k] for k in ("image_size", "embedding_dim", "knn_bank", "knn_queries", "knn_k")} == {
+        "image_size": "28", "embedding_dim": "256", "knn_bank": "4000", "knn_queries": "1000", "knn_k": "200"}
+    from orchestrator.registry import load_encoder
+
+    model = load_encoder(f"e2e-encoder/{r.model_version}", tracking_uri=mlflow_server).module
     images, _ = load_split(demo_data, "test", limit=40, image_size=28)
     x = normalize(images)
     with torch.no_grad():
@@ -146,6 +150,7 @@ def test_killed_command_continues_with_resume(demo_data: Path, tmp_path: Path, m
                                                ray_temp_root: str) -> None:
     env = {**os.environ, "SELFSUP_RAY_TEMP_ROOT": ray_temp_root, "PYTHONUNBUFFERED": "1"}
     env.pop(FAULT_ENV, None)
+    env.pop(FAULT_BEFORE_LOG_ENV, None)
     argv = [sys.executable, "-m", "orchestrator.cli", "pretrain"]
     for o in _overrides(demo_data, tmp_path, mlflow_server, "killed", **{"run.name": "killme",
                                                                           "tracking.register": "false", **SMALL}):
@@ -166,13 +171,30 @@ def test_killed_command_continues_with_resume(demo_data: Path, tmp_path: Path, m
     again = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and "continue it with --resume" in again.stderr
 
+    # The resumed command dies again, this time after the last epoch's checkpoint and before that
+    # epoch reaches MLflow (the fault hook kills the driver and the Train controller there).
+    import json
+
+    run_id = json.loads((run_dir / RUN_RECORD).read_text())["mlflow_run_id"]
+    log = open(tmp_path / "second.log", "wb")
+    proc = subprocess.Popen([*argv, "--resume"], cwd=tmp_path, env={**env, FAULT_BEFORE_LOG_ENV: str(EPOCHS)},
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        proc.wait(timeout=400)
+    finally:
+        _kill_group(proc)  # the local Ray the killed driver left behind
+        log.close()
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "second.log").read_text()[-3000:]
+    assert EPOCHS not in [s for s, _ in _history(mlflow_server, run_id, "loss")]
+    assert '"status": "running"' in (run_dir / RUN_RECORD).read_text()
+
+    # --resume of that finished-but-unlogged run: no epoch to train; the driver logs the missing
+    # epochs from the last checkpoint, then registers and closes as usual.
     done = subprocess.run([*argv, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "resuming killme" in done.stdout and "kNN top-1" in done.stdout
     assert '"status": "finished"' in (run_dir / RUN_RECORD).read_text()
-    import json
-
-    run_id = json.loads((run_dir / RUN_RECORD).read_text())["mlflow_run_id"]
-    assert [s for s, _ in _history(mlflow_server, run_id, "loss")] == [1, 2]
+    for key in ("loss", "knn_top1", "lr", "resumed_from_epoch"):
+        assert [s for s, _ in _history(mlflow_server, run_id, key)] == [1, 2], key
     resumed = [v for _, v in _history(mlflow_server, run_id, "resumed_from_epoch")]
     assert resumed[0] == 0 and resumed[-1] >= 1, resumed  # the rerun started from a checkpoint

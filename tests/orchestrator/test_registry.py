@@ -7,6 +7,7 @@ the real MLflow paths, including loading the model back for `embed`.
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import uuid
@@ -46,16 +47,18 @@ class TinyEncoder(torch.nn.Module):
         return torch.relu(self.conv(x)).mean(dim=(2, 3))
 
 
-def _register(uri: str, model: str, dataset: str, method: str, knn_top1: float) -> str:
-    """Register an encoder through the real pretraining path; returns the version."""
+def _register(uri: str, model: str, dataset: str, method: str, knn_top1: float, *, image_size: int = 32,
+              **protocol: object) -> str:
+    """Register an encoder through the real pretraining path; returns the version. `protocol`: more
+    version tags (the kNN protocol of `pretrain.protocol_tags`)."""
     from orchestrator import tracking
 
     exp = tracking.ensure_experiment(uri, f"registry-test-{dataset}")
     run_id = tracking.start_run(uri, exp, f"{method}-{knn_top1}", {"method.name": method}, "{}\n")
     encoder = TinyEncoder(seed=len(method) + int(knn_top1 * 100))
     v = tracking.register_encoder(encoder, tracking_uri=uri, run_id=run_id, model_name=model,
-                                  image_size=32, tags={"method": method, "dataset": dataset,
-                                                       "knn_top1": f"{knn_top1:.4f}"})
+                                  image_size=image_size, tags={"method": method, "dataset": dataset,
+                                                               "knn_top1": f"{knn_top1:.4f}", **protocol})
     tracking.finish_run(uri, run_id)
     return str(v.version)
 
@@ -234,3 +237,178 @@ def test_console_script_exit_code(tmp_path: Path) -> None:
     proc = subprocess.run([str(Path(sys.executable).parent / "selfsup"), "registry", "--tracking-uri",
                            f"sqlite:///{tmp_path / 'nope.db'}", "list"], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.startswith("selfsup registry: error: no MLflow store")
+
+
+# --- trust boundaries: what selfsup loads, names, champions, errors -----------------------------------
+
+class PicklePayload(torch.nn.Module):
+    """Unpickling this opens (creates) `marker`: a stand-in for whatever code a pickled model runs."""
+
+    def __init__(self, marker: str) -> None:
+        super().__init__()
+        self.marker = marker
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def __reduce__(self) -> tuple:
+        return (open, (self.marker, "w"))
+
+
+def _experiment(uri: str, what: str) -> str:
+    from orchestrator import tracking
+
+    return tracking.ensure_experiment(uri, f"registry-test-{what}")
+
+
+def _quiet_stderr() -> contextlib.AbstractContextManager:
+    """MLflow eprint()s its registration notices on stderr, which these tests read."""
+    return contextlib.redirect_stderr(sys.stdout)
+
+
+def _one_image_folder(tmp_path: Path) -> Path:
+    from torchvision.io import encode_jpeg
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "x.jpg").write_bytes(
+        encode_jpeg(torch.randint(0, 255, (3, 32, 32), dtype=torch.uint8)).numpy().tobytes())
+    return folder
+
+
+def test_a_pickled_model_is_refused_and_its_code_never_runs(mlflow_server: str, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", raising=False)  # MLflow 3.17's default: allowed
+    marker = tmp_path / "payload-ran"
+    model = f"pickled-{uuid.uuid4().hex[:6]}"
+    mlflow.set_tracking_uri(mlflow_server)
+    mlflow.set_registry_uri(mlflow_server)
+    # Not mlflow.set_experiment: it stays set for the process, and register_encoder's runs elsewhere.
+    with mlflow.start_run(experiment_id=_experiment(mlflow_server, "pickle")), _quiet_stderr():
+        mlflow.pytorch.log_model(PicklePayload(str(marker)), name="encoder", serialization_format="pickle",
+                                 pip_requirements=["torch"], registered_model_name=model)
+    assert not marker.exists()
+
+    out = tmp_path / "emb.parquet"
+    assert _cli("registry", "embed", f"{model}/1", str(_one_image_folder(tmp_path)), str(out),
+                "--tracking-uri", mlflow_server) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"selfsup registry: error: models:/{model}/1: refused to load: it is not a pt2 model")
+    assert "model.pth" in err
+    assert not marker.exists() and not out.exists()
+
+    # The payload is real: MLflow's own loader, with its default (pickle allowed), runs it.
+    with contextlib.suppress(Exception):
+        mlflow.pytorch.load_model(f"models:/{model}/1")
+    assert marker.exists()
+
+
+def test_a_pt2_model_with_a_code_path_is_refused(mlflow_server: str, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    import mlflow
+
+    code = tmp_path / "helper.py"
+    code.write_text("raise SystemExit('code from the model store ran')\n")
+    model = f"withcode-{uuid.uuid4().hex[:6]}"
+    mlflow.set_tracking_uri(mlflow_server)
+    mlflow.set_registry_uri(mlflow_server)
+    with mlflow.start_run(experiment_id=_experiment(mlflow_server, "code")), torch.no_grad(), _quiet_stderr():
+        mlflow.pytorch.log_model(TinyEncoder(seed=0), name="encoder", serialization_format="pt2",
+                                 input_example=torch.randn(2, 3, 32, 32).numpy(), code_paths=[str(code)],
+                                 pip_requirements=["torch"], registered_model_name=model)
+    with pytest.raises(UserError, match=r"refused to load: the \w+ flavor carries a code path \('code'\)"):
+        registry.load_encoder(f"{model}/1", tracking_uri=mlflow_server)
+
+
+def test_load_encoder_loads_what_selfsup_registers(store: Store) -> None:
+    encoder = registry.load_encoder(f"{store.model}/2", tracking_uri=store.uri)
+    assert (encoder.image_size, encoder.output_dim, encoder.uri) == ((32, 32), 16, f"models:/{store.model}/2")
+    with torch.no_grad():
+        assert encoder.module(torch.randn(5, 3, 32, 32)).shape == (5, 16)
+
+
+def test_a_model_name_with_quotes_lists_and_shows(mlflow_server: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Names selfsup would refuse at config time can still be in a store (made by hand): `registry
+    list` and `show` work with them (MLflow's search filters unescape nothing)."""
+    from mlflow import MlflowClient
+
+    c = MlflowClient(mlflow_server, registry_uri=mlflow_server)
+    run = c.create_run(_experiment(mlflow_server, "names"))
+    tag = uuid.uuid4().hex[:6]
+    names = [f"it's-{tag}", f'say "{tag}"', f"""both'"{tag}"""]
+    for name in names:  # versions without files: listing and showing read only the registry
+        c.create_registered_model(name)
+        c.create_model_version(name, source=f"{run.info.artifact_uri}/encoder", run_id=run.info.run_id,
+                               tags={"method": "simclr"})
+    assert _cli("registry", "list", "--tracking-uri", mlflow_server) == 0
+    out = capsys.readouterr().out
+    for name in names:
+        assert name in out
+    for name in names:
+        assert _cli("registry", "show", f"{name}/1", "--tracking-uri", mlflow_server) == 0
+        assert f"models:/{name}/1" in capsys.readouterr().out
+
+
+def test_the_champion_moves_only_between_versions_measured_alike(mlflow_server: str,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from orchestrator.pretrain import PretrainResult, _print_summary
+
+    client = registry.connect(mlflow_server)
+    model = f"protocol-{uuid.uuid4().hex[:6]}"
+    demo = {"knn_k": 200, "knn_t": 0.1, "knn_bank": 4000, "knn_queries": 1000}
+    v1 = _register(mlflow_server, model, "mnist-demo", "simclr", 0.60, **demo)
+    assert registry.promote_if_better(client, model, v1)
+    # A sweep's smaller kNN bank, fewer queries and smaller images: a higher number, not comparable.
+    v2 = _register(mlflow_server, model, "mnist-demo", "byol", 0.90, image_size=28,
+                   **{**demo, "knn_bank": 1000, "knn_queries": 500})
+    p = registry.promote_if_better(client, model, v2)
+    assert not p and p.holder == v1
+    assert "'champion' stays at version 1: measured differently" in p.reason
+    assert "image_size 32 (v1) vs 28 (v2)" in p.reason and "knn_bank 4000 (v1) vs 1000 (v2)" in p.reason
+    assert "knn_queries 1000 (v1) vs 500 (v2)" in p.reason
+    assert str(client.get_model_version_by_alias(model, "champion").version) == v1
+    # The command says why.
+    _print_summary(PretrainResult(run_name="r", run_dir="d", tracking_uri=mlflow_server, experiment="e",
+                                  mlflow_run_id="x", epochs=1, knn_top1=0.9, model_name=model, model_version=v2,
+                                  champion=p.moved, champion_note=p.reason))
+    assert f"champion:     {p.reason}" in capsys.readouterr().out
+    # Measured alike and better: it moves.
+    v3 = _register(mlflow_server, model, "mnist-demo", "moco", 0.70, **demo)
+    assert registry.promote_if_better(client, model, v3)
+    assert str(client.get_model_version_by_alias(model, "champion").version) == v3
+
+
+def test_cli_errors_are_one_line_and_debug_shows_the_traceback(store: Store, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    # An OS error: the output's folder is a file.
+    (tmp_path / "afile").write_text("")
+    folder = _one_image_folder(tmp_path)
+    assert _cli("registry", "embed", f"{store.model}/1", str(folder), str(tmp_path / "afile" / "o.parquet"),
+                "--tracking-uri", store.uri) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("selfsup registry: error: FileExistsError: "), err
+    assert str(tmp_path / "afile") in err
+    # An MLflow error: an alias name MLflow refuses.
+    assert _cli("registry", "--tracking-uri", store.uri, "promote", store.model, "1", "--alias", "no way!") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("selfsup registry: error: MlflowException: "), err
+    # SELFSUP_DEBUG=1: the traceback instead, same exit code.
+    monkeypatch.setenv("SELFSUP_DEBUG", "1")
+    assert _cli("registry", "--tracking-uri", store.uri, "promote", store.model, "1", "--alias", "no way!") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback (most recent call last):") and "MlflowException" in err
+
+
+def test_tracking_uri_goes_before_or_after_the_registry_command(store: Store,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    assert _cli("registry", "list", "--tracking-uri", store.uri) == 0
+    after = capsys.readouterr().out
+    assert _cli("registry", "--tracking-uri", store.uri, "list") == 0
+    assert capsys.readouterr().out == after and store.model in after
+    assert _cli("registry", "best", "--tracking-uri", store.uri, "--dataset", store.dataset) == 0
+    assert capsys.readouterr().out.startswith(f"models:/{store.model}/2\t")

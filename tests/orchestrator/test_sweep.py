@@ -92,6 +92,15 @@ def test_repository_sweep_configs_load() -> None:
     ({"max_concurrent_trials": 0}, "sweep.max_concurrent_trials = 0: must be >= 1"),
     ({"cpus_per_trial": 0}, "sweep.cpus_per_trial = 0.0: must be > 0"),
     ({"time_budget_s": -5}, "sweep.time_budget_s = -5.0: must be > 0 (or null)"),
+    # NaN and infinity: in search spaces (lists, choices, range ends) and in sweep fields
+    ({"methods": {"simclr": {"method.temperature": [0.1, math.nan]}}},
+     "sweep.methods.simclr.method.temperature = [0.1, nan]: values must be finite numbers"),
+    ({"space": {"optim.lr": {"choice": [math.inf]}}}, "values must be finite numbers"),
+    ({"searcher": "random", "space": {"optim.lr": {"loguniform": [1e-4, math.inf]}}},
+     "loguniform takes [low, high]: finite numbers with low < high"),
+    ({"searcher": "random", "space": {"optim.lr": {"uniform": [math.nan, 1]}}}, "finite numbers with low < high"),
+    ({"time_budget_s": math.inf}, "sweep.time_budget_s: expected a finite number, got inf"),
+    ({"reduction_factor": math.nan}, "sweep.reduction_factor: expected a finite number, got nan"),
 ])
 def test_bad_sweeps_are_rejected_with_one_message(tmp_path: Path, sweep: dict, message: str | None) -> None:
     path = _write(tmp_path, {"data": {"source": None}, "scaling": {"num_workers": 1}, "sweep": sweep})
@@ -183,10 +192,14 @@ def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+DIVERGING_LR = 1e30
+
+
 def _e2e_config(tmp_path: Path, data: Path, uri: str, model_name: str) -> str:
     """5 tiny trials, run one at a time so that ASHA's decisions are deterministic:
     SimCLR x 2 temperatures, BYOL at a good lr, a useless lr (1e-8: the encoder stays as it was
-    initialised, so its kNN top-1 stays at the untrained level) and lr = inf (diverges at once)."""
+    initialised, so its kNN top-1 stays at the untrained level) and lr = 1e30 (NaN loss from its
+    second step; a config refuses lr = inf)."""
     return _write(tmp_path, {
         "data": {"path": str(data), "source": None, "image_size": 28, "limit": 256},
         "optim": {"name": "adamw", "lr": 2e-3, "batch_size": 64, "epochs": 2, "warmup_epochs": 0.5},
@@ -196,7 +209,7 @@ def _e2e_config(tmp_path: Path, data: Path, uri: str, model_name: str) -> str:
         "tracking": {"uri": uri, "experiment": f"sweep-test-{tmp_path.name}", "model_name": model_name},
         "sweep": {"name": "e2e", "storage_path": str(tmp_path / "sweeps"), "searcher": "grid",
                   "methods": {"simclr": {"method.temperature": [0.5, 0.2]},
-                              "byol": {"optim.lr": [2e-3, 1e-8, float("inf")]}},
+                              "byol": {"optim.lr": [2e-3, 1e-8, DIVERGING_LR]}},
                   "scheduler": "asha", "grace_period": 1, "reduction_factor": 2,
                   "max_concurrent_trials": 1},
     })
@@ -236,7 +249,13 @@ def test_sweep_end_to_end_killed_and_resumed(tmp_path: Path, demo_data: Path, ml
         proc.wait(timeout=60)
     assert len(ended) == 2, "".join(lines)[-3000:]
 
-    # 2. --resume: the rest of the sweep; the two ended trials neither run again nor log again.
+    # 2. --resume with another base config is refused (as pretrain --resume), before Ray starts.
+    with pytest.raises(UserError) as changed:
+        sweep_mod.run_sweep(load_sweep(config, ["optim.epochs=3", "eval.knn_t=0.2"]), resume=True)
+    assert str(changed.value).startswith("--resume continues sweep 'e2e' with its recorded base config (")
+    assert str(changed.value).endswith("these differ: optim.epochs (2 -> 3), eval.knn_t (0.1 -> 0.2) "
+                                       "(start a new sweep instead)")
+    # --resume: the rest of the sweep; the two ended trials neither run again nor log again.
     timeline = tmp_path / "timeline.jsonl"
     monkeypatch.setenv(TIMELINE_ENV, str(timeline))  # the trial processes inherit it
     s = load_sweep(config)
@@ -252,7 +271,7 @@ def test_sweep_end_to_end_killed_and_resumed(tmp_path: Path, demo_data: Path, ml
     table = out.table
     assert len(table) == 5 and table["trial"].is_unique
     by_lr = {r.lr: r for r in table.itertuples() if r.method == "byol"}
-    assert by_lr[float("inf")].status == "diverged" and math.isnan(by_lr[float("inf")].knn_top1)
+    assert by_lr[DIVERGING_LR].status == "diverged" and math.isnan(by_lr[DIVERGING_LR].knn_top1)
     assert by_lr[1e-8].status == "stopped" and by_lr[1e-8].epochs == 1, table.to_string()  # ASHA
     assert (table["status"] == "finished").any(), table.to_string()
     assert "| trial | method |" in out.markdown and "diverged" in out.markdown
