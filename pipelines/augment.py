@@ -31,6 +31,7 @@ Papers:
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -524,6 +525,7 @@ class TwoViewAugment:
         self.backend = backend
         self.views = resolve_views(preset, size, **overrides)
         self._pool: ThreadPoolExecutor | None = None
+        self._pool_pid = 0  # a forked child has none of its parent's pool threads: it makes its own
         self.seed = int(torch.randint(0, 2**62, (), dtype=torch.int64)) if seed is None else int(seed)
         self._generators: dict[str, torch.Generator] = {}
         self.cpu_chunk = max(8, (256 * 32 * 32) // (size * size))  # measured best at 32 px (256 rows)
@@ -609,8 +611,9 @@ class TwoViewAugment:
             for job in jobs:
                 augment_views_into(*job)
         else:
-            if self._pool is None or self._pool._max_workers < parts:  # type: ignore[attr-defined]
+            if self._pool is None or self._pool._max_workers < parts or self._pool_pid != os.getpid():  # type: ignore[attr-defined]
                 self._pool = ThreadPoolExecutor(parts, thread_name_prefix="selfsup-augment")
+                self._pool_pid = os.getpid()
             list(self._pool.map(lambda job: augment_views_into(*job), jobs))
         return out
 

@@ -112,16 +112,18 @@ def test_thread_settings_are_restored(jpegs) -> None:
         torch.set_num_threads(_THREADS)
 
 
-def _decode_in_child(images: list[bytes], queue: multiprocessing.Queue) -> None:
-    queue.put(decode_batch(images, threads=2).shape)
+def _decode_and_augment_in_child(images: list[bytes], aug: TwoViewAugment, queue: multiprocessing.Queue) -> None:
+    queue.put(decode_and_augment(images, aug, threads=2)[0].shape)
 
 
-def test_a_forked_child_gets_its_own_pool(jpegs) -> None:
-    """The parent's pool threads do not exist after a fork (a DataLoader worker): the child must not wait on them."""
-    decode_batch(jpegs, threads=2)  # the parent's pool exists now
+def test_a_forked_child_gets_its_own_pools(jpegs) -> None:
+    """A forked child (a DataLoader worker) has none of its parent's pool threads, the decode pool's
+    or the augmenter's: it must make its own, not wait on them (it hung before)."""
+    aug = TwoViewAugment("simclr", 32, seed=0)
+    decode_and_augment(jpegs, aug, threads=2)  # both of the parent's pools exist now
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
-    child = ctx.Process(target=_decode_in_child, args=(jpegs, queue))
+    child = ctx.Process(target=_decode_and_augment_in_child, args=(jpegs, aug, queue))
     child.start()
     try:
         assert queue.get(timeout=120) == (len(jpegs), 3, 32, 32)
