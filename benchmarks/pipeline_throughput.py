@@ -59,7 +59,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipelines import augment as A  # noqa: E402
-from pipelines.decode import decode_and_augment  # noqa: E402
+from pipelines.decode import decode_and_augment, decode_batch  # noqa: E402
 from pipelines.stream import decode_images  # noqa: E402
 
 BATCH = 512
@@ -162,6 +162,14 @@ def run_plain_loop(data: list[bytes], decode_augment: Callable[[list[bytes]], ob
     for s in range(0, len(data), BATCH):
         decode_augment(data[s:s + BATCH])
     return 2 * len(data) / (time.perf_counter() - t0)
+
+
+def run_decode_only(data: list[bytes], threads: int) -> float:
+    """`decode_batch` alone, batch after batch from one Python thread: images/s."""
+    t0 = time.perf_counter()
+    for s in range(0, len(data), BATCH):
+        decode_batch(data[s:s + BATCH], threads=threads)
+    return len(data) / (time.perf_counter() - t0)
 
 
 def run_decoded_once(images: torch.Tensor, work: Callable[[torch.Tensor], object], threads: int) -> float:
@@ -388,6 +396,7 @@ def main() -> None:
         with torch.no_grad():
             aug(decoded[:BATCH])  # numba: compiled (or loaded from its cache) before any timing
         decoded_once: list[float] = []
+        decode_only: dict[int, list[float]] = {t: [] for t in sorted({1, CORE_THREADS})}  # threads -> images/s
         for r in range(args.rounds):
             rows["baseline"].append(run_baseline(data))
             with torch.no_grad():
@@ -403,6 +412,8 @@ def main() -> None:
                 rows["ray_data"].append(run_ray(shards, 2 * args.images))
             with torch.no_grad():
                 decoded_once.append(run_decoded_once(decoded, aug, threads=2))
+            for threads, rates in decode_only.items():
+                rates.append(run_decode_only(data, threads))
             print(f"round {r}: " + ", ".join(f"{k} {v[-1]:,.0f}" for k, v in rows.items()) + " views/s", flush=True)
     finally:
         if args.ray:
@@ -430,6 +441,7 @@ def main() -> None:
         "ratio_vs_baseline": {k: v / best["baseline"] for k, v in best.items()},
         "ratio_vs_kornia": {k: v / best["kornia"] for k, v in best.items()},
         "core_threads": CORE_THREADS,
+        "decode_only_images_per_second": decode_only,
         "ops_images_per_second_cpu": ops,
         "device": str(device), "device_views_per_second": device_rate,
         "ops_images_per_second_device": ops_device if device.type == "cuda" else None,
@@ -465,6 +477,10 @@ def main() -> None:
     md += ["", "(\"whole preset\" is in views/s.)"]
     if device_rate is not None:
         md += ["", f"Augmentation alone on {device} (batch {args.gpu_batch}): {device_rate:,.0f} views/s."]
+    decode_best = {k: max(v) for k, v in decode_only.items()}
+    md += ["", "Decode alone (`pipelines.decode.decode_batch`, batches of 512, one Python thread): "
+               + ", ".join(f"{v:,.0f} images/s on {k} thread(s)" for k, v in decode_best.items())
+               + f" ({decode_best[CORE_THREADS] / decode_best[1]:.2f}x)."]
     md += ["", f"glibc malloc keeps freed memory (`pipelines.augment.keep_freed_memory()`, all rows): {malloc_tuned}."]
     md += ["", f"`{command.strip()}` on {os.cpu_count()} cores, {args.images} images, best of {args.rounds} "
                f"rounds; 1-min load average at the end {result['load_avg_1min_at_end']:.1f} "
