@@ -481,6 +481,8 @@ def main() -> None:
     md += ["", "Decode alone (`pipelines.decode.decode_batch`, batches of 512, one Python thread): "
                + ", ".join(f"{v:,.0f} images/s on {k} thread(s)" for k, v in decode_best.items())
                + f" ({decode_best[CORE_THREADS] / decode_best[1]:.2f}x)."]
+    if not args.ray:
+        md += ["", "Ray Data row not measured in this run (`--no-ray`)."]
     md += ["", f"glibc malloc keeps freed memory (`pipelines.augment.keep_freed_memory()`, all rows): {malloc_tuned}."]
     md += ["", f"`{command.strip()}` on {os.cpu_count()} cores, {args.images} images, best of {args.rounds} "
                f"rounds; 1-min load average at the end {result['load_avg_1min_at_end']:.1f} "
