@@ -85,12 +85,12 @@ def test_views_do_not_depend_on_threads(jpegs, mixed, preset) -> None:
     def views(threads: int | None) -> list[torch.Tensor]:
         aug = TwoViewAugment(preset, 32, seed=21)
         out = []
-        for images in (jpegs, mixed, jpegs[:100]):
+        for images, size in ((jpegs, 32), (mixed, 32), (jpegs[:100], None)):  # None: size from the first chunk
             if threads is None:
                 with torch.no_grad():
-                    out += list(aug(decode_images(images, 32)))
+                    out += list(aug(decode_images(images, size)))
             else:
-                out += list(decode_and_augment(images, aug, image_size=32, threads=threads))
+                out += list(decode_and_augment(images, aug, image_size=size, threads=threads))
         return out
 
     reference = views(None)
