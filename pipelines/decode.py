@@ -21,6 +21,8 @@ one intra-op thread: two levels of threads on two cores only wait for each other
 from __future__ import annotations
 
 import os
+import threading
+import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -34,6 +36,15 @@ _CHUNKS_PER_THREAD = 4  # more chunks than threads: a thread the OS pauses (shar
 
 _pool: ThreadPoolExecutor | None = None
 _pool_pid = 0
+_pool_lock = threading.Lock()
+
+
+def _forget_pool() -> None:  # in a forked child: the parent's pool threads and lock holders are not there
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool)
 
 
 def _one_thread() -> None:
@@ -44,12 +55,13 @@ def _executor(threads: int) -> ThreadPoolExecutor:
     """This process's decode pool, at least `threads` wide (a new one after a fork: the parent's
     threads do not exist in the child, and its executor would wait on them forever)."""
     global _pool, _pool_pid
-    if _pool is None or _pool_pid != os.getpid() or _pool._max_workers < threads:  # type: ignore[attr-defined]
-        if _pool is not None and _pool_pid == os.getpid():
-            _pool.shutdown(wait=False)
-        _pool = ThreadPoolExecutor(threads, thread_name_prefix="selfsup-decode", initializer=_one_thread)
-        _pool_pid = os.getpid()
-    return _pool
+    with _pool_lock:
+        if _pool is None or _pool_pid != os.getpid() or _pool._max_workers < threads:  # type: ignore[attr-defined]
+            # Not shut down: another thread may still be submitting to the old pool; its idle
+            # threads end when it is garbage-collected.
+            _pool = ThreadPoolExecutor(threads, thread_name_prefix="selfsup-decode", initializer=_one_thread)
+            _pool_pid = os.getpid()
+        return _pool
 
 
 def _threads(threads: int | None) -> int:
@@ -77,8 +89,16 @@ def decode_batch(images: Sequence[Any], image_size: int | None = None, *, thread
     if threads == 1 or chunks < 2:
         return decode_images(images, image_size)
     bounds = [n * k // chunks for k in range(chunks + 1)]
-    parts = list(_executor(threads).map(lambda k: decode_images(images[bounds[k]:bounds[k + 1]], image_size),
-                                        range(chunks)))
+    # decode_images silences torchvision's deprecation and torch's read-only-buffer warnings with
+    # `warnings.catch_warnings`, which saves and restores the process-wide filters: run on several
+    # threads at once, one thread's restore undoes another's, and filters were left changed after
+    # the call. Silenced here once, around all of them, they restore to this state and then to the
+    # caller's. (Other Python threads still see the silenced filters meanwhile.)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        parts = list(_executor(threads).map(lambda k: decode_images(images[bounds[k]:bounds[k + 1]], image_size),
+                                            range(chunks)))
     if len({tuple(p.shape[1:]) for p in parts}) > 1:
         return decode_images(images, image_size)  # sizes differ between chunks: its error names them
     before = torch.get_num_threads()

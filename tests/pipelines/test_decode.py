@@ -112,6 +112,31 @@ def test_thread_settings_are_restored(jpegs) -> None:
         torch.set_num_threads(_THREADS)
 
 
+def test_warning_filters_are_left_as_they_were(jpegs) -> None:
+    """decode_images' catch_warnings on several threads at once used to leave the process-wide
+    filters changed (one thread's restore undid another's) and let warnings through."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        before = list(warnings.filters)
+        for _ in range(20):
+            decode_batch(jpegs, threads=4)
+        assert list(warnings.filters) == before
+    assert not caught
+
+
+def test_callers_on_several_threads_share_the_pool(jpegs) -> None:
+    """Python threads that ask for different widths at once (the pool is replaced by a wider one
+    meanwhile) all get their batches."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    expected = decode_images(jpegs)
+    with ThreadPoolExecutor(3) as callers:
+        results = list(callers.map(lambda t: decode_batch(jpegs, threads=t), [2, 3, 5, 2, 7, 3]))
+    assert all(torch.equal(r, expected) for r in results)
+
+
 def _decode_and_augment_in_child(images: list[bytes], aug: TwoViewAugment, queue: multiprocessing.Queue) -> None:
     queue.put(decode_and_augment(images, aug, threads=2)[0].shape)
 
