@@ -8,9 +8,17 @@ timed, for every row alike).
 Rows, measured in one run, alternating in rounds so background load hits all alike (best round kept):
   baseline     torchvision transforms on PIL images in a DataLoader with 2 workers (solo-learn /
                lightly without DALI);
+  selfsup_plain_loop  the headline: one Python thread in a plain loop calling
+               `pipelines.decode.decode_and_augment(batch_bytes, TwoViewAugment)`, which spreads each
+               batch's decode and augmentation over `torch.get_num_threads()` threads (the default:
+               one per core);
+  selfsup_plain_loop_decode_on_caller  the same loop with `decode_images` (decode on the calling
+               thread, as before `pipelines.decode`) + `TwoViewAugment` (its rows still split);
+  selfsup_plain_loop_1_thread  `decode_and_augment(..., threads=1)`: all on one core; the cores
+               times this is what the plain loop can reach on this machine (the floor of its cost);
   selfsup      in-process: batched `torchvision.io.decode_jpeg` + `TwoViewAugment` (its CPU
-               backend, the numba kernel), 2 threads each decoding and augmenting its own batches
-               (1 intra-op thread each);
+               backend, the numba kernel), 2 Python threads each decoding and augmenting its own
+               batches (1 intra-op thread each);
   selfsup_torch_ops  the same with `TwoViewAugment(backend="torch")` (the PyTorch ops, as on a GPU);
   selfsup_dataloader  the same work per batch of 512 in a DataLoader with 2 worker processes (views
                come back through shared memory), as a CPU training loop without Ray would use it;
@@ -51,8 +59,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipelines import augment as A  # noqa: E402
+from pipelines.decode import decode_and_augment, decode_batch  # noqa: E402
+from pipelines.stream import decode_images  # noqa: E402
 
 BATCH = 512
+CORE_THREADS = torch.get_num_threads()  # PyTorch's default (one per core), before any row changes it
 PRESET = "simclr"
 SIZE = 32
 warnings.filterwarnings("ignore", category=DeprecationWarning)  # torchvision 0.29 io -> TorchCodec notice
@@ -142,6 +153,23 @@ def _in_threads(n_items: int, batch: Callable[[int], torch.Tensor], work: Callab
 def run_threads(data: list[bytes], work: Callable[[torch.Tensor], object], threads: int) -> float:
     """Each thread decodes and augments its own batches of encoded images."""
     return _in_threads(len(data), lambda s: decode(data[s:s + BATCH]), work, threads)
+
+
+def run_plain_loop(data: list[bytes], decode_augment: Callable[[list[bytes]], object]) -> float:
+    """One Python thread, batch after batch, PyTorch's default thread count: views/s."""
+    torch.set_num_threads(CORE_THREADS)
+    t0 = time.perf_counter()
+    for s in range(0, len(data), BATCH):
+        decode_augment(data[s:s + BATCH])
+    return 2 * len(data) / (time.perf_counter() - t0)
+
+
+def run_decode_only(data: list[bytes], threads: int) -> float:
+    """`decode_batch` alone, batch after batch from one Python thread: images/s."""
+    t0 = time.perf_counter()
+    for s in range(0, len(data), BATCH):
+        decode_batch(data[s:s + BATCH], threads=threads)
+    return len(data) / (time.perf_counter() - t0)
 
 
 def run_decoded_once(images: torch.Tensor, work: Callable[[torch.Tensor], object], threads: int) -> float:
@@ -340,8 +368,9 @@ def main() -> None:
     malloc_tuned = A.keep_freed_memory() if args.malloc_tuning else False
 
     data = load_bytes(args.data, args.images)
-    rows: dict[str, list[float]] = {"baseline": [], "selfsup": [], "selfsup_torch_ops": [], "selfsup_dataloader": [],
-                                    "kornia": []}
+    rows: dict[str, list[float]] = {"baseline": [], "selfsup_plain_loop": [], "selfsup_plain_loop_decode_on_caller": [],
+                                    "selfsup_plain_loop_1_thread": [], "selfsup": [], "selfsup_torch_ops": [],
+                                    "selfsup_dataloader": [], "kornia": []}
     decoded = torch.cat([decode(data[s:s + BATCH]) for s in range(0, len(data), BATCH)])
     work = Path(tempfile.mkdtemp(prefix="pipeline-throughput-"))
     ray_tmp = tempfile.mkdtemp(prefix="selfsup-ray-", dir="/tmp")
@@ -367,9 +396,14 @@ def main() -> None:
         with torch.no_grad():
             aug(decoded[:BATCH])  # numba: compiled (or loaded from its cache) before any timing
         decoded_once: list[float] = []
+        decode_only: dict[int, list[float]] = {t: [] for t in sorted({1, CORE_THREADS})}  # threads -> images/s
         for r in range(args.rounds):
             rows["baseline"].append(run_baseline(data))
             with torch.no_grad():
+                rows["selfsup_plain_loop"].append(run_plain_loop(data, lambda b: decode_and_augment(b, aug)))
+                rows["selfsup_plain_loop_decode_on_caller"].append(run_plain_loop(data, lambda b: aug(decode_images(b))))
+                rows["selfsup_plain_loop_1_thread"].append(
+                    run_plain_loop(data, lambda b: decode_and_augment(b, aug, threads=1)))
                 rows["selfsup"].append(run_threads(data, aug, threads=2))
                 rows["selfsup_torch_ops"].append(run_threads(data, aug_torch, threads=2))
                 rows["kornia"].append(run_threads(data, kornia, threads=2))
@@ -378,6 +412,8 @@ def main() -> None:
                 rows["ray_data"].append(run_ray(shards, 2 * args.images))
             with torch.no_grad():
                 decoded_once.append(run_decoded_once(decoded, aug, threads=2))
+            for threads, rates in decode_only.items():
+                rates.append(run_decode_only(data, threads))
             print(f"round {r}: " + ", ".join(f"{k} {v[-1]:,.0f}" for k, v in rows.items()) + " views/s", flush=True)
     finally:
         if args.ray:
@@ -403,6 +439,9 @@ def main() -> None:
         "malloc_tuned": malloc_tuned, "cpu_count": os.cpu_count(), "load_avg_1min_at_end": os.getloadavg()[0], "rounds": args.rounds,
         "views_per_second": rows, "best_views_per_second": best,
         "ratio_vs_baseline": {k: v / best["baseline"] for k, v in best.items()},
+        "ratio_vs_kornia": {k: v / best["kornia"] for k, v in best.items()},
+        "core_threads": CORE_THREADS,
+        "decode_only_images_per_second": decode_only,
         "ops_images_per_second_cpu": ops,
         "device": str(device), "device_views_per_second": device_rate,
         "ops_images_per_second_device": ops_device if device.type == "cuda" else None,
@@ -412,21 +451,38 @@ def main() -> None:
     (args.out / "pipeline_throughput.json").write_text(json.dumps(result, indent=2) + "\n")
     labels = {
         "baseline": "PIL + torchvision transforms, DataLoader 2 workers (baseline)",
-        "selfsup": "selfsup: batched decode_jpeg + TwoViewAugment (numba CPU kernel), in-process, 2 threads",
+        "selfsup_plain_loop": "**selfsup: plain loop, 1 Python thread: `decode_and_augment` (decode + numba kernel "
+                              f"over {CORE_THREADS} threads)**",
+        "selfsup_plain_loop_decode_on_caller": "plain loop, 1 Python thread: `decode_images` on the caller + TwoViewAugment",
+        "selfsup_plain_loop_1_thread": "plain loop, all on 1 thread: `decode_and_augment(threads=1)`",
+        "selfsup": "selfsup: batched decode_jpeg + TwoViewAugment (numba CPU kernel), 2 Python threads, own batches",
         "selfsup_torch_ops": "selfsup with TwoViewAugment(backend='torch') (PyTorch ops), in-process, 2 threads",
         "selfsup_decoded_once": "(not decode + augment) data.loader=memory after epoch 1: gather + augment, 2 threads",
         "selfsup_dataloader": "selfsup: the same per batch in a DataLoader with 2 workers",
         "kornia": "batched decode_jpeg + kornia.augmentation 0.9, 2 threads",
         "ray_data": "selfsup via Ray Data: read_split(augment_on='data'), local Ray num_cpus=4",
     }
-    md = ["| pipeline (decode + 2 views, 32x32, SimCLR CIFAR preset) | views/s | vs baseline |", "| --- | ---: | ---: |"]
-    md += [f"| {labels[k]} | {best[k]:,.0f} | {best[k] / best['baseline']:.1f}x |" for k in rows]
+    md = ["| pipeline (decode + 2 views, 32x32, SimCLR CIFAR preset) | views/s | vs baseline | vs kornia |",
+          "| --- | ---: | ---: | ---: |"]
+    md += [f"| {labels[k]} | {best[k]:,.0f} | {best[k] / best['baseline']:.1f}x | {best[k] / best['kornia']:.1f}x |"
+           for k in rows]
+    one_core = best["selfsup_plain_loop_1_thread"]
+    md += ["", f"Plain loop on {CORE_THREADS} threads: {best['selfsup_plain_loop'] / one_core:.2f}x its own rate on one "
+               f"thread; {CORE_THREADS} x the one-thread rate, {CORE_THREADS * one_core:,.0f} views/s "
+               f"= {CORE_THREADS * one_core / best['baseline']:.1f}x the baseline, is what perfect scaling would give "
+               "in this run."]
     md += ["", f"| augmentation alone, decoded batch of {BATCH}, 1 thread | selfsup img/s | kornia img/s | selfsup / kornia |",
            "| --- | ---: | ---: | ---: |"]
     md += [f"| {k} | {v['selfsup']:,.0f} | {v['kornia']:,.0f} | {v['selfsup'] / v['kornia']:.1f}x |" for k, v in ops.items()]
     md += ["", "(\"whole preset\" is in views/s.)"]
     if device_rate is not None:
         md += ["", f"Augmentation alone on {device} (batch {args.gpu_batch}): {device_rate:,.0f} views/s."]
+    decode_best = {k: max(v) for k, v in decode_only.items()}
+    md += ["", "Decode alone (`pipelines.decode.decode_batch`, batches of 512, one Python thread): "
+               + ", ".join(f"{v:,.0f} images/s on {k} thread(s)" for k, v in decode_best.items())
+               + f" ({decode_best[CORE_THREADS] / decode_best[1]:.2f}x)."]
+    if not args.ray:
+        md += ["", "Ray Data row not measured in this run (`--no-ray`)."]
     md += ["", f"glibc malloc keeps freed memory (`pipelines.augment.keep_freed_memory()`, all rows): {malloc_tuned}."]
     md += ["", f"`{command.strip()}` on {os.cpu_count()} cores, {args.images} images, best of {args.rounds} "
                f"rounds; 1-min load average at the end {result['load_avg_1min_at_end']:.1f} "

@@ -33,9 +33,12 @@ Papers:
 
 from __future__ import annotations
 
-import math
-from concurrent.futures import ThreadPoolExecutor
 import dataclasses
+import math
+import os
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -508,6 +511,25 @@ def resolve_local_view(preset: str, size: int, local_size: int, **overrides: obj
                                blur_kernel_size=blur_kernel_size(local_size))
 
 
+@contextmanager
+def _one_intra_op_thread(device: torch.device) -> Iterator[None]:
+    """Run tiny CPU ops (the ~25 of drawing parameters, on [n] or [n, 10] tensors) on the calling
+    thread alone. With 2 intra-op threads PyTorch still forks OpenMP regions for some of them
+    (exp, round: grain 2048 elements) and each region waits for a second core; on the shared
+    2-core machine (load 5-8) that made drawing 512 samples' parameters 20-50x slower than on one
+    thread and the whole call 5-8x slower. Same values either way (the generator is serial).
+    ``torch.set_num_threads`` sets the calling thread's OpenMP team size only; restored after."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 class TwoViewAugment:
     """Two random views per image, batched and on the images' device.
 
@@ -550,6 +572,7 @@ class TwoViewAugment:
             raise DataError(f"augmentation local_size={local_size!r}: a positive int")
         self.local_view = resolve_local_view(preset, size, self.local_size, **overrides) if local_crops else None
         self._pool: ThreadPoolExecutor | None = None
+        self._pool_pid = 0  # a forked child has none of its parent's pool threads: it makes its own
         self.seed = int(torch.randint(0, 2**62, (), dtype=torch.int64)) if seed is None else int(seed)
         self._generators: dict[str, torch.Generator] = {}
 
@@ -575,13 +598,15 @@ class TwoViewAugment:
         n, _, height, width = images.shape
         device = images.device
         g = self._generator(device)
-        params = [sample_view_params(n, height, width, self.views[0], g, device),
-                  sample_view_params(n, height, width, self.views[1], g, device)]
+        with _one_intra_op_thread(device):
+            params = [sample_view_params(n, height, width, self.views[0], g, device),
+                      sample_view_params(n, height, width, self.views[1], g, device)]
+            if self.local_view is not None:
+                params += [sample_view_params(n, height, width, self.local_view, g, device)
+                           for _ in range(self.local_crops)]
         configs = list(self.views)
         outs = [torch.empty(2 * n, 3, self.size, self.size, dtype=torch.float32, device=device)]
         if self.local_view is not None:
-            params += [sample_view_params(n, height, width, self.local_view, g, device)
-                       for _ in range(self.local_crops)]
             configs += [self.local_view] * self.local_crops
             outs.append(torch.empty(self.local_crops * n, 3, self.local_size, self.local_size,
                                     dtype=torch.float32, device=device))
@@ -652,8 +677,9 @@ class TwoViewAugment:
             for job in jobs:
                 augment_views_into(*job)
         else:
-            if self._pool is None or self._pool._max_workers < parts:  # type: ignore[attr-defined]
+            if self._pool is None or self._pool._max_workers < parts or self._pool_pid != os.getpid():  # type: ignore[attr-defined]
                 self._pool = ThreadPoolExecutor(parts, thread_name_prefix="selfsup-augment")
+                self._pool_pid = os.getpid()
             list(self._pool.map(lambda job: augment_views_into(*job), jobs))
 
     def __getstate__(self) -> dict[str, object]:  # the thread pool does not pickle (Ray ships augmenters)
