@@ -216,11 +216,11 @@ def test_interrupted_ingest_leaves_no_valid_dataset(image_folder: Path, tmp_path
     calls = {"n": 0}
     real_check = ingest_mod._check_image
 
-    def check_then_interrupt(data: bytes):  # Ctrl-C after 30 images
+    def check_then_interrupt(data: bytes, max_pixels: int | None):  # Ctrl-C after 30 images
         calls["n"] += 1
         if calls["n"] > 30:
             raise KeyboardInterrupt
-        return real_check(data)
+        return real_check(data, max_pixels)
 
     monkeypatch.setattr(ingest_mod, "_check_image", check_then_interrupt)
     monkeypatch.setattr(ingest_mod, "ROW_GROUP_ROWS", 10)  # so shards were already being written
@@ -241,7 +241,7 @@ def test_interrupted_ingest_leaves_no_valid_dataset(image_folder: Path, tmp_path
         return real_replace(a, b)
 
     monkeypatch.setattr(ingest_mod.os, "replace", replace_then_fail)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(DataError, match="disk full"):  # an OSError, told as a user error
         ingest(str(image_folder), out, overwrite=True, progress=False)
     monkeypatch.setattr(ingest_mod.os, "replace", real_replace)
     assert not (out / "manifest.json").exists() and not list(out.glob(".tmp-*"))
