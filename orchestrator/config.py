@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from orchestrator.errors import UserError
+from pipelines.images import DEFAULT_MAX_IMAGE_PIXELS
 
 METHOD_NAMES = ("simclr", "moco", "byol")
 ENCODER_NAMES = ("convnet", "resnet18", "resnet50")
@@ -57,6 +58,9 @@ class DataConfig:
     # most a quarter of a node's object store, else stream.
     loader: str = "auto"
     limit: int | None = None  # use only the first N training images (tests, benchmarks)
+    # Refuse an image whose header declares more pixels, before decoding it (decompression bombs;
+    # pipelines.images), at every decode of the memory and stream loaders and the kNN probe.
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 
 
 @dataclass
@@ -399,6 +403,7 @@ def validate(cfg: Config, *, check_data: bool = True, check_gpu: bool = True) ->
     _positive("scaling.gpus_per_worker", s.gpus_per_worker)
     _positive("data.image_size", d.image_size)
     _positive("data.limit", d.limit)
+    _positive("data.max_image_pixels", d.max_image_pixels)
     if r.max_failures < -1:
         _fail("run.max_failures", r.max_failures, "must be >= 0, or -1 for unlimited")
     _positive("run.checkpoints_to_keep", r.checkpoints_to_keep)

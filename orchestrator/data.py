@@ -95,9 +95,9 @@ def decode_knn(cfg: Config, *, threads: int = 1) -> dict[str, Any]:
     d, e = cfg.data, cfg.eval
     return {
         "bank": decode_split(d.path, d.train_split, image_size=d.image_size, limit=e.knn_train_limit,
-                             stratified=True, threads=threads),
+                             stratified=True, threads=threads, max_pixels=d.max_image_pixels),
         "test": decode_split(d.path, d.test_split, image_size=d.image_size, limit=e.knn_test_limit,
-                             stratified=True, threads=threads),
+                             stratified=True, threads=threads, max_pixels=d.max_image_pixels),
     }
 
 
@@ -113,7 +113,8 @@ def decode_all(cfg: Config, *, threads: int | None = None) -> dict[str, Any]:
 
     d = cfg.data
     threads = threads or max(1, os.cpu_count() or 1)
-    return {"train": decode_split(d.path, d.train_split, image_size=d.image_size, limit=d.limit, threads=threads),
+    return {"train": decode_split(d.path, d.train_split, image_size=d.image_size, limit=d.limit, threads=threads,
+                                  max_pixels=d.max_image_pixels),
             **decode_knn(cfg, threads=threads)}
 
 

@@ -263,7 +263,8 @@ def train_dataset(cfg: Config) -> Any:
 
     return read_split(cfg.data.path, cfg.data.train_split, image_size=cfg.data.image_size,
                       augment_on=cfg.resolved_augment_on(), preset=cfg.augment_preset(),  # type: ignore[arg-type]
-                      view_size=cfg.data.image_size, seed=None, limit=cfg.data.limit)
+                      view_size=cfg.data.image_size, seed=None, limit=cfg.data.limit,
+                      max_pixels=cfg.data.max_image_pixels)
 
 
 def train_rows(cfg: Config) -> int:

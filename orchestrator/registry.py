@@ -29,6 +29,7 @@ import pandas as pd
 from orchestrator.errors import UserError
 
 from orchestrator.tracking import resolve_tracking_uri
+from pipelines.images import DEFAULT_MAX_IMAGE_PIXELS
 
 CHAMPION = "champion"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -306,11 +307,11 @@ def _iter_source(source: Path, batch_size: int):
     if (source / "manifest.json").exists():
         import pyarrow.parquet as pq
 
-        from pipelines.manifest import read_manifest
+        from pipelines.manifest import read_manifest, split_files
 
-        for split, entry in read_manifest(source).splits.items():
-            for f in entry.files:
-                pf = pq.ParquetFile(source / f)
+        for split in read_manifest(source).splits:
+            for f in split_files(source, split, allow_empty=True):  # names and sha256 checked
+                pf = pq.ParquetFile(f)
                 for batch in pf.iter_batches(batch_size=batch_size, columns=["image", "label", "path"]):
                     d = batch.to_pydict()
                     yield d["image"], d["label"], [f"{split}:{p}" for p in d["path"]]
@@ -322,21 +323,26 @@ def _iter_source(source: Path, batch_size: int):
                [str(p.relative_to(source)) for p in chunk])
 
 
-def _decode(images: list[bytes], size: tuple[int, int], paths: list[str]):
-    """uint8 bytes -> normalised float [B, 3, H, W] (the model input convention)."""
+def _decode(images: list[bytes], size: tuple[int, int], paths: list[str], max_pixels: int | None):
+    """uint8 bytes -> normalised float [B, 3, H, W] (the model input convention).
+
+    Each image's header is checked against `max_pixels` before it is decoded (the source may be any
+    folder of images: a decompression bomb is refused, not decoded), and each is resized right
+    after its own decode.
+    """
     import torch
     import torch.nn.functional as F
-    from torchvision.io import ImageReadMode, decode_image
 
     from pipelines.augment import MEAN, STD
+    from pipelines.errors import DataError
+    from pipelines.images import decode_rgb
 
     out = []
     for data, path in zip(images, paths):
         try:
-            img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
-                               mode=ImageReadMode.RGB)
-        except RuntimeError as e:
-            raise UserError(f"{path}: cannot decode image ({e})") from None
+            img = decode_rgb(bytearray(data), max_pixels=max_pixels, setting="--max-image-pixels")
+        except DataError as e:
+            raise UserError(f"{path}: {e}") from None
         x = img.float().div_(255.0).unsqueeze(0)
         if tuple(x.shape[-2:]) != size:
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
@@ -348,7 +354,7 @@ def _decode(images: list[bytes], size: tuple[int, int], paths: list[str]):
 
 
 def embed(model_ref: str, source: str | Path, out: str | Path, *, tracking_uri: str | None = None,
-          batch_size: int = 256) -> int:
+          batch_size: int = 256, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> int:
     """Write embeddings of every image in `source` to the Parquet file `out`.
 
     Args:
@@ -358,6 +364,7 @@ def embed(model_ref: str, source: str | Path, out: str | Path, *, tracking_uri: 
         out: Parquet file with columns `path`, `label`, `embedding` (list<float32>).
         tracking_uri: see `resolve_tracking_uri`.
         batch_size: images per forward pass.
+        max_pixels: refuse an image whose header declares more pixels, before decoding it.
 
     Returns:
         The number of rows written.
@@ -394,7 +401,7 @@ def embed(model_ref: str, source: str | Path, out: str | Path, *, tracking_uri: 
     try:
         with torch.inference_mode():
             for images, labels, paths in _iter_source(src, batch_size):
-                feats = model(_decode(images, size, paths)).reshape(len(images), -1).float().numpy()
+                feats = model(_decode(images, size, paths, max_pixels)).reshape(len(images), -1).float().numpy()
                 dim = feats.shape[1]
                 table = pa.table({
                     "path": pa.array(paths, pa.string()),
@@ -445,7 +452,8 @@ def main(args: argparse.Namespace) -> int:
     """`selfsup registry {list,show,best,promote,embed}`; see `orchestrator.cli`."""
     cmd = args.registry_command
     if cmd == "embed":
-        n = embed(args.uri, args.source, args.out, tracking_uri=args.tracking_uri)
+        n = embed(args.uri, args.source, args.out, tracking_uri=args.tracking_uri,
+                  max_pixels=args.max_image_pixels)
         print(f"wrote {n} embeddings to {args.out}")
         return 0
     client = connect(args.tracking_uri)
