@@ -302,7 +302,7 @@ def _image_folder_items(source: Path) -> tuple[list[Path], list[int]]:
     return files, labels
 
 
-def _iter_source(source: Path, batch_size: int):
+def _iter_source(source: Path, batch_size: int, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS):
     """Yield (encoded image bytes list, labels, paths) batches from a shard or image folder."""
     if (source / "manifest.json").exists():
         import pyarrow.parquet as pq
@@ -319,8 +319,27 @@ def _iter_source(source: Path, batch_size: int):
     files, labels = _image_folder_items(source)
     for i in range(0, len(files), batch_size):
         chunk = files[i:i + batch_size]
-        yield ([p.read_bytes() for p in chunk], labels[i:i + batch_size],
+        yield ([_checked_file(p, source, max_pixels) for p in chunk], labels[i:i + batch_size],
                [str(p.relative_to(source)) for p in chunk])
+
+
+def _checked_file(path: Path, source: Path, max_pixels: int | None) -> bytes:
+    """An image file of a plain folder, made safe for torchvision as ingest makes it.
+
+    Not just the pixel limit: torchvision 0.29's PNG decoder crashes the process (SIGSEGV) on a
+    corrupt IDAT, so a file that has not been through ingest is first decoded with PIL (and an
+    animated, 16-bit, palette or CMYK image re-encoded to 8-bit), `pipelines.images.normalise`.
+    """
+    from pipelines.images import normalise
+
+    try:
+        return normalise(path.read_bytes(), max_pixels, "--max-image-pixels").data
+    except OSError as e:
+        if e.filename is not None or isinstance(e, FileNotFoundError):
+            raise UserError(f"{path.relative_to(source)}: cannot read ({e.strerror or e})") from None
+        raise UserError(f"{path.relative_to(source)}: corrupt image ({e})") from None
+    except Exception as e:  # PIL: UnidentifiedImageError, SyntaxError, ...; DataError: too many pixels
+        raise UserError(f"{path.relative_to(source)}: {e if isinstance(e, ValueError) else f'corrupt image ({e})'}") from None
 
 
 def _decode(images: list[bytes], size: tuple[int, int], paths: list[str], max_pixels: int | None):
@@ -377,7 +396,11 @@ def embed(model_ref: str, source: str | Path, out: str | Path, *, tracking_uri: 
     src = Path(source)
     if not src.is_dir():
         raise UserError(f"{source}: not a folder; embed takes an image folder or a shard folder")
-    if not (src / "manifest.json").exists() and not _image_folder_items(src)[0]:
+    if (src / "manifest.json").exists():
+        from pipelines.manifest import read_manifest
+
+        read_manifest(src)  # a bad manifest (shard names outside the folder) is told before any model loads
+    elif not _image_folder_items(src)[0]:
         raise UserError(f"{source}: no shard folder (manifest.json) and no "
                         f"{'/'.join(IMAGE_SUFFIXES)} images found")
     client = connect(tracking_uri)
@@ -400,7 +423,7 @@ def embed(model_ref: str, source: str | Path, out: str | Path, *, tracking_uri: 
     rows = 0
     try:
         with torch.inference_mode():
-            for images, labels, paths in _iter_source(src, batch_size):
+            for images, labels, paths in _iter_source(src, batch_size, max_pixels):
                 feats = model(_decode(images, size, paths, max_pixels)).reshape(len(images), -1).float().numpy()
                 dim = feats.shape[1]
                 table = pa.table({

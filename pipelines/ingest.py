@@ -116,15 +116,22 @@ def ingest(source: str, out: str | Path, *, test_fraction: float = 0.2, seed: in
         raise DataError(f"--test-fraction {test_fraction} is out of range; allowed: 0 <= f < 1")
     if max_image_pixels is not None and max_image_pixels <= 0:
         raise DataError(f"--max-image-pixels {max_image_pixels} is out of range; allowed: > 0")
+    created_out = not out.exists()
     try:
-        _check_out(out, overwrite)
-        src = _open_source(source, out, seed=seed, image_column=image_column, label_column=label_column,
-                           cache_dir=cache_dir)
-        if not src.labels:
-            raise DataError(f"no images found in {source}")
-        splits, split_from = _assign_splits(src, test_fraction, seed)
-        return _write_dataset(src, splits, out, split_from=split_from, test_fraction=test_fraction,
-                              seed=seed, progress=progress, max_image_pixels=max_image_pixels)
+        try:
+            _check_out(out, overwrite)
+            out.mkdir(parents=True, exist_ok=True)  # first: an unwritable OUT fails before a long read
+            src = _open_source(source, out, seed=seed, image_column=image_column, label_column=label_column,
+                               cache_dir=cache_dir)
+            if not src.labels:
+                raise DataError(f"no images found in {source}")
+            splits, split_from = _assign_splits(src, test_fraction, seed)
+            return _write_dataset(src, splits, out, split_from=split_from, test_fraction=test_fraction,
+                                  seed=seed, progress=progress, max_image_pixels=max_image_pixels)
+        except BaseException:
+            if created_out and out.is_dir() and not any(out.iterdir()):
+                out.rmdir()  # the folder this call made, left empty: nothing is left behind
+            raise
     except OSError as e:
         # Permission denied, no such folder, disk full, a read-only OUT (`/proc/x`): the user's to
         # fix, so one line naming the path, not a traceback. (Nothing half-written is left.)
@@ -482,8 +489,6 @@ def _write_dataset(src: _Source, splits: list[str], out: Path, *, split_from: st
                    test_fraction: float, seed: int, progress: bool, max_image_pixels: int | None) -> Manifest:
     from tqdm import tqdm
 
-    created_out = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
     counts = Counter(splits)
     metadata = {b"classes": json.dumps(src.classes).encode(), b"source": src.description.encode()}
     writers = {s: _ShardWriter(out, s, _rows_per_shard(counts[s]), metadata) for s in ("train", "test")}
@@ -548,8 +553,6 @@ def _write_dataset(src: _Source, splits: list[str], out: Path, *, split_from: st
             temps += w.files
         for p in set(temps):
             p.unlink(missing_ok=True)
-        if created_out and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
         raise
 
 
