@@ -1,9 +1,14 @@
 """`manifest.json`: what a shard folder holds (DESIGN.md, "Data: shards and manifest").
 
 A dataset on disk is a folder of Parquet shards (`train-00000-of-00003.parquet`, ...) with the
-columns `image` (encoded bytes as they came), `label` (int, -1 when unlabeled) and `path` (where the
-image came from), plus this manifest. Ingest writes the manifest last, so a folder without one is
-never a dataset.
+columns `image` (encoded bytes as they came, or re-encoded once where training's decoder would not
+read them as one 8-bit RGB frame: `pipelines.images`), `label` (int, -1 when unlabeled) and `path`
+(where the image came from), plus this manifest. Ingest writes the manifest last, so a folder
+without one is never a dataset.
+
+Trust: a manifest names its shards; a name that leaves the folder (absolute, `..`) is refused, and
+each shard's sha256 (`checksums`) is checked before it is read (`split_files`, the one place shards
+are located for reading).
 """
 
 from __future__ import annotations
