@@ -330,16 +330,19 @@ def _checked_file(path: Path, source: Path, max_pixels: int | None) -> bytes:
     corrupt IDAT, so a file that has not been through ingest is first decoded with PIL (and an
     animated, 16-bit, palette or CMYK image re-encoded to 8-bit), `pipelines.images.normalise`.
     """
-    from pipelines.images import normalise
+    from pipelines.images import TooManyPixels, normalise
 
+    rel = path.relative_to(source)
     try:
-        return normalise(path.read_bytes(), max_pixels, "--max-image-pixels").data
+        data = path.read_bytes()
     except OSError as e:
-        if e.filename is not None or isinstance(e, FileNotFoundError):
-            raise UserError(f"{path.relative_to(source)}: cannot read ({e.strerror or e})") from None
-        raise UserError(f"{path.relative_to(source)}: corrupt image ({e})") from None
-    except Exception as e:  # PIL: UnidentifiedImageError, SyntaxError, ...; DataError: too many pixels
-        raise UserError(f"{path.relative_to(source)}: {e if isinstance(e, ValueError) else f'corrupt image ({e})'}") from None
+        raise UserError(f"{rel}: cannot read ({e.strerror or e})") from None
+    try:
+        return normalise(data, max_pixels, "--max-image-pixels").data
+    except TooManyPixels as e:
+        raise UserError(f"{rel}: {e}") from None
+    except Exception as e:  # PIL: UnidentifiedImageError, OSError (truncated), SyntaxError, ...
+        raise UserError(f"{rel}: cannot decode image ({e})") from None
 
 
 def _decode(images: list[bytes], size: tuple[int, int], paths: list[str], max_pixels: int | None):

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import io
 import json
-import struct
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +20,7 @@ from pipelines.images import DEFAULT_MAX_IMAGE_PIXELS, TooManyPixels, decode_rgb
 from pipelines.ingest import ingest
 from pipelines.manifest import read_manifest, split_files
 from pipelines.stream import decode_images, load_split
+from tests.image_files import bomb_png
 
 
 def _photo(seed: int, size: tuple[int, int] = (24, 32)) -> Image.Image:
@@ -77,27 +76,10 @@ def test_awkward_images_are_normalised_at_ingest_and_decode_into_one_batch(tmp_p
     assert labels.tolist() == [-1] * 6
 
 
-def _bomb_png(width: int, height: int, idat: bytes | None = None) -> bytes:
-    """A real 8-bit grey PNG of width x height zeros: a few hundred KB that decode to width*height bytes.
-
-    `idat` replaces the compressed pixels (e.g. with garbage: then any decode attempt fails)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    if idat is None:
-        z = zlib.compressobj(9)
-        row = b"\x00" * (width + 1)  # filter byte + pixels
-        parts = [z.compress(row * 500) for _ in range(height // 500)]
-        parts += [z.compress(row * (height % 500)), z.flush()]
-        idat = b"".join(parts)
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
-
-
 def test_pixel_limit_refuses_before_decoding(tmp_path: Path) -> None:
     # Garbage where the pixels should be: a decode would fail with a decode error; the limit
     # refuses the image first, from its header.
-    fake = _bomb_png(300, 200, idat=b"not deflate data")
+    fake = bomb_png(300, 200, idat=b"not deflate data")
     assert header_size(fake) == (200, 300)
     with pytest.raises(TooManyPixels, match="300x200 = 60,000 pixels, more than data.max_image_pixels = 50,000"):
         decode_rgb(fake, max_pixels=50_000)
@@ -122,7 +104,7 @@ def test_pixel_limit_refuses_before_decoding(tmp_path: Path) -> None:
 
 def test_a_real_9500_squared_png_is_refused_from_its_header(tmp_path: Path) -> None:
     """PIL only warns at 90M pixels; this 0.1 MB file would take ~90 MB (grey) to decode."""
-    bomb = _bomb_png(9500, 9500)
+    bomb = bomb_png(9500, 9500)
     assert len(bomb) < 200_000
     with pytest.warns(Image.DecompressionBombWarning):  # PIL's only reaction below 179M pixels
         assert Image.open(io.BytesIO(bomb)).size == (9500, 9500)  # a valid PNG header
