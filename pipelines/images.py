@@ -23,9 +23,11 @@ no decoding) and an image over `max_pixels` is refused before any pixel is decod
 
 from __future__ import annotations
 
+import contextlib
 import io
 import struct
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -218,35 +220,104 @@ def decode_rgb(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
     """Decode one stored image into uint8 RGB `[3, H, W]`, refusing it first if it has too many pixels.
 
     With `image_size`, an image of another size is resized (shorter side, antialiased) and
-    centre-cropped to `image_size` x `image_size` right after its own decode, so a batch never holds
-    several full-size decodes at once.
+    centre-cropped to `image_size` x `image_size` right after its decode.
 
     Raises:
         TooManyPixels: the header declares more than `max_pixels` (`setting` names the knob).
         DataError: the bytes do not decode to one 8-bit image.
     """
+    check_pixels(header_size(data), max_pixels, setting)
+    with _quiet_decoders():
+        img = _decode(data)
+    if image_size is not None and tuple(img.shape[-2:]) != (image_size, image_size):
+        img = resize_crop(img[None], image_size)[0]
+    return img
+
+
+def decode_batch(images: list[bytes], image_size: int | None = None, *,
+                 max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, paths: list[str] | None = None,
+                 setting: str = "data.max_image_pixels") -> torch.Tensor:
+    """Decode a batch into uint8 RGB `[N, 3, S, S]` (`decode_rgb` for each, with the same checks).
+
+    Every header is checked against `max_pixels` before anything is decoded. Images already of the
+    final size are decoded together (JPEGs in one `decode_jpeg` call: decoding 5,000 CIFAR-10 JPEGs
+    one by one took 1.25 s against 0.44 s batched, 1 thread on the shared 2-core machine); an image that needs resizing is resized right after
+    its own decode, so the batch never holds several full-size decodes.
+
+    Raises:
+        TooManyPixels / DataError: as `decode_rgb`, the message starting with the image's `paths`
+            entry; or images of different sizes and no `image_size`.
+    """
+    def where(i: int) -> str:
+        return paths[i] if paths is not None else f"image {i} of the batch"
+
+    sizes = []
+    for i, data in enumerate(images):
+        try:
+            size = header_size(data)
+            check_pixels(size, max_pixels, setting)
+        except DataError as e:
+            raise type(e)(f"{where(i)}: {e}") from None
+        sizes.append(size)
+    if image_size is None and len(set(sizes)) > 1:
+        raise DataError(f"images have different sizes ({', '.join(f'{h}x{w}' for h, w in sorted(set(sizes))[:3])}, ...); "
+                        "set an image size (data.image_size) to resize them to")
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    final = (image_size, image_size) if image_size is not None else (sizes[0] if sizes else (0, 0))
+    decoded: list[torch.Tensor | None] = [None] * len(images)
+    with _quiet_decoders():
+        jpegs = [i for i, data in enumerate(images) if sizes[i] == final and bytes(data[:2]) == b"\xff\xd8"]
+        if jpegs:
+            try:
+                batch = decode_jpeg([torch.frombuffer(images[i], dtype=torch.uint8) for i in jpegs], mode=ImageReadMode.RGB)
+                for i, img in zip(jpegs, batch):
+                    decoded[i] = img
+            except RuntimeError:
+                pass  # one bad JPEG fails the whole call: decode one by one below, to name it
+        for i, data in enumerate(images):
+            if decoded[i] is None:
+                try:
+                    img = _decode(data)
+                except DataError as e:
+                    raise DataError(f"{where(i)}: {e}") from None
+                if tuple(img.shape[-2:]) != final:
+                    if image_size is None:
+                        raise DataError(f"{where(i)}: decodes to {tuple(img.shape)}, not the {final} its header says")
+                    img = resize_crop(img[None], image_size)[0]
+                decoded[i] = img
+    if not images:
+        return torch.empty(0, 3, image_size or 0, image_size or 0, dtype=torch.uint8)
+    return torch.stack(decoded)  # type: ignore[arg-type]
+
+
+@contextlib.contextmanager
+def _quiet_decoders() -> Iterator[None]:
+    """torchvision 0.29 marks its decoders deprecated in favour of TorchCodec; they still are the
+    decoders this design asks for. Arrow's buffers are read-only: torch warns. Both are noise here."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        yield
+
+
+def _decode(data: bytes) -> torch.Tensor:
+    """torchvision decode of one image to uint8 `[3, H, W]` (callers silence its warnings)."""
     import torch
     from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
-    check_pixels(header_size(data), max_pixels, setting)
-    with warnings.catch_warnings():
-        # torchvision 0.29 marks its decoders deprecated in favour of TorchCodec; they still are
-        # the decoders this design asks for. Arrow's buffers are read-only: torch warns.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        warnings.simplefilter("ignore", UserWarning)
-        t = torch.frombuffer(data, dtype=torch.uint8)
-        try:
-            img = decode_jpeg(t, mode=ImageReadMode.RGB) if bytes(data[:2]) == b"\xff\xd8" \
-                else decode_image(t, mode=ImageReadMode.RGB)
-        except RuntimeError as e:
-            raise DataError(f"cannot decode image ({str(e).strip().splitlines()[0]})") from None
+    t = torch.frombuffer(data, dtype=torch.uint8)
+    try:
+        img = decode_jpeg(t, mode=ImageReadMode.RGB) if bytes(data[:2]) == b"\xff\xd8" \
+            else decode_image(t, mode=ImageReadMode.RGB)
+    except RuntimeError as e:
+        raise DataError(f"cannot decode image ({str(e).strip().splitlines()[0]})") from None
     if img.ndim == 4:  # an animated GIF from a dataset ingested before normalisation: first frame
         img = img[0]
     if img.dtype != torch.uint8:
         raise DataError(f"decodes to {img.dtype}, not 8-bit; ingest the source again "
                         "(`selfsup ingest --overwrite` converts it)")
-    if image_size is not None and tuple(img.shape[-2:]) != (image_size, image_size):
-        img = resize_crop(img[None], image_size)[0]
     return img
 
 

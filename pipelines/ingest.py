@@ -43,7 +43,7 @@ from PIL import Image
 
 from pipelines import demo
 from pipelines.errors import DataError
-from pipelines.images import DEFAULT_MAX_IMAGE_PIXELS, TORCHVISION_FORMATS, TooManyPixels, normalise
+from pipelines.images import DEFAULT_MAX_IMAGE_PIXELS, TooManyPixels, normalise
 from pipelines.manifest import MANIFEST, Manifest, Split, file_sha256, write_manifest
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".ppm", ".pgm"}

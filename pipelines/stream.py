@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pipelines.errors import DataError
-from pipelines.images import DEFAULT_MAX_IMAGE_PIXELS, decode_rgb
+from pipelines.images import DEFAULT_MAX_IMAGE_PIXELS, decode_batch
 from pipelines.manifest import read_manifest, split_files
 
 if TYPE_CHECKING:
@@ -63,28 +63,19 @@ def default_augment_on(device: torch.device | str) -> AugmentOn:
 def decode_images(images: Sequence[bytes], image_size: int | None = None, *,
                   max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
                   paths: Sequence[str] | None = None) -> torch.Tensor:
-    """Decode encoded images into one uint8 RGB batch `[N, 3, H, W]` (`pipelines.images.decode_rgb`).
+    """Decode encoded images into one uint8 RGB batch `[N, 3, H, W]` (`pipelines.images.decode_batch`).
 
-    Each image's header is checked against `max_pixels` before it is decoded, and each is resized
-    (shorter side, antialiased) and centre-cropped to `image_size` right after its own decode, so
-    the batch never holds more than one full-size decode. Grayscale becomes 3 channels.
+    Each image's header is checked against `max_pixels` before anything is decoded. When
+    `image_size` is given, images of another size are resized (shorter side, antialiased) and
+    centre-cropped to `image_size` x `image_size`, each right after its own decode. Grayscale
+    becomes 3 channels.
 
     Raises:
         DataError: an image over `max_pixels` or one that does not decode (naming its `paths` entry),
             or images of different sizes and no `image_size` to bring them to.
     """
-    decoded = []
-    for i, data in enumerate(images):
-        try:
-            decoded.append(decode_rgb(data, max_pixels=max_pixels, image_size=image_size))
-        except DataError as e:
-            where = paths[i] if paths is not None else f"image {i} of the batch"
-            raise type(e)(f"{where}: {e}") from None
-    sizes = {tuple(im.shape[-2:]) for im in decoded}
-    if len(sizes) > 1:
-        raise DataError(f"images have different sizes ({', '.join(f'{h}x{w}' for h, w in sorted(sizes)[:3])}, ...); "
-                        "set an image size (data.image_size) to resize them to")
-    return torch.stack(decoded) if decoded else torch.empty(0, 3, image_size or 0, image_size or 0, dtype=torch.uint8)
+    return decode_batch(list(images), image_size, max_pixels=max_pixels,
+                        paths=list(paths) if paths is not None else None)
 
 
 def _decode_batch(batch: dict[str, np.ndarray], image_size: int | None,
