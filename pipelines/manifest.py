@@ -100,7 +100,11 @@ def read_manifest(folder: str | Path) -> Manifest:
     if not path.is_file():
         raise DataError(f"no {MANIFEST} in {folder}; run `selfsup ingest SOURCE {folder}` first")
     try:
-        raw = json.loads(path.read_text())
+        text = path.read_text()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        raw = json.loads(text)
         splits = {name: Split(files=list(s["files"]), rows=int(s["rows"]))
                   for name, s in raw.pop("splits").items()}
         known = set(Manifest.__dataclass_fields__)
@@ -154,11 +158,14 @@ def verify_shard(folder: str | Path, name: str, manifest: Manifest) -> Path:
     expected = manifest.checksums.get(name)
     if expected is None:
         return path
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key in _VERIFIED:
-        return path
-    actual = file_sha256(path)
+    try:
+        st = path.stat()
+        key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+        if key in _VERIFIED:
+            return path
+        actual = file_sha256(path)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
     if actual != expected:
         raise DataError(f"{path}: sha256 {actual[:16]}... does not match {expected[:16]}... recorded in "
                         f"{Path(folder) / MANIFEST}: the shard changed after ingest; run "
