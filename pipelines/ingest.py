@@ -137,6 +137,8 @@ def ingest(source: str, out: str | Path, *, test_fraction: float = 0.2, seed: in
         # fix, so one line naming the path, not a traceback. (Nothing half-written is left.)
         where = e.filename or out
         raise DataError(f"cannot read or write {where}: {e.strerror or e}") from None
+    except pa.ArrowException as e:  # a Parquet source that is not Parquet, or is damaged
+        raise DataError(f"SOURCE {source}: not readable as Parquet ({str(e).strip().splitlines()[0]})") from None
 
 
 # ---------------------------------------------------------------------------------------------

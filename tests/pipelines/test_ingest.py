@@ -151,7 +151,7 @@ def test_corrupt_and_truncated_images_are_skipped_and_listed(image_folder: Path,
     assert all(r.startswith("corrupt image") for r in skipped.values())
 
 
-@pytest.mark.parametrize("case", ["missing", "empty", "exists", "network", "bad-fraction"])
+@pytest.mark.parametrize("case", ["missing", "empty", "exists", "network", "bad-fraction", "not-parquet"])
 def test_errors_are_one_line_exit_2_and_write_nothing(case: str, tmp_path: Path, image_folder: Path,
                                                       capsys: pytest.CaptureFixture,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
@@ -160,10 +160,13 @@ def test_errors_are_one_line_exit_2_and_write_nothing(case: str, tmp_path: Path,
             "empty": [str(tmp_path / "empty"), str(out)],
             "exists": [str(image_folder), str(out)],
             "network": ["cifar10", str(out)],
-            "bad-fraction": [str(image_folder), str(out), "--test-fraction", "1.5"]}[case]
+            "bad-fraction": [str(image_folder), str(out), "--test-fraction", "1.5"],
+            "not-parquet": [str(tmp_path / "pq"), str(out)]}[case]
     named = {"missing": str(tmp_path / "nowhere"), "empty": str(tmp_path / "empty"), "exists": str(out),
-             "network": "network is unreachable", "bad-fraction": "1.5"}[case]
+             "network": "network is unreachable", "bad-fraction": "1.5", "not-parquet": "not readable as Parquet"}[case]
     (tmp_path / "empty" / "cat").mkdir(parents=True)
+    (tmp_path / "pq").mkdir()
+    (tmp_path / "pq" / "data.parquet").write_bytes(b"not parquet at all")
     monkeypatch.setenv("SELFSUP_CACHE", str(tmp_path / "cache"))
     if case == "exists":
         ingest(str(image_folder), out, progress=False)
