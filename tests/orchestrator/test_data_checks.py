@@ -98,3 +98,25 @@ def test_fewer_images_than_one_global_batch_is_one_line_before_ray(loose: Path, 
     # Nothing started, nothing written: no Ray session, no run folder, no MLflow store.
     assert not ray.is_initialized() and not any((tmp_path / "ray").iterdir())
     assert not (tmp_path / "runs").exists() and not (tmp_path / "m.db").exists()
+
+
+def test_knn_leaves_out_loose_images_of_a_mixed_folder() -> None:
+    """An ImageFolder with class folders and loose images: the loose ones (label -1) are in the
+    bank and queries as decoded, and the probe drops them instead of indexing class -1."""
+    import torch
+
+    from methods.encoders import build_encoder
+    from orchestrator.config import Config
+    from orchestrator.train_loop import KnnProbe
+    from pipelines.memory import DecodedSplit
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (12, 3, 16, 16), dtype=np.uint8)
+    labels = np.array([0, 1, -1] * 4, dtype=np.int64)
+    split = DecodedSplit(images, labels)
+    cfg = Config()
+    cfg.eval.knn_k = 3
+    probe = KnnProbe(cfg, torch.device("cpu"), {"bank": split, "test": split})
+    assert probe.bank_y.tolist() == [0, 1] * 4 and probe.test_x.shape == (8, 3, 16, 16)
+    result = probe(build_encoder("convnet"))
+    assert 0.0 <= result["knn_top1"] <= 1.0
