@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 from orchestrator.errors import UserError
 from pipelines.errors import DataError
+from pipelines.images import DEFAULT_MAX_IMAGE_PIXELS
 
 USER_ERRORS: tuple[type[BaseException], ...] = (UserError, DataError)
 DEBUG_ENV = "SELFSUP_DEBUG"
@@ -28,7 +29,7 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
 
     ingest(args.source, args.out, test_fraction=args.test_fraction, seed=args.seed,
            overwrite=args.overwrite, progress=not args.quiet, image_column=args.image_column,
-           label_column=args.label_column)
+           label_column=args.label_column, max_image_pixels=args.max_image_pixels)
     return 0
 
 
@@ -64,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     ing.add_argument("--quiet", action="store_true", help="no progress bar")
     ing.add_argument("--image-column", default=None, help="Parquet sources: the column with the image bytes (default: image)")
     ing.add_argument("--label-column", default=None, help="Parquet sources: the column with the labels (default: label)")
+    ing.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS, metavar="N",
+                     help="skip images whose header declares more than N pixels, before decoding them "
+                          f"(decompression bombs; default {DEFAULT_MAX_IMAGE_PIXELS:,})")
     ing.set_defaults(func=_cmd_ingest)
 
     for name, func, what in (("pretrain", _cmd_pretrain, "pretrain one encoder on Ray Train"),
@@ -96,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     emb.add_argument("uri", help="models:/NAME@ALIAS, models:/NAME/VERSION, or NAME@ALIAS")
     emb.add_argument("source", help="an image folder or a shard folder")
     emb.add_argument("out", help="output Parquet file")
+    emb.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS, metavar="N",
+                     help=f"refuse images over N pixels before decoding them (default {DEFAULT_MAX_IMAGE_PIXELS:,})")
     # --tracking-uri also after the command (`selfsup registry list --tracking-uri URI`). SUPPRESS:
     # a subcommand default would overwrite the value given before the command.
     for sp in (lst, show, best, prom, emb):

@@ -27,6 +27,7 @@ from methods import METHODS
 from methods.encoders import ENCODERS
 from orchestrator.errors import UserError
 from pipelines.augment import PRESETS, local_crop_size
+from pipelines.images import DEFAULT_MAX_IMAGE_PIXELS
 
 METHOD_NAMES = tuple(METHODS)
 ENCODER_NAMES = ENCODERS
@@ -75,6 +76,9 @@ class DataConfig:
     # most a quarter of a node's object store, else stream.
     loader: str = "auto"
     limit: int | None = None  # use only the first N training images (tests, benchmarks)
+    # Refuse an image whose header declares more pixels, before decoding it (decompression bombs;
+    # pipelines.images), at every decode of the memory and stream loaders and the kNN probe.
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 
 
 @dataclass
@@ -478,6 +482,7 @@ def validate(cfg: Config, *, check_data: bool = True, check_gpu: bool = True) ->
               f"worker's batch take {views_gib:.0f} GiB; at most {MAX_VIEWS_GIB} GiB (use more workers, a smaller "
               "batch or smaller images)")
     _positive("data.limit", d.limit)
+    _positive("data.max_image_pixels", d.max_image_pixels)
     if r.max_failures < -1:
         _fail("run.max_failures", r.max_failures, "must be >= 0, or -1 for unlimited")
     _positive("run.checkpoints_to_keep", r.checkpoints_to_keep)
@@ -528,11 +533,14 @@ def check_data_folder(cfg: Config) -> None:
         _fail("data.path", d.path, f"{where}; create it with `selfsup ingest SOURCE {d.path}`, "
               "or set data.source to ingest it automatically")
     try:
-        splits = json.loads(manifest.read_text()).get("splits", {})
+        raw = json.loads(manifest.read_text())
+        splits, classes = raw.get("splits", {}), raw.get("classes")
     except (OSError, ValueError, AttributeError) as e:
         raise ConfigError(f"data.path = {d.path!r}: unreadable manifest.json ({e})") from None
     for key in ("train_split", "test_split"):
         split = getattr(d, key)
+        if key == "test_split" and not classes:
+            continue  # no labels: nothing evaluates on a test split (orchestrator.data.check_data)
         if split not in splits:
             _fail(f"data.{key}", split, f"{manifest} has splits: {', '.join(sorted(splits)) or 'none'}")
 

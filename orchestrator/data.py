@@ -41,6 +41,85 @@ class DecodedData:
         return {"key": list(self.key), "ref": self.ref, "train_rows": self.train_rows}
 
 
+@dataclass
+class DataCheck:
+    """What `check_data` found out about a run's dataset before Ray starts.
+
+    `label_metrics`: whether label-based evaluation (the kNN probe; a linear probe) runs. False for
+    a dataset without classes (loose images, Parquet without labels): it still pretrains and its
+    encoder is registered, without those metrics; `label_note` says why, for the log and MLflow.
+    """
+
+    train_rows: int  # after data.limit
+    label_metrics: bool
+    label_note: str = ""
+
+
+LABEL_METRICS_TAG = "selfsup.label_metrics"
+
+
+def check_data(cfg: Config, *, need_labels: str | None = None) -> DataCheck:
+    """Everything about the dataset that would otherwise fail a run after Ray started, checked here.
+
+    - the manifest is valid and its shard names stay inside the folder; the shards of the splits the
+      run reads match their sha256 (`pipelines.manifest.split_files`);
+    - no image ingest kept is over `data.max_image_pixels` (the manifest's `largest_image`; every
+      decode checks again, but inside Ray a failure would cost `run.max_failures` restarts);
+    - the train split has at least one global batch (`optim.batch_size`) of rows after `data.limit`
+      (fewer would make every epoch 0 steps and register an untrained encoder);
+    - a labelled dataset has test rows for the kNN probe. A dataset without labels needs no test
+      split (it may lack one or have 0 rows): label metrics are left out instead.
+
+    Args:
+        need_labels: refuse a dataset without labels, this text saying what needs them (a sweep
+            ranks its trials by kNN accuracy).
+
+    Raises:
+        ConfigError / DataError: one line naming the field or file.
+    """
+    from pipelines.manifest import MANIFEST, read_manifest, split_files
+
+    d, o = cfg.data, cfg.optim
+    manifest = read_manifest(d.path)
+    where = f"{d.path}/{MANIFEST}"
+    rows = manifest.rows(d.train_split)
+    if rows == 0:
+        raise ConfigError(f"data.train_split = {d.train_split!r}: {where} lists 0 rows for it; "
+                          "nothing to train on")
+    split_files(d.path, d.train_split)
+    if manifest.largest_image and manifest.largest_image[0] * manifest.largest_image[1] > d.max_image_pixels:
+        h, w = manifest.largest_image
+        raise ConfigError(f"data.max_image_pixels = {d.max_image_pixels}: {d.path} holds a {w}x{h} image "
+                          f"({h * w:,} pixels, ingested with --max-image-pixels {manifest.max_image_pixels}); "
+                          "raise data.max_image_pixels, or ingest again with a lower --max-image-pixels")
+    used = min(rows, d.limit) if d.limit is not None else rows
+    if used < o.batch_size:
+        limit = f" (data.limit = {d.limit})" if d.limit is not None and d.limit < rows else ""
+        raise ConfigError(f"optim.batch_size = {o.batch_size}: more than the {used} training images{limit} in "
+                          f"{d.path} ({rows} rows); every epoch would take 0 steps. Lower optim.batch_size "
+                          f"to at most {used}, or train on more images")
+    if not manifest.labeled:
+        if need_labels:
+            raise ConfigError(f"data.path = {d.path!r}: the dataset has no labels ({where} lists no classes), "
+                              f"and {need_labels}; pretrain it with `selfsup pretrain` instead")
+        return DataCheck(used, False, f"{d.path} has no labels ({MANIFEST} lists no classes): "
+                                      "label metrics (kNN) left out")
+    test_rows = manifest.rows(d.test_split)
+    if test_rows == 0:
+        raise ConfigError(f"data.test_split = {d.test_split!r}: {where} lists 0 rows for it, and the kNN probe of a "
+                          "labelled dataset needs test images; ingest again with --test-fraction > 0 "
+                          "(or a source with a test split)")
+    split_files(d.path, d.test_split)
+    return DataCheck(used, True)
+
+
+def label_metrics(cfg: Config) -> bool:
+    """Whether the run's dataset has labels, so that kNN (and any label-based probe) can run."""
+    from pipelines.manifest import read_manifest
+
+    return read_manifest(cfg.data.path).labeled
+
+
 def data_key(cfg: Config) -> tuple[Any, ...]:
     d, e = cfg.data, cfg.eval
     return (d.path, d.train_split, d.test_split, d.image_size, d.limit, e.knn_train_limit, e.knn_test_limit)
@@ -52,7 +131,8 @@ def needed_bytes(cfg: Config) -> int:
 
     d, e = cfg.data, cfg.eval
     rows = split_rows(d.path, d.train_split, d.limit)
-    rows += split_rows(d.path, d.train_split, e.knn_train_limit) + split_rows(d.path, d.test_split, e.knn_test_limit)
+    if label_metrics(cfg):
+        rows += split_rows(d.path, d.train_split, e.knn_train_limit) + split_rows(d.path, d.test_split, e.knn_test_limit)
     return decoded_bytes(rows, d.image_size)
 
 
@@ -95,9 +175,9 @@ def decode_knn(cfg: Config, *, threads: int = 1) -> dict[str, Any]:
     d, e = cfg.data, cfg.eval
     return {
         "bank": decode_split(d.path, d.train_split, image_size=d.image_size, limit=e.knn_train_limit,
-                             stratified=True, threads=threads),
+                             stratified=True, threads=threads, max_pixels=d.max_image_pixels),
         "test": decode_split(d.path, d.test_split, image_size=d.image_size, limit=e.knn_test_limit,
-                             stratified=True, threads=threads),
+                             stratified=True, threads=threads, max_pixels=d.max_image_pixels),
     }
 
 
@@ -105,7 +185,8 @@ def decode_all(cfg: Config, *, threads: int | None = None) -> dict[str, Any]:
     """The train split (first `data.limit` rows) and the kNN images (`decode_knn`), decoded here.
 
     Returns:
-        {"train", "bank", "test"}: `pipelines.memory.DecodedSplit` each.
+        {"train", "bank", "test"}: `pipelines.memory.DecodedSplit` each; only "train" for a
+        dataset without labels (no kNN).
     """
     import os
 
@@ -113,8 +194,9 @@ def decode_all(cfg: Config, *, threads: int | None = None) -> dict[str, Any]:
 
     d = cfg.data
     threads = threads or max(1, os.cpu_count() or 1)
-    return {"train": decode_split(d.path, d.train_split, image_size=d.image_size, limit=d.limit, threads=threads),
-            **decode_knn(cfg, threads=threads)}
+    train = decode_split(d.path, d.train_split, image_size=d.image_size, limit=d.limit, threads=threads,
+                         max_pixels=d.max_image_pixels)
+    return {"train": train, **(decode_knn(cfg, threads=threads) if label_metrics(cfg) else {})}
 
 
 def put_decoded(cfg: Config, *, threads: int | None = None) -> DecodedData:
@@ -138,4 +220,4 @@ def matches(data: DecodedData | None, cfg: Config) -> bool:
     return data is not None and tuple(data.key) == data_key(cfg)
 
 
-__all__ = ["DecodedData", "data_key", "decode_all", "decode_knn", "get_decoded", "matches", "needed_bytes", "put_decoded", "resolve_loader"]
+__all__ = ["DataCheck", "DecodedData", "check_data", "data_key", "label_metrics", "decode_all", "decode_knn", "get_decoded", "matches", "needed_bytes", "put_decoded", "resolve_loader"]

@@ -31,7 +31,7 @@ from typing import Any
 
 from orchestrator import tracking
 from orchestrator.config import Config, ConfigError, check_data_folder, config_name, load_config, to_yaml
-from orchestrator.data import DecodedData
+from orchestrator.data import LABEL_METRICS_TAG, DataCheck, DecodedData, check_data, label_metrics
 from orchestrator.errors import UserError
 
 RUN_RECORD = "selfsup-run.json"
@@ -268,7 +268,8 @@ def train_dataset(cfg: Config) -> Any:
 
     return read_split(cfg.data.path, cfg.data.train_split, image_size=cfg.data.image_size,
                       augment_on=cfg.resolved_augment_on(), preset=cfg.augment_preset(),  # type: ignore[arg-type]
-                      view_size=cfg.data.image_size, seed=None, limit=cfg.data.limit)
+                      view_size=cfg.data.image_size, seed=None, limit=cfg.data.limit,
+                      max_pixels=cfg.data.max_image_pixels)
 
 
 def train_rows(cfg: Config) -> int:
@@ -327,7 +328,8 @@ def build_trainer(cfg: Config, *, callbacks: list[Any] | None = None, mlflow_par
     storage = str(Path(cfg.run.storage_path).expanduser().resolve())
     worker_config = {**cfg.to_dict(), "_run_dir": str(Path(storage) / cfg.run.name),
                      "_train_rows": data.train_rows if data is not None else train_rows(cfg),
-                     "_fault_kill_at_epoch": _fault_epoch(), "_data": data.for_worker() if data is not None else None}
+                     "_fault_kill_at_epoch": _fault_epoch(), "_data": data.for_worker() if data is not None else None,
+                     "_label_metrics": label_metrics(cfg)}
     resources: dict[str, float] = {"CPU": cpus_per_worker(cfg)}
     if cfg.scaling.use_gpu:
         resources["GPU"] = cfg.scaling.gpus_per_worker
@@ -394,8 +396,9 @@ def epoch_line(m: dict[str, Any], total_epochs: int, epoch_times: list[float]) -
     epoch_times.append(float(m.get("epoch_seconds", 0.0)))
     eta = sum(epoch_times) / len(epoch_times) * (total_epochs - epoch)
     width = len(str(total_epochs))
-    parts = [f"epoch {epoch:{width}d}/{total_epochs}", f"loss {float(m.get('loss', math.nan)):.4f}",
-             f"kNN top-1 {_pct(m.get('knn_top1'))}"]
+    parts = [f"epoch {epoch:{width}d}/{total_epochs}", f"loss {float(m.get('loss', math.nan)):.4f}"]
+    if "knn_top1" in m:  # not for a dataset without labels
+        parts.append(f"kNN top-1 {_pct(m.get('knn_top1'))}")
     if "momentum" in m:
         parts.append(f"tau {float(m['momentum']):.4f}")
     parts += [f"lr {float(m.get('lr', 0)):.2e}", f"{float(m.get('views_per_second', 0)):,.0f} views/s",
@@ -487,6 +490,7 @@ def run_pretrain(cfg: Config, *, resume: bool = False, stem: str = "run", callba
     cfg = absolute_paths(cfg)
     paths = resolve_run(cfg, stem=stem, resume=resume)
     ensure_data(cfg, quiet=not progress)
+    checked = check_data(cfg)  # empty or too-small splits, checksums, labels: before Ray starts
     cfg = Config.from_dict({**cfg.to_dict(), "run": {**cfg.to_dict()["run"], "name": paths.name}})
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
     if resume:
@@ -511,6 +515,9 @@ def run_pretrain(cfg: Config, *, resume: bool = False, stem: str = "run", callba
             record = {"name": paths.name, "status": "running", "mlflow_run_id": run_id, "tracking_uri": uri,
                       "experiment": cfg.tracking.experiment, "config": cfg.to_dict()}
             write_record(paths, record)
+            tracking.client(uri).set_tag(run_id, LABEL_METRICS_TAG, checked.label_note or "on")
+        if checked.label_note:
+            log.info("%s", checked.label_note)
         cfg.tracking.uri = uri
         queue = None
         if progress:
@@ -519,7 +526,7 @@ def run_pretrain(cfg: Config, *, resume: bool = False, stem: str = "run", callba
             queue = Queue(actor_options={"num_cpus": 0})
             printer = _Printer(queue, cfg.optim.epochs)
             printer.start()
-            _print_header(cfg, paths, resume, decoded)
+            _print_header(cfg, paths, resume, decoded, checked)
         trainer = build_trainer(cfg, callbacks=callbacks, mlflow_run_id=run_id, progress=queue, data=decoded,
                                 curves=curves)
         mark("fit_start", run=paths.name, mlflow_imported="mlflow" in sys.modules)
@@ -554,7 +561,8 @@ def _decoded_for(cfg: Config, data: DecodedData | None) -> DecodedData | None:
     return data if matches(data, cfg) else put_decoded(cfg)
 
 
-def _print_header(cfg: Config, paths: RunPaths, resume: bool, decoded: DecodedData | None) -> None:
+def _print_header(cfg: Config, paths: RunPaths, resume: bool, decoded: DecodedData | None,
+                  checked: DataCheck | None = None) -> None:
     s = cfg.scaling
     where = f"{s.num_workers} worker{'s' if s.num_workers > 1 else ''} ({'GPU' if s.use_gpu else 'CPU'})"
     how = (f"decoded once into memory, {decoded.nbytes / 1e6:,.0f} MB" if decoded is not None
@@ -562,6 +570,8 @@ def _print_header(cfg: Config, paths: RunPaths, resume: bool, decoded: DecodedDa
     print(f"selfsup pretrain: {'resuming' if resume else 'run'} {paths.name}: {cfg.method.name}, "
           f"{cfg.model.encoder}, {where}, {cfg.optim.epochs} epochs, batch {cfg.optim.batch_size}, "
           f"data {cfg.data.path} ({train_rows(cfg):,} training images, {how})", flush=True)
+    if checked is not None and checked.label_note:
+        print(f"  {checked.label_note}", flush=True)
 
 
 def _finish(cfg: Config, paths: RunPaths, record: dict[str, Any], result: Any, uri: str, run_id: str,
@@ -603,8 +613,11 @@ def _finish(cfg: Config, paths: RunPaths, record: dict[str, Any], result: Any, u
         name = cfg.tracking.model_name or f"{dataset_name(cfg)}-encoder"
         mv = tracking.register_encoder(
             model.encoder, tracking_uri=uri, run_id=run_id, model_name=name, image_size=cfg.data.image_size,
-            tags={"method": cfg.method.name, "knn_top1": out.knn_top1, "knn_top1_untrained": out.knn_top1_untrained,
-                  "encoder": cfg.model.encoder, "run_name": paths.name, **protocol_tags(cfg)})
+            tags={"method": cfg.method.name, "encoder": cfg.model.encoder, "run_name": paths.name,
+                  **protocol_tags(cfg),
+                  # no labels: no kNN tags (a "None" tag would read as a metric)
+                  **({"knn_top1": out.knn_top1, "knn_top1_untrained": out.knn_top1_untrained}
+                     if out.knn_top1 is not None else {LABEL_METRICS_TAG: "off: no labels"})})
         out.model_name, out.model_version = name, str(mv.version)
         promotion = _promote(uri, name, out.model_version)
         out.champion, out.champion_note = promotion.moved, promotion.reason
@@ -642,7 +655,9 @@ def _print_summary(r: PretrainResult) -> None:
     gain = ""
     if r.knn_top1 is not None and r.knn_top1_untrained is not None:
         gain = f" (untrained encoder: {_pct(r.knn_top1_untrained).strip()})"
-    print(f"done in {_duration(r.wall_seconds)}: kNN top-1 {_pct(r.knn_top1).strip()}{gain} after {r.epochs} epochs")
+    knn = f"kNN top-1 {_pct(r.knn_top1).strip()}{gain}" if r.knn_top1 is not None else \
+        f"loss {r.loss:.4f} (no labels: no kNN)" if r.loss is not None else "no labels: no kNN"
+    print(f"done in {_duration(r.wall_seconds)}: {knn} after {r.epochs} epochs")
     print(f"  MLflow run:   {r.mlflow_run_id} (experiment {r.experiment!r}, run {r.run_name!r}) in {r.tracking_uri}")
     if r.tracking_uri.startswith("sqlite:"):
         print(f"                view it: mlflow ui --backend-store-uri {r.tracking_uri}")

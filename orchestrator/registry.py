@@ -33,6 +33,7 @@ import pandas as pd
 from orchestrator.errors import UserError
 
 from orchestrator.tracking import resolve_tracking_uri
+from pipelines.images import DEFAULT_MAX_IMAGE_PIXELS
 
 CHAMPION = "champion"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -459,16 +460,16 @@ def _image_folder_items(source: Path) -> tuple[list[Path], list[int]]:
     return files, labels
 
 
-def _iter_source(source: Path, batch_size: int):
+def _iter_source(source: Path, batch_size: int, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS):
     """Yield (encoded image bytes list, labels, paths) batches from a shard or image folder."""
     if (source / "manifest.json").exists():
         import pyarrow.parquet as pq
 
-        from pipelines.manifest import read_manifest
+        from pipelines.manifest import read_manifest, split_files
 
-        for split, entry in read_manifest(source).splits.items():
-            for f in entry.files:
-                pf = pq.ParquetFile(source / f)
+        for split in read_manifest(source).splits:
+            for f in split_files(source, split, allow_empty=True):  # names and sha256 checked
+                pf = pq.ParquetFile(f)
                 for batch in pf.iter_batches(batch_size=batch_size, columns=["image", "label", "path"]):
                     d = batch.to_pydict()
                     yield d["image"], d["label"], [f"{split}:{p}" for p in d["path"]]
@@ -476,25 +477,52 @@ def _iter_source(source: Path, batch_size: int):
     files, labels = _image_folder_items(source)
     for i in range(0, len(files), batch_size):
         chunk = files[i:i + batch_size]
-        yield ([p.read_bytes() for p in chunk], labels[i:i + batch_size],
+        yield ([_checked_file(p, source, max_pixels) for p in chunk], labels[i:i + batch_size],
                [str(p.relative_to(source)) for p in chunk])
 
 
-def _decode(images: list[bytes], size: tuple[int, int], paths: list[str]):
-    """uint8 bytes -> normalised float [B, 3, H, W] (the model input convention)."""
+def _checked_file(path: Path, source: Path, max_pixels: int | None) -> bytes:
+    """An image file of a plain folder, made safe for torchvision as ingest makes it.
+
+    Not just the pixel limit: torchvision 0.29's PNG decoder crashes the process (SIGSEGV) on a
+    corrupt IDAT, so a file that has not been through ingest is first decoded with PIL (and an
+    animated, 16-bit, palette or CMYK image re-encoded to 8-bit), `pipelines.images.normalise`.
+    """
+    from pipelines.images import TooManyPixels, normalise
+
+    rel = path.relative_to(source)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"{rel}: cannot read ({e.strerror or e})") from None
+    try:
+        return normalise(data, max_pixels, "--max-image-pixels").data
+    except TooManyPixels as e:
+        raise UserError(f"{rel}: {e}") from None
+    except Exception as e:  # PIL: UnidentifiedImageError, OSError (truncated), SyntaxError, ...
+        raise UserError(f"{rel}: cannot decode image ({e})") from None
+
+
+def _decode(images: list[bytes], size: tuple[int, int], paths: list[str], max_pixels: int | None):
+    """uint8 bytes -> normalised float [B, 3, H, W] (the model input convention).
+
+    Each image's header is checked against `max_pixels` before it is decoded (the source may be any
+    folder of images: a decompression bomb is refused, not decoded), and each is resized right
+    after its own decode.
+    """
     import torch
     import torch.nn.functional as F
-    from torchvision.io import ImageReadMode, decode_image
 
     from pipelines.augment import MEAN, STD
+    from pipelines.errors import DataError
+    from pipelines.images import decode_rgb
 
     out = []
     for data, path in zip(images, paths):
         try:
-            img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
-                               mode=ImageReadMode.RGB)
-        except RuntimeError as e:
-            raise UserError(f"{path}: cannot decode image ({e})") from None
+            img = decode_rgb(bytearray(data), max_pixels=max_pixels, setting="--max-image-pixels")
+        except DataError as e:
+            raise UserError(f"{path}: {e}") from None
         x = img.float().div_(255.0).unsqueeze(0)
         if tuple(x.shape[-2:]) != size:
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
@@ -506,7 +534,7 @@ def _decode(images: list[bytes], size: tuple[int, int], paths: list[str]):
 
 
 def embed(model_ref: str, source: str | Path, out: str | Path, *, tracking_uri: str | None = None,
-          batch_size: int = 256) -> int:
+          batch_size: int = 256, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> int:
     """Write embeddings of every image in `source` to the Parquet file `out`.
 
     Args:
@@ -516,6 +544,7 @@ def embed(model_ref: str, source: str | Path, out: str | Path, *, tracking_uri: 
         out: Parquet file with columns `path`, `label`, `embedding` (list<float32>).
         tracking_uri: see `resolve_tracking_uri`.
         batch_size: images per forward pass.
+        max_pixels: refuse an image whose header declares more pixels, before decoding it.
 
     Returns:
         The number of rows written.
@@ -527,7 +556,11 @@ def embed(model_ref: str, source: str | Path, out: str | Path, *, tracking_uri: 
     src = Path(source)
     if not src.is_dir():
         raise UserError(f"{source}: not a folder; embed takes an image folder or a shard folder")
-    if not (src / "manifest.json").exists() and not _image_folder_items(src)[0]:
+    if (src / "manifest.json").exists():
+        from pipelines.manifest import read_manifest
+
+        read_manifest(src)  # a bad manifest (shard names outside the folder) is told before any model loads
+    elif not _image_folder_items(src)[0]:
         raise UserError(f"{source}: no shard folder (manifest.json) and no "
                         f"{'/'.join(IMAGE_SUFFIXES)} images found")
     encoder = load_encoder(model_ref, tracking_uri=tracking_uri)
@@ -541,8 +574,8 @@ def embed(model_ref: str, source: str | Path, out: str | Path, *, tracking_uri: 
     rows = 0
     try:
         with torch.inference_mode():
-            for images, labels, paths in _iter_source(src, batch_size):
-                feats = model(_decode(images, size, paths)).reshape(len(images), -1).float().numpy()
+            for images, labels, paths in _iter_source(src, batch_size, max_pixels):
+                feats = model(_decode(images, size, paths, max_pixels)).reshape(len(images), -1).float().numpy()
                 dim = feats.shape[1]
                 table = pa.table({
                     "path": pa.array(paths, pa.string()),
@@ -593,7 +626,8 @@ def main(args: argparse.Namespace) -> int:
     """`selfsup registry {list,show,best,promote,embed}`; see `orchestrator.cli`."""
     cmd = args.registry_command
     if cmd == "embed":
-        n = embed(args.uri, args.source, args.out, tracking_uri=args.tracking_uri)
+        n = embed(args.uri, args.source, args.out, tracking_uri=args.tracking_uri,
+                  max_pixels=args.max_image_pixels)
         print(f"wrote {n} embeddings to {args.out}")
         return 0
     client = connect(args.tracking_uri)

@@ -857,6 +857,9 @@ def run_sweep(s: Sweep, *, resume: bool = False, verbose: bool = True) -> SweepR
         uri, parent = record["tracking_uri"], record["parent_run_id"]
     else:
         ensure_data(s.base, quiet=not verbose)
+        from orchestrator.data import check_data
+
+        check_data(s.base, need_labels=f"a sweep ranks its trials by {s.sweep.metric}")  # before Ray starts
         s = Sweep(base=_absolute(s), sweep=s.sweep, source=s.source, stem=s.stem)
         uri = str(s.base.tracking.uri)
     sw = s.sweep

@@ -44,7 +44,7 @@ from orchestrator.config import Config
 STATE_FILE = "state.pt"
 FAULT_MARKER = "fault-injected"
 # Keys the driver adds to the worker config next to `Config.to_dict()`.
-INTERNAL_KEYS = ("_run_dir", "_fault_kill_at_epoch", "_train_rows", "_data")
+INTERNAL_KEYS = ("_run_dir", "_fault_kill_at_epoch", "_train_rows", "_data", "_label_metrics")
 
 
 # --- model, optimiser, schedule -----------------------------------------------------------------
@@ -190,8 +190,8 @@ class KnnProbe:
 
         self.cfg, self.device = cfg, device
         knn = decoded if decoded is not None else decode_knn(cfg)
-        self.bank_x, self.bank_y = knn["bank"].tensors()
-        self.test_x, self.test_y = knn["test"].tensors()
+        self.bank_x, self.bank_y = _labelled(*knn["bank"].tensors())
+        self.test_x, self.test_y = _labelled(*knn["test"].tensors())
 
     @torch.no_grad()
     def features(self, encoder: nn.Module, images_uint8: torch.Tensor) -> torch.Tensor:
@@ -219,6 +219,18 @@ class KnnProbe:
         r = knn_accuracy(bank, self.bank_y, test, self.test_y, k=self.cfg.eval.knn_k,
                          temperature=self.cfg.eval.knn_t)
         return {"knn_top1": float(r["top1"]), "knn_top5": float(r["top5"])}
+
+
+def _labelled(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows with a label (an ImageFolder can mix class folders with loose images, label -1)."""
+    keep = labels >= 0
+    return (images, labels) if bool(keep.all()) else (images[keep], labels[keep])
+
+
+def label_metrics_on(config: dict[str, Any]) -> bool:
+    """Whether this run computes label-based metrics (kNN, a linear probe): the driver's
+    `orchestrator.data.check_data` turns them off for a dataset without labels."""
+    return bool(config.get("_label_metrics", True))
 
 
 # --- checkpoints --------------------------------------------------------------------------------
@@ -382,7 +394,7 @@ def train_func_per_worker(config: dict[str, Any]) -> None:
 
         decoded = get_decoded(config["_data"])
     batches = TrainBatches(cfg, decoded, device, rank, world)
-    probe = KnnProbe(cfg, device, decoded) if rank == 0 else None
+    probe = KnnProbe(cfg, device, decoded) if rank == 0 and label_metrics_on(config) else None
     untrained = metrics.get("knn_top1_untrained")
     if probe is not None and untrained is None:
         untrained = probe(module.encoder)["knn_top1"]

@@ -8,10 +8,12 @@ Sources (checked in this order):
   * a torchvision dataset name (`cifar10`, `cifar100`, `mnist`, `fashionmnist`, `kmnist`, `svhn`),
     downloaded into a cache folder where the network allows.
 
-Images are stored byte for byte as they came (JPEG stays JPEG). Each is decoded once with PIL to
-check it; corrupt or truncated ones are counted, listed in the manifest under `skipped`, and left
-out. Formats torchvision cannot decode (BMP, TIFF, ...) are re-encoded losslessly to PNG and listed
-under `converted`. Symlinks that lead outside SOURCE are not followed (listed under `skipped`).
+Images are stored byte for byte as they came (JPEG stays JPEG) when training's decoder reads them
+as one 8-bit RGB frame; others (animated GIF, 16-bit PNG, palette, CMYK, BMP, TIFF, ...) are
+re-encoded once and listed under `converted` with how (`pipelines.images.normalise`). Each image is
+decoded at ingest to check it; corrupt or truncated ones, and ones whose header declares more than
+`max_image_pixels` (checked before decoding), are listed in the manifest under `skipped` with the
+reason, and left out. Symlinks that lead outside SOURCE are not followed (listed under `skipped`).
 
 Shards are written under hidden temporary names and renamed at the end, manifest last: an
 interrupted ingest leaves no `manifest.json`, and a folder without one is not a dataset.
@@ -19,7 +21,6 @@ interrupted ingest leaves no `manifest.json`, and a folder without one is not a 
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
@@ -33,6 +34,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -41,11 +43,10 @@ from PIL import Image
 
 from pipelines import demo
 from pipelines.errors import DataError
-from pipelines.manifest import MANIFEST, Manifest, Split, write_manifest
+from pipelines.images import DEFAULT_MAX_IMAGE_PIXELS, TooManyPixels, normalise
+from pipelines.manifest import MANIFEST, Manifest, Split, file_sha256, write_manifest
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".ppm", ".pgm"}
-# PIL format names that torchvision.io.decode_image reads; anything else is re-encoded to PNG.
-TORCHVISION_FORMATS = {"JPEG": "jpeg", "MPO": "jpeg", "PNG": "png", "WEBP": "webp", "GIF": "gif"}
 # name -> (torchvision class name, how it selects the split: "train" bool or "split" str)
 TORCHVISION_DATASETS = {
     "cifar10": ("CIFAR10", "train"),
@@ -82,7 +83,8 @@ class _Source:
 
 def ingest(source: str, out: str | Path, *, test_fraction: float = 0.2, seed: int = 0,
            overwrite: bool = False, progress: bool = True, image_column: str | None = None,
-           label_column: str | None = None, cache_dir: str | Path | None = None) -> Manifest:
+           label_column: str | None = None, cache_dir: str | Path | None = None,
+           max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Manifest:
     """Ingest SOURCE into Parquet shards + `manifest.json` in OUT.
 
     Args:
@@ -98,25 +100,45 @@ def ingest(source: str, out: str | Path, *, test_fraction: float = 0.2, seed: in
         label_column: Parquet column with the labels (default: `label`/`labels`; none = -1).
         cache_dir: download folder for torchvision datasets (default `$SELFSUP_CACHE` or
             `~/.cache/selfsup`).
+        max_image_pixels: skip (and list) images whose header declares more pixels than this;
+            checked before decoding. None = no limit (PIL still refuses more than ~179M).
 
     Returns:
         The manifest that was written.
 
     Raises:
         DataError: missing or empty source, OUT already holds a dataset, no network for a
-            download, or no image could be read. Nothing is written in those cases.
+            download, no image could be read, or a file or folder could not be read or written
+            (an OSError, named). Nothing is written in those cases.
     """
     out = Path(out)
     if not 0.0 <= test_fraction < 1.0:
         raise DataError(f"--test-fraction {test_fraction} is out of range; allowed: 0 <= f < 1")
-    _check_out(out, overwrite)
-    src = _open_source(source, out, seed=seed, image_column=image_column, label_column=label_column,
-                       cache_dir=cache_dir)
-    if not src.labels:
-        raise DataError(f"no images found in {source}")
-    splits, split_from = _assign_splits(src, test_fraction, seed)
-    return _write_dataset(src, splits, out, split_from=split_from, test_fraction=test_fraction,
-                          seed=seed, progress=progress)
+    if max_image_pixels is not None and max_image_pixels <= 0:
+        raise DataError(f"--max-image-pixels {max_image_pixels} is out of range; allowed: > 0")
+    created_out = not out.exists()
+    try:
+        try:
+            _check_out(out, overwrite)
+            out.mkdir(parents=True, exist_ok=True)  # first: an unwritable OUT fails before a long read
+            src = _open_source(source, out, seed=seed, image_column=image_column, label_column=label_column,
+                               cache_dir=cache_dir)
+            if not src.labels:
+                raise DataError(f"no images found in {source}")
+            splits, split_from = _assign_splits(src, test_fraction, seed)
+            return _write_dataset(src, splits, out, split_from=split_from, test_fraction=test_fraction,
+                                  seed=seed, progress=progress, max_image_pixels=max_image_pixels)
+        except BaseException:
+            if created_out and out.is_dir() and not any(out.iterdir()):
+                out.rmdir()  # the folder this call made, left empty: nothing is left behind
+            raise
+    except OSError as e:
+        # Permission denied, no such folder, disk full, a read-only OUT (`/proc/x`): the user's to
+        # fix, so one line naming the path, not a traceback. (Nothing half-written is left.)
+        where = e.filename or out
+        raise DataError(f"cannot read or write {where}: {e.strerror or e}") from None
+    except pa.ArrowException as e:  # a Parquet source that is not Parquet, or is damaged
+        raise DataError(f"SOURCE {source}: not readable as Parquet ({str(e).strip().splitlines()[0]})") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -407,17 +429,9 @@ def _assign_splits(src: _Source, test_fraction: float, seed: int) -> tuple[list[
     return list(out), "seeded"
 
 
-def _check_image(data: bytes) -> tuple[bytes, str, tuple[int, int], bool]:
-    """Decode once with PIL. Returns (bytes to store, format, (h, w), converted); raises if corrupt."""
-    with Image.open(io.BytesIO(data)) as im:
-        im.load()  # a truncated file raises here ("image file is truncated")
-        fmt = TORCHVISION_FORMATS.get(im.format or "")
-        size = (im.height, im.width)
-        if fmt is not None:
-            return data, fmt, size, False
-        buf = io.BytesIO()
-        im.convert("RGB" if im.mode not in ("L", "RGB", "RGBA") else im.mode).save(buf, format="PNG")
-        return buf.getvalue(), "png", size, True
+def _check_image(data: bytes, max_image_pixels: int | None) -> Any:
+    """`pipelines.images.normalise`; a seam of its own so that a test can interrupt ingest here."""
+    return normalise(data, max_image_pixels, "--max-image-pixels")
 
 
 def _rows_per_shard(n: int) -> int:
@@ -473,27 +487,18 @@ class _ShardWriter:
         return self.files
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _write_dataset(src: _Source, splits: list[str], out: Path, *, split_from: str,
-                   test_fraction: float, seed: int, progress: bool) -> Manifest:
+                   test_fraction: float, seed: int, progress: bool, max_image_pixels: int | None) -> Manifest:
     from tqdm import tqdm
 
-    created_out = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
     counts = Counter(splits)
     metadata = {b"classes": json.dumps(src.classes).encode(), b"source": src.description.encode()}
     writers = {s: _ShardWriter(out, s, _rows_per_shard(counts[s]), metadata) for s in ("train", "test")}
     skipped = list(src.skipped)
-    converted: list[str] = []
+    converted: list[dict[str, str]] = []
     formats: Counter[str] = Counter()
     sizes: set[tuple[int, int]] = set()
+    largest = (0, 0)
     temps: list[Path] = []
     try:
         bar = tqdm(total=len(splits), unit="img", desc=f"ingest {src.name}", file=sys.stderr,
@@ -504,15 +509,19 @@ def _write_dataset(src: _Source, splits: list[str], out: Path, *, split_from: st
                 skipped.append({"path": path, "reason": reason})
                 continue
             try:
-                data, fmt, size, was_converted = _check_image(data)
+                image = _check_image(data, max_image_pixels)
+            except TooManyPixels as e:
+                skipped.append({"path": path, "reason": f"too many pixels: {e}"})
+                continue
             except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
                 skipped.append({"path": path, "reason": f"corrupt image: {type(e).__name__}: {e}"})
                 continue
-            formats[fmt] += 1
-            sizes.add(size)
-            if was_converted:
-                converted.append(path)
-            writers[split].add(data, label, path)
+            formats[image.format] += 1
+            sizes.add(image.size)
+            largest = max(largest, image.size, key=lambda hw: hw[0] * hw[1])
+            if image.converted:
+                converted.append({"path": path, "how": image.converted})
+            writers[split].add(image.data, label, path)
         bar.close()
         for w in writers.values():
             temps += w.close()
@@ -527,6 +536,7 @@ def _write_dataset(src: _Source, splits: list[str], out: Path, *, split_from: st
             created_by=f"selfsup {_version()} ingest", source=src.description,
             skipped=skipped, converted=converted,
             image_size=list(next(iter(sizes))) if len(sizes) == 1 else None,
+            max_image_pixels=max_image_pixels, largest_image=list(largest),
             split_from=split_from, test_fraction=test_fraction if split_from == "seeded" else None,
             seed=seed if split_from == "seeded" else None,
             created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
@@ -534,7 +544,7 @@ def _write_dataset(src: _Source, splits: list[str], out: Path, *, split_from: st
         for s, w in writers.items():
             for i, tmp in enumerate(w.files):
                 name = f"{s}-{i:05d}-of-{len(w.files):05d}.parquet"
-                manifest.checksums[name] = _sha256(tmp)
+                manifest.checksums[name] = file_sha256(tmp)
                 os.replace(tmp, out / name)
                 manifest.splits[s].files.append(name)
         write_manifest(out, manifest)  # last: only now does OUT look like a dataset
@@ -545,8 +555,6 @@ def _write_dataset(src: _Source, splits: list[str], out: Path, *, split_from: st
             temps += w.files
         for p in set(temps):
             p.unlink(missing_ok=True)
-        if created_out and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
         raise
 
 

@@ -1,17 +1,23 @@
 """`manifest.json`: what a shard folder holds (DESIGN.md, "Data: shards and manifest").
 
 A dataset on disk is a folder of Parquet shards (`train-00000-of-00003.parquet`, ...) with the
-columns `image` (encoded bytes as they came), `label` (int, -1 when unlabeled) and `path` (where the
-image came from), plus this manifest. Ingest writes the manifest last, so a folder without one is
-never a dataset.
+columns `image` (encoded bytes as they came, or re-encoded once where training's decoder would not
+read them as one 8-bit RGB frame: `pipelines.images`), `label` (int, -1 when unlabeled) and `path`
+(where the image came from), plus this manifest. Ingest writes the manifest last, so a folder
+without one is never a dataset.
+
+Trust: a manifest names its shards; a name that leaves the folder (absolute, `..`) is refused, and
+each shard's sha256 (`checksums`) is checked before it is read (`split_files`, the one place shards
+are located for reading).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from pipelines.errors import DataError
@@ -34,8 +40,12 @@ class Manifest:
 
     `image_size` is `[height, width]` when every image has the same size, else None.
     `skipped` lists every source image that was not ingested, as `{"path", "reason"}`.
-    `converted` lists images whose format torchvision cannot decode (e.g. BMP, TIFF); they were
-    re-encoded losslessly to PNG. All other images are stored byte for byte.
+    `converted` lists, as `{"path", "how"}`, images that training's decoder would not read as one
+    8-bit RGB frame as they came (animated, 16-bit, palette, CMYK, BMP, ...); they were re-encoded
+    (`pipelines.images.normalise`). All other images are stored byte for byte.
+    `checksums` holds each shard's sha256, checked whenever a shard is read (`split_files`).
+    `max_image_pixels` is the pixel limit ingest applied, `largest_image` the (height, width) of the
+    image with the most pixels it kept.
     """
 
     name: str
@@ -46,8 +56,10 @@ class Manifest:
     source: str
     checksums: dict[str, str] = field(default_factory=dict)  # file name -> sha256 hex
     skipped: list[dict[str, str]] = field(default_factory=list)
-    converted: list[str] = field(default_factory=list)
+    converted: list[dict[str, str]] = field(default_factory=list)
     image_size: list[int] | None = None
+    max_image_pixels: int | None = None
+    largest_image: list[int] | None = None
     split_from: str = "source"  # "source" (kept) or "seeded" (test_fraction + seed)
     test_fraction: float | None = None
     seed: int | None = None
@@ -56,6 +68,12 @@ class Manifest:
 
     def rows(self, split: str) -> int:
         return self.splits[split].rows if split in self.splits else 0
+
+    @property
+    def labeled(self) -> bool:
+        """Whether the images have classes (an ImageFolder of loose images, or Parquet without a
+        label column, has none: every label is -1, and label-based metrics cannot be computed)."""
+        return bool(self.classes)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -82,7 +100,11 @@ def read_manifest(folder: str | Path) -> Manifest:
     if not path.is_file():
         raise DataError(f"no {MANIFEST} in {folder}; run `selfsup ingest SOURCE {folder}` first")
     try:
-        raw = json.loads(path.read_text())
+        text = path.read_text()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        raw = json.loads(text)
         splits = {name: Split(files=list(s["files"]), rows=int(s["rows"]))
                   for name, s in raw.pop("splits").items()}
         known = set(Manifest.__dataclass_fields__)
@@ -90,26 +112,84 @@ def read_manifest(folder: str | Path) -> Manifest:
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise DataError(f"{path} is not a valid selfsup manifest ({type(e).__name__}: {e}); "
                         f"run `selfsup ingest SOURCE {folder} --overwrite` again") from None
-    for split in manifest.splits.values():
-        for name in split.files:
+    for split_name, split in manifest.splits.items():
+        for i, name in enumerate(split.files):
+            _check_shard_name(path, f"splits.{split_name}.files[{i}]", name)
             if not (folder / name).is_file():
                 raise DataError(f"{folder / name} is listed in {path} but missing; "
                                 f"run `selfsup ingest SOURCE {folder} --overwrite` again")
     return manifest
 
 
-def split_files(folder: str | Path, split: str) -> list[Path]:
-    """The shard files of one split, as absolute paths.
+def _check_shard_name(manifest_path: Path, where: str, name: object) -> None:
+    """A shard name must be a relative path inside the dataset folder: no absolute path, no `..`."""
+    if not isinstance(name, str) or not name:
+        raise DataError(f"{manifest_path}: {where} = {name!r}: a shard name must be a non-empty string")
+    p = PurePosixPath(name.replace("\\", "/"))
+    if p.is_absolute() or ".." in p.parts or name.startswith("~") or ":" in p.parts[0]:
+        raise DataError(f"{manifest_path}: {where} = {name!r}: shard names must be relative paths inside "
+                        "the dataset folder (no absolute path, no '..')")
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 hex digest of a file, read in 1 MB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# (path, size, mtime_ns) of shards whose sha256 matched: each file is hashed once per process, not
+# at every read (the memory loader reads a shard's labels and then its row groups; a sweep driver
+# reads the same shards for every trial). A file rewritten since has another size or mtime.
+_VERIFIED: set[tuple[str, int, int]] = set()
+
+
+def verify_shard(folder: str | Path, name: str, manifest: Manifest) -> Path:
+    """The shard's path, after checking its sha256 against the manifest's `checksums`.
+
+    A shard the manifest has no checksum for (a manifest written before checksums) is not checked.
 
     Raises:
-        DataError: no manifest, or the split is unknown or empty.
+        DataError: the file's sha256 differs from the manifest's (one line naming the file).
+    """
+    path = Path(folder) / name
+    expected = manifest.checksums.get(name)
+    if expected is None:
+        return path
+    try:
+        st = path.stat()
+        key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+        if key in _VERIFIED:
+            return path
+        actual = file_sha256(path)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+    if actual != expected:
+        raise DataError(f"{path}: sha256 {actual[:16]}... does not match {expected[:16]}... recorded in "
+                        f"{Path(folder) / MANIFEST}: the shard changed after ingest; run "
+                        f"`selfsup ingest SOURCE {folder} --overwrite` again")
+    _VERIFIED.add(key)
+    return path
+
+
+def split_files(folder: str | Path, split: str, *, allow_empty: bool = False) -> list[Path]:
+    """The shard files of one split, as absolute paths, each checked against its sha256 (`verify_shard`).
+
+    This is the one place shards are located before they are read (the memory and stream loaders,
+    kNN, `registry embed`).
+
+    Raises:
+        DataError: no manifest, the split is unknown or empty (unless `allow_empty`), or a shard's
+            sha256 does not match.
     """
     folder = Path(folder)
     manifest = read_manifest(folder)
     if split not in manifest.splits:
         raise DataError(f"split {split!r} is not in {folder / MANIFEST}; "
                         f"it has: {', '.join(sorted(manifest.splits))}")
-    files = [folder.resolve() / f for f in manifest.splits[split].files]
-    if not files:
+    files = [verify_shard(folder.resolve(), f, manifest) for f in manifest.splits[split].files]
+    if not files and not allow_empty:
         raise DataError(f"split {split!r} of {folder} is empty (0 rows)")
     return files

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipelines.images import DEFAULT_MAX_IMAGE_PIXELS
 from pipelines.manifest import read_manifest
 from pipelines.stream import load_split, steps_per_epoch
 
@@ -66,10 +67,12 @@ def split_rows(folder: str | Path, split: str, limit: int | None = None) -> int:
 
 
 def decode_split(folder: str | Path, split: str, *, image_size: int | None = None, limit: int | None = None,
-                 stratified: bool = False, seed: int = 0, threads: int = 2) -> DecodedSplit:
-    """Decode a split (or its first `limit` rows; with `stratified`, a seeded per-class subset) in this process."""
+                 stratified: bool = False, seed: int = 0, threads: int = 2,
+                 max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> DecodedSplit:
+    """Decode a split (or its first `limit` rows; with `stratified`, a seeded per-class subset) in
+    this process, refusing images over `max_pixels` before decoding them."""
     images, labels = load_split(folder, split, limit=limit, image_size=image_size, seed=seed,
-                                first=not stratified, threads=threads)
+                                first=not stratified, threads=threads, max_pixels=max_pixels)
     return DecodedSplit(images.numpy(), labels.numpy())
 
 

@@ -26,7 +26,6 @@ random set each epoch, so no image is left out for good).
 from __future__ import annotations
 
 import functools
-import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -36,6 +35,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pipelines.errors import DataError
+from pipelines.images import DEFAULT_MAX_IMAGE_PIXELS, decode_batch
 from pipelines.manifest import read_manifest, split_files
 
 if TYPE_CHECKING:
@@ -60,63 +60,36 @@ def default_augment_on(device: torch.device | str) -> AugmentOn:
 # Decoding (shared by Ray Data and load_split)
 
 
-def decode_images(images: Sequence[bytes], image_size: int | None = None) -> torch.Tensor:
-    """Decode encoded images into one uint8 RGB batch `[N, 3, H, W]`.
+def decode_images(images: Sequence[bytes], image_size: int | None = None, *,
+                  max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+                  paths: Sequence[str] | None = None) -> torch.Tensor:
+    """Decode encoded images into one uint8 RGB batch `[N, 3, H, W]` (`pipelines.images.decode_batch`).
 
-    JPEGs are decoded together with `torchvision.io.decode_jpeg` (one call for the list); other
-    formats one by one with `decode_image`. Grayscale becomes 3 channels. When `image_size` is
-    given, images of another size are resized (shorter side, antialiased) and centre-cropped to
-    `image_size` x `image_size`.
+    Each image's header is checked against `max_pixels` before anything is decoded. When
+    `image_size` is given, images of another size are resized (shorter side, antialiased) and
+    centre-cropped to `image_size` x `image_size`, each right after its own decode. Grayscale
+    becomes 3 channels.
 
     Raises:
-        DataError: images of different sizes and no `image_size` to bring them to.
+        DataError: an image over `max_pixels` or one that does not decode (naming its `paths` entry),
+            or images of different sizes and no `image_size` to bring them to.
     """
-    from torchvision.io import ImageReadMode, decode_image, decode_jpeg
-
-    with warnings.catch_warnings():
-        # torchvision 0.29 marks its decoders deprecated in favour of TorchCodec; they still are
-        # the batched decoders this design asks for. Arrow's buffers are read-only: torch warns.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        warnings.simplefilter("ignore", UserWarning)
-        tensors = [torch.frombuffer(b, dtype=torch.uint8) for b in images]
-        is_jpeg = [bytes(b[:2]) == b"\xff\xd8" for b in images]
-        decoded: list[torch.Tensor | None] = [None] * len(tensors)
-        jpeg_idx = [i for i, j in enumerate(is_jpeg) if j]
-        if jpeg_idx:
-            for i, img in zip(jpeg_idx, decode_jpeg([tensors[i] for i in jpeg_idx], mode=ImageReadMode.RGB)):
-                decoded[i] = img
-        for i, j in enumerate(is_jpeg):
-            if not j:
-                decoded[i] = decode_image(tensors[i], mode=ImageReadMode.RGB)
-    return _to_batch([d for d in decoded if d is not None], image_size)
+    return decode_batch(list(images), image_size, max_pixels=max_pixels,
+                        paths=list(paths) if paths is not None else None)
 
 
-def _to_batch(images: list[torch.Tensor], image_size: int | None) -> torch.Tensor:
-    sizes = {tuple(im.shape[-2:]) for im in images}
-    if image_size is None:
-        if len(sizes) > 1:
-            raise DataError(f"images have different sizes ({', '.join(f'{h}x{w}' for h, w in sorted(sizes)[:3])}, ...); "
-                            "set an image size (data.image_size) to resize them to")
-        return torch.stack(images) if images else torch.empty(0, 3, 0, 0, dtype=torch.uint8)
-    if sizes == {(image_size, image_size)}:
-        return torch.stack(images)
-    if len(sizes) == 1:  # one size for all: resize the batch at once
-        return _resize_crop(torch.stack(images), image_size)
-    return torch.cat([_resize_crop(im[None], image_size) for im in images])
+def _decode_batch(batch: dict[str, np.ndarray], image_size: int | None,
+                  max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, keep_path: bool = True) -> dict[str, np.ndarray]:
+    """Ray Data `map_batches` fn: encoded `image` column -> uint8 `[N, 3, H, W]`.
 
-
-def _resize_crop(x: torch.Tensor, size: int) -> torch.Tensor:
-    from torchvision.transforms.v2 import functional as F
-
-    x = F.resize(x, [size], antialias=True)  # shorter side -> size, aspect kept
-    return F.center_crop(x, [size, size])
-
-
-def _decode_batch(batch: dict[str, np.ndarray], image_size: int | None) -> dict[str, np.ndarray]:
-    """Ray Data `map_batches` fn: encoded `image` column -> uint8 `[N, 3, H, W]`."""
+    The `path` column names a bad image in the error; it is dropped here unless asked for.
+    """
     torch.set_num_threads(1)  # one Ray Data task = one CPU
     out = dict(batch)
-    out["image"] = decode_images(list(batch["image"]), image_size).numpy()
+    paths = list(batch["path"]) if "path" in batch else None
+    if not keep_path:
+        out.pop("path", None)
+    out["image"] = decode_images(list(batch["image"]), image_size, max_pixels=max_pixels, paths=paths).numpy()
     out["label"] = batch["label"].astype(np.int64)
     return out
 
@@ -146,7 +119,8 @@ def read_split(folder: str | Path, split: str = "train", *, image_size: int | No
                shuffle: bool = True, seed: int | None = None, augment_on: AugmentOn = "worker",
                preset: str = "simclr", view_size: int | None = None, concurrency: int = 2,
                num_cpus: float = 1.0, batch_size: int = 256,
-               columns: Sequence[str] = ("image", "label"), limit: int | None = None) -> ray.data.Dataset:
+               columns: Sequence[str] = ("image", "label"), limit: int | None = None,
+               max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> ray.data.Dataset:
     """A lazy Ray Data dataset over one split of a shard folder (`selfsup ingest` output).
 
     Pass it to `TorchTrainer(datasets={"train": ...})`; each worker then reads its part with
@@ -172,6 +146,8 @@ def read_split(folder: str | Path, split: str = "train", *, image_size: int | No
         limit: use only the first `limit` rows of the split (the same rows every epoch; ingest
             stores rows in mixed class order). Applied before the shuffle: a `.limit()` on the
             returned dataset would instead take a different random subset each epoch.
+        max_pixels: refuse (DataError naming the image's path) an image whose header declares more
+            pixels, before decoding it (`data.max_image_pixels`).
 
     Returns:
         The dataset, columns `image` uint8 `[N, 3, H, W]` (or `view1`, `view2` float32
@@ -191,14 +167,15 @@ def read_split(folder: str | Path, split: str = "train", *, image_size: int | No
                           manifest.image_size[0] == manifest.image_size[1] else None)
     if size is None and manifest.image_size is None:
         raise DataError(f"images in {folder} have different sizes; set an image size (data.image_size)")
-    cols = list(dict.fromkeys(["image", "label", *columns]))
+    cols = list(dict.fromkeys(["image", "label", "path", *columns]))  # path: to name a bad image
     ds = _read_parquet([str(f) for f in files], cols, concurrency)
     if limit is not None:
         ds = ds.limit(limit)
     if shuffle:
         # Shuffle the encoded rows (~1-3 KB each), not decoded or augmented ones (4-25x larger).
         ds = ds.random_shuffle(seed=None if seed is None else RandomSeedConfig(seed=seed, reseed_after_execution=True))
-    ds = ds.map_batches(_decode_batch, fn_kwargs={"image_size": size}, batch_size=batch_size,
+    ds = ds.map_batches(_decode_batch, fn_kwargs={"image_size": size, "max_pixels": max_pixels,
+                                                  "keep_path": "path" in columns}, batch_size=batch_size,
                         batch_format="numpy", compute=TaskPoolStrategy(size=concurrency), num_cpus=num_cpus)
     if augment_on == "data":
         ds = ds.map_batches(_augment_batch, fn_kwargs={"preset": preset, "size": view_size or size},
@@ -300,7 +277,7 @@ def _tensor(array: np.ndarray) -> torch.Tensor:
 
 def load_split(folder: str | Path, split: str = "test", *, limit: int | None = None,
                image_size: int | None = None, seed: int = 0, first: bool = False,
-               threads: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+               threads: int = 1, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode a whole split (or a subset) in this process: kNN evaluation, embedding, the memory loader.
 
     Args:
@@ -313,6 +290,7 @@ def load_split(folder: str | Path, split: str = "test", *, limit: int | None = N
         seed: seed of the stratified subset.
         first: take the first `limit` rows instead of a stratified subset.
         threads: decode row groups on this many threads (torchvision's decoders release the GIL).
+        max_pixels: refuse an image whose header declares more pixels, before decoding it.
 
     Returns:
         images uint8 `[N, 3, H, W]` and labels int64 `[N]`.
@@ -337,8 +315,10 @@ def load_split(folder: str | Path, split: str = "test", *, limit: int | None = N
 
     def decode(job: tuple[Path, int, np.ndarray]) -> torch.Tensor:
         f, g, rows = job
-        images = pq.ParquetFile(f).read_row_group(g, columns=["image"]).column("image").to_pylist()
-        return decode_images([images[i] for i in rows], size)
+        t = pq.ParquetFile(f).read_row_group(g, columns=["image", "path"])
+        images, paths = t.column("image").to_pylist(), t.column("path").to_pylist()
+        return decode_images([images[i] for i in rows], size, max_pixels=max_pixels,
+                             paths=[f"{f.name}: {paths[i]}" for i in rows])
 
     if threads > 1 and len(jobs) > 1:
         from concurrent.futures import ThreadPoolExecutor

@@ -23,10 +23,12 @@ PRESETS = ["demo", "cifar10-simclr", "cifar10-moco", "cifar10-byol", "cifar10-si
 
 @pytest.fixture()
 def data_dir(tmp_path: Path) -> Path:
-    """A folder with a manifest naming train/test (validation reads nothing else)."""
+    """A folder with a manifest naming train/test and classes (validation reads nothing else; a
+    dataset without classes needs no test split)."""
     d = tmp_path / "data"
     d.mkdir()
-    (d / "manifest.json").write_text(json.dumps({"name": "x", "splits": {"train": {"files": [], "rows": 8},
+    (d / "manifest.json").write_text(json.dumps({"name": "x", "classes": ["a", "b"],
+                                                 "splits": {"train": {"files": [], "rows": 8},
                                                                           "test": {"files": [], "rows": 4}}}))
     return d
 

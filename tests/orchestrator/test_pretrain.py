@@ -198,3 +198,43 @@ def test_killed_command_continues_with_resume(demo_data: Path, tmp_path: Path, m
         assert [s for s, _ in _history(mlflow_server, run_id, key)] == [1, 2], key
     resumed = [v for _, v in _history(mlflow_server, run_id, "resumed_from_epoch")]
     assert resumed[0] == 0 and resumed[-1] >= 1, resumed  # the rerun started from a checkpoint
+
+
+@pytest.mark.slow
+def test_loose_unlabeled_images_pretrain_and_register_without_knn(cifar10_dir: Path, tmp_path: Path, mlflow_server: str,
+                                                                  ray_temp_root: str, monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """An ImageFolder of loose images (no class folders): labels -1, no test rows. It pretrains and
+    registers an encoder; kNN is left out, and the run, the version and the terminal say so."""
+    import io
+
+    import pyarrow.parquet as pq
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.data import LABEL_METRICS_TAG
+    from pipelines.ingest import ingest
+
+    monkeypatch.setenv("SELFSUP_RAY_TEMP_ROOT", ray_temp_root)
+    src = tmp_path / "photos"
+    src.mkdir()
+    images = pq.ParquetFile(cifar10_dir / "test-00000-of-00001.parquet").read_row_group(0).column("image")
+    for i, data in enumerate(images.to_pylist()[:256]):
+        (src / f"img{i:03d}.jpg").write_bytes(io.BytesIO(data).getvalue())  # real JPEGs, loose
+    m = ingest(str(src), tmp_path / "data", test_fraction=0.0, progress=False)
+    assert m.classes == [] and m.rows("train") == 256 and m.rows("test") == 0
+    cfg = load_config(None, _overrides(tmp_path / "data", tmp_path, mlflow_server, "unlabeled",
+                                       **{"optim.epochs": 1, "optim.batch_size": 64, "data.image_size": 32,
+                                          "tracking.model_name": "loose-encoder"}))
+    r = run_pretrain(cfg, stem="loose", progress=True)
+    out = capsys.readouterr().out
+    assert "has no labels (manifest.json lists no classes): label metrics (kNN) left out" in out
+    assert "kNN top-1" not in out, out
+
+    assert r.epochs == 1 and not r.diverged and r.knn_top1 is None and r.loss is not None
+    assert r.metrics["steps"] == 4  # 256 images / 2 workers = 128 each, / 32 per worker: real steps
+    c = MlflowClient(mlflow_server)
+    run = c.get_run(r.mlflow_run_id)
+    assert run.info.status == "FINISHED" and run.data.tags[LABEL_METRICS_TAG].startswith(str(tmp_path / "data"))
+    assert "knn_top1" not in run.data.metrics and "loss" in run.data.metrics
+    mv = c.get_model_version("loose-encoder", r.model_version)
+    assert mv.tags[LABEL_METRICS_TAG] == "off: no labels" and "knn_top1" not in mv.tags

@@ -215,6 +215,14 @@ def test_embed_errors(store: Store, tmp_path: Path, capsys: pytest.CaptureFixtur
     assert _cli("registry", "--tracking-uri", store.uri, "embed", f"{store.model}/1",
                 str(tmp_path / "bad"), str(tmp_path / "o.parquet")) == 2
     assert "x.jpg: cannot decode image" in capsys.readouterr().err
+    # A decompression bomb (a 0.1 MB PNG of 9500 x 9500 pixels) is refused from its header.
+    from tests.image_files import bomb_png
+
+    (tmp_path / "bomb").mkdir()
+    (tmp_path / "bomb" / "x.png").write_bytes(bomb_png(9500, 9500))
+    assert _cli("registry", "--tracking-uri", store.uri, "embed", f"{store.model}/1",
+                str(tmp_path / "bomb"), str(tmp_path / "o.parquet")) == 2
+    assert "x.png: 9500x9500 = 90,250,000 pixels, more than --max-image-pixels" in capsys.readouterr().err
     assert not (tmp_path / "o.parquet").exists()
 
 

@@ -151,7 +151,7 @@ def test_corrupt_and_truncated_images_are_skipped_and_listed(image_folder: Path,
     assert all(r.startswith("corrupt image") for r in skipped.values())
 
 
-@pytest.mark.parametrize("case", ["missing", "empty", "exists", "network", "bad-fraction"])
+@pytest.mark.parametrize("case", ["missing", "empty", "exists", "network", "bad-fraction", "not-parquet"])
 def test_errors_are_one_line_exit_2_and_write_nothing(case: str, tmp_path: Path, image_folder: Path,
                                                       capsys: pytest.CaptureFixture,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
@@ -160,10 +160,13 @@ def test_errors_are_one_line_exit_2_and_write_nothing(case: str, tmp_path: Path,
             "empty": [str(tmp_path / "empty"), str(out)],
             "exists": [str(image_folder), str(out)],
             "network": ["cifar10", str(out)],
-            "bad-fraction": [str(image_folder), str(out), "--test-fraction", "1.5"]}[case]
+            "bad-fraction": [str(image_folder), str(out), "--test-fraction", "1.5"],
+            "not-parquet": [str(tmp_path / "pq"), str(out)]}[case]
     named = {"missing": str(tmp_path / "nowhere"), "empty": str(tmp_path / "empty"), "exists": str(out),
-             "network": "network is unreachable", "bad-fraction": "1.5"}[case]
+             "network": "network is unreachable", "bad-fraction": "1.5", "not-parquet": "not readable as Parquet"}[case]
     (tmp_path / "empty" / "cat").mkdir(parents=True)
+    (tmp_path / "pq").mkdir()
+    (tmp_path / "pq" / "data.parquet").write_bytes(b"not parquet at all")
     monkeypatch.setenv("SELFSUP_CACHE", str(tmp_path / "cache"))
     if case == "exists":
         ingest(str(image_folder), out, progress=False)
@@ -216,11 +219,11 @@ def test_interrupted_ingest_leaves_no_valid_dataset(image_folder: Path, tmp_path
     calls = {"n": 0}
     real_check = ingest_mod._check_image
 
-    def check_then_interrupt(data: bytes):  # Ctrl-C after 30 images
+    def check_then_interrupt(data: bytes, max_pixels: int | None):  # Ctrl-C after 30 images
         calls["n"] += 1
         if calls["n"] > 30:
             raise KeyboardInterrupt
-        return real_check(data)
+        return real_check(data, max_pixels)
 
     monkeypatch.setattr(ingest_mod, "_check_image", check_then_interrupt)
     monkeypatch.setattr(ingest_mod, "ROW_GROUP_ROWS", 10)  # so shards were already being written
@@ -241,7 +244,7 @@ def test_interrupted_ingest_leaves_no_valid_dataset(image_folder: Path, tmp_path
         return real_replace(a, b)
 
     monkeypatch.setattr(ingest_mod.os, "replace", replace_then_fail)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(DataError, match="disk full"):  # an OSError, told as a user error
         ingest(str(image_folder), out, overwrite=True, progress=False)
     monkeypatch.setattr(ingest_mod.os, "replace", real_replace)
     assert not (out / "manifest.json").exists() and not list(out.glob(".tmp-*"))
