@@ -200,14 +200,21 @@ def test_two_views_equal_torchvision_composition(images, preset, backend) -> Non
             assert torch.allclose(view[k], ref, atol=1e-4), (preset, k, (view[k] - ref).abs().max())
 
 
-@pytest.mark.parametrize("backend", ["torch", "numba"])
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here"))
+
+
+@pytest.mark.parametrize("backend", ["torch", "numba", CUDA])
 def test_local_crops_equal_torchvision_composition(images, backend) -> None:
     """DINO's multi-crop: every local crop of every sample is torchvision's ops with its own
-    parameters, at the local size, with either backend. Without antialias: local crops shrink (the
-    documented departure of `resized_crop`)."""
+    parameters, at the local size, with either backend (and the PyTorch ops on a GPU). Without
+    antialias: local crops shrink (the documented departure of `resized_crop`)."""
     images = images[:16]
-    aug = TwoViewAugment("dino", size=32, seed=4, blur=True, backend=backend, local_crops=3, local_size=24)
-    v1, v2, local, params = aug(images, return_params=True)
+    device = "cuda" if backend == "cuda" else "cpu"
+    aug = TwoViewAugment("dino", size=32, seed=4, blur=True, backend="torch" if backend == "cuda" else backend,
+                         local_crops=3, local_size=24)
+    v1, v2, local, params = aug(images.to(device), return_params=True)
+    v1, v2, local = v1.cpu(), v2.cpu(), local.cpu()
+    params = [type(p)(*(t.cpu() for t in vars(p).values())) for p in params]
     assert v1.shape == v2.shape == (16, 3, 32, 32) and local.shape == (3, 16, 3, 24, 24)
     assert local.dtype == torch.float32 and len(params) == 5
     kernel = aug.local_view.blur_kernel_size
