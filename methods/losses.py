@@ -113,7 +113,10 @@ def negative_cosine_loss(p: Tensor, z: Tensor) -> Tensor:
 
 
 def _gather_both(z1: Tensor, z2: Tensor, gather: bool) -> tuple[Tensor, Tensor]:
-    """Every worker's rows (gradient-correct, `methods.dist`) when distributed and asked, else as is."""
+    """Every worker's rows (gradient-correct, `methods.dist`) when distributed and asked, else as is,
+    in float32: the statistics below sum thousands of squares, which bfloat16 (8 bits of mantissa,
+    what autocast gives a matmul) rounds badly; a Barlow Twins loss of 191.71 came out as 192.0."""
+    z1, z2 = z1.float(), z2.float()
     if gather and dist.world_size() > 1:
         return dist.gather_with_grad(z1), dist.gather_with_grad(z2)
     return z1, z2
@@ -142,13 +145,14 @@ def barlow_twins_loss(z1: Tensor, z2: Tensor, lambd: float = 0.0051, gather: boo
     Returns:
         Scalar loss.
     """
-    z1, z2 = _gather_both(z1, z2, gather)  # [N, d] each
+    z1, z2 = _gather_both(z1, z2, gather)  # [N, d] each, float32
     big_n = z1.size(0)
-    zn1 = F.batch_norm(z1, None, None, training=True)  # biased variance, no affine
-    zn2 = F.batch_norm(z2, None, None, training=True)
-    c = zn1.T @ zn2 / big_n  # [d, d] cross-correlation
-    on_diag = (torch.diagonal(c) - 1).pow(2).sum()
-    off_diag = c.pow(2).sum() - torch.diagonal(c).pow(2).sum()
+    with torch.autocast(z1.device.type, enabled=False):
+        zn1 = F.batch_norm(z1, None, None, training=True)  # biased variance, no affine
+        zn2 = F.batch_norm(z2, None, None, training=True)
+        c = zn1.T @ zn2 / big_n  # [d, d] cross-correlation
+        on_diag = (torch.diagonal(c) - 1).pow(2).sum()
+        off_diag = c.pow(2).sum() - torch.diagonal(c).pow(2).sum()
     return on_diag + lambd * off_diag
 
 
@@ -176,10 +180,11 @@ def vicreg_loss(z1: Tensor, z2: Tensor, sim_weight: float = 25.0, var_weight: fl
     Returns:
         Scalar loss.
     """
-    z1, z2 = _gather_both(z1, z2, gather)  # [N, d] each
-    invariance = F.mse_loss(z1, z2)
-    variance = _vicreg_variance(z1) + _vicreg_variance(z2)
-    covariance = _vicreg_covariance(z1) + _vicreg_covariance(z2)
+    z1, z2 = _gather_both(z1, z2, gather)  # [N, d] each, float32
+    with torch.autocast(z1.device.type, enabled=False):
+        invariance = F.mse_loss(z1, z2)
+        variance = _vicreg_variance(z1) + _vicreg_variance(z2)
+        covariance = _vicreg_covariance(z1) + _vicreg_covariance(z2)
     return sim_weight * invariance + var_weight * variance + cov_weight * covariance
 
 

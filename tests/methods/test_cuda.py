@@ -42,31 +42,29 @@ def test_loss_on_cuda_equals_loss_on_cpu_in_float32(name: str) -> None:
     assert got == pytest.approx(expected, rel=1e-3, abs=1e-4)
 
 
-def _queue_kept(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """MoCo's queue and pointer as they are: a repeated batch would otherwise fill the queue with its
-    own keys, which then serve as negatives and push the loss up by design."""
-    return {k: v.clone() for k, v in model.named_buffers() if k.startswith("queue")}
+def _loss_and_grad(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], bf16: bool) -> tuple[float, torch.Tensor]:
+    """Loss and flattened parameter gradient of one step on a copy (MoCo's queue, DINO's center stay put)."""
+    model = copy.deepcopy(model)
+    torch.manual_seed(1)  # the same shuffle-BN permutation for both
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+        loss = model(*inputs)["loss"]
+    loss.backward()
+    return loss.item(), torch.cat([p.grad.flatten().float() for p in model.parameters() if p.grad is not None])
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
-def test_bf16_autocast_step_on_cuda_is_finite_and_learns(name: str) -> None:
+def test_bf16_autocast_step_matches_float32(name: str) -> None:
+    """The training step's precision on a GPU: bf16 autocast (as the worker loop runs it) gives the
+    float32 loss to 2% and a gradient pointing the same way, all finite. A loss computed in bf16
+    (Barlow Twins' cross-correlation once was) shows here first."""
     torch.manual_seed(0)
     model = METHODS[name](build_encoder("resnet18", cifar_stem=True)).cuda().to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)  # 0.05 overshoots MoCo here
     x1, x2 = (v.cuda().contiguous(memory_format=torch.channels_last) for v in _views(64))
-    queue = _queue_kept(model)
-    losses = []
-    for _ in range(5):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(x1, x2)["loss"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
-        opt.step()
-        if hasattr(model, "update_momentum"):
-            model.update_momentum(0.5)
-        for k, v in queue.items():
-            getattr(model, k).copy_(v)
-        losses.append(loss.item())
-    assert all(map(torch.isfinite, torch.tensor(losses)))
-    assert losses[-1] < losses[0]  # the same batch and negatives five times: the loss must go down
+    inputs: tuple[torch.Tensor, ...] = (x1, x2)
+    if name == "dino":  # with two local crops, as multi-crop training feeds it
+        inputs += (torch.nn.functional.interpolate(torch.stack([x1, x2]).flatten(0, 1), size=16).view(2, 64, 3, 16, 16),)
+    loss32, grad32 = _loss_and_grad(model, inputs, bf16=False)
+    loss16, grad16 = _loss_and_grad(model, inputs, bf16=True)
+    assert torch.isfinite(grad16).all() and torch.isfinite(torch.tensor(loss16))
+    assert loss16 == pytest.approx(loss32, rel=2e-2, abs=1e-3)
+    assert torch.nn.functional.cosine_similarity(grad16, grad32, dim=0).item() > 0.95
