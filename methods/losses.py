@@ -114,9 +114,10 @@ def negative_cosine_loss(p: Tensor, z: Tensor) -> Tensor:
 
 def _gather_both(z1: Tensor, z2: Tensor, gather: bool) -> tuple[Tensor, Tensor]:
     """Every worker's rows (gradient-correct, `methods.dist`) when distributed and asked, else as is,
-    in float32: the statistics below sum thousands of squares, which bfloat16 (8 bits of mantissa,
+    at least in float32: the statistics below sum thousands of squares, which bfloat16 (8 bits of mantissa,
     what autocast gives a matmul) rounds badly; a Barlow Twins loss of 191.71 came out as 192.0."""
-    z1, z2 = z1.float(), z2.float()
+    wide = torch.promote_types(z1.dtype, torch.float32)  # float64 stays float64
+    z1, z2 = z1.to(wide), z2.to(wide)
     if gather and dist.world_size() > 1:
         return dist.gather_with_grad(z1), dist.gather_with_grad(z2)
     return z1, z2
