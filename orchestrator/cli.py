@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     emb.add_argument("uri", help="models:/NAME@ALIAS, models:/NAME/VERSION, or NAME@ALIAS")
     emb.add_argument("source", help="an image folder or a shard folder")
     emb.add_argument("out", help="output Parquet file")
+    emb.add_argument("--image-size", default=None, metavar="SIZE|HxW",
+                     help="resize every image to this (default: the encoder's training size); "
+                          "the encoder takes any size from its stated minimum up")
     return p
 
 

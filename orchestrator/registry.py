@@ -26,8 +26,8 @@ from typing import Any
 
 import pandas as pd
 
+from orchestrator.encoder_input import EncoderInput, parse_size
 from orchestrator.errors import UserError
-
 from orchestrator.tracking import resolve_tracking_uri
 
 CHAMPION = "champion"
@@ -273,18 +273,57 @@ def promote_if_better(client: Any, name: str, version: str | int, *, metric: str
 
 # --- embeddings ------------------------------------------------------------------------------------
 
-def _model_input_size(model_uri: str) -> tuple[int, int]:
-    """(H, W) of the registered model's input signature `[-1, 3, H, W]`."""
-    import mlflow
+@dataclass
+class LoadedEncoder:
+    """A registered encoder, loaded from its pt2 program, and its input contract.
 
-    info = mlflow.models.get_model_info(model_uri)
-    sig = info.signature
+    Calling it checks the input first (`EncoderInput.check`: one-line `UserError`), then embeds.
+    """
+
+    uri: str  # models:/NAME/VERSION
+    version: Any  # the ModelVersion
+    model: Any
+    spec: EncoderInput
+
+    def __call__(self, x: Any) -> Any:
+        self.spec.check(x.shape, self.uri, dtype=x.dtype)
+        return self.model(x)
+
+    def input_size(self, requested: tuple[int, int] | None) -> tuple[int, int]:
+        """The (H, W) to resize images to: `requested`, checked, else the training size."""
+        size = requested or (self.spec.image_size, self.spec.image_size)
+        self.spec.check((1, self.spec.channels, *size), self.uri)
+        return size
+
+
+def load_encoder(model_ref: str | ModelRef, *, tracking_uri: str | None = None) -> LoadedEncoder:
+    """Load a registered encoder (the one load path of `embed` and `selfsup evaluate`).
+
+    Args:
+        model_ref: `models:/NAME@ALIAS`, `models:/NAME/VERSION`, or the same without `models:/`.
+        tracking_uri: see `resolve_tracking_uri`.
+
+    Raises:
+        UserError: unknown model/alias/version, or a model that does not say what images it takes.
+    """
+    import mlflow
+    import torch
+
+    client = connect(tracking_uri)
+    version = resolve_version(client, model_ref)
+    uri = f"models:/{version.name}/{version.version}"
+    uri_store = resolve_tracking_uri(tracking_uri)
+    mlflow.set_tracking_uri(uri_store)
+    mlflow.set_registry_uri(uri_store)
+    sig = mlflow.models.get_model_info(uri).signature
     if sig is None or not sig.inputs.is_tensor_spec():
-        raise UserError(f"model {model_uri} has no tensor input signature; cannot tell its image size")
-    shape = sig.inputs.inputs[0].shape
-    if len(shape) != 4 or shape[1] != 3:
-        raise UserError(f"model {model_uri} takes input {shape}, not [B, 3, H, W] images")
-    return int(shape[2]), int(shape[3])
+        raise UserError(f"model {uri} has no tensor input signature; cannot tell what images it takes")
+    spec = EncoderInput.of(dict(version.tags or {}), sig.inputs.inputs[0].shape)
+    model = mlflow.pytorch.load_model(uri)
+    # A pt2 model loads as a torch.export GraphModule, exported in eval mode; it refuses .eval().
+    if isinstance(model, torch.nn.Module) and not hasattr(model, "graph"):
+        model.eval()
+    return LoadedEncoder(uri, version, model, spec)
 
 
 def _image_folder_items(source: Path) -> tuple[list[Path], list[int]]:
@@ -348,7 +387,7 @@ def _decode(images: list[bytes], size: tuple[int, int], paths: list[str]):
 
 
 def embed(model_ref: str, source: str | Path, out: str | Path, *, tracking_uri: str | None = None,
-          batch_size: int = 256) -> int:
+          batch_size: int = 256, image_size: tuple[int, int] | None = None) -> int:
     """Write embeddings of every image in `source` to the Parquet file `out`.
 
     Args:
@@ -358,11 +397,14 @@ def embed(model_ref: str, source: str | Path, out: str | Path, *, tracking_uri: 
         out: Parquet file with columns `path`, `label`, `embedding` (list<float32>).
         tracking_uri: see `resolve_tracking_uri`.
         batch_size: images per forward pass.
+        image_size: (H, W) every image is resized to; None: the model's training size.
 
     Returns:
         The number of rows written.
+
+    Raises:
+        UserError: bad source, unknown model, or an `image_size` the model does not take.
     """
-    import mlflow
     import pyarrow as pa
     import pyarrow.parquet as pq
     import torch
@@ -373,17 +415,8 @@ def embed(model_ref: str, source: str | Path, out: str | Path, *, tracking_uri: 
     if not (src / "manifest.json").exists() and not _image_folder_items(src)[0]:
         raise UserError(f"{source}: no shard folder (manifest.json) and no "
                         f"{'/'.join(IMAGE_SUFFIXES)} images found")
-    client = connect(tracking_uri)
-    version = resolve_version(client, model_ref)
-    uri = f"models:/{version.name}/{version.version}"
-    uri_store = resolve_tracking_uri(tracking_uri)
-    mlflow.set_tracking_uri(uri_store)
-    mlflow.set_registry_uri(uri_store)
-    size = _model_input_size(uri)
-    model = mlflow.pytorch.load_model(uri)
-    # A pt2 model loads as a torch.export GraphModule, exported in eval mode; it refuses .eval().
-    if isinstance(model, torch.nn.Module) and not hasattr(model, "graph"):
-        model.eval()
+    model = load_encoder(model_ref, tracking_uri=tracking_uri)
+    size = model.input_size(image_size)
 
     out_path = Path(out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -445,7 +478,8 @@ def main(args: argparse.Namespace) -> int:
     """`selfsup registry {list,show,best,promote,embed}`; see `orchestrator.cli`."""
     cmd = args.registry_command
     if cmd == "embed":
-        n = embed(args.uri, args.source, args.out, tracking_uri=args.tracking_uri)
+        n = embed(args.uri, args.source, args.out, tracking_uri=args.tracking_uri,
+                  image_size=parse_size(args.image_size) if args.image_size else None)
         print(f"wrote {n} embeddings to {args.out}")
         return 0
     client = connect(args.tracking_uri)
