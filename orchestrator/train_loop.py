@@ -15,8 +15,10 @@ Per epoch, every worker:
    momentum-encoder update after each optimiser step;
 3. rank 0 computes kNN top-1/top-5 (`methods.evaluate.knn_accuracy`) of the encoder's features:
    memory bank = a seeded per-class subset of `eval.knn_train_limit` training images, queries =
-   the test split (all of it unless `eval.knn_test_limit`), no augmentation, eval-mode BN. The other ranks
-   wait at the `ray.train.report` barrier;
+   the test split (all of it unless `eval.knn_test_limit`), no augmentation, eval-mode BN; after the
+   last epoch (or every epoch with `eval.linear_every_epoch`) also the linear probe on the same
+   features (`linear_top1/top5`). The other ranks wait at the `ray.train.report` barrier, and the
+   Train controller's MLflow callback logs these metrics with the epoch's others (one writer);
 4. every rank calls `ray.train.report` once; rank 0 attaches the checkpoint `state.pt` (model incl.
    the MoCo queue buffers, optimiser, scheduler, epoch, seeds, metrics; loads with weights_only).
 """
@@ -174,11 +176,18 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
 # --- kNN probe ----------------------------------------------------------------------------------
 
 class KnnProbe:
-    """Weighted kNN top-1/top-5 (InstDisc, Wu et al. 2018) of an encoder, on fixed images.
+    """Weighted kNN top-1/top-5 (InstDisc, Wu et al. 2018) of an encoder, on fixed images; optionally
+    the linear probe on the same features.
 
     Bank: a seeded per-class subset of `eval.knn_train_limit` training images; queries: the test
     split (or such a subset of `eval.knn_test_limit`), as `orchestrator.data.decode_knn` decodes
     them. Images are resized to `data.image_size` and normalised; no augmentation.
+
+    Linear probe (the linear evaluation protocol, as solo-learn's and lightly's benchmarks report
+    it, on frozen features): `methods.evaluate.linear_probe` trained for `eval.linear_epochs` on the
+    bank's features (at most `eval.linear_train_limit` of them, a seeded random subset), scored on
+    the queries. It reuses the features the kNN probe just extracted: its cost is the classifier's
+    training alone (the demo: about a second on one core).
     """
 
     def __init__(self, cfg: Config, device: torch.device, decoded: dict[str, Any] | None = None) -> None:
@@ -203,7 +212,14 @@ class KnnProbe:
                 out.append(extract_features(encoder, x, self.cfg.eval.batch_size, self.device).float().cpu())
         return torch.cat(out)
 
-    def __call__(self, encoder: nn.Module) -> dict[str, float]:
+    @property
+    def labelled(self) -> bool:
+        """Whether every bank and query image has a label (unlabelled rows carry -1)."""
+        return bool((self.bank_y >= 0).all() and (self.test_y >= 0).all())
+
+    def __call__(self, encoder: nn.Module, *, linear: bool = False) -> dict[str, float]:
+        """{"knn_top1", "knn_top5"}, plus with `linear` (and labelled images, and
+        `eval.linear_epochs` > 0) {"linear_top1", "linear_top5", "linear_train_top1", "linear_seconds"}."""
         from methods.evaluate import knn_accuracy
 
         was_training = encoder.training
@@ -215,7 +231,25 @@ class KnnProbe:
             encoder.train(was_training)
         r = knn_accuracy(bank, self.bank_y, test, self.test_y, k=self.cfg.eval.knn_k,
                          temperature=self.cfg.eval.knn_t)
-        return {"knn_top1": float(r["top1"]), "knn_top5": float(r["top5"])}
+        out = {"knn_top1": float(r["top1"]), "knn_top5": float(r["top5"])}
+        if linear and self.cfg.eval.linear_epochs > 0 and self.labelled:
+            out.update(self.linear(bank, test))
+        return out
+
+    def linear(self, bank: torch.Tensor, test: torch.Tensor) -> dict[str, float]:
+        from methods.evaluate import linear_probe
+
+        e = self.cfg.eval
+        labels = self.bank_y
+        if e.linear_train_limit is not None and len(bank) > e.linear_train_limit:
+            keep = torch.randperm(len(bank), generator=torch.Generator().manual_seed(self.cfg.run.seed))
+            keep = keep[:e.linear_train_limit]
+            bank, labels = bank[keep], labels[keep]
+        start = time.perf_counter()
+        r = linear_probe(bank, labels, test, self.test_y, epochs=e.linear_epochs, lr=e.linear_lr,
+                         seed=self.cfg.run.seed)
+        return {"linear_top1": float(r["top1"]), "linear_top5": float(r["top5"]),
+                "linear_train_top1": float(r["train_top1"]), "linear_seconds": time.perf_counter() - start}
 
 
 # --- checkpoints --------------------------------------------------------------------------------
@@ -405,7 +439,7 @@ def train_func_per_worker(config: dict[str, Any]) -> None:
         if hasattr(module, "momentum"):
             metrics["momentum"] = float(module.momentum)
         if probe is not None:
-            metrics.update(probe(module.encoder))
+            metrics.update(probe(module.encoder, linear=cfg.eval.linear_every_epoch or epoch == cfg.optim.epochs))
             metrics["knn_top1_untrained"] = float(untrained)  # type: ignore[arg-type]
         metrics["epoch_seconds"] = time.perf_counter() - t0
         mark("epoch_end", run=cfg.run.name, rank=rank, epoch=epoch)
