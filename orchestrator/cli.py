@@ -1,4 +1,4 @@
-"""The `selfsup` command line: ingest, pretrain, sweep, registry.
+"""The `selfsup` command line: ingest, pretrain, sweep, registry, evaluate.
 
 Each subcommand parses its arguments here and hands them to the module that does the work.
 User errors (bad config, bad data, unknown registry name) are raised as `UserError` subclasses and
@@ -44,6 +44,25 @@ def _cmd_registry(args: argparse.Namespace) -> int:
     from orchestrator.registry import main as registry_main
 
     return registry_main(args)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from orchestrator.evaluate import main as evaluate_main
+
+    return evaluate_main(args)
+
+
+def _limit(text: str) -> int | None:
+    """`--train-limit`/`--test-limit`: a positive count, or `all`."""
+    if text.lower() in ("all", "none"):
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a positive number of images, or 'all'")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,6 +113,21 @@ def build_parser() -> argparse.ArgumentParser:
     emb.add_argument("--image-size", default=None, metavar="SIZE|HxW",
                      help="resize every image to this (default: the encoder's training size); "
                           "the encoder takes any size from its stated minimum up")
+
+    from orchestrator.config import EvalConfig
+
+    ev = sub.add_parser("evaluate", help="kNN and linear top-1/top-5 of a registered encoder on an ingested dataset")
+    ev.add_argument("model_uri", help="models:/NAME@ALIAS or models:/NAME/VERSION")
+    ev.add_argument("data", help="an ingested dataset folder (manifest.json + shards, from `selfsup ingest`)")
+    ev.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    ev.add_argument("--image-size", type=int, default=None,
+                    help="resize images to SIZE x SIZE (default: the encoder's training size)")
+    ev.add_argument("--train-limit", type=_limit, default=EvalConfig.knn_train_limit,
+                    help=f"training images for the kNN bank and the linear probe, or 'all' (default {EvalConfig.knn_train_limit})")
+    ev.add_argument("--test-limit", type=_limit, default=None, help="test images (default: all)")
+    ev.add_argument("--linear-epochs", type=int, default=EvalConfig.linear_epochs,
+                    help=f"epochs of the linear probe; 0 = kNN only (default {EvalConfig.linear_epochs})")
+    ev.set_defaults(func=_cmd_evaluate)
     return p
 
 

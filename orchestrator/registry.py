@@ -284,6 +284,7 @@ class LoadedEncoder:
     version: Any  # the ModelVersion
     model: Any
     spec: EncoderInput
+    model_id: str | None = None  # MLflow 3's LoggedModel id (ModelVersion.model_id can be empty)
 
     def __call__(self, x: Any) -> Any:
         self.spec.check(x.shape, self.uri, dtype=x.dtype)
@@ -315,7 +316,8 @@ def load_encoder(model_ref: str | ModelRef, *, tracking_uri: str | None = None) 
     uri_store = resolve_tracking_uri(tracking_uri)
     mlflow.set_tracking_uri(uri_store)
     mlflow.set_registry_uri(uri_store)
-    sig = mlflow.models.get_model_info(uri).signature
+    info = mlflow.models.get_model_info(uri)
+    sig = info.signature
     if sig is None or not sig.inputs.is_tensor_spec():
         raise UserError(f"model {uri} has no tensor input signature; cannot tell what images it takes")
     spec = EncoderInput.of(dict(version.tags or {}), sig.inputs.inputs[0].shape)
@@ -323,7 +325,7 @@ def load_encoder(model_ref: str | ModelRef, *, tracking_uri: str | None = None) 
     # A pt2 model loads as a torch.export GraphModule, exported in eval mode; it refuses .eval().
     if isinstance(model, torch.nn.Module) and not hasattr(model, "graph"):
         model.eval()
-    return LoadedEncoder(uri, version, model, spec)
+    return LoadedEncoder(uri, version, model, spec, model_id=getattr(info, "model_id", None))
 
 
 def _image_folder_items(source: Path) -> tuple[list[Path], list[int]]:

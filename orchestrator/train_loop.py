@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from orchestrator.config import Config
+from orchestrator.config import Config, EvalConfig
 
 STATE_FILE = "state.pt"
 FAULT_MARKER = "fault-injected"
@@ -212,16 +212,8 @@ class KnnProbe:
                 out.append(extract_features(encoder, x, self.cfg.eval.batch_size, self.device).float().cpu())
         return torch.cat(out)
 
-    @property
-    def labelled(self) -> bool:
-        """Whether every bank and query image has a label (unlabelled rows carry -1)."""
-        return bool((self.bank_y >= 0).all() and (self.test_y >= 0).all())
-
     def __call__(self, encoder: nn.Module, *, linear: bool = False) -> dict[str, float]:
-        """{"knn_top1", "knn_top5"}, plus with `linear` (and labelled images, and
-        `eval.linear_epochs` > 0) {"linear_top1", "linear_top5", "linear_train_top1", "linear_seconds"}."""
-        from methods.evaluate import knn_accuracy
-
+        """`probe_metrics` of the encoder's features: kNN, and with `linear` the linear probe."""
         was_training = encoder.training
         encoder.eval()
         try:
@@ -229,27 +221,40 @@ class KnnProbe:
             test = self.features(encoder, self.test_x)
         finally:
             encoder.train(was_training)
-        r = knn_accuracy(bank, self.bank_y, test, self.test_y, k=self.cfg.eval.knn_k,
-                         temperature=self.cfg.eval.knn_t)
-        out = {"knn_top1": float(r["top1"]), "knn_top5": float(r["top5"])}
-        if linear and self.cfg.eval.linear_epochs > 0 and self.labelled:
-            out.update(self.linear(bank, test))
+        return probe_metrics(bank, self.bank_y, test, self.test_y, self.cfg.eval, seed=self.cfg.run.seed,
+                             linear=linear)
+
+
+def probe_metrics(bank: torch.Tensor, bank_labels: torch.Tensor, test: torch.Tensor, test_labels: torch.Tensor,
+                  e: EvalConfig, *, seed: int, linear: bool = True) -> dict[str, float]:
+    """The evaluation protocol of pretraining and `selfsup evaluate`, on extracted features.
+
+    Args:
+        bank, bank_labels: the memory bank's features [N, D] and labels; also the linear probe's
+            training set (at most `e.linear_train_limit` of them, a subset seeded by `seed`).
+        test, test_labels: the queries / the linear probe's test set.
+        e: an `EvalConfig` (k, T, linear probe epochs, lr, limit).
+        linear: also run the linear probe (when `e.linear_epochs` > 0 and every image is labelled).
+
+    Returns:
+        {"knn_top1", "knn_top5"} and maybe {"linear_top1", "linear_top5", "linear_train_top1",
+        "linear_seconds"}.
+    """
+    from methods.evaluate import knn_accuracy, linear_probe
+
+    r = knn_accuracy(bank, bank_labels, test, test_labels, k=e.knn_k, temperature=e.knn_t)
+    out = {"knn_top1": float(r["top1"]), "knn_top5": float(r["top5"])}
+    labelled = bool((bank_labels >= 0).all() and (test_labels >= 0).all())
+    if not (linear and e.linear_epochs > 0 and labelled):
         return out
-
-    def linear(self, bank: torch.Tensor, test: torch.Tensor) -> dict[str, float]:
-        from methods.evaluate import linear_probe
-
-        e = self.cfg.eval
-        labels = self.bank_y
-        if e.linear_train_limit is not None and len(bank) > e.linear_train_limit:
-            keep = torch.randperm(len(bank), generator=torch.Generator().manual_seed(self.cfg.run.seed))
-            keep = keep[:e.linear_train_limit]
-            bank, labels = bank[keep], labels[keep]
-        start = time.perf_counter()
-        r = linear_probe(bank, labels, test, self.test_y, epochs=e.linear_epochs, lr=e.linear_lr,
-                         seed=self.cfg.run.seed)
-        return {"linear_top1": float(r["top1"]), "linear_top5": float(r["top5"]),
-                "linear_train_top1": float(r["train_top1"]), "linear_seconds": time.perf_counter() - start}
+    if e.linear_train_limit is not None and len(bank) > e.linear_train_limit:
+        keep = torch.randperm(len(bank), generator=torch.Generator().manual_seed(seed))[:e.linear_train_limit]
+        bank, bank_labels = bank[keep], bank_labels[keep]
+    start = time.perf_counter()
+    lin = linear_probe(bank, bank_labels, test, test_labels, epochs=e.linear_epochs, lr=e.linear_lr, seed=seed)
+    out.update(linear_top1=float(lin["top1"]), linear_top5=float(lin["top5"]),
+               linear_train_top1=float(lin["train_top1"]), linear_seconds=time.perf_counter() - start)
+    return out
 
 
 # --- checkpoints --------------------------------------------------------------------------------
