@@ -13,6 +13,7 @@ Note: `search_model_versions` leaves `aliases` empty (MLflow 3.x), so aliases ar
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import re
@@ -20,13 +21,14 @@ import sys
 import tempfile
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from orchestrator.encoder_input import EncoderInput, parse_size
+from orchestrator.encoder_input import TAG_IMAGE_SIZE, TAG_MIN_SIZE, EncoderInput, parse_size
 from orchestrator.errors import UserError
 from orchestrator.tracking import resolve_tracking_uri
 
@@ -275,16 +277,38 @@ def promote_if_better(client: Any, name: str, version: str | int, *, metric: str
 
 @dataclass
 class LoadedEncoder:
-    """A registered encoder, loaded from its pt2 program, and its input contract.
+    """A registered encoder, its input contract, and (loaded at the first call) its pt2 program.
 
     Calling it checks the input first (`EncoderInput.check`: one-line `UserError`), then embeds.
+    The program is downloaded and loaded only then, so a bad request fails before any download.
     """
 
     uri: str  # models:/NAME/VERSION
     version: Any  # the ModelVersion
-    model: Any
     spec: EncoderInput
-    model_id: str | None = None  # MLflow 3's LoggedModel id (ModelVersion.model_id can be empty)
+    _model: Any = None
+
+    @property
+    def model_id(self) -> str | None:
+        """MLflow 3's LoggedModel id: the version's source `models:/<model_id>` (its `model_id`
+        attribute came back empty from the SQLite store here)."""
+        source = str(self.version.source or "")
+        return getattr(self.version, "model_id", None) or (
+            source[len("models:/"):] if source.startswith("models:/m-") else None)
+
+    @property
+    def model(self) -> Any:
+        if self._model is None:
+            import mlflow
+            import torch
+
+            with _no_progress_bars():
+                model = mlflow.pytorch.load_model(self.uri)
+            # A pt2 model loads as a torch.export GraphModule, exported in eval mode; it refuses .eval().
+            if isinstance(model, torch.nn.Module) and not hasattr(model, "graph"):
+                model.eval()
+            self._model = model
+        return self._model
 
     def __call__(self, x: Any) -> Any:
         self.spec.check(x.shape, self.uri, dtype=x.dtype)
@@ -297,8 +321,23 @@ class LoadedEncoder:
         return size
 
 
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """MLflow draws a download progress bar on stderr, which would break the CLI's one-line output."""
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    before = os.environ.get(key)
+    os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
+
+
 def load_encoder(model_ref: str | ModelRef, *, tracking_uri: str | None = None) -> LoadedEncoder:
-    """Load a registered encoder (the one load path of `embed` and `selfsup evaluate`).
+    """A registered encoder (the one load path of `embed` and `selfsup evaluate`; pt2 programs only).
 
     Args:
         model_ref: `models:/NAME@ALIAS`, `models:/NAME/VERSION`, or the same without `models:/`.
@@ -308,7 +347,6 @@ def load_encoder(model_ref: str | ModelRef, *, tracking_uri: str | None = None) 
         UserError: unknown model/alias/version, or a model that does not say what images it takes.
     """
     import mlflow
-    import torch
 
     client = connect(tracking_uri)
     version = resolve_version(client, model_ref)
@@ -316,16 +354,15 @@ def load_encoder(model_ref: str | ModelRef, *, tracking_uri: str | None = None) 
     uri_store = resolve_tracking_uri(tracking_uri)
     mlflow.set_tracking_uri(uri_store)
     mlflow.set_registry_uri(uri_store)
-    info = mlflow.models.get_model_info(uri)
-    sig = info.signature
-    if sig is None or not sig.inputs.is_tensor_spec():
-        raise UserError(f"model {uri} has no tensor input signature; cannot tell what images it takes")
-    spec = EncoderInput.of(dict(version.tags or {}), sig.inputs.inputs[0].shape)
-    model = mlflow.pytorch.load_model(uri)
-    # A pt2 model loads as a torch.export GraphModule, exported in eval mode; it refuses .eval().
-    if isinstance(model, torch.nn.Module) and not hasattr(model, "graph"):
-        model.eval()
-    return LoadedEncoder(uri, version, model, spec, model_id=getattr(info, "model_id", None))
+    tags = dict(version.tags or {})
+    shape = None
+    if not {TAG_MIN_SIZE, TAG_IMAGE_SIZE} <= set(tags):  # registered before the contract tags: its signature
+        with _no_progress_bars():
+            sig = mlflow.models.get_model_info(uri).signature
+        if sig is None or not sig.inputs.is_tensor_spec():
+            raise UserError(f"model {uri} has no tensor input signature; cannot tell what images it takes")
+        shape = sig.inputs.inputs[0].shape
+    return LoadedEncoder(uri, version, EncoderInput.of(tags, shape))
 
 
 def _image_folder_items(source: Path) -> tuple[list[Path], list[int]]:
