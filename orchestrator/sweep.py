@@ -64,7 +64,7 @@ from orchestrator.errors import UserError
 SWEEP_RECORD = "selfsup-sweep.json"
 SEARCHERS = ("grid", "random", "bayes")
 SCHEDULERS = ("asha", "fifo")
-METRICS = ("knn_top1", "knn_top5")  # accuracies: higher is better
+METRICS = ("knn_top1", "knn_top5", "linear_top1", "linear_top5")  # accuracies: higher is better
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")
 TRIAL_PREFIX = "trial-"
 STATUS_ORDER = ("finished", "stopped", "diverged", "error", "not run")
@@ -201,6 +201,13 @@ def check_sweep(s: Sweep) -> None:
         _fail("sweep.scheduler", sw.scheduler, f"allowed: {', '.join(SCHEDULERS)}")
     if sw.metric not in METRICS:
         _fail("sweep.metric", sw.metric, f"allowed: {', '.join(METRICS)}")
+    if sw.metric.startswith("linear_"):
+        if s.base.eval.linear_epochs <= 0:
+            _fail("sweep.metric", sw.metric, "needs the linear probe: set eval.linear_epochs > 0")
+        # The probe runs after the last epoch only; ASHA compares trials at every rung, so a
+        # sweep ranking by it probes after every epoch (~1 s each on the demo).
+        if sw.scheduler == "asha":
+            s.base.eval.linear_every_epoch = True
     for name in ("num_samples", "max_concurrent_trials", "grace_period"):
         if getattr(sw, name) < 1:
             _fail(f"sweep.{name}", getattr(sw, name), "must be >= 1")
