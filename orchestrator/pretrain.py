@@ -575,12 +575,12 @@ def _finish(cfg: Config, paths: RunPaths, record: dict[str, Any], result: Any, u
         write_record(paths, {**record, "status": "diverged"})
         out.wall_seconds = time.perf_counter() - start
         return out
-    if cfg.eval.linear_epochs > 0 and out.linear_top1 is None:
-        # KnnProbe skips the probe when images carry no label (-1): say so here, once, where the
-        # user looks, and on the run (the driver writes to the MLflow run after training).
-        print(f"selfsup pretrain: linear probe skipped: the images of {cfg.data.path} carry no labels",
+    if out.knn_top1 is None:
+        # train_loop.probe_metrics scores nothing when images carry no label (-1): say so here,
+        # once, where the user looks, and on the run (the driver writes to it after training).
+        print(f"selfsup pretrain: kNN and linear probes skipped: the images of {cfg.data.path} carry no labels",
               file=sys.stderr, flush=True)
-        tracking.client(uri).set_tag(run_id, "linear_probe", "skipped: the images carry no labels")
+        tracking.client(uri).set_tag(run_id, "probes", "skipped: the images carry no labels")
     if cfg.tracking.register and state is not None:
         model = build_model(cfg)
         model.encoder.load_state_dict(encoder_state(state["model"]))

@@ -510,7 +510,8 @@ def _describe(client: Any, v: Any) -> dict[str, Any]:
     aliases = _aliases_by_version(client, v.name).get(str(v.version), [])
     return {"name": v.name, "version": v.version, "aliases": ",".join(sorted(aliases)),
             "uri": f"models:/{v.name}/{v.version}", "run_id": v.run_id, "source": v.source,
-            "status": v.status, **{f"tag.{k}": val for k, val in sorted((v.tags or {}).items())}}
+            "status": v.status, "description": v.description or "",
+            **{f"tag.{k}": val for k, val in sorted((v.tags or {}).items())}}
 
 
 def main(args: argparse.Namespace) -> int:

@@ -234,18 +234,19 @@ def probe_metrics(bank: torch.Tensor, bank_labels: torch.Tensor, test: torch.Ten
             training set (at most `e.linear_train_limit` of them, a subset seeded by `seed`).
         test, test_labels: the queries / the linear probe's test set.
         e: an `EvalConfig` (k, T, linear probe epochs, lr, limit).
-        linear: also run the linear probe (when `e.linear_epochs` > 0 and every image is labelled).
+        linear: also run the linear probe (when `e.linear_epochs` > 0).
 
     Returns:
         {"knn_top1", "knn_top5"} and maybe {"linear_top1", "linear_top5", "linear_train_top1",
-        "linear_seconds"}.
+        "linear_seconds"}; {} when any image is unlabelled (label -1).
     """
     from methods.evaluate import knn_accuracy, linear_probe
 
+    if not (bool((bank_labels >= 0).all()) and bool((test_labels >= 0).all())):
+        return {}  # unlabelled images (-1): nothing to score; the driver says so (pretrain._finish)
     r = knn_accuracy(bank, bank_labels, test, test_labels, k=e.knn_k, temperature=e.knn_t)
     out = {"knn_top1": float(r["top1"]), "knn_top5": float(r["top5"])}
-    labelled = bool((bank_labels >= 0).all() and (test_labels >= 0).all())
-    if not (linear and e.linear_epochs > 0 and labelled):
+    if not (linear and e.linear_epochs > 0):
         return out
     if e.linear_train_limit is not None and len(bank) > e.linear_train_limit:
         keep = torch.randperm(len(bank), generator=torch.Generator().manual_seed(seed))[:e.linear_train_limit]
