@@ -422,7 +422,7 @@ def train_func_per_worker(config: dict[str, Any]) -> None:
     probe = KnnProbe(cfg, device, decoded) if rank == 0 else None
     untrained = metrics.get("knn_top1_untrained")
     if probe is not None and untrained is None:
-        untrained = probe(module.encoder)["knn_top1"]
+        untrained = probe(module.encoder).get("knn_top1")  # None: unlabelled images
 
     for epoch in range(start_epoch + 1, cfg.optim.epochs + 1):
         t0 = time.perf_counter()
@@ -446,7 +446,8 @@ def train_func_per_worker(config: dict[str, Any]) -> None:
             metrics["momentum"] = float(module.momentum)
         if probe is not None:
             metrics.update(probe(module.encoder, linear=cfg.eval.linear_every_epoch or epoch == cfg.optim.epochs))
-            metrics["knn_top1_untrained"] = float(untrained)  # type: ignore[arg-type]
+            if untrained is not None:
+                metrics["knn_top1_untrained"] = float(untrained)
         metrics["epoch_seconds"] = time.perf_counter() - t0
         mark("epoch_end", run=cfg.run.name, rank=rank, epoch=epoch)
         finite = {k: float(v) for k, v in metrics.items() if math.isfinite(v)}
