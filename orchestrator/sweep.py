@@ -1014,7 +1014,9 @@ def _register_best(s: Sweep, best: dict[str, Any], uri: str) -> tuple[str | None
     mv = tracking.register_encoder(
         model.encoder, tracking_uri=uri, run_id=best["mlflow_run_id"], model_name=name,
         image_size=cfg.data.image_size,
-        tags={"method": cfg.method.name, "dataset": dataset, s.sweep.metric: best[s.sweep.metric],
+        # every accuracy of the last epoch (kNN, linear): `registry best` can rank by any of them
+        tags={**{k: v for k, v in state["metrics"].items() if k in METRICS},
+              "method": cfg.method.name, "dataset": dataset, s.sweep.metric: best[s.sweep.metric],
               "encoder": cfg.model.encoder, "image_size": cfg.data.image_size,
               "run_name": f"{TRIAL_PREFIX}{best['trial']}", "sweep": s.stem})
     c.set_terminated(best["mlflow_run_id"], status)  # registering reopened the trial's run
