@@ -1,7 +1,9 @@
 """Backbones: a small ConvNet for CPU runs and tests, torchvision ResNet-18/50 with a CIFAR stem.
 
 Every encoder maps float [B, 3, H, W] (normalised RGB) to [B, output_dim] features and exposes
-`output_dim`. The CIFAR stem follows SimCLR (Chen et al. 2020, app. B.9): "we replace the first
+`output_dim` and `min_input_size`: the smallest height and width it is meant for, its total stride
+(the last feature map is then 1x1; below it the deeper layers see little but padding). Registered
+encoders state it as the minimum of the images they take (`orchestrator.encoder_input`). The CIFAR stem follows SimCLR (Chen et al. 2020, app. B.9): "we replace the first
 7x7 Conv of stride 2 with 3x3 Conv of stride 1, and also remove the first max pooling operation".
 """
 
@@ -17,7 +19,7 @@ class ConvNet(nn.Module):
 
     Sized for CPU: ~2,000 SimCLR training views/s at 32x32 on 2 cores when the machine is idle
     (`benchmarks/encoder_throughput.py`). A stride-1 first layer would be ~5x slower on CPU.
-    Any input of at least 16x16 works (adaptive pooling).
+    Inputs of any size from 16x16 (its total stride) up work: adaptive pooling.
     """
 
     def __init__(self, widths: tuple[int, ...] = (32, 64, 128, 256)) -> None:
@@ -31,6 +33,7 @@ class ConvNet(nn.Module):
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.output_dim = c_in
+        self.min_input_size = 2 ** len(widths)  # one stride-2 conv per block
 
     def forward(self, x: Tensor) -> Tensor:
         return self.pool(self.features(x)).flatten(1)  # [B, output_dim]
@@ -44,6 +47,8 @@ def _resnet(name: str, cifar_stem: bool) -> nn.Module:
         model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
         model.maxpool = nn.Identity()
     model.output_dim = model.fc.in_features  # 512 (ResNet-18) or 2048 (ResNet-50)
+    # Total stride: layers 2-4 halve the size (8); the ImageNet stem adds a stride-2 conv and max-pool.
+    model.min_input_size = 8 if cifar_stem else 32
     model.fc = nn.Identity()
     return model
 
@@ -57,7 +62,8 @@ def build_encoder(name: str, cifar_stem: bool = False) -> nn.Module:
             The ConvNet ignores it.
 
     Returns:
-        An `nn.Module` mapping [B, 3, H, W] to [B, output_dim], with an int `output_dim`.
+        An `nn.Module` mapping [B, 3, H, W] to [B, output_dim], with int `output_dim` and
+        `min_input_size` attributes.
 
     Raises:
         ValueError: unknown name; the message lists the allowed names.

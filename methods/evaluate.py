@@ -87,7 +87,8 @@ def linear_probe(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, 
         seed: seeds the minibatch order.
 
     Returns:
-        {"top1": test accuracy, "train_top1": train accuracy}, fractions in [0, 1].
+        {"top1", "top5": test accuracy (top5 over min(5, C) classes), "train_top1": train
+        accuracy}, fractions in [0, 1].
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # thousands of tiny steps: one thread is fastest, and immune to
@@ -118,6 +119,8 @@ def _fit_linear(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, t
             loss.backward()
             opt.step()
     with torch.no_grad():
-        test_top1 = (clf(x_test).argmax(1) == y_test).float().mean().item()
+        ranked = clf(x_test).topk(min(5, num_classes), dim=1).indices
+        test_top1 = (ranked[:, 0] == y_test).float().mean().item()
+        test_top5 = (ranked == y_test.unsqueeze(1)).any(dim=1).float().mean().item()
         train_top1 = (clf(x_train).argmax(1) == y_train).float().mean().item()
-    return {"top1": test_top1, "train_top1": train_top1}
+    return {"top1": test_top1, "top5": test_top5, "train_top1": train_top1}

@@ -1,4 +1,4 @@
-"""The `selfsup` command line: ingest, pretrain, sweep, registry.
+"""The `selfsup` command line: ingest, pretrain, sweep, registry, evaluate.
 
 Each subcommand parses its arguments here and hands them to the module that does the work.
 `main` is the one place that turns an exception into an exit code: whatever a user can cause
@@ -49,6 +49,25 @@ def _cmd_registry(args: argparse.Namespace) -> int:
     from orchestrator.registry import main as registry_main
 
     return registry_main(args)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from orchestrator.evaluate import main as evaluate_main
+
+    return evaluate_main(args)
+
+
+def _limit(text: str) -> int | None:
+    """`--train-limit`/`--test-limit`: a positive count, or `all`."""
+    if text.lower() in ("all", "none"):
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a positive number of images, or 'all'")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,10 +121,28 @@ def build_parser() -> argparse.ArgumentParser:
     emb.add_argument("out", help="output Parquet file")
     emb.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS, metavar="N",
                      help=f"refuse images over N pixels before decoding them (default {DEFAULT_MAX_IMAGE_PIXELS:,})")
+    emb.add_argument("--image-size", default=None, metavar="SIZE|HxW",
+                     help="resize every image to this (default: the encoder's training size); "
+                          "the encoder takes any size from its stated minimum up")
     # --tracking-uri also after the command (`selfsup registry list --tracking-uri URI`). SUPPRESS:
     # a subcommand default would overwrite the value given before the command.
     for sp in (lst, show, best, prom, emb):
         sp.add_argument("--tracking-uri", default=argparse.SUPPRESS, help=uri_help)
+
+    from orchestrator.config import EvalConfig
+
+    ev = sub.add_parser("evaluate", help="kNN and linear top-1/top-5 of a registered encoder on an ingested dataset")
+    ev.add_argument("model_uri", help="models:/NAME@ALIAS or models:/NAME/VERSION")
+    ev.add_argument("data", help="an ingested dataset folder (manifest.json + shards, from `selfsup ingest`)")
+    ev.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    ev.add_argument("--image-size", type=int, default=None,
+                    help="resize images to SIZE x SIZE (default: the encoder's training size)")
+    ev.add_argument("--train-limit", type=_limit, default=EvalConfig.knn_train_limit,
+                    help=f"training images for the kNN bank and the linear probe, or 'all' (default {EvalConfig.knn_train_limit})")
+    ev.add_argument("--test-limit", type=_limit, default=None, help="test images (default: all)")
+    ev.add_argument("--linear-epochs", type=int, default=EvalConfig.linear_epochs,
+                    help=f"epochs of the linear probe; 0 = kNN only (default {EvalConfig.linear_epochs})")
+    ev.set_defaults(func=_cmd_evaluate)
     return p
 
 

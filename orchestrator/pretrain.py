@@ -55,6 +55,8 @@ class PretrainResult:
     knn_top1: float | None = None
     knn_top5: float | None = None
     knn_top1_untrained: float | None = None
+    linear_top1: float | None = None  # the linear probe after the last epoch (None: off, or no labels)
+    linear_top5: float | None = None
     loss: float | None = None
     model_name: str | None = None
     model_version: str | None = None
@@ -399,6 +401,8 @@ def epoch_line(m: dict[str, Any], total_epochs: int, epoch_times: list[float]) -
     parts = [f"epoch {epoch:{width}d}/{total_epochs}", f"loss {float(m.get('loss', math.nan)):.4f}"]
     if "knn_top1" in m:  # not for a dataset without labels
         parts.append(f"kNN top-1 {_pct(m.get('knn_top1'))}")
+    if "linear_top1" in m:
+        parts.append(f"linear top-1 {_pct(m['linear_top1'])}")
     if "momentum" in m:
         parts.append(f"tau {float(m['momentum']):.4f}")
     parts += [f"lr {float(m.get('lr', 0)):.2e}", f"{float(m.get('views_per_second', 0)):,.0f} views/s",
@@ -599,6 +603,7 @@ def _finish(cfg: Config, paths: RunPaths, record: dict[str, Any], result: Any, u
                          experiment=cfg.tracking.experiment, mlflow_run_id=run_id,
                          epochs=int(metrics.get("epoch", 0)), knn_top1=_f(metrics.get("knn_top1")),
                          knn_top5=_f(metrics.get("knn_top5")), knn_top1_untrained=_f(metrics.get("knn_top1_untrained")),
+                         linear_top1=_f(metrics.get("linear_top1")), linear_top5=_f(metrics.get("linear_top5")),
                          loss=_f(metrics.get("loss")), diverged=bool(last.get("diverged")),
                          metrics={k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
     if out.diverged:
@@ -607,6 +612,12 @@ def _finish(cfg: Config, paths: RunPaths, record: dict[str, Any], result: Any, u
         write_record(paths, {**record, "status": "diverged"})
         out.wall_seconds = time.perf_counter() - start
         return out
+    if out.knn_top1 is None:
+        # train_loop.probe_metrics scores nothing when images carry no label (-1): say so here,
+        # once, where the user looks, and on the run (the driver writes to it after training).
+        print(f"selfsup pretrain: kNN and linear probes skipped: the images of {cfg.data.path} carry no labels",
+              file=sys.stderr, flush=True)
+        tracking.client(uri).set_tag(run_id, "probes", "skipped: the images carry no labels")
     if cfg.tracking.register and state is not None:
         model = build_model(cfg)
         model.encoder.load_state_dict(encoder_state(state["model"]))
@@ -614,19 +625,32 @@ def _finish(cfg: Config, paths: RunPaths, record: dict[str, Any], result: Any, u
         mv = tracking.register_encoder(
             model.encoder, tracking_uri=uri, run_id=run_id, model_name=name, image_size=cfg.data.image_size,
             tags={"method": cfg.method.name, "encoder": cfg.model.encoder, "run_name": paths.name,
-                  **protocol_tags(cfg),
+                  "epochs": out.epochs, **protocol_tags(cfg),
                   # no labels: no kNN tags (a "None" tag would read as a metric)
                   **({"knn_top1": out.knn_top1, "knn_top1_untrained": out.knn_top1_untrained}
-                     if out.knn_top1 is not None else {LABEL_METRICS_TAG: "off: no labels"})})
+                     if out.knn_top1 is not None else {LABEL_METRICS_TAG: "off: no labels"}),
+                  **({"linear_top1": out.linear_top1, "linear_top5": out.linear_top5}
+                     if out.linear_top1 is not None else {})},
+            summary=version_summary(cfg, out))
         out.model_name, out.model_version = name, str(mv.version)
         promotion = _promote(uri, name, out.model_version)
         out.champion, out.champion_note = promotion.moved, promotion.reason
     if close_run:
         tracking.finish_run(uri, run_id, "FINISHED")
     write_record(paths, {**record, "status": "finished", "model_uri": out.model_uri,
-                         "knn_top1": out.knn_top1})
+                         "knn_top1": out.knn_top1, "linear_top1": out.linear_top1})
     out.wall_seconds = time.perf_counter() - start
     return out
+
+
+def version_summary(cfg: Config, r: PretrainResult) -> str:
+    """What a registered version is, for its description: method, data, epochs, kNN and linear top-1."""
+    linear = (f"linear top-1 {_pct(r.linear_top1).strip()} (top-5 {_pct(r.linear_top5).strip()})"
+              if r.linear_top1 is not None else "no linear probe")
+    return (f"{cfg.method.name} pretraining of a {cfg.model.encoder} encoder on {dataset_name(cfg)} "
+            f"({cfg.data.train_split} split, {cfg.data.image_size}x{cfg.data.image_size}) for {r.epochs} epochs "
+            f"(run {r.run_name}). On the {cfg.data.test_split} split: kNN top-1 {_pct(r.knn_top1).strip()} "
+            f"(k={cfg.eval.knn_k}), {linear}.")
 
 
 def mark_diverged(uri: str, run_id: str) -> None:
@@ -657,7 +681,8 @@ def _print_summary(r: PretrainResult) -> None:
         gain = f" (untrained encoder: {_pct(r.knn_top1_untrained).strip()})"
     knn = f"kNN top-1 {_pct(r.knn_top1).strip()}{gain}" if r.knn_top1 is not None else \
         f"loss {r.loss:.4f} (no labels: no kNN)" if r.loss is not None else "no labels: no kNN"
-    print(f"done in {_duration(r.wall_seconds)}: {knn} after {r.epochs} epochs")
+    linear = f", linear top-1 {_pct(r.linear_top1).strip()}" if r.linear_top1 is not None else ""
+    print(f"done in {_duration(r.wall_seconds)}: {knn}{linear} after {r.epochs} epochs")
     print(f"  MLflow run:   {r.mlflow_run_id} (experiment {r.experiment!r}, run {r.run_name!r}) in {r.tracking_uri}")
     if r.tracking_uri.startswith("sqlite:"):
         print(f"                view it: mlflow ui --backend-store-uri {r.tracking_uri}")

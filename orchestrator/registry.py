@@ -17,6 +17,7 @@ Note: `search_model_versions` leaves `aliases` empty (MLflow 3.x), so aliases ar
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import re
@@ -24,14 +25,15 @@ import sys
 import tempfile
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from orchestrator.encoder_input import TAG_IMAGE_SIZE, TAG_MIN_SIZE, EncoderInput, parse_size
 from orchestrator.errors import UserError
-
 from orchestrator.tracking import resolve_tracking_uri
 from pipelines.images import DEFAULT_MAX_IMAGE_PIXELS
 
@@ -330,22 +332,68 @@ ALLOWED_FLAVORS = {"pytorch", "python_function"}
 
 @dataclass
 class LoadedEncoder:
-    """A registered encoder loaded for inference: `module(x)` maps float32 `[B, 3, H, W]` (normalised
-    with `pipelines.augment.MEAN`/`STD`) to `[B, output_dim]`."""
+    """A registered encoder loaded for inference, with the input contract it states.
+
+    `module(x)` maps float32 `[B, 3, H, W]` (normalised with `pipelines.augment.MEAN`/`STD`) to
+    `[B, output_dim]`; calling the `LoadedEncoder` itself checks the input first
+    (`EncoderInput.check`: a one-line `UserError` instead of torch.export's guard failure).
+    """
 
     module: Any  # a torch.export GraphModule (already in eval mode; it refuses `.eval()`)
-    name: str
-    version: str
-    image_size: tuple[int, int]
+    version: Any  # the ModelVersion
+    spec: EncoderInput
     output_dim: int | None
 
     @property
+    def name(self) -> str:
+        return str(self.version.name)
+
+    @property
     def uri(self) -> str:
-        return f"models:/{self.name}/{self.version}"
+        return f"models:/{self.version.name}/{self.version.version}"
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """The (H, W) it was trained at."""
+        return self.spec.image_size, self.spec.image_size
+
+    @property
+    def model_id(self) -> str | None:
+        """MLflow 3's LoggedModel id: the version's source `models:/<model_id>` (its `model_id`
+        attribute came back empty from the SQLite store here)."""
+        source = str(self.version.source or "")
+        return getattr(self.version, "model_id", None) or (
+            source[len("models:/"):] if source.startswith("models:/m-") else None)
+
+    def __call__(self, x: Any) -> Any:
+        self.spec.check(x.shape, self.uri, dtype=x.dtype)
+        return self.module(x)
+
+    def input_size(self, requested: tuple[int, int] | None) -> tuple[int, int]:
+        """The (H, W) to resize images to: `requested`, checked, else the training size."""
+        size = requested or self.image_size
+        self.spec.check((1, self.spec.channels, *size), self.uri)
+        return size
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """MLflow draws a download progress bar on stderr, which would break the CLI's one-line output."""
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    before = os.environ.get(key)
+    os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
 
 
 def load_encoder(ref: str | ModelRef, *, tracking_uri: str | None = None, client: Any = None) -> LoadedEncoder:
-    """Load a registered encoder, running nothing that the store holds: the one way selfsup loads a model.
+    """Load a registered encoder, running nothing that the store holds: the one way selfsup loads a
+    model (`registry embed`, `selfsup evaluate`).
 
     MLflow 3.17 unpickles by default (`MLFLOW_ALLOW_PICKLE_DESERIALIZATION`), and a model version can
     carry a `code` folder that `mlflow.pytorch.load_model` puts on `sys.path`. selfsup registers
@@ -353,7 +401,8 @@ def load_encoder(ref: str | ModelRef, *, tracking_uri: str | None = None, client
     YAML) must have the `pytorch` flavor, no `code` in any flavor and its weights as `data/model.pt2`
     (no pickled `model.pth`); the pt2 archive must hold nothing but tensors and JSON/text records
     (MLflow's own check, which `mlflow.pytorch.load_model` runs only when pickle is switched off);
-    then `torch.export.load` reads it.
+    then `torch.export.load` reads it. The input contract comes from the version's tags
+    (`orchestrator.encoder_input`), or from its signature for versions registered before those tags.
 
     Args:
         ref: `NAME`, `NAME@ALIAS`, `NAME/VERSION`, optionally prefixed `models:/` (see `resolve_version`).
@@ -373,18 +422,18 @@ def load_encoder(ref: str | ModelRef, *, tracking_uri: str | None = None, client
     name, number = str(version.name), str(version.version)
     where = f"models:/{name}/{number}"
     uri = resolve_tracking_uri(tracking_uri)
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keep stderr to our own lines
-    with tempfile.TemporaryDirectory(prefix="selfsup-model-") as tmp:
+    with _no_progress_bars(), tempfile.TemporaryDirectory(prefix="selfsup-model-") as tmp:
         # Downloading runs nothing; the files are checked before anything reads them as a model.
         # The version's own artifact location, not `models:/...`, whose resolution reads MLflow's
         # global registry URI rather than the one passed here.
         source = client.get_model_version_download_uri(name, number)
         root = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp,
                                                         tracking_uri=uri)).resolve()
-        pt2, image_size, output_dim = _check_pt2_model(root, where)
+        pt2, shape, output_dim = _check_pt2_model(root, where)
         module = torch.export.load(str(pt2)).module()
-    return LoadedEncoder(module=module, name=name, version=number, image_size=image_size,
-                         output_dim=output_dim)
+    tags = dict(version.tags or {})
+    spec = EncoderInput.of(tags, None if {TAG_MIN_SIZE, TAG_IMAGE_SIZE} <= set(tags) else shape)
+    return LoadedEncoder(module=module, version=version, spec=spec, output_dim=output_dim)
 
 
 def _refuse(where: str, why: str) -> UserError:
@@ -392,9 +441,9 @@ def _refuse(where: str, why: str) -> UserError:
                      "encoders it registers, and never runs code from the model store")
 
 
-def _check_pt2_model(root: Path, where: str) -> tuple[Path, tuple[int, int], int | None]:
-    """The pt2 file, (H, W) and output width of a downloaded model folder, or `UserError` (see
-    `load_encoder`)."""
+def _check_pt2_model(root: Path, where: str) -> tuple[Path, list[int], int | None]:
+    """The pt2 file, the signature's input shape and the output width of a downloaded model folder,
+    or `UserError` (see `load_encoder`)."""
     import json
 
     import yaml
@@ -443,7 +492,7 @@ def _check_pt2_model(root: Path, where: str) -> tuple[Path, tuple[int, int], int
         raise _refuse(where, "no tensor input signature, so its image size is unknown") from None
     if len(shape) != 4 or shape[1] != 3:
         raise _refuse(where, f"it takes input {shape}, not [B, 3, H, W] images")
-    return pt2, (int(shape[2]), int(shape[3])), output_dim
+    return pt2, [int(v) for v in shape], output_dim
 
 
 def _image_folder_items(source: Path) -> tuple[list[Path], list[int]]:
@@ -534,7 +583,8 @@ def _decode(images: list[bytes], size: tuple[int, int], paths: list[str], max_pi
 
 
 def embed(model_ref: str, source: str | Path, out: str | Path, *, tracking_uri: str | None = None,
-          batch_size: int = 256, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> int:
+          batch_size: int = 256, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+          image_size: tuple[int, int] | None = None) -> int:
     """Write embeddings of every image in `source` to the Parquet file `out`.
 
     Args:
@@ -545,9 +595,13 @@ def embed(model_ref: str, source: str | Path, out: str | Path, *, tracking_uri: 
         tracking_uri: see `resolve_tracking_uri`.
         batch_size: images per forward pass.
         max_pixels: refuse an image whose header declares more pixels, before decoding it.
+        image_size: (H, W) every image is resized to; None: the model's training size.
 
     Returns:
         The number of rows written.
+
+    Raises:
+        UserError: bad source, unknown model, or an `image_size` the model does not take.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -563,8 +617,8 @@ def embed(model_ref: str, source: str | Path, out: str | Path, *, tracking_uri: 
     elif not _image_folder_items(src)[0]:
         raise UserError(f"{source}: no shard folder (manifest.json) and no "
                         f"{'/'.join(IMAGE_SUFFIXES)} images found")
-    encoder = load_encoder(model_ref, tracking_uri=tracking_uri)
-    model, size = encoder.module, encoder.image_size
+    model = load_encoder(model_ref, tracking_uri=tracking_uri)
+    size = model.input_size(image_size)
 
     out_path = Path(out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -619,7 +673,8 @@ def _describe(client: Any, v: Any) -> dict[str, Any]:
     aliases = _aliases_by_version(client, v.name).get(str(v.version), [])
     return {"name": v.name, "version": v.version, "aliases": ",".join(sorted(aliases)),
             "uri": f"models:/{v.name}/{v.version}", "run_id": v.run_id, "source": v.source,
-            "status": v.status, **{f"tag.{k}": val for k, val in sorted((v.tags or {}).items())}}
+            "status": v.status, "description": v.description or "",
+            **{f"tag.{k}": val for k, val in sorted((v.tags or {}).items())}}
 
 
 def main(args: argparse.Namespace) -> int:
@@ -627,7 +682,8 @@ def main(args: argparse.Namespace) -> int:
     cmd = args.registry_command
     if cmd == "embed":
         n = embed(args.uri, args.source, args.out, tracking_uri=args.tracking_uri,
-                  max_pixels=args.max_image_pixels)
+                  max_pixels=args.max_image_pixels,
+                  image_size=parse_size(args.image_size) if args.image_size else None)
         print(f"wrote {n} embeddings to {args.out}")
         return 0
     client = connect(args.tracking_uri)

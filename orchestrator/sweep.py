@@ -64,7 +64,7 @@ from orchestrator.errors import UserError
 SWEEP_RECORD = "selfsup-sweep.json"
 SEARCHERS = ("grid", "random", "bayes")
 SCHEDULERS = ("asha", "fifo")
-METRICS = ("knn_top1", "knn_top5")  # accuracies: higher is better
+METRICS = ("knn_top1", "knn_top5", "linear_top1", "linear_top5")  # accuracies: higher is better
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")
 TRIAL_PREFIX = "trial-"
 STATUS_ORDER = ("finished", "stopped", "diverged", "error", "not run")
@@ -198,6 +198,13 @@ def check_sweep(s: Sweep) -> None:
         _fail("sweep.scheduler", sw.scheduler, f"allowed: {', '.join(SCHEDULERS)}")
     if sw.metric not in METRICS:
         _fail("sweep.metric", sw.metric, f"allowed: {', '.join(METRICS)}")
+    if sw.metric.startswith("linear_"):
+        if s.base.eval.linear_epochs <= 0:
+            _fail("sweep.metric", sw.metric, "needs the linear probe: set eval.linear_epochs > 0")
+        # The probe runs after the last epoch only; ASHA compares trials at every rung, so a
+        # sweep ranking by it probes after every epoch (~1 s each on the demo).
+        if sw.scheduler == "asha":
+            s.base.eval.linear_every_epoch = True
     for name in ("num_samples", "max_concurrent_trials", "grace_period"):
         if getattr(sw, name) < 1:
             _fail(f"sweep.{name}", getattr(sw, name), "must be >= 1")
@@ -1024,7 +1031,9 @@ def _register_best(s: Sweep, best: dict[str, Any], uri: str) -> tuple[str | None
     mv = tracking.register_encoder(
         model.encoder, tracking_uri=uri, run_id=best["mlflow_run_id"], model_name=name,
         image_size=cfg.data.image_size,
-        tags={"method": cfg.method.name, s.sweep.metric: best[s.sweep.metric], "encoder": cfg.model.encoder,
+        # every accuracy of the last epoch (kNN, linear): `registry best` can rank by any of them
+        tags={**{k: v for k, v in state["metrics"].items() if k in METRICS},
+              "method": cfg.method.name, s.sweep.metric: best[s.sweep.metric], "encoder": cfg.model.encoder,
               "run_name": f"{TRIAL_PREFIX}{best['trial']}", "sweep": s.stem, **protocol})
     c.set_terminated(best["mlflow_run_id"], status)  # registering reopened the trial's run
     promotion = promote_if_better(c, name, str(mv.version), metric=s.sweep.metric)

@@ -12,7 +12,8 @@ The store is created in the driver before any worker starts: several processes o
 SQLite store at once race on schema creation (see DESIGN.md).
 
 Registered model input: float32 `[B, 3, H, W]`, RGB, values in [0, 1] normalised with
-`pipelines.augment.MEAN` / `STD` (ImageNet mean/std), H = W = `data.image_size`; any batch size.
+`pipelines.augment.MEAN` / `STD` (ImageNet mean/std); any batch size, any H and W from the
+encoder's `min_input_size` up (`orchestrator.encoder_input`, which also checks inputs).
 Output: float32 `[B, output_dim]` embeddings (the encoder's pooled features, no projection head).
 """
 
@@ -308,18 +309,24 @@ def finish_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
 
 
 def register_encoder(encoder: Any, *, tracking_uri: str, run_id: str, model_name: str, image_size: int,
-                     tags: dict[str, Any]) -> Any:
-    """Log the encoder to the run (torch.export "pt2", dynamic batch) and register a new version.
+                     tags: dict[str, Any], summary: str = "") -> Any:
+    """Log the encoder to the run (torch.export "pt2": dynamic batch, height and width) and register a new version.
 
-    The model takes float32 `[B, 3, image_size, image_size]`, RGB normalised with
-    `pipelines.augment.MEAN` / `STD`, any B >= 1, and returns float32 `[B, output_dim]`. It loads
-    with `orchestrator.registry.load_encoder` (or plain `mlflow.pytorch.load_model`).
+    The model takes float32 `[B, 3, H, W]`, RGB normalised with `pipelines.augment.MEAN` / `STD`,
+    any B >= 1 and any H, W >= the encoder's `min_input_size` (at most `image_size`), and returns
+    float32 `[B, output_dim]`. It loads with `orchestrator.registry.load_encoder` (or plain
+    `mlflow.pytorch.load_model`, which unpickles by default in MLflow 3.17).
 
     Args:
-        encoder: the trained encoder (`nn.Module` with `output_dim`); moved to CPU and eval mode.
+        encoder: the trained encoder (`nn.Module` with `output_dim`, and `min_input_size` if it has
+            a minimum); moved to CPU and eval mode.
+        image_size: the side of the square training images (the export example's size).
         tags: set on the model version (e.g. method, dataset, knn_top1, the kNN protocol of
             `pretrain.protocol_tags`); values become strings. `image_size` and `embedding_dim`
-            (the input and output widths, which the champion rule compares) are always set.
+            (the input and output widths, which the champion rule compares) and the input contract
+            (`EncoderInput.tags`) are always set.
+        summary: the start of the version's description (what was trained, how well); the input
+            contract and the output are appended.
 
     Returns:
         The new `ModelVersion` (with its tags).
@@ -330,23 +337,33 @@ def register_encoder(encoder: Any, *, tracking_uri: str, run_id: str, model_name
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
+    from orchestrator.encoder_input import EncoderInput, exportable, size_oblivious
+
     encoder = encoder.to("cpu").eval()
-    shape = (-1, 3, image_size, image_size)
-    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), shape)]),
+    spec = EncoderInput(min_size=min(int(getattr(encoder, "min_input_size", image_size)), image_size),
+                        image_size=image_size)
+    # -1: mlflow exports these dimensions as dynamic (Dim.AUTO); the range of H and W comes from
+    # the `torch._check`s in `exportable`.
+    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, -1, -1))]),
                                outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, int(encoder.output_dim)))]))
-    # Batch 2, not 1: torch.export specialises size-1 dimensions, and the batch must stay dynamic.
+    # Batch 2, not 1: a size-1 example dimension is exported static (mlflow's note on Dim.AUTO).
     example = torch.randn(2, 3, image_size, image_size).numpy()
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
     c = client(tracking_uri)
     # redirect_stderr: mlflow eprint()s "Successfully registered model ..." (errors still raise).
     with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None), torch.no_grad(), \
-            contextlib.redirect_stderr(io.StringIO()):
-        info = mlflow.pytorch.log_model(encoder, name="encoder", input_example=example, signature=signature,
-                                        serialization_format="pt2", pip_requirements=PIP_REQUIREMENTS,
+            contextlib.redirect_stderr(io.StringIO()), size_oblivious():
+        info = mlflow.pytorch.log_model(exportable(encoder, spec.min_size), name="encoder", input_example=example,
+                                        signature=signature, serialization_format="pt2",
+                                        pip_requirements=PIP_REQUIREMENTS, metadata=spec.tags(),
                                         registered_model_name=model_name, await_registration_for=60)
     version = str(info.registered_model_version)
-    tags = {**tags, "image_size": image_size, "embedding_dim": int(encoder.output_dim)}
+    tags = {**tags, "image_size": image_size, "embedding_dim": int(encoder.output_dim), **spec.tags()}
     for k, v in tags.items():
         c.set_model_version_tag(model_name, version, k, str(v))
+    description = (f"{summary.strip()} " if summary.strip() else "") + (
+        f"Input: {spec.describe()}. Output: float32 [B, {int(encoder.output_dim)}] embeddings "
+        "(the encoder's pooled features, no projection head).")
+    c.update_model_version(model_name, version, description=description)
     return c.get_model_version(model_name, version)

@@ -16,8 +16,10 @@ Per epoch, every worker:
    after each optimiser step;
 3. rank 0 computes kNN top-1/top-5 (`methods.evaluate.knn_accuracy`) of the encoder's features:
    memory bank = a seeded per-class subset of `eval.knn_train_limit` training images, queries =
-   the test split (all of it unless `eval.knn_test_limit`), no augmentation, eval-mode BN. The other ranks
-   wait at the `ray.train.report` barrier;
+   the test split (all of it unless `eval.knn_test_limit`), no augmentation, eval-mode BN; after the
+   last epoch (or every epoch with `eval.linear_every_epoch`) also the linear probe on the same
+   features (`linear_top1/top5`). The other ranks wait at the `ray.train.report` barrier, and the
+   Train controller's MLflow callback logs these metrics with the epoch's others (one writer);
 4. every rank calls `ray.train.report` once; rank 0 attaches the checkpoint `state.pt` (model incl.
    the MoCo queue buffers, optimiser, scheduler, epoch, seeds, metrics; loads with weights_only).
 """
@@ -39,7 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from orchestrator.config import Config
+from orchestrator.config import Config, EvalConfig
 
 STATE_FILE = "state.pt"
 FAULT_MARKER = "fault-injected"
@@ -177,11 +179,18 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
 # --- kNN probe ----------------------------------------------------------------------------------
 
 class KnnProbe:
-    """Weighted kNN top-1/top-5 (InstDisc, Wu et al. 2018) of an encoder, on fixed images.
+    """Weighted kNN top-1/top-5 (InstDisc, Wu et al. 2018) of an encoder, on fixed images; optionally
+    the linear probe on the same features.
 
     Bank: a seeded per-class subset of `eval.knn_train_limit` training images; queries: the test
     split (or such a subset of `eval.knn_test_limit`), as `orchestrator.data.decode_knn` decodes
     them. Images are resized to `data.image_size` and normalised; no augmentation.
+
+    Linear probe (the linear evaluation protocol, as solo-learn's and lightly's benchmarks report
+    it, on frozen features): `methods.evaluate.linear_probe` trained for `eval.linear_epochs` on the
+    bank's features (at most `eval.linear_train_limit` of them, a seeded random subset), scored on
+    the queries. It reuses the features the kNN probe just extracted: its cost is the classifier's
+    training alone (the demo: about a second on one core).
     """
 
     def __init__(self, cfg: Config, device: torch.device, decoded: dict[str, Any] | None = None) -> None:
@@ -206,9 +215,8 @@ class KnnProbe:
                 out.append(extract_features(encoder, x, self.cfg.eval.batch_size, self.device).float().cpu())
         return torch.cat(out)
 
-    def __call__(self, encoder: nn.Module) -> dict[str, float]:
-        from methods.evaluate import knn_accuracy
-
+    def __call__(self, encoder: nn.Module, *, linear: bool = False) -> dict[str, float]:
+        """`probe_metrics` of the encoder's features: kNN, and with `linear` the linear probe."""
         was_training = encoder.training
         encoder.eval()
         try:
@@ -216,9 +224,41 @@ class KnnProbe:
             test = self.features(encoder, self.test_x)
         finally:
             encoder.train(was_training)
-        r = knn_accuracy(bank, self.bank_y, test, self.test_y, k=self.cfg.eval.knn_k,
-                         temperature=self.cfg.eval.knn_t)
-        return {"knn_top1": float(r["top1"]), "knn_top5": float(r["top5"])}
+        return probe_metrics(bank, self.bank_y, test, self.test_y, self.cfg.eval, seed=self.cfg.run.seed,
+                             linear=linear)
+
+
+def probe_metrics(bank: torch.Tensor, bank_labels: torch.Tensor, test: torch.Tensor, test_labels: torch.Tensor,
+                  e: EvalConfig, *, seed: int, linear: bool = True) -> dict[str, float]:
+    """The evaluation protocol of pretraining and `selfsup evaluate`, on extracted features.
+
+    Args:
+        bank, bank_labels: the memory bank's features [N, D] and labels; also the linear probe's
+            training set (at most `e.linear_train_limit` of them, a subset seeded by `seed`).
+        test, test_labels: the queries / the linear probe's test set.
+        e: an `EvalConfig` (k, T, linear probe epochs, lr, limit).
+        linear: also run the linear probe (when `e.linear_epochs` > 0).
+
+    Returns:
+        {"knn_top1", "knn_top5"} and maybe {"linear_top1", "linear_top5", "linear_train_top1",
+        "linear_seconds"}; {} when any image is unlabelled (label -1).
+    """
+    from methods.evaluate import knn_accuracy, linear_probe
+
+    if not (bool((bank_labels >= 0).all()) and bool((test_labels >= 0).all())):
+        return {}  # unlabelled images (-1): nothing to score; the driver says so (pretrain._finish)
+    r = knn_accuracy(bank, bank_labels, test, test_labels, k=e.knn_k, temperature=e.knn_t)
+    out = {"knn_top1": float(r["top1"]), "knn_top5": float(r["top5"])}
+    if not (linear and e.linear_epochs > 0):
+        return out
+    if e.linear_train_limit is not None and len(bank) > e.linear_train_limit:
+        keep = torch.randperm(len(bank), generator=torch.Generator().manual_seed(seed))[:e.linear_train_limit]
+        bank, bank_labels = bank[keep], bank_labels[keep]
+    start = time.perf_counter()
+    lin = linear_probe(bank, bank_labels, test, test_labels, epochs=e.linear_epochs, lr=e.linear_lr, seed=seed)
+    out.update(linear_top1=float(lin["top1"]), linear_top5=float(lin["top5"]),
+               linear_train_top1=float(lin["train_top1"]), linear_seconds=time.perf_counter() - start)
+    return out
 
 
 def _labelled(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -397,7 +437,7 @@ def train_func_per_worker(config: dict[str, Any]) -> None:
     probe = KnnProbe(cfg, device, decoded) if rank == 0 and label_metrics_on(config) else None
     untrained = metrics.get("knn_top1_untrained")
     if probe is not None and untrained is None:
-        untrained = probe(module.encoder)["knn_top1"]
+        untrained = probe(module.encoder).get("knn_top1")  # None: unlabelled images
 
     for epoch in range(start_epoch + 1, cfg.optim.epochs + 1):
         t0 = time.perf_counter()
@@ -420,8 +460,9 @@ def train_func_per_worker(config: dict[str, Any]) -> None:
         if hasattr(module, "momentum"):
             metrics["momentum"] = float(module.momentum)
         if probe is not None:
-            metrics.update(probe(module.encoder))
-            metrics["knn_top1_untrained"] = float(untrained)  # type: ignore[arg-type]
+            metrics.update(probe(module.encoder, linear=cfg.eval.linear_every_epoch or epoch == cfg.optim.epochs))
+            if untrained is not None:
+                metrics["knn_top1_untrained"] = float(untrained)
         metrics["epoch_seconds"] = time.perf_counter() - t0
         mark("epoch_end", run=cfg.run.name, rank=rank, epoch=epoch)
         finite = {k: float(v) for k, v in metrics.items() if math.isfinite(v)}

@@ -48,10 +48,12 @@ def test_knn_weights_votes_by_similarity() -> None:
 
 def test_linear_probe_perfect_on_separable_and_chance_on_shuffled() -> None:
     (x_train, y_train), (x_test, y_test) = _blobs(50, 1, spread=1.0), _blobs(30, 2, spread=1.0)
-    assert linear_probe(x_train, y_train, x_test, y_test, epochs=20)["top1"] == 1.0
+    separable = linear_probe(x_train, y_train, x_test, y_test, epochs=20)
+    assert separable["top1"] == 1.0 and separable["top5"] == 1.0
     (x_train, y_train), (x_test, y_test) = _shuffled(2000, 1), _shuffled(1000, 2)
     result = linear_probe(x_train, y_train, x_test, y_test, epochs=20)
     assert 0.06 < result["top1"] < 0.14  # chance is 0.1
+    assert 0.40 < result["top5"] < 0.60 and result["top5"] >= result["top1"]  # chance is 0.5
     assert linear_probe(x_train, y_train, x_test, y_test, epochs=20) == result  # deterministic
 
 

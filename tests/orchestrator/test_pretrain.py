@@ -1,7 +1,9 @@
 """`selfsup pretrain` end to end on a local Ray, against a real `mlflow server` on 127.0.0.1.
 
 - the demo on 2 workers learns (kNN top-1 beats the untrained encoder), is tracked once per epoch,
-  and its registered encoder loads with selfsup's pt2-only `registry.load_encoder` and embeds any batch size;
+  ends with a linear probe, and its registered encoder loads with selfsup's pt2-only
+  `registry.load_encoder` and embeds any batch size and any image size from its minimum;
+  `selfsup evaluate` scores that encoder as pretraining did and logs a linked evaluation run;
 - a worker killed mid-run (fault hook) costs one restart from the last checkpoint; every epoch is
   still logged exactly once;
 - the whole command killed after its first checkpoint continues with `--resume`; killed again
@@ -22,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.config import load_config
-from orchestrator.pretrain import FAULT_BEFORE_LOG_ENV, FAULT_ENV, RUN_RECORD, run_pretrain
+from orchestrator.pretrain import FAULT_BEFORE_LOG_ENV, FAULT_ENV, RUN_RECORD, PretrainResult, run_pretrain
 from orchestrator.train_loop import FAULT_MARKER
 
 EPOCHS = 2
@@ -73,6 +75,10 @@ def test_demo_learns_registers_and_the_encoder_embeds(demo_data: Path, tmp_path:
     assert r.run_name == "demo-1" and r.epochs == EPOCHS and not r.diverged
     assert r.knn_top1 is not None and r.knn_top1_untrained is not None
     assert r.knn_top1 > r.knn_top1_untrained, (r.knn_top1, r.knn_top1_untrained)
+    # The linear probe ran once, after the last epoch, and learned the digits (chance: 10%).
+    assert r.linear_top1 is not None and r.linear_top5 is not None
+    assert r.linear_top1 > 0.5 and r.linear_top5 >= r.linear_top1, (r.linear_top1, r.linear_top5)
+    assert "linear top-1" in out  # the last epoch's line
     c = MlflowClient(mlflow_server)
     run = c.get_run(r.mlflow_run_id)
     assert run.info.status == "FINISHED" and run.data.params["method.name"] == "simclr"
@@ -80,6 +86,10 @@ def test_demo_learns_registers_and_the_encoder_embeds(demo_data: Path, tmp_path:
     for key in ("loss", "knn_top1", "lr", "views_per_second", "epoch_seconds"):
         assert [s for s, _ in _history(mlflow_server, r.mlflow_run_id, key)] == [1, 2], key
     assert len(_history(mlflow_server, r.mlflow_run_id, "knn_top1_untrained")) == 1
+    for key in ("linear_top1", "linear_top5"):
+        assert [s for s, _ in _history(mlflow_server, r.mlflow_run_id, key)] == [EPOCHS], key
+    linear_seconds = _history(mlflow_server, r.mlflow_run_id, "linear_seconds")[0][1]
+    assert linear_seconds < 30, linear_seconds  # seconds, not minutes, on 2 busy cores
     losses = [v for _, v in _history(mlflow_server, r.mlflow_run_id, "loss")]
     assert losses[-1] < losses[0]
 
@@ -89,6 +99,11 @@ def test_demo_learns_registers_and_the_encoder_embeds(demo_data: Path, tmp_path:
     # How the run measured kNN, recorded for the champion rule (the demo's bank: the whole train split).
     assert {k: mv.tags[k] for k in ("image_size", "embedding_dim", "knn_bank", "knn_queries", "knn_k")} == {
         "image_size": "28", "embedding_dim": "256", "knn_bank": "4000", "knn_queries": "1000", "knn_k": "200"}
+    assert float(mv.tags["linear_top1"]) == pytest.approx(r.linear_top1)
+    assert mv.tags["input_min_size"] == "16" and mv.tags["input_channels"] == "3"
+    for words in ("simclr", "mnist-demo", f"for {EPOCHS} epochs", "kNN top-1", "linear top-1",
+                  "float32 [B, 3, H, W], any height and width >= 16 (trained at 28x28)", "normalised"):
+        assert words in mv.description, (words, mv.description)
     from orchestrator.registry import load_encoder
 
     model = load_encoder(f"e2e-encoder/{r.model_version}", tracking_uri=mlflow_server).module
@@ -100,6 +115,46 @@ def test_demo_learns_registers_and_the_encoder_embeds(demo_data: Path, tmp_path:
             assert z.shape == (b, 256) and torch.isfinite(z).all()
         # The same images embed the same in a bigger batch (eval-mode BN, no batch coupling).
         torch.testing.assert_close(model(x[:17])[:3], model(x[:3]), rtol=1e-4, atol=1e-4)
+        # Any image size from the stated minimum (16) up: 28x28 as trained, and 40x36.
+        big = torch.nn.functional.interpolate(x[:5], size=(40, 36), mode="bilinear", align_corners=False)
+        assert model(big).shape == (5, 256) and torch.isfinite(model(big)).all()
+        assert model(x[:5, :, :16, :16]).shape == (5, 256)
+
+    _evaluate_the_registered_encoder(demo_data, mlflow_server, r, capsys)
+
+
+def _evaluate_the_registered_encoder(demo_data: Path, uri: str, r: PretrainResult, capsys: pytest.CaptureFixture[str]) -> None:
+    """`selfsup evaluate` on the encoder this module's demo run registered (no second pretraining)."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.cli import main as cli_main
+
+    capsys.readouterr()
+    assert cli_main(["evaluate", "models:/e2e-encoder@champion", str(demo_data), "--tracking-uri", uri]) == 0
+    out = capsys.readouterr().out
+    values = {ln.split()[0]: float(ln.split()[1]) for ln in out.splitlines()
+              if ln.split() and ln.split()[0] in ("knn_top1", "knn_top5", "linear_top1", "linear_top5")}
+    assert set(values) == {"knn_top1", "knn_top5", "linear_top1", "linear_top5"}, out
+    # Same protocol, images and seed as the run's last-epoch probe, through the exported model.
+    assert values["knn_top1"] == pytest.approx(r.knn_top1, abs=0.005)
+    assert values["linear_top1"] == pytest.approx(r.linear_top1, abs=0.02)
+    c = MlflowClient(uri)
+    mv = c.get_model_version("e2e-encoder", r.model_version)
+    run = c.get_run(mv.tags["evaluation_run.mnist-demo"])
+    assert c.get_experiment(run.info.experiment_id).name == "selfsup-evaluations"
+    assert run.info.status == "FINISHED" and run.info.run_id in out
+    assert run.data.tags["model_name"] == "e2e-encoder" and run.data.tags["model_version"] == mv.version
+    assert run.data.tags["dataset"] == "mnist-demo" and "linear probe" in run.data.tags["protocol"]
+    assert run.data.metrics["linear_top1"] == pytest.approx(values["linear_top1"], abs=1e-4)
+
+    # An image size below the encoder's minimum: one line, exit 2, no run logged.
+    runs_before = len(c.search_runs([run.info.experiment_id]))
+    assert cli_main(["evaluate", "models:/e2e-encoder@champion", str(demo_data), "--tracking-uri", uri,
+                     "--image-size", "12"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"selfsup evaluate: error: models:/e2e-encoder/{mv.version} takes images of at least "
+                   "16x16 pixels; got 12x12\n")
+    assert len(c.search_runs([run.info.experiment_id])) == runs_before
 
 
 @pytest.mark.slow

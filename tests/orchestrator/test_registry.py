@@ -35,13 +35,14 @@ class Store:
 
 
 class TinyEncoder(torch.nn.Module):
-    """A small real conv encoder ([B, 3, 32, 32] -> [B, 16]); untrained, distinct per seed."""
+    """A small real conv encoder ([B, 3, H, W] -> [B, 16], H, W >= 8); untrained, distinct per seed."""
 
     def __init__(self, seed: int) -> None:
         super().__init__()
         torch.manual_seed(seed)
         self.conv = torch.nn.Conv2d(3, 16, 3, stride=2, padding=1)
         self.output_dim = 16
+        self.min_input_size = 8
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.relu(self.conv(x)).mean(dim=(2, 3))
@@ -224,6 +225,33 @@ def test_embed_errors(store: Store, tmp_path: Path, capsys: pytest.CaptureFixtur
                 str(tmp_path / "bomb"), str(tmp_path / "o.parquet")) == 2
     assert "x.png: 9500x9500 = 90,250,000 pixels, more than --max-image-pixels" in capsys.readouterr().err
     assert not (tmp_path / "o.parquet").exists()
+
+
+def test_embed_any_image_size_and_one_line_input_errors(store: Store, tmp_path: Path, cifar10_dir: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, row in enumerate(pq.read_table(cifar10_dir / "test-00000-of-00001.parquet").slice(0, 4).to_pylist()):
+        (folder / f"{i}.jpg").write_bytes(row["image"])
+    uri = f"models:/{store.model}/1"
+    v = registry.connect(store.uri).get_model_version(store.model, "1")
+    assert v.tags["input_min_size"] == "8" and v.tags["input_channels"] == "3"
+    assert "any height and width >= 8 (trained at 32x32)" in v.description
+    out = tmp_path / "emb.parquet"
+    assert _cli("registry", "--tracking-uri", store.uri, "embed", uri, str(folder), str(out),
+                "--image-size", "40x36") == 0
+    assert pq.read_table(out).num_rows == 4
+    capsys.readouterr()
+    assert _cli("registry", "--tracking-uri", store.uri, "embed", uri, str(folder), str(tmp_path / "small.parquet"),
+                "--image-size", "7") == 2
+    err = capsys.readouterr().err
+    assert err == f"selfsup registry: error: {uri} takes images of at least 8x8 pixels; got 7x7\n"
+    assert not (tmp_path / "small.parquet").exists()
+
+    encoder = registry.load_encoder(uri, tracking_uri=store.uri)  # the Python API checks the same way
+    assert encoder(torch.randn(2, 3, 8, 11)).shape == (2, 16)
+    with pytest.raises(UserError, match=r"takes 3-channel \(RGB\) images; got 1 channel "):
+        encoder(torch.randn(2, 1, 32, 32))
 
 
 def test_missing_store_and_unreachable_server(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -112,6 +112,16 @@ def test_bad_sweeps_are_rejected_with_one_message(tmp_path: Path, sweep: dict, m
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
+def test_a_sweep_can_rank_by_the_linear_probe(tmp_path: Path) -> None:
+    doc = {"data": {"source": None}, "scaling": {"num_workers": 1}, "sweep": {"metric": "linear_top1"}}
+    s = load_sweep(_write(tmp_path, doc))
+    # ASHA compares trials after every epoch: the probe then runs after every epoch, not the last only.
+    assert s.sweep.metric == "linear_top1" and s.base.eval.linear_every_epoch
+    assert not load_sweep(_write(tmp_path, doc), ["sweep.scheduler=fifo"]).base.eval.linear_every_epoch
+    with pytest.raises(ConfigError, match="sweep.metric = 'linear_top1': needs the linear probe: set eval.linear_epochs > 0"):
+        load_sweep(_write(tmp_path, doc), ["eval.linear_epochs=0"])
+
+
 def test_a_bad_value_is_told_from_where_it_was_set(tmp_path: Path) -> None:
     """The message names the file for a value the file sets, the --set for a value a --set sets."""
     path = _write(tmp_path, {"data": {"source": None}, "scaling": {"num_workers": 1},

@@ -1,0 +1,173 @@
+"""`selfsup evaluate MODEL_URI DATA`: kNN and linear top-1/top-5 of a registered encoder on an ingested dataset.
+
+The protocol is pretraining's (`orchestrator.train_loop.probe_metrics`, settings from `EvalConfig`):
+features of a seeded per-class subset of `--train-limit` training images (the kNN memory bank and
+the linear probe's training set) and of the test split (or `--test-limit` of it), no augmentation,
+every image resized to the encoder's training size (or `--image-size`) and normalised.
+
+The encoder loads through `orchestrator.registry.load_encoder` (pt2 only), which checks the input
+against what the model version states (channels, minimum size): a size it does not take is one
+line, exit 2.
+
+The result is an MLflow run in the experiment `selfsup-evaluations`, linked to the model version
+both ways: the run's tags and params name the model (name, version, URI), the dataset and the
+protocol; its metrics are logged with the version's `model_id` (MLflow 3 shows them on the logged
+model); the version gets the tag `evaluation_run.<dataset>` = the run id.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from orchestrator.config import EvalConfig
+from orchestrator.errors import UserError
+
+EXPERIMENT = "selfsup-evaluations"
+METRICS = ("knn_top1", "knn_top5", "linear_top1", "linear_top5")
+
+
+@dataclass
+class Evaluation:
+    """What `evaluate` measured and where it logged it."""
+
+    model_uri: str  # models:/NAME/VERSION
+    dataset: str
+    metrics: dict[str, float]
+    train_images: int
+    test_images: int
+    image_size: int
+    run_id: str = ""
+    tracking_uri: str = ""
+    seconds: float = 0.0
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+def _features(encoder: Any, images_uint8: Any, batch_size: int) -> Any:
+    import torch
+
+    from pipelines.augment import normalize
+
+    with torch.inference_mode():
+        return torch.cat([encoder(normalize(images_uint8[i:i + batch_size])).float()
+                          for i in range(0, len(images_uint8), batch_size)])
+
+
+def evaluate(model_ref: str, data: str | Path, *, tracking_uri: str | None = None,
+             image_size: int | None = None, train_limit: int | None = EvalConfig.knn_train_limit,
+             test_limit: int | None = None, linear_epochs: int = EvalConfig.linear_epochs,
+             train_split: str = "train", test_split: str = "test", seed: int = 0) -> Evaluation:
+    """Score a registered encoder on an ingested dataset and log the evaluation run.
+
+    Args:
+        model_ref: `models:/NAME@ALIAS`, `models:/NAME/VERSION` (or without `models:/`).
+        data: a shard folder with `manifest.json` (`selfsup ingest`).
+        tracking_uri: the MLflow store of the registry, which also receives the evaluation run.
+        image_size: resize images to this square size (default: the encoder's training size).
+        train_limit, test_limit: at most this many images of each split (seeded per-class
+            subsets); None = all.
+        linear_epochs: the linear probe's epochs (0: kNN only).
+        seed: seed of the subsets and the linear probe.
+
+    Raises:
+        UserError / DataError: unknown model, no dataset there, unlabelled splits, or an image size
+            the encoder does not take.
+    """
+    import torch
+
+    from orchestrator import tracking
+    from orchestrator.registry import load_encoder
+    from orchestrator.train_loop import probe_metrics
+    from pipelines.manifest import read_manifest
+    from pipelines.memory import decode_split
+
+    start = time.perf_counter()
+    if linear_epochs < 0:
+        raise UserError(f"--linear-epochs {linear_epochs}: must be >= 0 (0 = kNN only)")
+    manifest = read_manifest(data)  # DataError (one line) when DATA is no ingested dataset
+    for split in (train_split, test_split):
+        if split not in manifest.splits:
+            raise UserError(f"{data}: the dataset has no {split!r} split; it has "
+                            f"{', '.join(sorted(manifest.splits)) or '(none)'}")
+    encoder = load_encoder(model_ref, tracking_uri=tracking_uri)
+    h, w = encoder.input_size((image_size, image_size) if image_size else None)  # checked: one-line error
+    settings = replace(EvalConfig(), knn_train_limit=train_limit, knn_test_limit=test_limit,
+                       linear_epochs=linear_epochs, linear_train_limit=None)
+    threads = max(1, torch.get_num_threads())
+    bank = decode_split(data, train_split, image_size=h, limit=train_limit, stratified=True, seed=seed,
+                        threads=threads)
+    test = decode_split(data, test_split, image_size=h, limit=test_limit, stratified=True, seed=seed,
+                        threads=threads)
+    bank_x, bank_y = bank.tensors()
+    test_x, test_y = test.tensors()
+    for split, labels in ((train_split, bank_y), (test_split, test_y)):
+        if len(labels) == 0 or bool((labels < 0).any()):
+            raise UserError(f"{data}: the {split!r} split has {'no images' if len(labels) == 0 else 'unlabelled images'}"
+                            "; evaluate needs labelled train and test images")
+    metrics = probe_metrics(_features(encoder, bank_x, settings.batch_size), bank_y,
+                            _features(encoder, test_x, settings.batch_size), test_y, settings, seed=seed)
+    params = {"model.name": encoder.version.name, "model.version": str(encoder.version.version),
+              "model.uri": encoder.uri, "data.path": str(Path(data).resolve()), "data.name": manifest.name,
+              # which version of the data: the manifest lists every shard and its row count
+              "data.digest": hashlib.sha256((Path(data) / "manifest.json").read_bytes()).hexdigest()[:16],
+              "data.train_split": train_split, "data.test_split": test_split, "image_size": f"{h}x{w}",
+              "train_images": len(bank_y), "test_images": len(test_y), "knn_k": settings.knn_k,
+              "knn_t": settings.knn_t, "linear_epochs": settings.linear_epochs, "linear_lr": settings.linear_lr,
+              "seed": seed}
+    out = Evaluation(model_uri=encoder.uri, dataset=manifest.name, metrics=metrics, train_images=len(bank_y),
+                     test_images=len(test_y), image_size=h, tracking_uri=tracking.resolve_tracking_uri(tracking_uri),
+                     params=params)
+    out.seconds = time.perf_counter() - start
+    out.run_id = _log(out, encoder.version, encoder.model_id)
+    return out
+
+
+def _log(e: Evaluation, version: Any, model_id: str | None) -> str:
+    """The evaluation run, its metrics linked to the version's logged model, and the version's tag."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    from orchestrator import tracking
+
+    c = tracking.client(e.tracking_uri)
+    exp = tracking.ensure_experiment(e.tracking_uri, EXPERIMENT)
+    protocol = (f"weighted kNN (k={e.params['knn_k']}, T={e.params['knn_t']}) and a linear probe "
+                f"({e.params['linear_epochs']} epochs) on frozen features of {e.train_images} "
+                f"{e.params['data.train_split']} images, scored on {e.test_images} "
+                f"{e.params['data.test_split']} images at {e.params['image_size']}")
+    tags = {"model_name": version.name, "model_version": str(version.version), "model_uri": e.model_uri,
+            "dataset": e.dataset, "protocol": protocol, "selfsup.kind": "evaluation"}
+    run = c.create_run(exp, run_name=f"{version.name}-v{version.version}-on-{e.dataset}", tags=tags)
+    run_id = str(run.info.run_id)
+    ts = int(time.time() * 1000)
+    digest = e.params["data.digest"]
+    metrics = [Metric(k, float(v), ts, 0, model_id=model_id, dataset_name=e.dataset, dataset_digest=digest)
+               for k, v in e.metrics.items()] + [Metric("evaluate_seconds", e.seconds, ts, 0)]
+    try:
+        c.log_batch(run_id, metrics=metrics, params=[Param(k, str(v)) for k, v in e.params.items()],
+                    tags=[RunTag("mlflow.note.content", protocol)])
+    except BaseException:
+        c.set_terminated(run_id, "FAILED")
+        raise
+    c.set_terminated(run_id, "FINISHED")
+    c.set_model_version_tag(version.name, str(version.version), f"evaluation_run.{e.dataset}", run_id)
+    return run_id
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def main(args: argparse.Namespace) -> int:
+    """`selfsup evaluate MODEL_URI DATA [--tracking-uri URI] [--image-size N] ...`; see `orchestrator.cli`."""
+    r = evaluate(args.model_uri, args.data, tracking_uri=args.tracking_uri, image_size=args.image_size,
+                 train_limit=args.train_limit, test_limit=args.test_limit, linear_epochs=args.linear_epochs)
+    print(f"selfsup evaluate: {r.model_uri} on {r.dataset} ({r.train_images:,} train / {r.test_images:,} test "
+          f"images, {r.image_size}x{r.image_size}) in {r.seconds:.1f}s")
+    for key in METRICS:
+        print(f"{key:12} {_fmt(r.metrics.get(key))}")
+    print(f"MLflow run:  {r.run_id} (experiment {EXPERIMENT!r}) in {r.tracking_uri}")
+    return 0
