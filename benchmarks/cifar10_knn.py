@@ -1,9 +1,11 @@
-"""kNN top-1 on the CIFAR-10 test split per method after a fixed budget on this machine.
+"""kNN and linear-probe top-1 on the CIFAR-10 test split per method after a fixed budget on this machine.
 
 Each method runs its recipe (`configs/cifar10-<method>.yaml`) through `selfsup pretrain`'s own
 code path (`orchestrator.pretrain.run_pretrain`: Ray Train, 2 workers, MLflow) with the budget
 overrides below, and reports the kNN top-1 (k=200, T=0.1, InstDisc weighted kNN) of the final
-encoder on all 10,000 test images, against the untrained encoder's.
+encoder on all 10,000 test images, against the untrained encoder's, and the linear probe's top-1
+(`eval.linear_epochs` on frozen features of the kNN bank, scored on the same test images) that
+every pretraining runs after its last epoch.
 
 On a 2-core CPU a ResNet-18 manages ~15 images/s, so the CPU budget swaps in the small ConvNet
 (`--encoder convnet`, the default here) and a subset of the training split; on a GPU pass
@@ -28,9 +30,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from methods import METHODS  # noqa: E402
 from orchestrator.config import load_config  # noqa: E402
-
-METHODS = ("simclr", "moco", "byol")
 
 
 def overrides(args: argparse.Namespace, method: str, tmp: str) -> list[str]:
@@ -49,7 +50,7 @@ def overrides(args: argparse.Namespace, method: str, tmp: str) -> list[str]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="data/cifar10", help="CIFAR-10 shard folder (selfsup ingest output)")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--encoder", default="convnet")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--limit", type=int, default=10000, help="training images per epoch (0 = all 50,000)")
@@ -73,10 +74,10 @@ def main() -> None:
             r = run_pretrain(cfg, progress=True)
             minutes = (time.perf_counter() - start) / 60
             rows.append({"method": method, "knn_top1": r.knn_top1, "knn_top5": r.knn_top5,
-                         "knn_top1_untrained": r.knn_top1_untrained, "epochs": r.epochs, "minutes": minutes,
-                         "loss": r.loss})
-            print(f"{method}: kNN top-1 {r.knn_top1:.4f} (untrained {r.knn_top1_untrained:.4f}) in {minutes:.1f} min",
-                  flush=True)
+                         "knn_top1_untrained": r.knn_top1_untrained, "linear_top1": r.linear_top1,
+                         "linear_top5": r.linear_top5, "epochs": r.epochs, "minutes": minutes, "loss": r.loss})
+            print(f"{method}: kNN top-1 {r.knn_top1:.4f} (untrained {r.knn_top1_untrained:.4f}), linear top-1 "
+                  f"{r.linear_top1 or float('nan'):.4f} in {minutes:.1f} min", flush=True)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -89,12 +90,17 @@ def main() -> None:
           f"`{cmd.strip()}` on {result['machine']} ({'GPU' if args.gpu else 'CPU'}): encoder {args.encoder}, "
           f"{args.epochs} epochs over {args.limit or 50000:,} training images per epoch, global batch {args.batch_size}, "
           f"{args.workers} Ray Train workers; kNN k=200, T=0.1, bank {args.knn_bank:,} train images, all 10,000 test images.",
-          "", "| method | kNN top-1 | top-5 | untrained encoder top-1 | epochs | minutes |",
-          "| --- | ---: | ---: | ---: | ---: | ---: |"]
+          "", "| method | kNN top-1 | top-5 | untrained encoder kNN top-1 | linear top-1 | linear top-5 | epochs | minutes |",
+          "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+
+    def pct(v: float | None) -> str:
+        return "n/a" if v is None else f"{100 * v:.1f}%"
+
     for r in rows:
-        md.append(f"| {r['method']} | {100 * r['knn_top1']:.1f}% | {100 * r['knn_top5']:.1f}% | "
-                  f"{100 * r['knn_top1_untrained']:.1f}% | {r['epochs']} | {r['minutes']:.1f} |")
-    md += ["", "Recipes: configs/cifar10-<method>.yaml with the overrides above (warm-up 1 epoch, MoCo queue 4,096). "
+        md.append(f"| {r['method']} | {pct(r['knn_top1'])} | {pct(r['knn_top5'])} | {pct(r['knn_top1_untrained'])} | "
+                  f"{pct(r['linear_top1'])} | {pct(r['linear_top5'])} | {r['epochs']} | {r['minutes']:.1f} |")
+    md += ["", "Recipes: configs/cifar10-<method>.yaml with the overrides above (warm-up 1 epoch, MoCo queue 4,096; "
+           "the linear probe with the run's `eval.linear_*` defaults). "
            "Minutes are wall time per run including Ray start-up, on a shared machine "
            f"(1-min load average at the end: {result['load_average_1min_at_end']:.1f})."]
     (out / "cifar10_knn.md").write_text("\n".join(md) + "\n")

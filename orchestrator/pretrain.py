@@ -108,7 +108,7 @@ def init_ray(cfg: Config) -> tuple[bool, str | None]:
     """Join the configured Ray cluster, or start a local one; returns (started_here, temp_dir).
 
     Local: `num_cpus` = 2 x cores (at least 4): Ray Data's read/decode tasks need logical CPUs
-    next to the Train workers or a 2-core machine hangs (DESIGN.md facts). Token auth is set
+    next to the Train workers or a 2-core machine hangs (docs/design.md, "Data"). Token auth is set
     explicitly: off for the private local cluster (its temp dir is private to this run; the
     dashboard is not started), as the environment says for a cluster (`RAY_AUTH_MODE`).
     """

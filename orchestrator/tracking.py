@@ -9,7 +9,7 @@ Who writes what (never two processes at once):
 - after training, the driver registers the encoder and closes the run.
 
 The store is created in the driver before any worker starts: several processes opening a fresh
-SQLite store at once race on schema creation (see DESIGN.md).
+SQLite store at once race on schema creation (docs/design.md, "MLflow: one writer per run").
 
 Registered model input: float32 `[B, 3, H, W]`, RGB, values in [0, 1] normalised with
 `pipelines.augment.MEAN` / `STD` (ImageNet mean/std); any batch size, any H and W from the

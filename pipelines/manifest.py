@@ -1,4 +1,4 @@
-"""`manifest.json`: what a shard folder holds (DESIGN.md, "Data: shards and manifest").
+"""`manifest.json`: what a shard folder holds (docs/design.md, "Data: shards, manifest, and two loaders").
 
 A dataset on disk is a folder of Parquet shards (`train-00000-of-00003.parquet`, ...) with the
 columns `image` (encoded bytes as they came, or re-encoded once where training's decoder would not

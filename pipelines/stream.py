@@ -18,7 +18,7 @@ step, `equal=True` drops up to `world_size - 1` rows and `drop_last=True` then d
 last partial batch: `dropped_per_epoch(rows, world_size, batch_size)` says how many (a different
 random set each epoch, so no image is left out for good).
 
-2 cores: Ray Data must get CPUs next to the Train workers (DESIGN.md facts): the driver declares
+2 cores: Ray Data must get CPUs next to the Train workers (docs/design.md, "Data"): the driver declares
 `ray.init(num_cpus=4)`, the workers take 1 CPU each, and every Ray Data stage here is capped at
 `concurrency` tasks (default 2).
 """

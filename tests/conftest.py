@@ -94,7 +94,7 @@ def _stop_group(proc: subprocess.Popen) -> None:
 
 @pytest.fixture()
 def ray_local(tmp_path: Path) -> Iterator[None]:
-    """A fresh local Ray (4 logical CPUs on 2 cores, see DESIGN.md), shut down and `ray stop`ped after."""
+    """A fresh local Ray (4 logical CPUs on 2 cores, see docs/design.md), shut down after (`ray.shutdown()`, never a global `ray stop`)."""
     import ray
 
     import tempfile
