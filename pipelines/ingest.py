@@ -13,7 +13,8 @@ check it; corrupt or truncated ones are counted, listed in the manifest under `s
 out. Formats torchvision cannot decode (BMP, TIFF, ...) are re-encoded losslessly to PNG and listed
 under `converted`. Symlinks that lead outside SOURCE are not followed (listed under `skipped`).
 
-Shards are written under hidden temporary names and renamed at the end, manifest last: an
+Shards are written under hidden temporary names and renamed at the end, manifest last (to an
+object store, which has no rename: staged locally, uploaded, manifest last): an
 interrupted ingest leaves no `manifest.json`, and a folder without one is not a dataset.
 """
 
@@ -27,6 +28,7 @@ import os
 import re
 import socket
 import sys
+import tempfile
 import urllib.error
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -39,7 +41,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipelines import demo
+from pipelines import demo, storage
 from pipelines.errors import DataError
 from pipelines.manifest import MANIFEST, Manifest, Split, write_manifest
 
@@ -88,7 +90,7 @@ def ingest(source: str, out: str | Path, *, test_fraction: float = 0.2, seed: in
     Args:
         source: `demo`, a path (ImageFolder directory, `.parquet` file or folder of them), or a
             torchvision dataset name.
-        out: the output folder (created if needed).
+        out: the output folder (created if needed), or an object-store URI (`s3://BUCKET/name`).
         test_fraction: share of each class held out as `test` when the source has no split.
         seed: seed of that split (and of the row order of ImageFolder sources).
         overwrite: replace a dataset already in OUT.
@@ -106,9 +108,18 @@ def ingest(source: str, out: str | Path, *, test_fraction: float = 0.2, seed: in
         DataError: missing or empty source, OUT already holds a dataset, no network for a
             download, or no image could be read. Nothing is written in those cases.
     """
-    out = Path(out)
     if not 0.0 <= test_fraction < 1.0:
         raise DataError(f"--test-fraction {test_fraction} is out of range; allowed: 0 <= f < 1")
+    if storage.is_uri(out):
+        # An object store has no rename: build the dataset in a local staging folder as usual, then
+        # upload the shards and, last, the manifest (`_publish`).
+        _check_out_uri(str(out), overwrite)
+        with tempfile.TemporaryDirectory(prefix="selfsup-ingest-") as stage:
+            manifest = ingest(source, stage, test_fraction=test_fraction, seed=seed, progress=progress,
+                              image_column=image_column, label_column=label_column, cache_dir=cache_dir)
+            _publish(Path(stage), str(out), manifest)
+        return manifest
+    out = Path(out)
     _check_out(out, overwrite)
     src = _open_source(source, out, seed=seed, image_column=image_column, label_column=label_column,
                        cache_dir=cache_dir)
@@ -132,6 +143,31 @@ def _check_out(out: Path, overwrite: bool) -> None:
         shards = sorted(p.name for p in out.iterdir() if SHARD_NAME.match(p.name))
         if shards:
             raise DataError(f"{out} already holds shards ({shards[0]}, ...); pass --overwrite to replace them")
+
+
+def _check_out_uri(out: str, overwrite: bool) -> None:
+    """`_check_out` for a dataset location in an object store."""
+    names = storage.list_names(out)
+    if overwrite:
+        return
+    if MANIFEST in names:
+        raise DataError(f"{out} already holds a dataset ({MANIFEST}); pass --overwrite to replace it")
+    shards = [n for n in names if SHARD_NAME.match(n)]
+    if shards:
+        raise DataError(f"{out} already holds shards ({shards[0]}, ...); pass --overwrite to replace them")
+
+
+def _publish(stage: Path, out: str, manifest: Manifest) -> None:
+    """Upload a staged dataset to an object store: an old manifest goes first, then the shards,
+    the new manifest last, so that a reader never takes a half-uploaded folder for a dataset."""
+    storage.delete_file(storage.join(out, MANIFEST))
+    new = {f for split in manifest.splits.values() for f in split.files}
+    for name in sorted(new):
+        storage.upload(stage / name, storage.join(out, name))
+    for name in storage.list_names(out):
+        if SHARD_NAME.match(name) and name not in new:  # shards of a replaced dataset
+            storage.delete_file(storage.join(out, name))
+    storage.upload(stage / MANIFEST, storage.join(out, MANIFEST))
 
 
 def _open_source(source: str, out: Path, *, seed: int, image_column: str | None, label_column: str | None,

@@ -1,6 +1,6 @@
 """`manifest.json`: what a shard folder holds (DESIGN.md, "Data: shards and manifest").
 
-A dataset on disk is a folder of Parquet shards (`train-00000-of-00003.parquet`, ...) with the
+A dataset is a folder (a local path or an object-store URI, `pipelines.storage`) of Parquet shards (`train-00000-of-00003.parquet`, ...) with the
 columns `image` (encoded bytes as they came), `label` (int, -1 when unlabeled) and `path` (where the
 image came from), plus this manifest. Ingest writes the manifest last, so a folder without one is
 never a dataset.
@@ -9,11 +9,11 @@ never a dataset.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipelines import storage
 from pipelines.errors import DataError
 
 MANIFEST = "manifest.json"
@@ -61,13 +61,11 @@ class Manifest:
         return asdict(self)
 
 
-def write_manifest(folder: str | Path, manifest: Manifest) -> Path:
-    """Write `manifest.json` atomically (temporary name, then rename) and return its path."""
-    folder = Path(folder)
-    final = folder / MANIFEST
-    tmp = folder / f".{MANIFEST}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
-    os.replace(tmp, final)
+def write_manifest(folder: str | Path, manifest: Manifest) -> str:
+    """Write `manifest.json` atomically (a local temporary name then a rename, or one object upload)
+    and return its location."""
+    final = storage.join(folder, MANIFEST)
+    storage.write_text(final, json.dumps(manifest.to_json(), indent=2) + "\n")
     return final
 
 
@@ -77,12 +75,12 @@ def read_manifest(folder: str | Path) -> Manifest:
     Raises:
         DataError: the folder has no `manifest.json`, it is not valid, or a shard it lists is missing.
     """
-    folder = Path(folder)
-    path = folder / MANIFEST
-    if not path.is_file():
+    folder = str(folder)
+    path = storage.join(folder, MANIFEST)
+    if not storage.is_file(path):
         raise DataError(f"no {MANIFEST} in {folder}; run `selfsup ingest SOURCE {folder}` first")
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(storage.read_text(path))
         splits = {name: Split(files=list(s["files"]), rows=int(s["rows"]))
                   for name, s in raw.pop("splits").items()}
         known = set(Manifest.__dataclass_fields__)
@@ -90,26 +88,27 @@ def read_manifest(folder: str | Path) -> Manifest:
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise DataError(f"{path} is not a valid selfsup manifest ({type(e).__name__}: {e}); "
                         f"run `selfsup ingest SOURCE {folder} --overwrite` again") from None
+    present = set(storage.list_names(folder))  # one listing, not a request per shard on object stores
     for split in manifest.splits.values():
         for name in split.files:
-            if not (folder / name).is_file():
-                raise DataError(f"{folder / name} is listed in {path} but missing; "
+            if name not in present:
+                raise DataError(f"{storage.join(folder, name)} is listed in {path} but missing; "
                                 f"run `selfsup ingest SOURCE {folder} --overwrite` again")
     return manifest
 
 
-def split_files(folder: str | Path, split: str) -> list[Path]:
-    """The shard files of one split, as absolute paths.
+def split_files(folder: str | Path, split: str) -> list[str]:
+    """The shard files of one split: absolute local paths, or URIs for a dataset in an object store.
 
     Raises:
         DataError: no manifest, or the split is unknown or empty.
     """
-    folder = Path(folder)
     manifest = read_manifest(folder)
     if split not in manifest.splits:
-        raise DataError(f"split {split!r} is not in {folder / MANIFEST}; "
+        raise DataError(f"split {split!r} is not in {storage.join(folder, MANIFEST)}; "
                         f"it has: {', '.join(sorted(manifest.splits))}")
-    files = [folder.resolve() / f for f in manifest.splits[split].files]
+    root = storage.absolute(folder)
+    files = [storage.join(root, f) for f in manifest.splits[split].files]
     if not files:
         raise DataError(f"split {split!r} of {folder} is empty (0 rows)")
     return files
