@@ -334,6 +334,25 @@ def where_set(message: str, *, path: str | None, raw: Any, overrides: dict[str, 
     return message
 
 
+# A cluster's shared store (cluster.yaml sets it on every node, e.g. s3://BUCKET/selfsup): relative
+# run.storage_path / sweep.storage_path ("runs", "runs/sweeps" in the presets) resolve under it, so
+# the presets' commands need no extra flags there.
+STORAGE_ENV = "SELFSUP_STORAGE"
+
+
+def storage_location(path: str) -> str:
+    """`run.storage_path` / `sweep.storage_path` as a location (`pipelines.storage`): a URI or an
+    absolute path as given; a relative path under `$SELFSUP_STORAGE` when that is set, else under
+    the working directory."""
+    from pipelines import storage
+
+    base = os.environ.get(STORAGE_ENV)
+    if base and not storage.is_uri(path) and not Path(path).expanduser().is_absolute() \
+            and not path.startswith("file://"):
+        return storage.join(storage.absolute(base), path)
+    return storage.absolute(path)
+
+
 def config_name(path: str | None) -> str:
     """The stem used for automatic run names: 'demo' for the built-in demo, else the file stem."""
     return "demo" if path is None else Path(path).stem

@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator import tracking
-from orchestrator.config import Config, ConfigError, check_data_folder, config_name, load_config, to_yaml
+from orchestrator.config import (Config, ConfigError, check_data_folder, config_name, load_config,
+                                 storage_location, to_yaml)
 from orchestrator.data import DecodedData
 from orchestrator.errors import UserError
 from pipelines import storage
@@ -234,7 +235,7 @@ def cpus_per_worker(cfg: Config) -> float:
 
 def resolve_run(cfg: Config, *, stem: str, resume: bool) -> RunPaths:
     """Pick the run name and folder (see the module docstring), or raise `UserError`."""
-    root = storage.absolute(cfg.run.storage_path)
+    root = storage_location(cfg.run.storage_path)
     run_dir = numbered_dir(root, name=cfg.run.name, stem=stem, record=RUN_RECORD, resume=resume, kind="run")
     return RunPaths(storage.name(run_dir), root, run_dir)
 
@@ -289,7 +290,7 @@ def absolute_paths(cfg: Config) -> Config:
     folders); URIs stay as they are."""
     d = cfg.to_dict()
     d["data"]["path"] = storage.absolute(cfg.data.path)
-    d["run"]["storage_path"] = storage.absolute(cfg.run.storage_path)
+    d["run"]["storage_path"] = storage_location(cfg.run.storage_path)
     return Config.from_dict(d)
 
 
@@ -359,7 +360,7 @@ def build_trainer(cfg: Config, *, callbacks: list[Any] | None = None, mlflow_par
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
     if mlflow_run_id is None:
         mlflow_run_id = create_run(cfg, uri=uri, parent_run_id=mlflow_parent_run_id)
-    root = storage.absolute(cfg.run.storage_path)  # a URI goes to Ray unchanged
+    root = storage_location(cfg.run.storage_path)  # a URI goes to Ray unchanged
     worker_config = {**cfg.to_dict(), "_run_dir": storage.join(root, cfg.run.name),
                      "_train_rows": data.train_rows if data is not None else train_rows(cfg),
                      "_fault_kill_at_epoch": _fault_epoch(), "_data": data.for_worker() if data is not None else None}
@@ -406,7 +407,7 @@ def create_run(cfg: Config, *, uri: str, parent_run_id: str | None = None) -> st
 
 def _run_tags(cfg: Config) -> dict[str, str]:
     return {"method": cfg.method.name, "encoder": cfg.model.encoder, "dataset": dataset_name(cfg),
-            "selfsup.storage_path": storage.absolute(cfg.run.storage_path)}
+            "selfsup.storage_path": storage_location(cfg.run.storage_path)}
 
 
 # --- terminal output --------------------------------------------------------------------------

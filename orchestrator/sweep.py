@@ -62,7 +62,7 @@ from typing import Any
 import yaml
 
 from orchestrator.config import (METHOD_NAMES, METHOD_ONLY, RUN_NAME, Config, ConfigError, _parse_value,
-                                 apply_overrides, parse_overrides, validate, where_set)
+                                 apply_overrides, parse_overrides, storage_location, validate, where_set)
 from orchestrator.errors import UserError
 from pipelines import storage
 
@@ -595,7 +595,7 @@ def resolve_sweep_dir(s: Sweep, *, resume: bool) -> str:
     (resume: the newest)."""
     from orchestrator.pretrain import numbered_dir
 
-    root = storage.absolute(s.sweep.storage_path)
+    root = storage_location(s.sweep.storage_path)
     return numbered_dir(root, name=s.sweep.name, stem=s.stem, record=SWEEP_RECORD, resume=resume, kind="sweep")
 
 
@@ -861,7 +861,7 @@ def run_sweep(s: Sweep, *, resume: bool = False, verbose: bool = True) -> SweepR
         from orchestrator.data import put_decoded, resolve_loader
         from orchestrator.pretrain import check_cluster_storage
 
-        check_cluster_storage(s.base, {"sweep.storage_path": s.sweep.storage_path},
+        check_cluster_storage(s.base, {"sweep.storage_path": storage_location(s.sweep.storage_path)},
                               streams_data=resolve_loader(s.base) == "stream")
 
         # data.loader=memory: decode once here, for every trial (their data fields are the base's
@@ -1011,7 +1011,8 @@ def _register_best(s: Sweep, best: dict[str, Any], uri: str) -> tuple[str | None
     ckpt = best.get("checkpoint_path")  # Ray's Checkpoint.path: without the URI's scheme on object stores
     if not ckpt:
         return None, False
-    state_file = storage.join(storage.with_scheme_of(s.sweep.storage_path, str(ckpt)), STATE_FILE)
+    checkpoint = storage.with_scheme_of(storage_location(s.sweep.storage_path), str(ckpt))
+    state_file = storage.join(checkpoint, STATE_FILE)
     if not storage.is_file(state_file):
         return None, False
     state = load_state(io.BytesIO(storage.read_bytes(state_file)))

@@ -39,6 +39,9 @@ from pathlib import Path
 
 import pytest
 
+# Each case with the shared cluster's start-up (the first case pays it) on a busy 2-core machine.
+pytestmark = pytest.mark.timeout(1500)
+
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 MARKER_ENV = "SELFSUP_MN_MARKER"
@@ -261,11 +264,16 @@ def cluster(mlflow_server: str) -> Iterator[Cluster]:
         subprocess.run(["rm", "-rf", str(root)], check=False)
 
 
+OMIT = object()  # leave the field at the config's value
+
+
 def _args(c: Cluster, name: str, **over: object) -> list[str]:
     values = {**SMALL, "data.path": c.uri("demo"), "run.storage_path": c.uri("runs"), "run.name": name,
               "tracking.uri": c.tracking_uri, "tracking.model_name": "mn-encoder", **over}
     args = []
     for k, v in values.items():
+        if v is OMIT:
+            continue
         args += ["--set", f"{k}={'null' if v is None else v}"]
     return args
 
@@ -309,8 +317,11 @@ def test_pretrain_on_s3_runs_on_the_worker_node_and_registers(cluster: Cluster) 
     c = cluster
     log = c.root / "case-pretrain.log"
     # Stream: Ray Data read tasks and the rank-0 kNN probe read the shards from S3 on the worker node.
-    proc = c.selfsup(["pretrain", *_args(c, "mn-pretrain", **{"optim.epochs": 2, "data.loader": "stream"})],
-                     c.work / "pretrain", log)
+    # run.storage_path stays the demo's "runs": SELFSUP_STORAGE (cluster.yaml sets it on every node)
+    # puts it in the bucket.
+    proc = c.selfsup(["pretrain", *_args(c, "mn-pretrain", **{"optim.epochs": 2, "data.loader": "stream",
+                                                               "run.storage_path": OMIT})],
+                     c.work / "pretrain", log, extra_env={"SELFSUP_STORAGE": f"s3://{c.bucket}"})
     assert proc.wait(timeout=900) == 0, _tail(log)
     names = storage.list_names(c.uri("runs", "mn-pretrain"))
     assert any(n.startswith("checkpoint_") for n in names), names
