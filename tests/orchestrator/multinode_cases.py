@@ -111,10 +111,10 @@ def terminate(pids: list[int], grace_s: float = 5.0, sig: int = signal.SIGTERM) 
                 pass
 
 
-def _sid(pid: int) -> int | None:
+def _mount_ns(pid: int) -> str | None:
     try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[4])
-    except (OSError, IndexError, ValueError):
+        return os.readlink(f"/proc/{pid}/ns/mnt")
+    except OSError:
         return None
 
 
@@ -174,14 +174,19 @@ class Cluster:
             return 0
 
     def kill_worker_node(self) -> int:
-        """SIGKILL the worker node's raylet (a lost machine), then whatever of that node is left."""
+        """SIGKILL the worker node's raylet (a lost machine), then whatever of that node is left.
+
+        The node's processes are the marked ones in its mount namespace (`ray start` made them; Ray
+        starts its daemons in sessions of their own, so the session does not tell them apart)."""
         assert self.worker is not None
-        sid = self.worker.pid
-        raylet = marked(str(self.root), lambda p: _sid(p) == sid and "/raylet " in _cmdline(p))
-        assert len(raylet) == 1, raylet
+        ns = _mount_ns(self.worker.pid)
+        assert ns is not None and ns != _mount_ns(os.getpid())
+        on_node = marked(str(self.root), lambda p: _mount_ns(p) == ns)
+        raylet = [p for p in on_node if "/raylet/raylet " in _cmdline(p)]
+        assert len(raylet) == 1, [(p, _cmdline(p)[:80]) for p in on_node]
         os.kill(raylet[0], signal.SIGKILL)
         time.sleep(1.0)
-        terminate(marked(str(self.root), lambda p: _sid(p) == sid), grace_s=2.0, sig=signal.SIGKILL)
+        terminate(on_node, grace_s=2.0, sig=signal.SIGKILL)
         self.worker.wait(timeout=30)
         return raylet[0]
 
