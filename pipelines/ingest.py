@@ -147,9 +147,9 @@ def _check_out(out: Path, overwrite: bool) -> None:
 
 def _check_out_uri(out: str, overwrite: bool) -> None:
     """`_check_out` for a dataset location in an object store."""
-    names = storage.list_names(out)
     if overwrite:
         return
+    names = storage.list_names(out)
     if MANIFEST in names:
         raise DataError(f"{out} already holds a dataset ({MANIFEST}); pass --overwrite to replace it")
     shards = [n for n in names if SHARD_NAME.match(n)]
