@@ -985,7 +985,7 @@ def _finish(s: Sweep, sweep_dir: str, record: dict[str, Any], results: Any, uri:
             if record.get("model_uri"):  # registered by an earlier run of this sweep's driver
                 out.model_uri, out.champion = record["model_uri"], bool(record.get("champion"))
             else:
-                out.model_uri, out.champion = _register_best(s, best, uri)
+                out.model_uri, out.champion = _register_best(s, best, uri, sweep_dir)
                 record.update(model_uri=out.model_uri, champion=out.champion)
                 c.set_tag(parent, "registered_model", out.model_uri)
     if metrics:
@@ -1001,7 +1001,7 @@ def _finish(s: Sweep, sweep_dir: str, record: dict[str, Any], results: Any, uri:
     return out
 
 
-def _register_best(s: Sweep, best: dict[str, Any], uri: str) -> tuple[str | None, bool]:
+def _register_best(s: Sweep, best: dict[str, Any], uri: str, sweep_dir: str) -> tuple[str | None, bool]:
     """Register the best trial's encoder (from its last checkpoint) and maybe move `champion`."""
     from orchestrator import tracking
     from orchestrator.pretrain import dataset_name
@@ -1009,9 +1009,16 @@ def _register_best(s: Sweep, best: dict[str, Any], uri: str) -> tuple[str | None
     from orchestrator.train_loop import STATE_FILE, build_model, encoder_state, load_state
 
     ckpt = best.get("checkpoint_path")  # Ray's Checkpoint.path: without the URI's scheme on object stores
-    if not ckpt:
-        return None, False
-    checkpoint = storage.with_scheme_of(storage_location(s.sweep.storage_path), str(ckpt))
+    if ckpt:
+        checkpoint = storage.with_scheme_of(storage_location(s.sweep.storage_path), str(ckpt))
+    else:
+        # A trial that had finished when a killed driver's sweep was resumed reports its end again
+        # without a checkpoint (`run_trial`): its Train run's newest checkpoint (names sort by time).
+        run_dir = storage.join(sweep_dir, "trials", f"{TRIAL_PREFIX}{best['trial']}")
+        names = sorted(n for n in storage.list_names(run_dir) if n.startswith("checkpoint_"))
+        if not names:
+            return None, False
+        checkpoint = storage.join(run_dir, names[-1])
     state_file = storage.join(checkpoint, STATE_FILE)
     if not storage.is_file(state_file):
         return None, False
