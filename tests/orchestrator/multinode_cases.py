@@ -154,7 +154,10 @@ class Cluster:
         temp folder (its own Ray session goes there, in its private view)."""
         self.workers_started += 1
         hide = " && ".join(f"mount -t tmpfs -o size=256m tmpfs {d}" for d in (self.work, self.root / "h"))
-        script = (f"{hide} && exec {VENV_BIN / 'ray'} start --address=127.0.0.1:6379 --num-cpus=4 "
+        # 6 logical CPUs: 2 Train workers take 1 each and Ray Data's stages need the rest. With 4 the
+        # two concurrent Parquet read tasks took the last 2, then waited (streaming backpressure) for
+        # a downstream stage that got no CPU budget: the epoch hung (seen here, Ray 2.60).
+        script = (f"{hide} && exec {VENV_BIN / 'ray'} start --address=127.0.0.1:6379 --num-cpus=6 "
                   "--object-store-memory=300000000 --disable-usage-stats --block")
         log = open(self.root / f"worker-node-{self.workers_started}.log", "wb")
         self.worker = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script],
