@@ -1009,19 +1009,20 @@ def _register_best(s: Sweep, best: dict[str, Any], uri: str, sweep_dir: str) -> 
     from orchestrator.train_loop import STATE_FILE, build_model, encoder_state, load_state
 
     ckpt = best.get("checkpoint_path")  # Ray's Checkpoint.path: without the URI's scheme on object stores
-    if ckpt:
-        checkpoint = storage.with_scheme_of(storage_location(s.sweep.storage_path), str(ckpt))
-    else:
+    state_file = ""
+    if isinstance(ckpt, str) and ckpt:
+        state_file = storage.join(storage.with_scheme_of(storage_location(s.sweep.storage_path), ckpt), STATE_FILE)
+    if not state_file or not storage.is_file(state_file):
         # A trial that had finished when a killed driver's sweep was resumed reports its end again
         # without a checkpoint (`run_trial`): its Train run's newest checkpoint (names sort by time).
         run_dir = storage.join(sweep_dir, "trials", f"{TRIAL_PREFIX}{best['trial']}")
-        names = sorted(n for n in storage.list_names(run_dir) if n.startswith("checkpoint_"))
-        if not names:
+        # Not checkpoint_manager_snapshot.json: the checkpoints are checkpoint_<date>_<time> folders.
+        names = sorted(n for n in storage.list_names(run_dir) if re.match(r"checkpoint_\d{4}-", n))
+        state_file = storage.join(run_dir, names[-1], STATE_FILE) if names else ""
+        if not state_file or not storage.is_file(state_file):
+            print(f"selfsup sweep: no checkpoint of trial {best['trial']} under {run_dir}; nothing registered",
+                  file=sys.stderr, flush=True)
             return None, False
-        checkpoint = storage.join(run_dir, names[-1])
-    state_file = storage.join(checkpoint, STATE_FILE)
-    if not storage.is_file(state_file):
-        return None, False
     state = load_state(io.BytesIO(storage.read_bytes(state_file)))
     cfg = _trial_config(s, best)
     model = build_model(cfg)
