@@ -61,7 +61,7 @@ class ConfigError(UserError):
 
 @dataclass
 class DataConfig:
-    path: str = "data/demo"  # folder with manifest.json + Parquet shards (relative to the working dir)
+    path: str = "data/demo"  # folder with manifest.json + Parquet shards (relative to the working dir), or a URI
     source: str | None = "demo"  # if `path` has no manifest yet, `selfsup ingest SOURCE PATH` runs first
     train_split: str = "train"
     test_split: str = "test"
@@ -134,7 +134,12 @@ class ScalingConfig:
 @dataclass
 class RunConfig:
     name: str | None = None  # None = "<config name>-<n>", the next free n under storage_path
-    storage_path: str = "runs"  # Ray Train run folders (checkpoints) go to STORAGE_PATH/NAME
+    # Ray Train run folders (checkpoints) and run records go to STORAGE_PATH/NAME: a local folder or
+    # a URI (s3://BUCKET/prefix, gs://..., abfs://...; pipelines.storage).
+    storage_path: str = "runs"
+    # A local storage_path (and data.path) that every node of the cluster mounts at the same path
+    # (NFS, ...): lets a multi-node run use it (otherwise refused, see orchestrator.pretrain).
+    shared_filesystem: bool = False
     max_failures: int = 3  # worker-group restarts from the last checkpoint; -1 = unlimited
     checkpoints_to_keep: int = 2
     seed: int = 0
@@ -398,6 +403,25 @@ def where_set(message: str, *, path: str | None, raw: Any, overrides: dict[str, 
     return message
 
 
+# A cluster's shared store (cluster.yaml sets it on every node, e.g. s3://BUCKET/selfsup): relative
+# run.storage_path / sweep.storage_path ("runs", "runs/sweeps" in the presets) resolve under it, so
+# the presets' commands need no extra flags there.
+STORAGE_ENV = "SELFSUP_STORAGE"
+
+
+def storage_location(path: str) -> str:
+    """`run.storage_path` / `sweep.storage_path` as a location (`pipelines.storage`): a URI or an
+    absolute path as given; a relative path under `$SELFSUP_STORAGE` when that is set, else under
+    the working directory."""
+    from pipelines import storage
+
+    base = os.environ.get(STORAGE_ENV)
+    if base and not storage.is_uri(path) and not Path(path).expanduser().is_absolute() \
+            and not path.startswith("file://"):
+        return storage.join(storage.absolute(base), path)
+    return storage.absolute(path)
+
+
 def config_name(path: str | None) -> str:
     """The stem used for automatic run names: 'demo' for the built-in demo, else the file stem."""
     return "demo" if path is None else Path(path).stem
@@ -534,16 +558,22 @@ def check_data_folder(cfg: Config) -> None:
     Raises:
         ConfigError: missing folder/manifest (and no source), or a split the manifest lacks.
     """
+    from pipelines import storage
+
     d = cfg.data
-    manifest = Path(d.path) / "manifest.json"
-    if not manifest.is_file():
+    manifest = storage.join(d.path, "manifest.json")
+    try:
+        found = storage.is_file(manifest)
+    except OSError as e:  # an object store that cannot be reached or read (endpoint, credentials)
+        raise ConfigError(f"data.path = {d.path!r}: cannot read it ({str(e).splitlines()[0]})") from None
+    if not found:
         if d.source is not None:
             return  # pretrain ingests it first
-        where = "folder does not exist" if not Path(d.path).exists() else "folder has no manifest.json"
+        where = "folder does not exist" if not storage.exists(d.path) else "folder has no manifest.json"
         _fail("data.path", d.path, f"{where}; create it with `selfsup ingest SOURCE {d.path}`, "
               "or set data.source to ingest it automatically")
     try:
-        raw = json.loads(manifest.read_text())
+        raw = json.loads(storage.read_text(manifest))
         splits, classes = raw.get("splits", {}), raw.get("classes")
     except (OSError, ValueError, AttributeError) as e:
         raise ConfigError(f"data.path = {d.path!r}: unreadable manifest.json ({e})") from None

@@ -11,6 +11,12 @@ run is called `<config name>-<n>` (`demo-1`, `demo-2`, ...: the next free n unde
 whose folder exists without `--resume` is an error (so a run is never mixed with another one), and
 `--resume` continues with the config recorded in the run folder (`selfsup-run.json`), the same
 MLflow run and the last checkpoint.
+
+Storage: `run.storage_path` and `data.path` are local folders or object-store URIs; everything
+here reads and writes them through `pipelines.storage`, and Ray Train gets the same string, so a
+run on `s3://...` is resumed with `--resume` from any machine and working folder. On a cluster of
+more than one node a local folder is refused before training (`check_cluster_storage`) unless
+`run.shared_filesystem` says every node mounts it.
 """
 
 from __future__ import annotations
@@ -30,9 +36,11 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator import tracking
-from orchestrator.config import Config, ConfigError, check_data_folder, config_name, load_config, to_yaml
+from orchestrator.config import (Config, ConfigError, check_data_folder, config_name, load_config,
+                                 storage_location, to_yaml)
 from orchestrator.data import LABEL_METRICS_TAG, DataCheck, DecodedData, check_data, label_metrics
 from orchestrator.errors import UserError
+from pipelines import storage
 
 RUN_RECORD = "selfsup-run.json"
 FAULT_ENV = "SELFSUP_FAULT_KILL_AT_EPOCH"
@@ -77,11 +85,11 @@ class RunPaths:
 
     name: str
     storage_path: str
-    run_dir: Path
+    run_dir: str  # a local folder or a URI
 
     @property
-    def record(self) -> Path:
-        return self.run_dir / RUN_RECORD
+    def record(self) -> str:
+        return storage.join(self.run_dir, RUN_RECORD)
 
 
 # --- quiet Ray --------------------------------------------------------------------------------
@@ -169,6 +177,50 @@ def _drop_benign_ray_notices() -> None:
     ray_worker.print_to_stdstream = filtered
 
 
+def spans_nodes(cfg: Config) -> int:
+    """How many nodes this run's Train workers may land on, as far as the driver can tell: the
+    alive nodes of the Ray cluster; 2 when there is one node but it lacks a GPU that the workers
+    ask for (an autoscaling cluster, `cluster.yaml`, adds GPU nodes only once a job asks)."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) == 1 and cfg.scaling.use_gpu and not nodes[0].get("Resources", {}).get("GPU"):
+        return 2
+    return len(nodes)
+
+
+def check_cluster_storage(cfg: Config, locations: dict[str, str], *, streams_data: bool) -> None:
+    """Refuse, before training, local folders that Train workers on other nodes cannot see.
+
+    Ray Train checks its storage from the workers and fails with "Unable to set up cluster storage"
+    once the run is under way; Ray Data read tasks (`data.loader=stream`) and the rank-0 kNN probe
+    read `data.path` on whatever node they run. A cluster of one node, a URI, or a local folder the
+    user declared shared (`run.shared_filesystem`) passes.
+
+    Args:
+        locations: {"config field": location} that the workers write or read (a storage path).
+        streams_data: the workers read `data.path` themselves (stream loader): it is checked too.
+
+    Raises:
+        UserError: one line naming the field and what to set.
+    """
+    if cfg.run.shared_filesystem:
+        return
+    fields = dict(locations)
+    if streams_data:
+        fields["data.path"] = cfg.data.path
+    local = [(f, v) for f, v in fields.items() if not storage.is_uri(v)]
+    if not local:
+        return
+    n = spans_nodes(cfg)
+    if n <= 1:
+        return
+    field_name, value = local[0]
+    raise UserError(f"{field_name} = {value!r} is a local folder, but this Ray cluster has {n} nodes whose Train "
+                    f"workers cannot see it: set {field_name} to a URI that every node reaches (s3://BUCKET/..., "
+                    "gs://...), or, if every node mounts that folder at the same path, set run.shared_filesystem=true")
+
+
 def _token_exists() -> bool:
     return (Path.home() / ".ray" / "auth_token").is_file()
 
@@ -190,49 +242,49 @@ def cpus_per_worker(cfg: Config) -> float:
 
 def resolve_run(cfg: Config, *, stem: str, resume: bool) -> RunPaths:
     """Pick the run name and folder (see the module docstring), or raise `UserError`."""
-    storage = Path(cfg.run.storage_path).expanduser().resolve()
-    run_dir = numbered_dir(storage, name=cfg.run.name, stem=stem, record=RUN_RECORD, resume=resume, kind="run")
-    return RunPaths(run_dir.name, str(storage), run_dir)
+    root = storage_location(cfg.run.storage_path)
+    run_dir = numbered_dir(root, name=cfg.run.name, stem=stem, record=RUN_RECORD, resume=resume, kind="run")
+    return RunPaths(storage.name(run_dir), root, run_dir)
 
 
-def numbered_dir(storage: Path, *, name: str | None, stem: str, record: str, resume: bool, kind: str) -> Path:
-    """STORAGE/NAME for a run or a sweep (`kind`): NAME is `name`, else the next free `<stem>-<n>`;
-    with `resume`, the named or newest folder that holds its `record` file. Raises `UserError`."""
+def numbered_dir(root: str | Path, *, name: str | None, stem: str, record: str, resume: bool, kind: str) -> str:
+    """ROOT/NAME for a run or a sweep (`kind`), ROOT a local folder or a URI: NAME is `name`, else the
+    next free `<stem>-<n>`; with `resume`, the named or newest folder that holds its `record` file.
+    Raises `UserError`."""
+    root = str(root)
     if name is not None:
-        d = storage / name
-        if resume and not (d / record).is_file():
-            raise UserError(f"--resume: there is no {kind} {name!r} under {storage} to continue "
+        d = storage.join(root, name)
+        if resume and not storage.is_file(storage.join(d, record)):
+            raise UserError(f"--resume: there is no {kind} {name!r} under {root} to continue "
                             f"(leave out --resume to start it)")
-        if not resume and d.exists():
+        if not resume and storage.exists(d):
             raise UserError(f"{kind}.name = {name!r}: {d} exists already; continue it with --resume, "
                             f"or choose another {kind}.name")
         return d
     pattern = re.compile(rf"^{re.escape(stem)}-(\d+)$")
-    numbers = sorted(int(m.group(1)) for p in (storage.iterdir() if storage.is_dir() else [])
-                     if (m := pattern.match(p.name)) and (p / record).is_file())
+    taken = storage.list_names(root)
+    numbers = sorted(int(m.group(1)) for p in taken
+                     if (m := pattern.match(p)) and storage.is_file(storage.join(root, p, record)))
     if resume:
         if not numbers:
-            raise UserError(f"--resume: no {stem}-<n> {kind} under {storage} to continue "
+            raise UserError(f"--resume: no {stem}-<n> {kind} under {root} to continue "
                             f"(set {kind}.name to pick one)")
-        return storage / f"{stem}-{numbers[-1]}"
+        return storage.join(root, f"{stem}-{numbers[-1]}")
     n = (numbers[-1] + 1) if numbers else 1
-    while (storage / f"{stem}-{n}").exists():
+    while f"{stem}-{n}" in taken:
         n += 1
-    return storage / f"{stem}-{n}"
+    return storage.join(root, f"{stem}-{n}")
 
 
 def read_record(paths: RunPaths) -> dict[str, Any]:
     try:
-        return json.loads(paths.record.read_text())
+        return json.loads(storage.read_text(paths.record))
     except (OSError, ValueError) as e:
         raise UserError(f"{paths.record}: unreadable run record ({e})") from None
 
 
 def write_record(paths: RunPaths, record: dict[str, Any]) -> None:
-    paths.run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = paths.record.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, paths.record)
+    storage.write_text(paths.record, json.dumps(record, indent=2) + "\n")
 
 
 def config_differences(a: Config, b: Config) -> list[str]:
@@ -241,10 +293,11 @@ def config_differences(a: Config, b: Config) -> list[str]:
 
 
 def absolute_paths(cfg: Config) -> Config:
-    """A copy with `data.path` and `run.storage_path` made absolute (Train workers run in other folders)."""
+    """A copy with local `data.path` and `run.storage_path` made absolute (Train workers run in other
+    folders); URIs stay as they are."""
     d = cfg.to_dict()
-    d["data"]["path"] = str(Path(cfg.data.path).expanduser().resolve())
-    d["run"]["storage_path"] = str(Path(cfg.run.storage_path).expanduser().resolve())
+    d["data"]["path"] = storage.absolute(cfg.data.path)
+    d["run"]["storage_path"] = storage_location(cfg.run.storage_path)
     return Config.from_dict(d)
 
 
@@ -252,7 +305,7 @@ def absolute_paths(cfg: Config) -> Config:
 
 def ensure_data(cfg: Config, *, quiet: bool = False) -> None:
     """Ingest `data.source` into `data.path` if it has no manifest yet (the demo's first run)."""
-    if (Path(cfg.data.path) / "manifest.json").is_file() or cfg.data.source is None:
+    if cfg.data.source is None or storage.is_file(storage.join(cfg.data.path, "manifest.json")):
         check_data_folder(cfg)
         return
     from pipelines.ingest import ingest
@@ -327,8 +380,8 @@ def build_trainer(cfg: Config, *, callbacks: list[Any] | None = None, mlflow_par
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
     if mlflow_run_id is None:
         mlflow_run_id = create_run(cfg, uri=uri, parent_run_id=mlflow_parent_run_id)
-    storage = str(Path(cfg.run.storage_path).expanduser().resolve())
-    worker_config = {**cfg.to_dict(), "_run_dir": str(Path(storage) / cfg.run.name),
+    root = storage_location(cfg.run.storage_path)  # a URI goes to Ray unchanged
+    worker_config = {**cfg.to_dict(), "_run_dir": storage.join(root, cfg.run.name),
                      "_train_rows": data.train_rows if data is not None else train_rows(cfg),
                      "_fault_kill_at_epoch": _fault_epoch(), "_data": data.for_worker() if data is not None else None,
                      "_label_metrics": label_metrics(cfg)}
@@ -347,7 +400,7 @@ def build_trainer(cfg: Config, *, callbacks: list[Any] | None = None, mlflow_par
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
-            name=cfg.run.name, storage_path=storage,
+            name=cfg.run.name, storage_path=root,
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep),
             callbacks=[mlflow_cb, *([warm_up] if warm_up is not None else []), *(callbacks or [])]),
@@ -378,7 +431,7 @@ def create_run(cfg: Config, *, uri: str, parent_run_id: str | None = None) -> st
 
 def _run_tags(cfg: Config) -> dict[str, str]:
     return {"method": cfg.method.name, "encoder": cfg.model.encoder, "dataset": dataset_name(cfg),
-            "selfsup.storage_path": str(Path(cfg.run.storage_path).expanduser().resolve())}
+            "selfsup.storage_path": storage_location(cfg.run.storage_path)}
 
 
 # --- terminal output --------------------------------------------------------------------------
@@ -513,6 +566,10 @@ def run_pretrain(cfg: Config, *, resume: bool = False, stem: str = "run", callba
     started, temp_dir = init_ray(cfg)
     printer = None
     try:
+        from orchestrator.data import resolve_loader
+
+        check_cluster_storage(cfg, {"run.storage_path": cfg.run.storage_path},
+                              streams_data=resolve_loader(cfg) == "stream")
         decoded = _decoded_for(cfg, data)  # refuses data.loader=memory that cannot fit before anything is written
         if not resume:
             run_id = mlflow_run_id or create_run(cfg, uri=uri, parent_run_id=mlflow_parent_run_id)

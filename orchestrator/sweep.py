@@ -33,8 +33,9 @@ epochs into it; the driver closes it as the trial ends (FINISHED, KILLED when AS
 FAILED when it diverged or failed), then writes the table and the plot and registers the best
 encoder.
 
-Resume: the Tune experiment lives in `sweep.storage_path/<name>`, each trial's Train run in its
-`trials/` folder under a stable name (`trial-<trial id>`). `--resume` restores the Tune
+Resume: the Tune experiment lives in `sweep.storage_path/<name>` (a local folder or a URI such as
+`s3://BUCKET/sweeps`, read and written through `pipelines.storage` and given to Tune as is), each
+trial's Train run in its `trials/` folder there under a stable name (`trial-<trial id>`). `--resume` restores the Tune
 experiment (`Tuner.restore`): finished trials are not run again; a trial that was running
 continues its Train run from the last checkpoint and its MLflow run, so no epoch is logged twice.
 """
@@ -42,11 +43,14 @@ continues its Train run from the last checkpoint and its MLflow run, so no epoch
 from __future__ import annotations
 
 import dataclasses
+import io
 import itertools
 import json
 import math
 import os
 import random
+import re
+import tempfile
 import shutil
 import sys
 import time
@@ -58,8 +62,10 @@ from typing import Any
 import yaml
 
 from orchestrator.config import (METHOD_NAMES, METHOD_ONLY, RUN_NAME, Config, ConfigError, _parse_value,
-                                 apply_overrides, parse_overrides, read_yaml, validate, where_set)
+                                 apply_overrides, parse_overrides, read_yaml, storage_location, validate,
+                                 where_set)
 from orchestrator.errors import UserError
+from pipelines import storage
 
 SWEEP_RECORD = "selfsup-sweep.json"
 SEARCHERS = ("grid", "random", "bayes")
@@ -75,7 +81,7 @@ class SweepConfig:
     """The `sweep:` section. See the module docstring for `methods` and `space`."""
 
     name: str | None = None  # None = "<config file stem>-<n>", the next free n (like pretrain)
-    storage_path: str = "runs/sweeps"  # Tune experiment folder: STORAGE_PATH/NAME
+    storage_path: str = "runs/sweeps"  # Tune experiment folder: STORAGE_PATH/NAME (a local folder or a URI)
     searcher: str = "grid"
     num_samples: int = 1  # grid: repeats of the whole grid; random/bayes: number of trials
     seed: int = 0  # random/bayes sampling
@@ -471,7 +477,8 @@ def _placement_group_recorder(path: str) -> Any:
     API answers, which needs the dashboard (not started here) and a single Ray instance per machine.
     When Tune stops a trial (ASHA) the controller dies with the trial and the placement group
     would keep its CPUs until the sweep ends, starving later trials. The driver removes the
-    groups recorded here when the trial ends (`_release_placement_groups`).
+    groups recorded here when the trial ends (`_release_placement_groups`). `path` is a folder (local
+    or in an object store, which cannot append): one empty file per group, named by its id.
     """
     from ray.train.v2._internal.execution.callback import WorkerGroupCallback
 
@@ -479,28 +486,28 @@ def _placement_group_recorder(path: str) -> Any:
         def after_worker_group_start(self, worker_group: Any) -> None:
             try:
                 pg = worker_group._worker_group_state.placement_group_handle.placement_group
-                with open(path, "a") as f:
-                    f.write(pg.id.hex() + "\n")
+                storage.write_text(storage.join(path, pg.id.hex()), "")
             except Exception:  # internal API moved: then only the cleanup is lost
                 pass
 
     return PlacementGroupRecorder()
 
 
-def _pg_file(trials_dir: Path, trial_id: str) -> Path:
-    return trials_dir / "placement-groups" / f"{TRIAL_PREFIX}{trial_id}.txt"
+def _pg_dir(trials_dir: str, trial_id: str) -> str:
+    return storage.join(trials_dir, "placement-groups", f"{TRIAL_PREFIX}{trial_id}")
 
 
-def _release_placement_groups(path: Path) -> int:
-    """Remove the still-existing placement groups recorded in `path`; returns how many."""
-    if not path.is_file():
+def _release_placement_groups(path: str) -> int:
+    """Remove the still-existing placement groups recorded in the folder `path`; returns how many."""
+    recorded = [n for n in storage.list_names(path) if re.fullmatch(r"[0-9a-f]+", n)]
+    if not recorded:
         return 0
     from ray._raylet import PlacementGroupID
     from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
 
     removed = 0
     table = placement_group_table()
-    for pg_hex in set(path.read_text().split()):
+    for pg_hex in set(recorded):
         if table.get(pg_hex, {}).get("state") in ("CREATED", "PENDING", "RESCHEDULING"):
             try:
                 remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(pg_hex))))
@@ -522,22 +529,27 @@ def trial_config(base: dict[str, Any], overrides: dict[str, Any], trial_id: str,
     return cfg
 
 
-def _record_file(trials_dir: Path, trial_id: str) -> Path:
+def _record_file(trials_dir: str, trial_id: str) -> str:
     """The run record of a trial's Train run (written by `run_pretrain` as the run starts)."""
     from orchestrator.pretrain import RUN_RECORD
 
-    return trials_dir / f"{TRIAL_PREFIX}{trial_id}" / RUN_RECORD
+    return storage.join(trials_dir, f"{TRIAL_PREFIX}{trial_id}", RUN_RECORD)
 
 
-def _run_id_file(trials_dir: Path, trial_id: str) -> Path:
+def _read_json(location: str) -> dict[str, Any] | None:
+    """A JSON record (local or in an object store), or None when it is not there."""
+    return json.loads(storage.read_text(location)) if storage.is_file(location) else None
+
+
+def _run_id_file(trials_dir: str, trial_id: str) -> str:
     """Where the driver leaves the MLflow run id it made for a trial (see `_driver_callback`)."""
-    return trials_dir / "mlflow-runs" / f"{TRIAL_PREFIX}{trial_id}.json"
+    return storage.join(trials_dir, "mlflow-runs", f"{TRIAL_PREFIX}{trial_id}.json")
 
 
-def _driver_run_id(trials_dir: Path, trial_id: str) -> str | None:
+def _driver_run_id(trials_dir: str, trial_id: str) -> str | None:
     """The MLflow run id the driver made for this trial, or None."""
-    f = _run_id_file(trials_dir, trial_id)
-    return str(json.loads(f.read_text())["mlflow_run_id"]) if f.is_file() else None
+    rec = _read_json(_run_id_file(trials_dir, trial_id))
+    return str(rec["mlflow_run_id"]) if rec is not None else None
 
 
 def run_trial(config: dict[str, Any], *, base: dict[str, Any], trials_dir: str, parent_run_id: str,
@@ -564,18 +576,15 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], trials_dir: str, 
     trial_id = tune.get_context().get_trial_id()
     mark("trial_start", run=f"{TRIAL_PREFIX}{trial_id}", process_start=process_start_time())
     cfg = trial_config(base, dict(config["overrides"]), trial_id, trials_dir)
-    record_path = _record_file(Path(trials_dir), trial_id)
-    record = json.loads(record_path.read_text()) if record_path.is_file() else None
+    record = _read_json(_record_file(trials_dir, trial_id))
     if record is not None and record.get("status") in ("finished", "diverged"):
         # The Train run ended but the driver died before Tune saved that: report its end, don't rerun.
         done = {"epoch": cfg.optim.epochs, metric: float(record.get(metric) or 0.0),
                 "diverged": float(record.get("status") == "diverged")}
         tune.report(done)
         return
-    run_id = _driver_run_id(Path(trials_dir), trial_id)
-    pg_file = _pg_file(Path(trials_dir), trial_id)
-    pg_file.parent.mkdir(parents=True, exist_ok=True)
-    callbacks = [_report_callback(metric), _placement_group_recorder(str(pg_file))]
+    run_id = _driver_run_id(trials_dir, trial_id)
+    callbacks = [_report_callback(metric), _placement_group_recorder(_pg_dir(trials_dir, trial_id))]
     run_pretrain(cfg, resume=record is not None, stem="trial", callbacks=callbacks,
                  mlflow_parent_run_id=parent_run_id, mlflow_run_id=run_id, close_run=run_id is None,
                  progress=False, data=data, curves=False)
@@ -586,7 +595,7 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], trials_dir: str, 
 def _absolute(s: Sweep) -> Config:
     """The base config with every relative path made absolute: Tune runs trials in their own folders."""
     cfg = Config.from_dict(s.base.to_dict())
-    cfg.data.path = str(Path(cfg.data.path).expanduser().resolve())
+    cfg.data.path = storage.absolute(cfg.data.path)
     from orchestrator import tracking
 
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
@@ -596,19 +605,17 @@ def _absolute(s: Sweep) -> Config:
     return cfg
 
 
-def resolve_sweep_dir(s: Sweep, *, resume: bool) -> Path:
-    """STORAGE_PATH/NAME; NAME = sweep.name or the next free `<stem>-<n>` (resume: the newest)."""
+def resolve_sweep_dir(s: Sweep, *, resume: bool) -> str:
+    """STORAGE_PATH/NAME (a local folder or a URI); NAME = sweep.name or the next free `<stem>-<n>`
+    (resume: the newest)."""
     from orchestrator.pretrain import numbered_dir
 
-    storage = Path(s.sweep.storage_path).expanduser().resolve()
-    return numbered_dir(storage, name=s.sweep.name, stem=s.stem, record=SWEEP_RECORD, resume=resume, kind="sweep")
+    root = storage_location(s.sweep.storage_path)
+    return numbered_dir(root, name=s.sweep.name, stem=s.stem, record=SWEEP_RECORD, resume=resume, kind="sweep")
 
 
-def _write_record(path: Path, record: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+def _write_record(path: str, record: dict[str, Any]) -> None:
+    storage.write_text(path, json.dumps(record, indent=2, default=str) + "\n")
 
 
 # --- results -------------------------------------------------------------------------------------
@@ -675,7 +682,7 @@ def _epoch_seconds(client: Any, run_id: str | None) -> float:
     return float(sum(by_step.values()))
 
 
-def results_table(results: Any, sw: SweepConfig, epochs: int, trials_dir: Path, client: Any) -> Any:
+def results_table(results: Any, sw: SweepConfig, epochs: int, trials_dir: str, client: Any) -> Any:
     """One row per trial: trial, method, swept values, epochs, metric, loss, status, train seconds."""
     import pandas as pd
 
@@ -685,8 +692,7 @@ def results_table(results: Any, sw: SweepConfig, epochs: int, trials_dir: Path, 
         over = dict((r.config or {}).get("overrides") or {})
         m = r.metrics or {}
         trial_id = str(m.get("trial_id") or (Path(r.path).name if r.path else ""))
-        rec_path = _record_file(trials_dir, trial_id)
-        rec = json.loads(rec_path.read_text()) if rec_path.is_file() else {}
+        rec = _read_json(_record_file(trials_dir, trial_id)) or {}
         train_s = _epoch_seconds(client, rec.get("mlflow_run_id"))
         status = _trial_status(r, epochs, started=bool(rec))
         value = m.get(sw.metric)
@@ -768,7 +774,7 @@ def plot_png(df: Any, sw: SweepConfig, path: Path) -> None:
 
 # --- the driver -----------------------------------------------------------------------------------
 
-def _driver_callback(trials_dir: Path, metric: str, verbose: bool, *, base: dict[str, Any], uri: str,
+def _driver_callback(trials_dir: str, metric: str, verbose: bool, *, base: dict[str, Any], uri: str,
                      parent_run_id: str, epochs: int) -> Any:
     """Tune callback in the driver: makes each trial's MLflow child run as the trial starts and
     closes it as the trial ends, frees an ended trial's Train placement group, prints one line per
@@ -785,14 +791,14 @@ def _driver_callback(trials_dir: Path, metric: str, verbose: bool, *, base: dict
     from orchestrator.pretrain import create_run, mark_diverged
 
     def release(trial: Any) -> None:
-        _release_placement_groups(_pg_file(trials_dir, trial.trial_id))
+        _release_placement_groups(_pg_dir(trials_dir, trial.trial_id))
 
     class SweepDriverCallback(Callback):
         def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             over = (trial.config or {}).get("overrides") or {}
             # A trial restarted by --resume keeps its run: the id file, or its Train run's record.
             if (_driver_run_id(trials_dir, trial.trial_id) is None
-                    and not _record_file(trials_dir, trial.trial_id).is_file()):
+                    and not storage.is_file(_record_file(trials_dir, trial.trial_id))):
                 cfg = trial_config(base, dict(over), trial.trial_id, str(trials_dir))
                 run_id = create_run(cfg, uri=uri, parent_run_id=parent_run_id)
                 _write_record(_run_id_file(trials_dir, trial.trial_id), {"mlflow_run_id": run_id})
@@ -836,29 +842,31 @@ def run_sweep(s: Sweep, *, resume: bool = False, verbose: bool = True) -> SweepR
     from orchestrator.pretrain import config_differences, ensure_data, init_ray
 
     start = time.perf_counter()
-    sweep_dir = resolve_sweep_dir(s, resume=resume)
-    record_path = sweep_dir / SWEEP_RECORD
+    sweep_dir = resolve_sweep_dir(s, resume=resume)  # a local folder or a URI
+    sweep_name = storage.name(sweep_dir)
+    record_path = storage.join(sweep_dir, SWEEP_RECORD)
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # --resume loses at most ~2 s of Tune state
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # Trial result files (result.json, progress.csv): ResultGrid reads them; pretrain turns them off.
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "0"
     if resume:
-        record = json.loads(record_path.read_text())
+        record = json.loads(storage.read_text(record_path))
+        results_md = storage.join(sweep_dir, "results.md")
         if record.get("status") == "finished":
-            raise UserError(f"sweep {sweep_dir.name!r} has finished ({sweep_dir / 'results.md'}); nothing to resume")
+            raise UserError(f"sweep {sweep_name!r} has finished ({results_md}); nothing to resume")
         if record.get("status") == "time budget":
-            raise UserError(f"sweep {sweep_dir.name!r} ended on its time budget (sweep.time_budget_s = "
-                            f"{record['sweep'].get('time_budget_s')} s; {sweep_dir / 'results.md'}); --resume "
+            raise UserError(f"sweep {sweep_name!r} ended on its time budget (sweep.time_budget_s = "
+                            f"{record['sweep'].get('time_budget_s')} s; {results_md}); --resume "
                             "cannot extend it: start a new sweep with a larger sweep.time_budget_s")
         base = Config.from_dict(record["base"], source=str(record_path))
         # As `pretrain --resume`: the trials that ran and the ones still to run share one base config.
         diff = config_differences(base, _absolute(s))
         if diff:
-            raise UserError(f"--resume continues sweep {sweep_dir.name!r} with its recorded base config "
+            raise UserError(f"--resume continues sweep {sweep_name!r} with its recorded base config "
                             f"({record_path}); these differ: {', '.join(diff)} (start a new sweep instead)")
         recorded_sweep = parse_sweep_section(record["sweep"], source=str(record_path))
         if dataclasses.asdict(recorded_sweep) != {**dataclasses.asdict(s.sweep), "name": recorded_sweep.name}:
-            raise UserError(f"--resume continues sweep {sweep_dir.name!r} with its recorded sweep section "
+            raise UserError(f"--resume continues sweep {sweep_name!r} with its recorded sweep section "
                             f"({record_path}); start a new sweep to change it")
         s = Sweep(base=base, sweep=recorded_sweep, source=s.source, stem=s.stem)
         uri, parent = record["tracking_uri"], record["parent_run_id"]
@@ -870,11 +878,15 @@ def run_sweep(s: Sweep, *, resume: bool = False, verbose: bool = True) -> SweepR
         s = Sweep(base=_absolute(s), sweep=s.sweep, source=s.source, stem=s.stem)
         uri = str(s.base.tracking.uri)
     sw = s.sweep
-    trials_dir = sweep_dir / "trials"
+    trials_dir = storage.join(sweep_dir, "trials")  # the trials' Train runs: under the sweep's storage
 
     started, temp_dir = init_ray(s.base)
     try:
         from orchestrator.data import put_decoded, resolve_loader
+        from orchestrator.pretrain import check_cluster_storage
+
+        check_cluster_storage(s.base, {"sweep.storage_path": storage_location(s.sweep.storage_path)},
+                              streams_data=resolve_loader(s.base) == "stream")
 
         # data.loader=memory: decode once here, for every trial (their data fields are the base's
         # unless the sweep varies one; such a trial decodes its own). Before anything is written:
@@ -888,24 +900,24 @@ def run_sweep(s: Sweep, *, resume: bool = False, verbose: bool = True) -> SweepR
                       for k, v in dataclasses.asdict(sw).items()}
             params["sweep.trials"] = n_grid_trials(sw)
             sweep_yaml = yaml.safe_dump({**base.to_dict(), "sweep": dataclasses.asdict(sw)}, sort_keys=False)
-            parent = tracking.start_run(uri, exp_id, sweep_dir.name, params, sweep_yaml,
+            parent = tracking.start_run(uri, exp_id, sweep_name, params, sweep_yaml,
                                         tags={"selfsup.kind": "sweep", "dataset": _dataset(base)})
-            record = {"name": sweep_dir.name, "status": "running", "parent_run_id": parent, "tracking_uri": uri,
+            record = {"name": sweep_name, "status": "running", "parent_run_id": parent, "tracking_uri": uri,
                       "base": base.to_dict(), "sweep": dataclasses.asdict(sw)}
             _write_record(record_path, record)
         if verbose:
             what = "resuming" if resume else "running"
             how = f", decoded once into memory for every trial ({data.nbytes / 1e6:,.0f} MB)" if data else ""
-            print(f"selfsup sweep: {what} {sweep_dir.name}: {sw.searcher} search, "
+            print(f"selfsup sweep: {what} {sweep_name}: {sw.searcher} search, "
                   f"{n_grid_trials(sw)} trials over {', '.join(sorted(sw.methods))}, "
                   f"{sw.scheduler.upper()} on {sw.metric}, {sw.max_concurrent_trials} at a time; "
                   f"{s.base.optim.epochs} epochs x {s.base.scaling.num_workers} worker(s) each{how}", flush=True)
         trainable = tune.with_resources(
-            tune.with_parameters(run_trial, base=s.base.to_dict(), trials_dir=str(trials_dir),
+            tune.with_parameters(run_trial, base=s.base.to_dict(), trials_dir=trials_dir,
                                  parent_run_id=parent, metric=sw.metric, data=data),
             trial_resources(sw))
-        if resume and tune.Tuner.can_restore(str(sweep_dir)):
-            tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_errored=True,
+        if resume and tune.Tuner.can_restore(sweep_dir):
+            tuner = tune.Tuner.restore(sweep_dir, trainable=trainable, resume_errored=True,
                                        param_space=None)
         else:
             param_space, search_alg, num_samples = build_search(sw)
@@ -918,7 +930,7 @@ def run_sweep(s: Sweep, *, resume: bool = False, verbose: bool = True) -> SweepR
                     # Train controller keeps running in a reused process; tried: Tune could not
                     # reset the actor and the sweep hung. A fresh process per trial costs ~3 s here.
                     time_budget_s=sw.time_budget_s, reuse_actors=False),
-                run_config=tune.RunConfig(name=sweep_dir.name, storage_path=str(sweep_dir.parent),
+                run_config=tune.RunConfig(name=sweep_name, storage_path=storage.parent(sweep_dir),
                                           callbacks=[_driver_callback(
                                               trials_dir, sw.metric, verbose, base=s.base.to_dict(), uri=uri,
                                               parent_run_id=parent, epochs=s.base.optim.epochs)],
@@ -950,14 +962,14 @@ def _dataset(cfg: Config) -> str:
     return dataset_name(cfg)
 
 
-def _finish(s: Sweep, sweep_dir: Path, record: dict[str, Any], results: Any, uri: str, parent: str, *,
+def _finish(s: Sweep, sweep_dir: str, record: dict[str, Any], results: Any, uri: str, parent: str, *,
             verbose: bool, budget_ran_out: bool = False) -> SweepResult:
     """Final statuses on the child runs, table + plot artifacts, best encoder, champion."""
     from orchestrator import tracking
 
     sw, epochs = s.sweep, s.base.optim.epochs
     c = tracking.client(uri)
-    table = results_table(results, sw, epochs, sweep_dir / "trials", c)
+    table = results_table(results, sw, epochs, storage.join(sweep_dir, "trials"), c)
     for _, row in table.iterrows():
         run_id = row["mlflow_run_id"]
         if not run_id:
@@ -969,15 +981,19 @@ def _finish(s: Sweep, sweep_dir: Path, record: dict[str, Any], results: Any, uri
         if row["status"] in ("stopped", "error", "not run") or c.get_run(run_id).info.status == "RUNNING":
             c.set_terminated(run_id, RUN_STATUS[row["status"]])
 
-    csv_path, md_path, png_path = (sweep_dir / "results.csv", sweep_dir / "results.md", sweep_dir / "knn_by_hparam.png")
-    table.to_csv(csv_path, index=False)
     md = markdown_table(table, sw.metric)
-    md_path.write_text(md)
-    plot_png(table, sw, png_path)
-    for p in (csv_path, md_path, png_path):
-        c.log_artifact(parent, str(p))
+    # Made in a local folder, then logged to MLflow and copied next to the sweep's record (which
+    # may be in an object store).
+    with tempfile.TemporaryDirectory(prefix="selfsup-sweep-") as d:
+        local = Path(d)
+        table.to_csv(local / "results.csv", index=False)
+        (local / "results.md").write_text(md)
+        plot_png(table, sw, local / "knn_by_hparam.png")
+        for f in ("results.csv", "results.md", "knn_by_hparam.png"):
+            c.log_artifact(parent, str(local / f))
+            storage.upload(local / f, storage.join(sweep_dir, f))
 
-    out = SweepResult(name=sweep_dir.name, sweep_dir=str(sweep_dir), parent_run_id=parent, tracking_uri=uri,
+    out = SweepResult(name=storage.name(sweep_dir), sweep_dir=sweep_dir, parent_run_id=parent, tracking_uri=uri,
                       table=table, metric=sw.metric, planned=n_grid_trials(sw), budget_ran_out=budget_ran_out)
     counts = table["status"].value_counts().to_dict() if not table.empty else {}
     metrics = {f"trials_{k.replace(' ', '_')}": float(v) for k, v in counts.items()}
@@ -994,7 +1010,7 @@ def _finish(s: Sweep, sweep_dir: Path, record: dict[str, Any], results: Any, uri
                 out.model_uri, out.champion = record["model_uri"], bool(record.get("champion"))
                 out.champion_note = str(record.get("champion_note", ""))
             else:
-                out.model_uri, out.champion, out.champion_note = _register_best(s, best, uri)
+                out.model_uri, out.champion, out.champion_note = _register_best(s, best, uri, sweep_dir)
                 record.update(model_uri=out.model_uri, champion=out.champion, champion_note=out.champion_note)
                 c.set_tag(parent, "registered_model", out.model_uri)
     if metrics:
@@ -1005,22 +1021,34 @@ def _finish(s: Sweep, sweep_dir: Path, record: dict[str, Any], results: Any, uri
     if budget_ran_out:
         c.set_tag(parent, "selfsup.ended_by", "time_budget_s")
     c.set_terminated(parent, "FINISHED")
-    _write_record(sweep_dir / SWEEP_RECORD, {**record, "status": "time budget" if budget_ran_out else "finished"})
+    _write_record(storage.join(sweep_dir, SWEEP_RECORD), {**record, "status": "time budget" if budget_ran_out else "finished"})
     out.markdown = md
     return out
 
 
-def _register_best(s: Sweep, best: dict[str, Any], uri: str) -> tuple[str | None, bool, str]:
+def _register_best(s: Sweep, best: dict[str, Any], uri: str, sweep_dir: str) -> tuple[str | None, bool, str]:
     """Register the best trial's encoder (from its last checkpoint) and maybe move `champion`."""
     from orchestrator import tracking
     from orchestrator.pretrain import protocol_tags
     from orchestrator.registry import promote_if_better
     from orchestrator.train_loop import STATE_FILE, build_model, encoder_state, load_state
 
-    ckpt = best.get("checkpoint_path")
-    if not ckpt or not (Path(ckpt) / STATE_FILE).is_file():
-        return None, False, ""
-    state = load_state(Path(ckpt) / STATE_FILE)
+    ckpt = best.get("checkpoint_path")  # Ray's Checkpoint.path: without the URI's scheme on object stores
+    state_file = ""
+    if isinstance(ckpt, str) and ckpt:
+        state_file = storage.join(storage.with_scheme_of(storage_location(s.sweep.storage_path), ckpt), STATE_FILE)
+    if not state_file or not storage.is_file(state_file):
+        # A trial that had finished when a killed driver's sweep was resumed reports its end again
+        # without a checkpoint (`run_trial`): its Train run's newest checkpoint (names sort by time).
+        run_dir = storage.join(sweep_dir, "trials", f"{TRIAL_PREFIX}{best['trial']}")
+        # Not checkpoint_manager_snapshot.json: the checkpoints are checkpoint_<date>_<time> folders.
+        names = sorted(n for n in storage.list_names(run_dir) if re.match(r"checkpoint_\d{4}-", n))
+        state_file = storage.join(run_dir, names[-1], STATE_FILE) if names else ""
+        if not state_file or not storage.is_file(state_file):
+            print(f"selfsup sweep: no checkpoint of trial {best['trial']} under {run_dir}; nothing registered",
+                  file=sys.stderr, flush=True)
+            return None, False, ""
+    state = load_state(io.BytesIO(storage.read_bytes(state_file)))
     cfg = _trial_config(s, best)
     model = build_model(cfg)
     model.encoder.load_state_dict(encoder_state(state["model"]))

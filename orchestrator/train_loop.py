@@ -289,8 +289,8 @@ def save_state(path: Path, *, module: nn.Module, optimizer: torch.optim.Optimize
                 "metrics": {k: float(v) for k, v in metrics.items()}, "history": history or []}, path)
 
 
-def load_state(path: Path) -> dict[str, Any]:
-    """Read a checkpoint file with weights_only=True (no pickled code)."""
+def load_state(path: Path | Any) -> dict[str, Any]:
+    """Read a checkpoint file (a path or a binary file object) with weights_only=True (no pickled code)."""
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
@@ -319,28 +319,25 @@ def _maybe_inject_fault(config: dict[str, Any], epoch: int, rank: int, world: in
     kill_at = config.get("_fault_kill_at_epoch")
     if kill_at is None or epoch != int(kill_at) or rank != world - 1:
         return
-    marker = Path(config["_run_dir"]) / FAULT_MARKER
-    if marker.exists():
+    from pipelines import storage
+
+    marker = storage.join(config["_run_dir"], FAULT_MARKER)  # the run folder: local or a URI
+    if storage.exists(marker):
         return  # fires once per run, across restarts
     # Die only once the controller has registered the previous epoch's checkpoint: Ray Train V2
     # collects reports when it polls the workers (every 2 s), and a worker that dies before the
     # poll takes its group's last report with it (the restart then resumes from the one before).
-    snapshot = Path(config["_run_dir"]) / "checkpoint_manager_snapshot.json"
+    snapshot = storage.join(config["_run_dir"], "checkpoint_manager_snapshot.json")
     deadline = time.monotonic() + 60
     while epoch > 1 and time.monotonic() < deadline:
         try:
-            latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
+            latest = json.loads(storage.read_text(snapshot)).get("latest_checkpoint_result") or {}
             if int(latest.get("metrics", {}).get("epoch", 0)) >= epoch - 1:
                 break
         except (OSError, ValueError):
             pass
         time.sleep(0.2)
-    try:
-        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        return
-    os.write(fd, f"worker rank {rank} killed in epoch {epoch}\n".encode())
-    os.close(fd)
+    storage.write_text(marker, f"worker rank {rank} killed in epoch {epoch}\n")  # only this rank writes it
     os._exit(1)
 
 

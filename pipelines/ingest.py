@@ -15,7 +15,8 @@ decoded at ingest to check it; corrupt or truncated ones, and ones whose header 
 `max_image_pixels` (checked before decoding), are listed in the manifest under `skipped` with the
 reason, and left out. Symlinks that lead outside SOURCE are not followed (listed under `skipped`).
 
-Shards are written under hidden temporary names and renamed at the end, manifest last: an
+Shards are written under hidden temporary names and renamed at the end, manifest last (to an
+object store, which has no rename: staged locally, uploaded, manifest last): an
 interrupted ingest leaves no `manifest.json`, and a folder without one is not a dataset.
 """
 
@@ -28,6 +29,7 @@ import os
 import re
 import socket
 import sys
+import tempfile
 import urllib.error
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -41,10 +43,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipelines import demo
+from pipelines import demo, storage
 from pipelines.errors import DataError
 from pipelines.images import DEFAULT_MAX_IMAGE_PIXELS, TooManyPixels, normalise
-from pipelines.manifest import MANIFEST, Manifest, Split, file_sha256, write_manifest
+from pipelines.manifest import MANIFEST, Manifest, Split, write_manifest
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".ppm", ".pgm"}
 # name -> (torchvision class name, how it selects the split: "train" bool or "split" str)
@@ -90,7 +92,7 @@ def ingest(source: str, out: str | Path, *, test_fraction: float = 0.2, seed: in
     Args:
         source: `demo`, a path (ImageFolder directory, `.parquet` file or folder of them), or a
             torchvision dataset name.
-        out: the output folder (created if needed).
+        out: the output folder (created if needed), or an object-store URI (`s3://BUCKET/name`).
         test_fraction: share of each class held out as `test` when the source has no split.
         seed: seed of that split (and of the row order of ImageFolder sources).
         overwrite: replace a dataset already in OUT.
@@ -111,11 +113,21 @@ def ingest(source: str, out: str | Path, *, test_fraction: float = 0.2, seed: in
             download, no image could be read, or a file or folder could not be read or written
             (an OSError, named). Nothing is written in those cases.
     """
-    out = Path(out)
     if not 0.0 <= test_fraction < 1.0:
         raise DataError(f"--test-fraction {test_fraction} is out of range; allowed: 0 <= f < 1")
     if max_image_pixels is not None and max_image_pixels <= 0:
         raise DataError(f"--max-image-pixels {max_image_pixels} is out of range; allowed: > 0")
+    if storage.is_uri(out):
+        # An object store has no rename: build the dataset in a local staging folder as usual, then
+        # upload the shards and, last, the manifest (`_publish`).
+        _check_out_uri(str(out), overwrite)
+        with tempfile.TemporaryDirectory(prefix="selfsup-ingest-") as stage:
+            manifest = ingest(source, stage, test_fraction=test_fraction, seed=seed, progress=progress,
+                              image_column=image_column, label_column=label_column, cache_dir=cache_dir,
+                              max_image_pixels=max_image_pixels)
+            _publish(Path(stage), str(out), manifest)
+        return manifest
+    out = Path(out)
     created_out = not out.exists()
     try:
         try:
@@ -154,6 +166,31 @@ def _check_out(out: Path, overwrite: bool) -> None:
         shards = sorted(p.name for p in out.iterdir() if SHARD_NAME.match(p.name))
         if shards:
             raise DataError(f"{out} already holds shards ({shards[0]}, ...); pass --overwrite to replace them")
+
+
+def _check_out_uri(out: str, overwrite: bool) -> None:
+    """`_check_out` for a dataset location in an object store."""
+    if overwrite:
+        return
+    names = storage.list_names(out)
+    if MANIFEST in names:
+        raise DataError(f"{out} already holds a dataset ({MANIFEST}); pass --overwrite to replace it")
+    shards = [n for n in names if SHARD_NAME.match(n)]
+    if shards:
+        raise DataError(f"{out} already holds shards ({shards[0]}, ...); pass --overwrite to replace them")
+
+
+def _publish(stage: Path, out: str, manifest: Manifest) -> None:
+    """Upload a staged dataset to an object store: an old manifest goes first, then the shards,
+    the new manifest last, so that a reader never takes a half-uploaded folder for a dataset."""
+    storage.delete_file(storage.join(out, MANIFEST))
+    new = {f for split in manifest.splits.values() for f in split.files}
+    for name in sorted(new):
+        storage.upload(stage / name, storage.join(out, name))
+    for name in storage.list_names(out):
+        if SHARD_NAME.match(name) and name not in new:  # shards of a replaced dataset
+            storage.delete_file(storage.join(out, name))
+    storage.upload(stage / MANIFEST, storage.join(out, MANIFEST))
 
 
 def _open_source(source: str, out: Path, *, seed: int, image_column: str | None, label_column: str | None,
@@ -544,7 +581,7 @@ def _write_dataset(src: _Source, splits: list[str], out: Path, *, split_from: st
         for s, w in writers.items():
             for i, tmp in enumerate(w.files):
                 name = f"{s}-{i:05d}-of-{len(w.files):05d}.parquet"
-                manifest.checksums[name] = file_sha256(tmp)
+                manifest.checksums[name] = storage.sha256(tmp)
                 os.replace(tmp, out / name)
                 manifest.splits[s].files.append(name)
         write_manifest(out, manifest)  # last: only now does OUT look like a dataset

@@ -1,6 +1,7 @@
 """`manifest.json`: what a shard folder holds (docs/design.md, "Data: shards, manifest, and two loaders").
 
-A dataset on disk is a folder of Parquet shards (`train-00000-of-00003.parquet`, ...) with the
+A dataset is a folder (a local path or an object-store URI, `pipelines.storage`) of Parquet
+shards (`train-00000-of-00003.parquet`, ...) with the
 columns `image` (encoded bytes as they came, or re-encoded once where training's decoder would not
 read them as one 8-bit RGB frame: `pipelines.images`), `label` (int, -1 when unlabeled) and `path`
 (where the image came from), plus this manifest. Ingest writes the manifest last, so a folder
@@ -13,13 +14,12 @@ are located for reading).
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from pipelines import storage
 from pipelines.errors import DataError
 
 MANIFEST = "manifest.json"
@@ -79,13 +79,11 @@ class Manifest:
         return asdict(self)
 
 
-def write_manifest(folder: str | Path, manifest: Manifest) -> Path:
-    """Write `manifest.json` atomically (temporary name, then rename) and return its path."""
-    folder = Path(folder)
-    final = folder / MANIFEST
-    tmp = folder / f".{MANIFEST}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
-    os.replace(tmp, final)
+def write_manifest(folder: str | Path, manifest: Manifest) -> str:
+    """Write `manifest.json` atomically (a local temporary name then a rename, or one object upload)
+    and return its location."""
+    final = storage.join(folder, MANIFEST)
+    storage.write_text(final, json.dumps(manifest.to_json(), indent=2) + "\n")
     return final
 
 
@@ -95,12 +93,12 @@ def read_manifest(folder: str | Path) -> Manifest:
     Raises:
         DataError: the folder has no `manifest.json`, it is not valid, or a shard it lists is missing.
     """
-    folder = Path(folder)
-    path = folder / MANIFEST
-    if not path.is_file():
+    folder = str(folder)
+    path = storage.join(folder, MANIFEST)
+    if not storage.is_file(path):
         raise DataError(f"no {MANIFEST} in {folder}; run `selfsup ingest SOURCE {folder}` first")
     try:
-        text = path.read_text()
+        text = storage.read_text(path)
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
     try:
@@ -112,16 +110,17 @@ def read_manifest(folder: str | Path) -> Manifest:
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise DataError(f"{path} is not a valid selfsup manifest ({type(e).__name__}: {e}); "
                         f"run `selfsup ingest SOURCE {folder} --overwrite` again") from None
+    present = set(storage.list_names(folder))  # one listing, not a request per shard on object stores
     for split_name, split in manifest.splits.items():
         for i, name in enumerate(split.files):
             _check_shard_name(path, f"splits.{split_name}.files[{i}]", name)
-            if not (folder / name).is_file():
-                raise DataError(f"{folder / name} is listed in {path} but missing; "
+            if name not in present:
+                raise DataError(f"{storage.join(folder, name)} is listed in {path} but missing; "
                                 f"run `selfsup ingest SOURCE {folder} --overwrite` again")
     return manifest
 
 
-def _check_shard_name(manifest_path: Path, where: str, name: object) -> None:
+def _check_shard_name(manifest_path: str, where: str, name: object) -> None:
     """A shard name must be a relative path inside the dataset folder: no absolute path, no `..`."""
     if not isinstance(name, str) or not name:
         raise DataError(f"{manifest_path}: {where} = {name!r}: a shard name must be a non-empty string")
@@ -131,51 +130,44 @@ def _check_shard_name(manifest_path: Path, where: str, name: object) -> None:
                         "the dataset folder (no absolute path, no '..')")
 
 
-def file_sha256(path: str | Path) -> str:
-    """The sha256 hex digest of a file, read in 1 MB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-# (path, size, mtime_ns) of shards whose sha256 matched: each file is hashed once per process, not
+# (location, size, mtime) of shards whose sha256 matched: each file is hashed once per process, not
 # at every read (the memory loader reads a shard's labels and then its row groups; a sweep driver
 # reads the same shards for every trial). A file rewritten since has another size or mtime.
-_VERIFIED: set[tuple[str, int, int]] = set()
+_VERIFIED: set[tuple[str, int, object]] = set()
 
 
-def verify_shard(folder: str | Path, name: str, manifest: Manifest) -> Path:
-    """The shard's path, after checking its sha256 against the manifest's `checksums`.
+def verify_shard(folder: str, name: str, manifest: Manifest) -> str:
+    """The shard's location (a local path or a URI), after checking its sha256 against the
+    manifest's `checksums`.
 
     A shard the manifest has no checksum for (a manifest written before checksums) is not checked.
 
     Raises:
         DataError: the file's sha256 differs from the manifest's (one line naming the file).
     """
-    path = Path(folder) / name
+    path = storage.join(folder, name)
     expected = manifest.checksums.get(name)
     if expected is None:
         return path
     try:
-        st = path.stat()
-        key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+        size, mtime = storage.size_and_mtime(path)
+        key = (path, size, mtime)
         if key in _VERIFIED:
             return path
-        actual = file_sha256(path)
+        actual = storage.sha256(path)
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
     if actual != expected:
         raise DataError(f"{path}: sha256 {actual[:16]}... does not match {expected[:16]}... recorded in "
-                        f"{Path(folder) / MANIFEST}: the shard changed after ingest; run "
+                        f"{storage.join(folder, MANIFEST)}: the shard changed after ingest; run "
                         f"`selfsup ingest SOURCE {folder} --overwrite` again")
     _VERIFIED.add(key)
     return path
 
 
-def split_files(folder: str | Path, split: str, *, allow_empty: bool = False) -> list[Path]:
-    """The shard files of one split, as absolute paths, each checked against its sha256 (`verify_shard`).
+def split_files(folder: str | Path, split: str, *, allow_empty: bool = False) -> list[str]:
+    """The shard files of one split: absolute local paths, or URIs for a dataset in an object store;
+    each checked against its sha256 (`verify_shard`).
 
     This is the one place shards are located before they are read (the memory and stream loaders,
     kNN, `registry embed`).
@@ -184,12 +176,11 @@ def split_files(folder: str | Path, split: str, *, allow_empty: bool = False) ->
         DataError: no manifest, the split is unknown or empty (unless `allow_empty`), or a shard's
             sha256 does not match.
     """
-    folder = Path(folder)
     manifest = read_manifest(folder)
     if split not in manifest.splits:
-        raise DataError(f"split {split!r} is not in {folder / MANIFEST}; "
+        raise DataError(f"split {split!r} is not in {storage.join(folder, MANIFEST)}; "
                         f"it has: {', '.join(sorted(manifest.splits))}")
-    files = [verify_shard(folder.resolve(), f, manifest) for f in manifest.splits[split].files]
+    files = [verify_shard(storage.absolute(folder), f, manifest) for f in manifest.splits[split].files]
     if not files and not allow_empty:
         raise DataError(f"split {split!r} of {folder} is empty (0 rows)")
     return files

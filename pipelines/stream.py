@@ -31,9 +31,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
+from pipelines import storage
 from pipelines.errors import DataError
 from pipelines.images import DEFAULT_MAX_IMAGE_PIXELS, decode_batch
 from pipelines.manifest import read_manifest, split_files
@@ -129,7 +129,7 @@ def read_split(folder: str | Path, split: str = "train", *, image_size: int | No
     epoch has a new order and new views.
 
     Args:
-        folder: the shard folder (has `manifest.json`).
+        folder: the shard folder (has `manifest.json`): a local path or a URI (`pipelines.storage`).
         split: `train` or `test`.
         image_size: decode to this square size (resize + centre crop when images differ from it).
             Default: the manifest's `image_size` (all images the same size), else an error.
@@ -168,7 +168,9 @@ def read_split(folder: str | Path, split: str = "train", *, image_size: int | No
     if size is None and manifest.image_size is None:
         raise DataError(f"images in {folder} have different sizes; set an image size (data.image_size)")
     cols = list(dict.fromkeys(["image", "label", "path", *columns]))  # path: to name a bad image
-    ds = _read_parquet([str(f) for f in files], cols, concurrency)
+    # A dataset in an object store: the read tasks, on any node, get the store's filesystem object.
+    filesystem, paths = storage.filesystem_and_paths(files)
+    ds = _read_parquet(paths, cols, concurrency, filesystem)
     if limit is not None:
         ds = ds.limit(limit)
     if shuffle:
@@ -184,7 +186,7 @@ def read_split(folder: str | Path, split: str = "train", *, image_size: int | No
     return ds
 
 
-def _read_parquet(files: list[str], columns: list[str], concurrency: int) -> ray.data.Dataset:
+def _read_parquet(files: list[str], columns: list[str], concurrency: int, filesystem: Any = None) -> ray.data.Dataset:
     """`ray.data.read_parquet` through Ray Data's V1 Parquet datasource.
 
     Ray 2.60's default V2 datasource lists the files again on every execution, i.e. every epoch of a
@@ -203,7 +205,7 @@ def _read_parquet(files: list[str], columns: list[str], concurrency: int) -> ray
     before = ctx.use_datasource_v2, ctx.enable_progress_bars
     ctx.use_datasource_v2, ctx.enable_progress_bars = False, False
     try:
-        return ray.data.read_parquet(files, columns=columns, concurrency=concurrency)
+        return ray.data.read_parquet(files, columns=columns, concurrency=concurrency, filesystem=filesystem)
     finally:
         ctx.use_datasource_v2, ctx.enable_progress_bars = before
 
@@ -297,15 +299,16 @@ def load_split(folder: str | Path, split: str = "test", *, limit: int | None = N
     """
     manifest = read_manifest(folder)
     files = split_files(folder, split)
-    labels = np.concatenate([pq.read_table(f, columns=["label"]).column("label").to_numpy() for f in files]).astype(np.int64)
+    labels = np.concatenate([storage.parquet_file(f).read(columns=["label"]).column("label").to_numpy()
+                             for f in files]).astype(np.int64)
     keep = None
     if limit is not None and limit < len(labels):
         keep = np.arange(limit) if first else _stratified_subset(labels, limit, seed)
     size = image_size or (manifest.image_size[0] if manifest.image_size else None)
-    jobs: list[tuple[Path, int, np.ndarray]] = []  # (file, row group, rows in it to decode)
+    jobs: list[tuple[str, int, np.ndarray]] = []  # (file, row group, rows in it to decode)
     start = 0
     for f in files:
-        meta = pq.ParquetFile(f).metadata
+        meta = storage.parquet_file(f).metadata
         for g in range(meta.num_row_groups):
             n = meta.row_group(g).num_rows
             rows = np.arange(n) if keep is None else keep[(keep >= start) & (keep < start + n)] - start
@@ -313,12 +316,12 @@ def load_split(folder: str | Path, split: str = "test", *, limit: int | None = N
                 jobs.append((f, g, rows))
             start += n
 
-    def decode(job: tuple[Path, int, np.ndarray]) -> torch.Tensor:
+    def decode(job: tuple[str, int, np.ndarray]) -> torch.Tensor:
         f, g, rows = job
-        t = pq.ParquetFile(f).read_row_group(g, columns=["image", "path"])
+        t = storage.parquet_file(f).read_row_group(g, columns=["image", "path"])
         images, paths = t.column("image").to_pylist(), t.column("path").to_pylist()
         return decode_images([images[i] for i in rows], size, max_pixels=max_pixels,
-                             paths=[f"{f.name}: {paths[i]}" for i in rows])
+                             paths=[f"{storage.name(f)}: {paths[i]}" for i in rows])
 
     if threads > 1 and len(jobs) > 1:
         from concurrent.futures import ThreadPoolExecutor

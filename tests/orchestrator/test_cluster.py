@@ -69,6 +69,8 @@ def test_cluster_yaml_passes_ray_schema() -> None:
     assert all(n["min_workers"] == 0 and n["max_workers"] >= 1 for n in gpu_types)
     setup = "\n".join(raw["setup_commands"])
     assert "pip install" in setup and "~/selfsup" in setup and "MLFLOW_TRACKING_URI" in setup
+    # The bucket is named once, and every node exports it (relative storage paths resolve under it).
+    assert setup.count("s3://") == 1 and "export SELFSUP_STORAGE=" in setup
     start = "\n".join(raw["head_start_ray_commands"])
     # MLflow on the head's private IP (never 0.0.0.0), artifacts served through the server.
     assert "mlflow server" in start and '--host "$SELFSUP_HEAD_IP"' in start
@@ -257,6 +259,9 @@ def test_ray_up_submit_pretrain_down(sandbox_root: Path, tmp_path: Path) -> None
         "RAY_USAGE_STATS_ENABLED": "0",
         "SELFSUP_HEAD_IP": "127.0.0.1",  # MLflow's bind address and the tracking URI host
         "SELFSUP_MLFLOW_PORT": str(mlflow_port),
+        # The shared store every node gets (the config's bucket placeholder otherwise): on this
+        # one-node cluster a folder in the fake home, where the job's runs/ then lands.
+        "SELFSUP_STORAGE": str(home / "selfsup"),
         "PYTHONDONTWRITEBYTECODE": "1",
     }
     markers = [f"{rt}/", f"{home}/"]  # command lines of this cluster's Ray daemons, MLflow, the job

@@ -11,7 +11,7 @@ from orchestrator.pretrain import numbered_dir
 @pytest.mark.parametrize("kind", ["run", "sweep"])
 def test_numbered_dirs_count_up_and_resume_the_newest_recorded(tmp_path: Path, kind: str) -> None:
     def pick(name: str | None = None, resume: bool = False) -> Path:
-        return numbered_dir(tmp_path, name=name, stem="demo", record="rec.json", resume=resume, kind=kind)
+        return Path(numbered_dir(tmp_path, name=name, stem="demo", record="rec.json", resume=resume, kind=kind))
 
     assert pick() == tmp_path / "demo-1"
     for n in (1, 2):
