@@ -86,7 +86,7 @@ def main() -> None:
               "results": rows}
     (out / "cifar10_knn.json").write_text(json.dumps(result, indent=2) + "\n")
     cmd = "python benchmarks/cifar10_knn.py " + " ".join(sys.argv[1:])
-    md = ["# kNN top-1 on the CIFAR-10 test split after a fixed budget", "",
+    md = ["# kNN and linear top-1 on the CIFAR-10 test split after a fixed budget", "",
           f"`{cmd.strip()}` on {result['machine']} ({'GPU' if args.gpu else 'CPU'}): encoder {args.encoder}, "
           f"{args.epochs} epochs over {args.limit or 50000:,} training images per epoch, global batch {args.batch_size}, "
           f"{args.workers} Ray Train workers; kNN k=200, T=0.1, bank {args.knn_bank:,} train images, all 10,000 test images.",
