@@ -102,8 +102,7 @@ def check_data(cfg: Config, *, need_labels: str | None = None) -> DataCheck:
         if need_labels:
             raise ConfigError(f"data.path = {d.path!r}: the dataset has no labels ({where} lists no classes), "
                               f"and {need_labels}; pretrain it with `selfsup pretrain` instead")
-        return DataCheck(used, False, f"{d.path} has no labels ({MANIFEST} lists no classes): "
-                                      "label metrics (kNN) left out")
+        return DataCheck(used, False, no_labels_note(d.path))
     test_rows = manifest.rows(d.test_split)
     if test_rows == 0:
         raise ConfigError(f"data.test_split = {d.test_split!r}: {where} lists 0 rows for it, and the kNN probe of a "
@@ -111,6 +110,13 @@ def check_data(cfg: Config, *, need_labels: str | None = None) -> DataCheck:
                           "(or a source with a test split)")
     split_files(d.path, d.test_split)
     return DataCheck(used, True)
+
+
+def no_labels_note(path: str) -> str:
+    """What the log and the MLflow tag `LABEL_METRICS_TAG` say of a dataset without labels."""
+    from pipelines.manifest import MANIFEST
+
+    return f"{path} has no labels ({MANIFEST} lists no classes): label metrics (kNN) left out"
 
 
 def label_metrics(cfg: Config) -> bool:

@@ -38,7 +38,8 @@ from typing import Any
 from orchestrator import tracking
 from orchestrator.config import (Config, ConfigError, check_data_folder, config_name, load_config,
                                  storage_location, to_yaml)
-from orchestrator.data import LABEL_METRICS_TAG, DataCheck, DecodedData, check_data, label_metrics
+from orchestrator.data import (LABEL_METRICS_TAG, DataCheck, DecodedData, check_data, label_metrics,
+                               no_labels_note)
 from orchestrator.errors import UserError
 from pipelines import storage
 
@@ -430,8 +431,11 @@ def create_run(cfg: Config, *, uri: str, parent_run_id: str | None = None) -> st
 
 
 def _run_tags(cfg: Config) -> dict[str, str]:
+    # Set where the run is made (a sweep's driver for its trials): a trial process must not open the
+    # MLflow store before training (one writer per run, docs/design.md).
     return {"method": cfg.method.name, "encoder": cfg.model.encoder, "dataset": dataset_name(cfg),
-            "selfsup.storage_path": storage_location(cfg.run.storage_path)}
+            "selfsup.storage_path": storage_location(cfg.run.storage_path),
+            LABEL_METRICS_TAG: "on" if label_metrics(cfg) else no_labels_note(cfg.data.path)}
 
 
 # --- terminal output --------------------------------------------------------------------------
@@ -576,7 +580,6 @@ def run_pretrain(cfg: Config, *, resume: bool = False, stem: str = "run", callba
             record = {"name": paths.name, "status": "running", "mlflow_run_id": run_id, "tracking_uri": uri,
                       "experiment": cfg.tracking.experiment, "config": cfg.to_dict()}
             write_record(paths, record)
-            tracking.client(uri).set_tag(run_id, LABEL_METRICS_TAG, checked.label_note or "on")
         if checked.label_note:
             log.info("%s", checked.label_note)
         cfg.tracking.uri = uri
