@@ -41,7 +41,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
 
 from pipelines import demo, storage
 from pipelines.errors import DataError

@@ -93,7 +93,7 @@ def test_fewer_images_than_one_global_batch_is_one_line_before_ray(loose: Path, 
     used = limit or 40
     assert len(err.splitlines()) == 1 and err.startswith(
         f"selfsup pretrain: error: optim.batch_size = 32: more than the {used} training images (data.limit = {limit})"
-        if limit else f"selfsup pretrain: error: optim.batch_size = 256: more than the 40 training images in"), err
+        if limit else "selfsup pretrain: error: optim.batch_size = 256: more than the 40 training images in"), err
     assert "every epoch would take 0 steps" in err
     # Nothing started, nothing written: no Ray session, no run folder, no MLflow store.
     assert not ray.is_initialized() and not any((tmp_path / "ray").iterdir())
