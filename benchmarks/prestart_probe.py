@@ -116,7 +116,7 @@ def run_mode(mode: str, trials: int) -> dict:
     import ray
     from ray import tune
 
-    from orchestrator.pretrain import quiet_ray_env
+    from orchestrator.ray_compat import quiet_ray_env
 
     quiet_ray_env()
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "0"  # the ResultGrid reads the trials' result files

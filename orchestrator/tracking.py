@@ -128,6 +128,15 @@ def log_epoch(c: Any, run_id: str, metrics: dict[str, Any], already: set[int]) -
     return True
 
 
+def log_report(c: Any, run_id: str, report: dict[str, Any], already: set[int]) -> bool:
+    """Log one epoch report (`epoch_loop`): the earlier epochs it carries in `backfill` that the run
+    lacks (a resumed run's first report), then the epoch itself; returns whether the epoch was new."""
+    for earlier in json.loads(report.get("backfill") or "[]"):
+        if "epoch" in earlier:
+            log_epoch(c, run_id, earlier, already)
+    return log_epoch(c, run_id, {k: v for k, v in report.items() if k != "backfill"}, already)
+
+
 def curves_png(c: Any, run_id: str) -> bytes:
     """A PNG of the loss and kNN top-1 curves from the run's metric history."""
     import matplotlib
@@ -247,10 +256,7 @@ class MlflowTrainCallback(ray.train.UserCallback):
 
             os.kill(self.fault_kill_before_logging[1], signal.SIGKILL)
             os._exit(1)
-        for earlier in json.loads(metrics[0].get("backfill") or "[]"):  # see train_loop: resumed runs
-            if "epoch" in earlier:
-                log_epoch(self._client, self.run_id, earlier, self._logged)
-        if not log_epoch(self._client, self.run_id, m, self._logged):
+        if not log_report(self._client, self.run_id, metrics[0], self._logged):
             return
         epoch = int(m["epoch"])
         if self._plot_due(epoch):
@@ -279,28 +285,6 @@ def backfill_epochs(uri: str, run_id: str, history: list[dict[str, Any]]) -> int
     c = client(uri)
     already = logged_epochs(c, run_id)
     return sum(log_epoch(c, run_id, m, already) for m in history if "epoch" in m)
-
-
-def controller_warm_up(callback: MlflowTrainCallback) -> Any:
-    """A Train worker-group callback that calls `callback.warm_up()` in the controller as it starts
-    the workers, or None where this Ray lacks the hook.
-
-    `WorkerGroupCallback` is internal to Ray Train V2 (2.60; the sweep's placement-group cleanup
-    uses it too). Both callbacks travel to the controller in one list, so they share `callback`.
-    """
-    try:
-        from ray.train.v2._internal.execution.callback import WorkerGroupCallback
-    except ImportError:
-        return None
-
-    class WarmUp(WorkerGroupCallback):
-        def __init__(self, target: MlflowTrainCallback) -> None:
-            self.target = target
-
-        def before_worker_group_start(self, worker_group_context: Any) -> None:
-            self.target.warm_up()
-
-    return WarmUp(callback)
 
 
 def finish_run(uri: str, run_id: str, status: str = "FINISHED") -> None:

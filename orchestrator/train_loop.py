@@ -1,36 +1,13 @@
-"""The Ray Train per-worker function: stream this worker's shard, augment, step, evaluate, checkpoint.
+"""The plain-PyTorch pieces of pretraining: model, optimiser, schedule, one epoch of steps, the kNN
+and linear probes, checkpoint files, a worker's batches.
 
-Pattern after Ray's `torch_fashion_mnist_example.py`: `train_func_per_worker(config)` runs on every
-worker; the driver (`orchestrator.pretrain`) only builds the `TorchTrainer`. The pieces below it
-(`build_model`, `build_optimizer`, `build_scheduler`, `train_one_epoch`, `KnnProbe`) are plain
-PyTorch, so `benchmarks/overhead.py` runs the same code in a single process without Ray.
-
-Per epoch, every worker:
-1. reseeds torch / numpy / random and the augmenter from (run.seed, rank, epoch), so a resumed epoch
-   starts from the same random state as an uninterrupted one (the checkpoint's epoch fixes it);
-2. takes its share of the epoch's images (`TrainBatches`: its slice of a global permutation of the
-   decoded split in the object store with `data.loader=memory`, its Ray Data shard from
-   `get_dataset_shard("train")` with `stream`), makes two views of each batch on its own device
-   (DINO: plus its local crops, passed to `forward` as a third argument), and takes DDP steps
-   (bf16 autocast + channels_last on GPU); LR warm-up + cosine per step, momentum-encoder update
-   after each optimiser step;
-3. rank 0 computes kNN top-1/top-5 (`methods.evaluate.knn_accuracy`) of the encoder's features:
-   memory bank = a seeded per-class subset of `eval.knn_train_limit` training images, queries =
-   the test split (all of it unless `eval.knn_test_limit`), no augmentation, eval-mode BN; after the
-   last epoch (or every epoch with `eval.linear_every_epoch`) also the linear probe on the same
-   features (`linear_top1/top5`). The other ranks wait at the `ray.train.report` barrier, and the
-   Train controller's MLflow callback logs these metrics with the epoch's others (one writer);
-4. every rank calls `ray.train.report` once; rank 0 attaches the checkpoint `state.pt` (model incl.
-   the MoCo queue buffers, optimiser, scheduler, epoch, seeds, metrics; loads with weights_only).
+`orchestrator.epoch_loop` puts them together into the one epoch loop (in a Ray Train worker or in a
+Tune trial's own process); `benchmarks/overhead.py` runs them in a single process without Ray.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import os
 import random
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
@@ -299,60 +276,21 @@ def encoder_state(model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return {k[len("encoder."):]: v for k, v in model_state.items() if k.startswith("encoder.")}
 
 
-# --- the worker function ------------------------------------------------------------------------
-
-def _mean_over_workers(values: dict[str, float], device: torch.device) -> dict[str, float]:
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or not values:
-        return values
-    keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64,
-                     device=device if device.type == "cuda" else "cpu")
-    dist.all_reduce(t)
-    t /= dist.get_world_size()
-    return dict(zip(keys, t.tolist()))
-
-
-def _maybe_inject_fault(config: dict[str, Any], epoch: int, rank: int, world: int) -> None:
-    """Test hook: SELFSUP_FAULT_KILL_AT_EPOCH=N (read by the driver) kills the last worker once, in epoch N."""
-    kill_at = config.get("_fault_kill_at_epoch")
-    if kill_at is None or epoch != int(kill_at) or rank != world - 1:
-        return
-    from pipelines import storage
-
-    marker = storage.join(config["_run_dir"], FAULT_MARKER)  # the run folder: local or a URI
-    if storage.exists(marker):
-        return  # fires once per run, across restarts
-    # Die only once the controller has registered the previous epoch's checkpoint: Ray Train V2
-    # collects reports when it polls the workers (every 2 s), and a worker that dies before the
-    # poll takes its group's last report with it (the restart then resumes from the one before).
-    snapshot = storage.join(config["_run_dir"], "checkpoint_manager_snapshot.json")
-    deadline = time.monotonic() + 60
-    while epoch > 1 and time.monotonic() < deadline:
-        try:
-            latest = json.loads(storage.read_text(snapshot)).get("latest_checkpoint_result") or {}
-            if int(latest.get("metrics", {}).get("epoch", 0)) >= epoch - 1:
-                break
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.2)
-    storage.write_text(marker, f"worker rank {rank} killed in epoch {epoch}\n")  # only this rank writes it
-    os._exit(1)
-
+# --- batches ------------------------------------------------------------------------------------
 
 class TrainBatches:
     """This worker's two-view batches, one epoch at a time, from either loader (`orchestrator.data`).
 
     memory: the decoded split from the object store, this rank's slice of the epoch's global
-    permutation (`pipelines.memory`); stream: the worker's Ray Data shard (`get_dataset_shard`).
+    permutation (`pipelines.memory`); stream: `shard()`, the worker's Ray Data `DataIterator`
+    (`get_dataset_shard` in a Train worker, the whole dataset's iterator in a one-process trial).
     Views come from `TwoViewAugment` seeded per (run seed, rank, epoch), so a resumed epoch
     repeats the views of an uninterrupted one.
     """
 
     def __init__(self, cfg: Config, decoded: dict[str, Any] | None, device: torch.device, rank: int,
-                 world: int) -> None:
-        self.cfg, self.device, self.rank, self.world = cfg, device, rank, world
+                 world: int, shard: Callable[[], Any] | None = None) -> None:
+        self.cfg, self.device, self.rank, self.world, self.shard = cfg, device, rank, world, shard
         self.batch_size = cfg.optim.batch_size // world
         self.memory = None
         if decoded is not None:
@@ -373,106 +311,9 @@ class TrainBatches:
             indices = epoch_indices(self.memory.rows, self.world, self.rank, self.batch_size,
                                     seed=cfg.run.seed, epoch=epoch)
             return self.memory.epoch(indices, batch_size=self.batch_size, augment=augment)
-        import ray.train
-
         from pipelines.stream import iter_two_view_batches
 
-        return iter_two_view_batches(ray.train.get_dataset_shard("train"), batch_size=self.batch_size,
+        if self.shard is None:
+            raise ValueError("TrainBatches: the stream loader needs shard (a DataIterator factory)")
+        return iter_two_view_batches(self.shard(), batch_size=self.batch_size,
                                      augment=augment, device=self.device, augment_on=augment_on)
-
-
-def train_func_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train V2 worker: `config` is `Config.to_dict()` plus the driver's `_`-prefixed keys."""
-    import ray.train
-    import ray.train.torch
-
-    from orchestrator.timeline import mark, process_start_time
-
-    cfg = Config.from_dict({k: v for k, v in config.items() if not k.startswith("_")})
-    mark("worker_start", run=cfg.run.name, process_start=process_start_time())
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    if device.type == "cpu":
-        from pipelines.augment import keep_freed_memory
-
-        keep_freed_memory()  # the CPU augment path measured 2-3x faster colour ops with it (see there)
-
-    seed_everything(cfg.run.seed, 0, 0)  # same initial weights on every rank (DDP broadcasts them anyway)
-    model = build_model(cfg)
-    from methods import prepare_for_distributed
-
-    model = prepare_for_distributed(model)  # BatchNorm statistics over all workers (SimCLR "global BN")
-    state = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state = load_state(Path(d) / STATE_FILE)
-        model.load_state_dict(state["model"])
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    # MoCo's queue and BN running stats are identical on every rank by construction: buffers are
-    # synced once at DDP init, not broadcast before every forward.
-    ddp = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"forward_sync_buffers": False})
-    module = unwrap(ddp)
-    optimizer = build_optimizer(cfg, module)
-    steps = steps_per_epoch(cfg, int(config["_train_rows"]), world)
-    scheduler = build_scheduler(cfg, optimizer, steps)
-    start_epoch, metrics, history = 0, {}, []
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, metrics = int(state["epoch"]), dict(state["metrics"])
-        history = list(state.get("history", []))
-
-    decoded = None
-    if config.get("_data") is not None:
-        from orchestrator.data import get_decoded
-
-        decoded = get_decoded(config["_data"])
-    batches = TrainBatches(cfg, decoded, device, rank, world)
-    probe = KnnProbe(cfg, device, decoded) if rank == 0 and label_metrics_on(config) else None
-    untrained = metrics.get("knn_top1_untrained")
-    if probe is not None and untrained is None:
-        untrained = probe(module.encoder).get("knn_top1")  # None: unlabelled images
-
-    for epoch in range(start_epoch + 1, cfg.optim.epochs + 1):
-        t0 = time.perf_counter()
-        mark("epoch_start", run=cfg.run.name, rank=rank, epoch=epoch)
-        epoch_seed = seed_everything(cfg.run.seed, rank, epoch)
-        stats = train_one_epoch(
-            ddp, optimizer, scheduler, batches.epoch(epoch, epoch_seed), device=device,
-            first_step=(epoch - 1) * steps, total_steps=steps * cfg.optim.epochs, max_steps=steps,
-            on_step=lambda i, e=epoch: _maybe_inject_fault(config, e, rank, world) if i == 1 else None)
-        train_seconds, images, n_steps = stats.pop("seconds"), stats.pop("images"), stats.pop("steps")
-        stats = _mean_over_workers(stats, device)
-        if not math.isfinite(stats.get("loss", 0.0)):  # diverged: every rank sees the same mean loss
-            ray.train.report({"epoch": epoch, "loss": stats["loss"], "diverged": 1.0})
-            return
-        metrics = {"epoch": epoch, **stats,
-                   "lr": scheduler.get_last_lr()[0],
-                   "views_per_second": 2 * images * world / max(train_seconds, 1e-9),
-                   "train_seconds": train_seconds, "steps": n_steps, "torch_threads": torch.get_num_threads(),
-                   "resumed_from_epoch": start_epoch}  # the checkpoint this worker group started from
-        if hasattr(module, "momentum"):
-            metrics["momentum"] = float(module.momentum)
-        if probe is not None:
-            metrics.update(probe(module.encoder, linear=cfg.eval.linear_every_epoch or epoch == cfg.optim.epochs))
-            if untrained is not None:
-                metrics["knn_top1_untrained"] = float(untrained)
-        metrics["epoch_seconds"] = time.perf_counter() - t0
-        mark("epoch_end", run=cfg.run.name, rank=rank, epoch=epoch)
-        finite = {k: float(v) for k, v in metrics.items() if math.isfinite(v)}
-        report: dict[str, Any] = dict(metrics)
-        if epoch == start_epoch + 1 and history:
-            # The epochs before this checkpoint, for the MLflow callback to log any it missed (the
-            # command was killed between the checkpoint and the callback's write).
-            report["backfill"] = json.dumps(history)
-        history.append(finite)
-        if rank == 0:
-            with tempfile.TemporaryDirectory() as d:
-                save_state(Path(d) / STATE_FILE, module=module, optimizer=optimizer, scheduler=scheduler,
-                           epoch=epoch, metrics=finite, seed=cfg.run.seed, history=history)
-                ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d))
-        else:
-            ray.train.report(report)

@@ -25,7 +25,7 @@ import pytest
 
 from orchestrator.config import load_config
 from orchestrator.pretrain import FAULT_BEFORE_LOG_ENV, FAULT_ENV, RUN_RECORD, PretrainResult, run_pretrain
-from orchestrator.train_loop import FAULT_MARKER
+from orchestrator.epoch_loop import FAULT_MARKER
 
 EPOCHS = 2
 

@@ -391,7 +391,8 @@ def test_a_model_name_with_quotes_lists_and_shows(mlflow_server: str, capsys: py
 
 def test_the_champion_moves_only_between_versions_measured_alike(mlflow_server: str,
                                                                   capsys: pytest.CaptureFixture[str]) -> None:
-    from orchestrator.pretrain import PretrainResult, _print_summary
+    from orchestrator.pretrain import PretrainResult
+    from orchestrator.run_output import print_summary
 
     client = registry.connect(mlflow_server)
     model = f"protocol-{uuid.uuid4().hex[:6]}"
@@ -408,7 +409,7 @@ def test_the_champion_moves_only_between_versions_measured_alike(mlflow_server: 
     assert "knn_queries 1000 (v1) vs 500 (v2)" in p.reason
     assert str(client.get_model_version_by_alias(model, "champion").version) == v1
     # The command says why.
-    _print_summary(PretrainResult(run_name="r", run_dir="d", tracking_uri=mlflow_server, experiment="e",
+    print_summary(PretrainResult(run_name="r", run_dir="d", tracking_uri=mlflow_server, experiment="e",
                                   mlflow_run_id="x", epochs=1, knn_top1=0.9, model_name=model, model_version=v2,
                                   champion=p.moved, champion_note=p.reason))
     assert f"champion:     {p.reason}" in capsys.readouterr().out

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.errors import UserError
-from orchestrator.pretrain import numbered_dir
+from orchestrator.runs import numbered_dir
 
 
 @pytest.mark.parametrize("kind", ["run", "sweep"])

@@ -18,11 +18,10 @@ import pytest
 import yaml
 
 from methods import METHODS
-from orchestrator import sweep as sweep_mod
 from orchestrator.config import ConfigError
 from orchestrator.errors import UserError
-from orchestrator.sweep import (SweepConfig, grid_trials, load_sweep, n_grid_trials, optuna_space,
-                                random_trial)
+from orchestrator.sweep import SweepConfig, load_sweep, run_sweep
+from orchestrator.sweep.space import build_search, grid_trials, n_grid_trials, optuna_space, random_trial
 from orchestrator.timeline import ENV as TIMELINE_ENV
 
 REPO = Path(__file__).resolve().parents[2]
@@ -92,6 +91,9 @@ def test_repository_sweep_configs_load() -> None:
     ({"max_concurrent_trials": 0}, "sweep.max_concurrent_trials = 0: must be >= 1"),
     ({"cpus_per_trial": 0}, "sweep.cpus_per_trial = 0.0: must be > 0"),
     ({"time_budget_s": -5}, "sweep.time_budget_s = -5.0: must be > 0 (or null)"),
+    ({"trial_kind": "thread"}, "sweep.trial_kind = 'thread': allowed: auto, in_process, train"),
+    ({"trial_kind": "in_process", "space": {"scaling.num_workers": [1, 2]}},
+     "sweep.trial_kind = 'in_process': runs one worker per trial, but a trial has scaling.num_workers = 2"),
     # NaN and infinity: in search spaces (lists, choices, range ends) and in sweep fields
     ({"methods": {"simclr": {"method.temperature": [0.1, math.nan]}}},
      "sweep.methods.simclr.method.temperature = [0.1, nan]: values must be finite numbers"),
@@ -110,6 +112,18 @@ def test_bad_sweeps_are_rejected_with_one_message(tmp_path: Path, sweep: dict, m
     with pytest.raises(ConfigError) as e:
         load_sweep(path)
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_auto_trial_kind_runs_one_worker_trials_in_process(tmp_path: Path) -> None:
+    from orchestrator.sweep.trials import resolved_trial_kind
+
+    one = load_sweep(_write(tmp_path, {"data": {"source": None}, "scaling": {"num_workers": 1}, "sweep": {}}))
+    assert resolved_trial_kind(one) == "in_process"
+    assert resolved_trial_kind(load_sweep(_write(tmp_path, {"data": {"source": None}, "scaling": {"num_workers": 1},
+                                                            "sweep": {"trial_kind": "train"}}))) == "train"
+    swept = load_sweep(_write(tmp_path, {"data": {"source": None}, "scaling": {"num_workers": 1},
+                                         "sweep": {"space": {"scaling.num_workers": [1, 2]}}}))
+    assert resolved_trial_kind(swept) == "train"
 
 
 def test_a_sweep_can_rank_by_the_linear_probe(tmp_path: Path) -> None:
@@ -205,7 +219,7 @@ def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 DIVERGING_LR = 1e30
 
 
-def _e2e_config(tmp_path: Path, data: Path, uri: str, model_name: str) -> str:
+def _e2e_config(tmp_path: Path, data: Path, uri: str, model_name: str, kind: str) -> str:
     """5 tiny trials, run one at a time so that ASHA's decisions are deterministic:
     SimCLR x 2 temperatures, BYOL at a good lr, a useless lr (1e-8: the encoder stays as it was
     initialised, so its kNN top-1 stays at the untrained level) and lr = 1e30 (NaN loss from its
@@ -221,19 +235,27 @@ def _e2e_config(tmp_path: Path, data: Path, uri: str, model_name: str) -> str:
                   "methods": {"simclr": {"method.temperature": [0.5, 0.2]},
                               "byol": {"optim.lr": [2e-3, 1e-8, DIVERGING_LR]}},
                   "scheduler": "asha", "grace_period": 1, "reduction_factor": 2,
-                  "max_concurrent_trials": 1},
+                  "max_concurrent_trials": 1, "trial_kind": kind},
     })
+
+
+# Seconds from the third trial's start to the driver's SIGKILL: inside that trial's training, with
+# Tune's state saved (every 2 s). An in-process trial trains ~3 s after it starts; a Train run ~15 s.
+KILL_AFTER_S = {"in_process": 4, "train": 8}
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
-def test_sweep_end_to_end_killed_and_resumed(tmp_path: Path, demo_data: Path, mlflow_server: str,
+@pytest.mark.parametrize("kind", ["in_process", "train"])
+def test_sweep_end_to_end_killed_and_resumed(kind: str, tmp_path: Path, demo_data: Path, mlflow_server: str,
                                              capsys: pytest.CaptureFixture[str], ray_temp_root: str,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both kinds of trial: ASHA stops a trial, one diverges, the killed driver's sweep resumes
+    without rerunning or relogging an ended trial, MLflow has one run per trial (each epoch once)."""
     from mlflow import MlflowClient
 
-    model_name = f"sweep-e2e-{tmp_path.name[-12:].strip('_')}-encoder"
-    config = _e2e_config(tmp_path, demo_data, mlflow_server, model_name)
+    model_name = f"sweep-e2e-{kind}-{tmp_path.name[-12:].strip('_')}-encoder"
+    config = _e2e_config(tmp_path, demo_data, mlflow_server, model_name, kind)
     # Both drivers keep their Ray sessions under ray_temp_root: the killed one cannot remove its own.
     monkeypatch.setenv("SELFSUP_RAY_TEMP_ROOT", ray_temp_root)
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
@@ -251,7 +273,7 @@ def test_sweep_end_to_end_killed_and_resumed(tmp_path: Path, demo_data: Path, ml
             if m := re.match(r"\s+trial (\S+) ended", line):
                 ended.append(m.group(1))
             if len(ended) >= 2 and re.match(r"\s+trial \S+ started", line):
-                time.sleep(8)  # into the third trial's Train run; Tune has saved its state (every 2 s)
+                time.sleep(KILL_AFTER_S[kind])  # into the third trial's training; Tune saved its state
                 break
     finally:
         if proc.poll() is None:
@@ -261,7 +283,7 @@ def test_sweep_end_to_end_killed_and_resumed(tmp_path: Path, demo_data: Path, ml
 
     # 2. --resume with another base config is refused (as pretrain --resume), before Ray starts.
     with pytest.raises(UserError) as changed:
-        sweep_mod.run_sweep(load_sweep(config, ["optim.epochs=3", "eval.knn_t=0.2"]), resume=True)
+        run_sweep(load_sweep(config, ["optim.epochs=3", "eval.knn_t=0.2"]), resume=True)
     assert str(changed.value).startswith("--resume continues sweep 'e2e' with its recorded base config (")
     assert str(changed.value).endswith("these differ: optim.epochs (2 -> 3), eval.knn_t (0.1 -> 0.2) "
                                        "(start a new sweep instead)")
@@ -269,14 +291,21 @@ def test_sweep_end_to_end_killed_and_resumed(tmp_path: Path, demo_data: Path, ml
     timeline = tmp_path / "timeline.jsonl"
     monkeypatch.setenv(TIMELINE_ENV, str(timeline))  # the trial processes inherit it
     s = load_sweep(config)
-    out = sweep_mod.run_sweep(s, resume=True, verbose=True)
+    out = run_sweep(s, resume=True, verbose=True)
     printed = capsys.readouterr().out
     restarted = set(re.findall(r"trial (\S+) started", printed))
     assert not restarted & set(ended), printed
-    # The driver made the trials' MLflow runs: no trial process imported MLflow before training.
-    fits = [e for e in map(json.loads, timeline.read_text().splitlines()) if e["event"] == "fit_start"]
-    assert fits and {e["run"] for e in fits} <= {f"trial-{t}" for t in restarted}, fits
-    assert not any(e["mlflow_imported"] for e in fits), fits
+    events = [json.loads(line) for line in timeline.read_text().splitlines()]
+    assert {e["run"] for e in events if e["event"] == "trial_start"} <= {f"trial-{t}" for t in restarted}
+    if kind == "train":
+        # The driver made the trials' MLflow runs: no trial process imported MLflow before training.
+        fits = [e for e in events if e["event"] == "fit_start"]
+        assert fits and not any(e["mlflow_imported"] for e in fits), fits
+    else:
+        # One MLflow writer: the driver (this process) logged the in-process trials' epochs.
+        logged = [e for e in events if e["event"] == "epoch_logged"]
+        assert logged and {e["pid"] for e in logged} == {os.getpid()}, logged
+        assert not [e for e in events if e["event"] == "fit_start"]  # no Train run
 
     table = out.table
     assert len(table) == 5 and table["trial"].is_unique
@@ -319,15 +348,22 @@ def test_sweep_end_to_end_killed_and_resumed(tmp_path: Path, demo_data: Path, ml
 
     # 5. A finished sweep is not run or logged again by another --resume.
     with pytest.raises(UserError, match=r"sweep 'e2e' has finished \(.*results\.md\); nothing to resume"):
-        sweep_mod.run_sweep(load_sweep(config), resume=True)
+        run_sweep(load_sweep(config), resume=True)
+
+
+# A budget shorter than one trial: a Train run's start-up alone is ~15 s here; an in-process trial
+# takes ~3 s to start and ~2 s per epoch.
+BUDGET_S = {"in_process": 3, "train": 6}
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_time_budget_ends_the_sweep_and_says_so(tmp_path: Path, demo_data: Path, monkeypatch: pytest.MonkeyPatch,
+@pytest.mark.parametrize("kind", ["in_process", "train"])
+def test_time_budget_ends_the_sweep_and_says_so(kind: str, tmp_path: Path, demo_data: Path,
+                                               monkeypatch: pytest.MonkeyPatch,
                                                capsys: pytest.CaptureFixture[str]) -> None:
-    """sweep.time_budget_s = 6: a trial takes longer than that here (Ray Train start-up alone is
-    ~15 s), so the budget ends the sweep inside its first trials. They end as 'stopped' (table and
+    """sweep.time_budget_s shorter than a trial (both kinds of trial), so the budget ends the sweep
+    inside its first trials. They end as 'stopped' (table and
     MLflow), nothing is registered, `selfsup sweep` exits 1 saying why, and --resume refuses."""
     from mlflow import MlflowClient
 
@@ -343,7 +379,7 @@ def test_time_budget_ends_the_sweep_and_says_so(tmp_path: Path, demo_data: Path,
         "tracking": {"uri": uri, "experiment": "budget", "model_name": "budget-encoder"},
         "sweep": {"name": "budget", "storage_path": str(tmp_path / "sweeps"), "searcher": "grid",
                   "methods": {"simclr": {"method.temperature": [0.5, 0.2]}, "byol": {"method.momentum": [0.99, 0.9]}},
-                  "max_concurrent_trials": 2, "time_budget_s": 6},
+                  "max_concurrent_trials": 2, "time_budget_s": BUDGET_S[kind], "trial_kind": kind},
     })
     assert cli_main(["sweep", "--config", config]) == 1
     captured = capsys.readouterr()
@@ -368,7 +404,7 @@ def test_time_budget_ends_the_sweep_and_says_so(tmp_path: Path, demo_data: Path,
 
     assert cli_main(["sweep", "--config", config, "--resume"]) == 2
     err = capsys.readouterr().err
-    assert "sweep 'budget' ended on its time budget (sweep.time_budget_s = 6.0 s" in err
+    assert f"sweep 'budget' ended on its time budget (sweep.time_budget_s = {BUDGET_S[kind]:.1f} s" in err
     assert "start a new sweep with a larger sweep.time_budget_s" in err
 
 
@@ -396,8 +432,8 @@ def test_random_and_bayes_searchers_run_in_tune(searcher: str, ray_local: None, 
     sw = SweepConfig(searcher=searcher, num_samples=8, max_concurrent_trials=2, cpus_per_trial=0.5, seed=1,
                      methods={m: dict(v) for m, v in CIFAR_LIKE["methods"].items()},
                      space={"optim.lr": {"loguniform": [1e-4, 1e-2]}})
-    param_space, search_alg, num_samples = sweep_mod.build_search(sw)
-    tuner = tune.Tuner(tune.with_resources(fake_trial, sweep_mod.trial_resources(sw)), param_space=param_space,
+    param_space, search_alg, num_samples = build_search(sw)
+    tuner = tune.Tuner(tune.with_resources(fake_trial, {"cpu": sw.cpus_per_trial}), param_space=param_space,
                        tune_config=tune.TuneConfig(search_alg=search_alg, num_samples=num_samples,
                                                    max_concurrent_trials=sw.max_concurrent_trials),
                        run_config=tune.RunConfig(storage_path=str(tmp_path), name=searcher, verbose=0))

@@ -1,0 +1,139 @@
+"""Every place selfsup leans on Ray internals or tunes Ray past its documented knobs, in one file.
+
+Each entry says what it works around and the Ray version it was checked against (2.60.0, the
+version `pyproject.toml` pins). On a Ray upgrade, re-check this file first: where an internal has
+moved, the entries fail soft (nothing filtered, no warm-up, no placement-group cleanup) rather than
+failing a run. Ray's internals are imported inside each entry for that reason: an internal that
+moved then costs only its own entry.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from typing import Any
+
+from pipelines import storage
+
+# --- environment (checked against Ray 2.60.0) -------------------------------------------------
+
+# --- quiet Ray --------------------------------------------------------------------------------
+
+def quiet_ray_env() -> None:
+    """Environment that keeps Ray's log noise out of the terminal (set before `ray.init`).
+
+    Also: Ray Train's controller polls its workers every `RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`
+    (Train propagates it from the driver to the controller and workers), 2 s by default; reports,
+    the end of training and a dead worker are noticed only then. 0.5 s cuts that wait at every
+    epoch and at the end of each run (sweep trials are short), for a few cheap RPCs per second.
+    """
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "0")
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
+    for name in ("ray", "ray.train", "ray.data", "ray.tune", "mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+
+# --- driver output (checked against Ray 2.60.0) ---------------------------------------------------
+
+# Benign raylet notices that Ray prints on the driver's stdout even with log_to_driver=False.
+_RAY_NOTICES = ("PYTHON worker processes have been started on node",)
+
+
+def drop_benign_ray_notices() -> None:
+    """Keep the terminal to our epoch lines: drop the raylet's "N PYTHON worker processes" notice.
+
+    On 2 cores Ray's expected worker start-up concurrency is 2, and the Train controller, 2 workers,
+    the Ray Data coordinator and the read/shuffle tasks exceed it: harmless, but printed twice per
+    run. Real errors (a dead actor, a failed task) still print. Wraps a private Ray function; if it
+    is not there (another Ray version) nothing is filtered.
+    """
+    import ray._private.worker as ray_worker
+
+    original = getattr(ray_worker, "print_to_stdstream", None)
+    if original is None or getattr(original, "_selfsup_filtered", False):
+        return
+
+    def filtered(data: dict[str, Any], ignore_prefix: bool) -> None:
+        lines = [ln for ln in data.get("lines", []) if not any(n in ln for n in _RAY_NOTICES)]
+        if lines:
+            original({**data, "lines": lines}, ignore_prefix)
+
+    filtered._selfsup_filtered = True  # type: ignore[attr-defined]
+    ray_worker.print_to_stdstream = filtered
+
+
+# --- Train V2 worker-group callbacks (checked against Ray 2.60.0) --------------------------------
+
+def placement_group_recorder(path: str) -> Any:
+    """A Train worker-group callback that appends each worker group's placement group id to `path`.
+
+    Workaround: Train V2 creates the workers' placement group from its controller, with the job's
+    lifetime; its `PlacementGroupCleaner` removes it when the controller dies only if the Ray state
+    API answers, which needs the dashboard (not started here) and a single Ray instance per machine.
+    When Tune stops a trial (ASHA) the controller dies with the trial and the placement group
+    would keep its CPUs until the sweep ends, starving later trials. The driver removes the
+    groups recorded here when the trial ends (`release_placement_groups`). `path` is a folder (local
+    or in an object store, which cannot append): one empty file per group, named by its id.
+    """
+    try:
+        from ray.train.v2._internal.execution.callback import WorkerGroupCallback
+    except ImportError:
+        return None
+
+    class PlacementGroupRecorder(WorkerGroupCallback):
+        def after_worker_group_start(self, worker_group: Any) -> None:
+            try:
+                pg = worker_group._worker_group_state.placement_group_handle.placement_group
+                storage.write_text(storage.join(path, pg.id.hex()), "")
+            except Exception:  # internal API moved: then only the cleanup is lost
+                pass
+
+    return PlacementGroupRecorder()
+
+
+def release_placement_groups(path: str) -> int:
+    """Remove the still-existing placement groups recorded in the folder `path`; returns how many."""
+    recorded = [n for n in storage.list_names(path) if re.fullmatch(r"[0-9a-f]+", n)]
+    if not recorded:
+        return 0
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+
+    removed = 0
+    table = placement_group_table()
+    for pg_hex in set(recorded):
+        if table.get(pg_hex, {}).get("state") in ("CREATED", "PENDING", "RESCHEDULING"):
+            try:
+                remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(pg_hex))))
+                removed += 1
+            except Exception:
+                pass
+    return removed
+
+
+def controller_warm_up(callback: Any) -> Any:
+    """A Train worker-group callback that calls `callback.warm_up()` (`tracking.MlflowTrainCallback`)
+    in the controller as it starts the workers, or None where this Ray lacks the hook.
+
+    `WorkerGroupCallback` is internal to Ray Train V2 (2.60; the sweep's placement-group cleanup
+    uses it too). Both callbacks travel to the controller in one list, so they share `callback`.
+    """
+    try:
+        from ray.train.v2._internal.execution.callback import WorkerGroupCallback
+    except ImportError:
+        return None
+
+    class WarmUp(WorkerGroupCallback):
+        def __init__(self, target: Any) -> None:
+            self.target = target
+
+        def before_worker_group_start(self, worker_group_context: Any) -> None:
+            self.target.warm_up()
+
+    return WarmUp(callback)
