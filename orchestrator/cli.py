@@ -46,7 +46,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_registry(args: argparse.Namespace) -> int:
-    from orchestrator.registry import main as registry_main
+    from orchestrator.registry.cli import main as registry_main
 
     return registry_main(args)
 
