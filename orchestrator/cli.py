@@ -10,11 +10,14 @@ else as one line and exit code 1. `SELFSUP_DEBUG=1` prints the traceback instead
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import traceback
 from collections.abc import Sequence
+from typing import Any
 
+from orchestrator.config import EvalConfig
 from orchestrator.errors import UserError
 from pipelines.errors import DataError
 from pipelines.images import DEFAULT_MAX_IMAGE_PIXELS
@@ -22,7 +25,11 @@ from pipelines.images import DEFAULT_MAX_IMAGE_PIXELS
 USER_ERRORS: tuple[type[BaseException], ...] = (UserError, DataError)
 DEBUG_ENV = "SELFSUP_DEBUG"
 MAX_MESSAGE = 600  # characters of a foreign exception's message (MLflow's can hold a whole JSON body)
+TRACKING_URI_HELP = "MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"
 
+
+# Each command imports the module that does its work when it runs: `selfsup ingest` never imports
+# Ray or MLflow, and Ray is imported only after `keep_local_ray_on_loopback` (see `main`).
 
 def _cmd_ingest(args: argparse.Namespace) -> int:
     from pipelines.ingest import ingest
@@ -46,7 +53,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_registry(args: argparse.Namespace) -> int:
-    from orchestrator.registry import main as registry_main
+    from orchestrator.registry.cli import main as registry_main
 
     return registry_main(args)
 
@@ -73,7 +80,14 @@ def _limit(text: str) -> int | None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="selfsup", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
+    _add_ingest(sub)
+    _add_pretrain_and_sweep(sub)
+    _add_registry(sub)
+    _add_evaluate(sub)
+    return p
 
+
+def _add_ingest(sub: Any) -> None:
     ing = sub.add_parser("ingest", help="turn an image source into Parquet shards + manifest.json")
     ing.add_argument("source", help="an ImageFolder directory, a folder/file of Parquet, a torchvision dataset name, or 'demo'")
     ing.add_argument("out", help="output folder for the shards and manifest.json")
@@ -89,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                           f"(decompression bombs; default {DEFAULT_MAX_IMAGE_PIXELS:,})")
     ing.set_defaults(func=_cmd_ingest)
 
+
+def _add_pretrain_and_sweep(sub: Any) -> None:
     for name, func, what in (("pretrain", _cmd_pretrain, "pretrain one encoder on Ray Train"),
                              ("sweep", _cmd_sweep, "sweep methods and hyper-parameters on Ray Tune")):
         sp = sub.add_parser(name, help=what)
@@ -98,9 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--resume", action="store_true", help="continue the run/sweep of the same name")
         sp.set_defaults(func=func)
 
+
+def _add_registry(sub: Any) -> None:
     reg = sub.add_parser("registry", help="look up, promote and use registered encoders")
-    uri_help = "MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"
-    reg.add_argument("--tracking-uri", default=None, help=uri_help)
+    reg.add_argument("--tracking-uri", default=None, help=TRACKING_URI_HELP)
     reg.set_defaults(func=_cmd_registry)
     rsub = reg.add_subparsers(dest="registry_command", required=True)
     lst = rsub.add_parser("list", help="encoders, versions, aliases, kNN top-1, method, dataset")
@@ -127,14 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
     # --tracking-uri also after the command (`selfsup registry list --tracking-uri URI`). SUPPRESS:
     # a subcommand default would overwrite the value given before the command.
     for sp in (lst, show, best, prom, emb):
-        sp.add_argument("--tracking-uri", default=argparse.SUPPRESS, help=uri_help)
+        sp.add_argument("--tracking-uri", default=argparse.SUPPRESS, help=TRACKING_URI_HELP)
 
-    from orchestrator.config import EvalConfig
 
+def _add_evaluate(sub: Any) -> None:
     ev = sub.add_parser("evaluate", help="kNN and linear top-1/top-5 of a registered encoder on an ingested dataset")
     ev.add_argument("model_uri", help="models:/NAME@ALIAS or models:/NAME/VERSION")
     ev.add_argument("data", help="an ingested dataset folder (manifest.json + shards, from `selfsup ingest`)")
-    ev.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    ev.add_argument("--tracking-uri", default=None, help=TRACKING_URI_HELP)
     ev.add_argument("--image-size", type=int, default=None,
                     help="resize images to SIZE x SIZE (default: the encoder's training size)")
     ev.add_argument("--train-limit", type=_limit, default=EvalConfig.knn_train_limit,
@@ -143,7 +160,6 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--linear-epochs", type=int, default=EvalConfig.linear_epochs,
                     help=f"epochs of the linear probe; 0 = kNN only (default {EvalConfig.linear_epochs})")
     ev.set_defaults(func=_cmd_evaluate)
-    return p
 
 
 # Ray reads this when it is imported: with "0" a Ray that selfsup starts itself binds 127.0.0.1
@@ -167,8 +183,6 @@ def is_user_error(e: BaseException) -> bool:
     """
     if isinstance(e, USER_ERRORS + (OSError, UnicodeError)):
         return True
-    import json
-
     if isinstance(e, json.JSONDecodeError):
         return True
     mlflow_exc = sys.modules.get("mlflow.exceptions")  # only if MLflow was imported (it is slow to)

@@ -24,8 +24,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+from mlflow.entities import Metric, Param, RunTag
+
+from orchestrator import tracking
 from orchestrator.config import EvalConfig
 from orchestrator.errors import UserError
+from orchestrator.registry import LoadedEncoder, load_encoder
+from orchestrator.train_loop import probe_metrics
+from pipelines.augment import normalize
+from pipelines.manifest import read_manifest
+from pipelines.memory import decode_split
 
 EXPERIMENT = "selfsup-evaluations"
 METRICS = ("knn_top1", "knn_top5", "linear_top1", "linear_top5")
@@ -45,16 +54,6 @@ class Evaluation:
     tracking_uri: str = ""
     seconds: float = 0.0
     params: dict[str, Any] = field(default_factory=dict)
-
-
-def _features(encoder: Any, images_uint8: Any, batch_size: int) -> Any:
-    import torch
-
-    from pipelines.augment import normalize
-
-    with torch.inference_mode():
-        return torch.cat([encoder(normalize(images_uint8[i:i + batch_size])).float()
-                          for i in range(0, len(images_uint8), batch_size)])
 
 
 def evaluate(model_ref: str, data: str | Path, *, tracking_uri: str | None = None,
@@ -77,14 +76,6 @@ def evaluate(model_ref: str, data: str | Path, *, tracking_uri: str | None = Non
         UserError / DataError: unknown model, no dataset there, unlabelled splits, or an image size
             the encoder does not take.
     """
-    import torch
-
-    from orchestrator import tracking
-    from orchestrator.registry import load_encoder
-    from orchestrator.train_loop import probe_metrics
-    from pipelines.manifest import read_manifest
-    from pipelines.memory import decode_split
-
     start = time.perf_counter()
     if linear_epochs < 0:
         raise UserError(f"--linear-epochs {linear_epochs}: must be >= 0 (0 = kNN only)")
@@ -97,27 +88,16 @@ def evaluate(model_ref: str, data: str | Path, *, tracking_uri: str | None = Non
     h, w = encoder.input_size((image_size, image_size) if image_size else None)  # checked: one-line error
     settings = replace(EvalConfig(), knn_train_limit=train_limit, knn_test_limit=test_limit,
                        linear_epochs=linear_epochs, linear_train_limit=None)
-    threads = max(1, torch.get_num_threads())
-    bank = decode_split(data, train_split, image_size=h, limit=train_limit, stratified=True, seed=seed,
-                        threads=threads)
-    test = decode_split(data, test_split, image_size=h, limit=test_limit, stratified=True, seed=seed,
-                        threads=threads)
-    bank_x, bank_y = bank.tensors()
-    test_x, test_y = test.tensors()
+    bank_x, bank_y = _split_images(data, train_split, h, train_limit, seed)
+    test_x, test_y = _split_images(data, test_split, h, test_limit, seed)
     for split, labels in ((train_split, bank_y), (test_split, test_y)):
         if len(labels) == 0 or bool((labels < 0).any()):
             raise UserError(f"{data}: the {split!r} split has {'no images' if len(labels) == 0 else 'unlabelled images'}"
                             "; evaluate needs labelled train and test images")
     metrics = probe_metrics(_features(encoder, bank_x, settings.batch_size), bank_y,
                             _features(encoder, test_x, settings.batch_size), test_y, settings, seed=seed)
-    params = {"model.name": encoder.version.name, "model.version": str(encoder.version.version),
-              "model.uri": encoder.uri, "data.path": str(Path(data).resolve()), "data.name": manifest.name,
-              # which version of the data: the manifest lists every shard and its row count
-              "data.digest": hashlib.sha256((Path(data) / "manifest.json").read_bytes()).hexdigest()[:16],
-              "data.train_split": train_split, "data.test_split": test_split, "image_size": f"{h}x{w}",
-              "train_images": len(bank_y), "test_images": len(test_y), "knn_k": settings.knn_k,
-              "knn_t": settings.knn_t, "linear_epochs": settings.linear_epochs, "linear_lr": settings.linear_lr,
-              "seed": seed}
+    params = _params(encoder, data, manifest.name, splits=(train_split, test_split), image_size=f"{h}x{w}",
+                     counts=(len(bank_y), len(test_y)), settings=settings, seed=seed)
     out = Evaluation(model_uri=encoder.uri, dataset=manifest.name, metrics=metrics, train_images=len(bank_y),
                      test_images=len(test_y), image_size=h, tracking_uri=tracking.resolve_tracking_uri(tracking_uri),
                      params=params)
@@ -126,12 +106,34 @@ def evaluate(model_ref: str, data: str | Path, *, tracking_uri: str | None = Non
     return out
 
 
+def _split_images(data: str | Path, split: str, size: int, limit: int | None, seed: int) -> tuple[Any, Any]:
+    """A seeded per-class subset of `limit` images of `split` (None: all): uint8 [N, 3, size, size], labels."""
+    images = decode_split(data, split, image_size=size, limit=limit, stratified=True, seed=seed,
+                          threads=max(1, torch.get_num_threads()))
+    return images.tensors()
+
+
+def _features(encoder: Any, images_uint8: Any, batch_size: int) -> Any:
+    with torch.inference_mode():
+        return torch.cat([encoder(normalize(images_uint8[i:i + batch_size])).float()
+                          for i in range(0, len(images_uint8), batch_size)])
+
+
+def _params(encoder: LoadedEncoder, data: str | Path, dataset: str, *, splits: tuple[str, str], image_size: str,
+            counts: tuple[int, int], settings: EvalConfig, seed: int) -> dict[str, Any]:
+    """The evaluation run's params: the model, the data (and which version of it), the protocol."""
+    return {"model.name": encoder.version.name, "model.version": str(encoder.version.version),
+            "model.uri": encoder.uri, "data.path": str(Path(data).resolve()), "data.name": dataset,
+            # which version of the data: the manifest lists every shard and its row count
+            "data.digest": hashlib.sha256((Path(data) / "manifest.json").read_bytes()).hexdigest()[:16],
+            "data.train_split": splits[0], "data.test_split": splits[1], "image_size": image_size,
+            "train_images": counts[0], "test_images": counts[1], "knn_k": settings.knn_k,
+            "knn_t": settings.knn_t, "linear_epochs": settings.linear_epochs, "linear_lr": settings.linear_lr,
+            "seed": seed}
+
+
 def _log(e: Evaluation, version: Any, model_id: str | None) -> str:
     """The evaluation run, its metrics linked to the version's logged model, and the version's tag."""
-    from mlflow.entities import Metric, Param, RunTag
-
-    from orchestrator import tracking
-
     c = tracking.client(e.tracking_uri)
     exp = tracking.ensure_experiment(e.tracking_uri, EXPERIMENT)
     protocol = (f"weighted kNN (k={e.params['knn_k']}, T={e.params['knn_t']}) and a linear probe "

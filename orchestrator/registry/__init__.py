@@ -1,0 +1,23 @@
+"""Registered encoders in the MLflow model registry: list, show, best, promote, load, embed.
+
+One registered model per dataset, `<dataset>-encoder`; the alias `champion` names its best version.
+The package's public names are importable from here; each lives in the module named for its concern:
+
+- `versions`: `connect` to the store, model references (`NAME`, `NAME@ALIAS`, `NAME/VERSION`),
+  `resolve_version`, `list_versions`, `best_version`, `version_metric`.
+- `champion`: the champion rule, `promote_if_better` (sweeps and pretrain call it), and `promote`.
+- `loading`: `load_encoder`, the one place that loads a registered model (pt2 only, nothing from
+  the store runs).
+- `embed`: `embed`, embeddings of an image folder or shard folder written to Parquet.
+- `cli`: `selfsup registry ...` (its arguments are defined in `orchestrator.cli`).
+"""
+
+from orchestrator.registry.champion import PROTOCOL_TAGS, Promotion, promote, promote_if_better, protocol_differences
+from orchestrator.registry.embed import IMAGE_SUFFIXES, embed
+from orchestrator.registry.loading import LoadedEncoder, load_encoder
+from orchestrator.registry.versions import (CHAMPION, ModelRef, best_version, connect, list_versions, name_filter,
+                                            parse_ref, registered_names, resolve_version, version_metric)
+
+__all__ = ["CHAMPION", "IMAGE_SUFFIXES", "PROTOCOL_TAGS", "LoadedEncoder", "ModelRef", "Promotion", "best_version",
+           "connect", "embed", "list_versions", "load_encoder", "name_filter", "parse_ref", "promote",
+           "promote_if_better", "protocol_differences", "registered_names", "resolve_version", "version_metric"]

@@ -1,0 +1,82 @@
+"""The champion rule: which registered version holds the alias `champion`.
+
+`promote_if_better` is the one place that moves it by metric (sweeps and pretrain call it), and
+only between versions measured alike; `promote` moves an alias by hand (`selfsup registry promote`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from orchestrator.registry.versions import CHAMPION, ModelRef, resolve_version, version_metric
+
+def promote(client: Any, name: str, version: str | int, alias: str = CHAMPION) -> Any:
+    """Point `alias` of model `name` at `version` (moving it if set elsewhere).
+
+    Raises:
+        UserError: unknown model name or version.
+    """
+    v = resolve_version(client, ModelRef(name, version=str(version)))
+    client.set_registered_model_alias(name, alias, v.version)
+    return v
+
+
+# What a kNN accuracy depends on besides the encoder (model version tags written at registration:
+# `pretrain.protocol_tags` and `tracking.register_encoder`). Two versions' metrics compare only
+# when all of these agree: a bigger memory bank or other queries give another number for the same
+# encoder, and a champion of another input size or width cannot stand in for the one it replaces.
+PROTOCOL_TAGS = ("dataset", "image_size", "embedding_dim", "knn_k", "knn_t", "knn_bank", "knn_queries",
+                 "knn_bank_split", "knn_query_split")
+
+
+@dataclass
+class Promotion:
+    """What `promote_if_better` did: `moved` (also its truth value) and, when not, `reason`."""
+
+    moved: bool
+    reason: str = ""
+    holder: str | None = None  # the version that holds the alias afterwards
+
+    def __bool__(self) -> bool:
+        return self.moved
+
+
+def protocol_differences(current: Any, candidate: Any) -> list[str]:
+    """The protocol tags on which two versions differ: "knn_bank 1000 (v3) vs 4000 (v5)"."""
+    a, b = dict(current.tags or {}), dict(candidate.tags or {})
+    return [f"{k} {a.get(k, 'unrecorded')} (v{current.version}) vs {b.get(k, 'unrecorded')} (v{candidate.version})"
+            for k in PROTOCOL_TAGS if a.get(k) != b.get(k)]
+
+
+def promote_if_better(client: Any, name: str, version: str | int, *, metric: str = "knn_top1",
+                      alias: str = CHAMPION) -> Promotion:
+    """Move `alias` to `version` only if it beats the current holder on `metric`, measured alike.
+
+    Like with like: the holder and the candidate must agree on every `PROTOCOL_TAGS` tag (dataset,
+    kNN bank size and queries, k, T, input size, embedding width); otherwise the alias stays and the
+    reason says which differ (`selfsup registry promote` moves it by hand). A holder without the
+    metric is replaced; ties keep the current holder.
+    """
+    candidate = resolve_version(client, ModelRef(name, version=str(version)))
+    value = version_metric(client, candidate, metric)
+    if value is None or not math.isfinite(value):
+        return Promotion(False, f"version {candidate.version} has no finite {metric}")
+    aliases = dict(client.get_registered_model(name).aliases or {})
+    if alias in aliases:
+        current = client.get_model_version_by_alias(name, alias)
+        if str(current.version) == str(candidate.version):
+            return Promotion(False, f"version {candidate.version} holds {alias!r} already", str(current.version))
+        differ = protocol_differences(current, candidate)
+        if differ:
+            return Promotion(False, f"{alias!r} stays at version {current.version}: measured differently "
+                             f"({'; '.join(differ)}); move it with `selfsup registry promote {name} "
+                             f"{candidate.version}`", str(current.version))
+        held = version_metric(client, current, metric)
+        if held is not None and math.isfinite(held) and value <= held:
+            return Promotion(False, f"{alias!r} stays at version {current.version}: {metric} {held:.4f} >= "
+                             f"{value:.4f}", str(current.version))
+    client.set_registered_model_alias(name, alias, candidate.version)
+    return Promotion(True, holder=str(candidate.version))
+
