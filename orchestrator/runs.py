@@ -23,12 +23,19 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import ray
+
 from orchestrator import tracking
 from orchestrator.config import Config, check_data_folder, storage_location, to_yaml
 from orchestrator.data import LABEL_METRICS_TAG, label_metrics, no_labels_note
 from orchestrator.errors import UserError
+from orchestrator.registry import promote_if_better
 from orchestrator.ray_compat import drop_benign_ray_notices, quiet_ray_env
+from orchestrator.train_loop import build_model, encoder_state, load_state
 from pipelines import storage
+from pipelines.ingest import ingest
+from pipelines.manifest import read_manifest
+from pipelines.memory import split_rows
 
 RUN_RECORD = "selfsup-run.json"  # a pretraining run's record, in its run folder
 
@@ -44,8 +51,6 @@ def ray_session(cfg: Config) -> Iterator[bool]:
         yield started
     finally:
         if started:
-            import ray
-
             ray.shutdown()
             if temp_dir:
                 shutil.rmtree(temp_dir, ignore_errors=True)
@@ -59,8 +64,6 @@ def init_ray(cfg: Config) -> tuple[bool, str | None]:
     explicitly: off for the private local cluster (its temp dir is private to this run; the
     dashboard is not started), as the environment says for a cluster (`RAY_AUTH_MODE`).
     """
-    import ray
-
     if ray.is_initialized():
         return False, None
     quiet_ray_env()
@@ -94,8 +97,6 @@ def spans_nodes(cfg: Config) -> int:
     """How many nodes this run's Train workers may land on, as far as the driver can tell: the
     alive nodes of the Ray cluster; 2 when there is one node but it lacks a GPU that the workers
     ask for (an autoscaling cluster, `cluster.yaml`, adds GPU nodes only once a job asks)."""
-    import ray
-
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     if len(nodes) == 1 and cfg.scaling.use_gpu and not nodes[0].get("Resources", {}).get("GPU"):
         return 2
@@ -142,8 +143,6 @@ def cpus_per_worker(cfg: Config) -> float:
     """`scaling.cpus_per_worker`, or 1 when the cluster has a CPU to spare for Ray Data, else a share."""
     if cfg.scaling.cpus_per_worker is not None:
         return cfg.scaling.cpus_per_worker
-    import ray
-
     total = float(ray.cluster_resources().get("CPU", 1.0))
     n = cfg.scaling.num_workers
     if total - n >= 1.0:
@@ -214,8 +213,6 @@ def ensure_data(cfg: Config, *, quiet: bool = False) -> None:
     if cfg.data.source is None or storage.is_file(storage.join(cfg.data.path, "manifest.json")):
         check_data_folder(cfg)
         return
-    from pipelines.ingest import ingest
-
     if not quiet:
         print(f"selfsup: first run: ingesting {cfg.data.source!r} into {cfg.data.path} ...", flush=True)
     ingest(cfg.data.source, cfg.data.path, progress=False)
@@ -225,7 +222,7 @@ def ensure_data(cfg: Config, *, quiet: bool = False) -> None:
 def train_dataset(cfg: Config) -> Any:
     """The lazy Ray Data train split (shuffled, decoded, maybe augmented each epoch): the first
     `data.limit` rows, the same every epoch (`data.loader=stream`)."""
-    from pipelines.stream import read_split
+    from pipelines.stream import read_split  # Ray Data: imported only by runs that stream
 
     return read_split(cfg.data.path, cfg.data.train_split, image_size=cfg.data.image_size,
                       augment_on=cfg.resolved_augment_on(), preset=cfg.augment_preset(),  # type: ignore[arg-type]
@@ -234,23 +231,17 @@ def train_dataset(cfg: Config) -> Any:
 
 
 def train_rows(cfg: Config) -> int:
-    from pipelines.manifest import read_manifest
-
     rows = read_manifest(cfg.data.path).rows(cfg.data.train_split)
     return min(rows, cfg.data.limit) if cfg.data.limit is not None else rows
 
 
 def dataset_name(cfg: Config) -> str:
-    from pipelines.manifest import read_manifest
-
     return read_manifest(cfg.data.path).name
 
 
 def protocol_tags(cfg: Config) -> dict[str, Any]:
     """How this run's kNN accuracy was measured, as model version tags: the registry's champion
     rule compares only versions that agree on these (`orchestrator.registry.PROTOCOL_TAGS`)."""
-    from pipelines.memory import split_rows
-
     d, e = cfg.data, cfg.eval
     return {"dataset": dataset_name(cfg), "image_size": d.image_size, "knn_k": e.knn_k, "knn_t": e.knn_t,
             "knn_bank": split_rows(d.path, d.train_split, e.knn_train_limit),
@@ -287,9 +278,6 @@ def register_from_state(cfg: Config, state: dict[str, Any], *, uri: str, run_id:
     """Register the encoder of a checkpoint's `state` (`train_loop.save_state`) as a new version of
     `model_name`, from the run `run_id`, then move `champion` to it if it beats the champion measured
     alike. Returns ("models:/NAME/VERSION", the `registry.Promotion`)."""
-    from orchestrator.registry import promote_if_better
-    from orchestrator.train_loop import build_model, encoder_state
-
     model = build_model(cfg)
     model.encoder.load_state_dict(encoder_state(state["model"]))
     mv = tracking.register_encoder(model.encoder, tracking_uri=uri, run_id=run_id, model_name=model_name,
@@ -301,6 +289,4 @@ def register_from_state(cfg: Config, state: dict[str, Any], *, uri: str, run_id:
 
 def read_state(location: str) -> dict[str, Any]:
     """A checkpoint file (local or in an object store), loaded without unpickling code."""
-    from orchestrator.train_loop import load_state
-
     return load_state(io.BytesIO(storage.read_bytes(location)))

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 
-from orchestrator.config import (Config, apply_overrides, storage_location)
+from orchestrator.config import Config, apply_overrides, storage_location
 from mlflow.entities import Metric
 
 from orchestrator import tracking

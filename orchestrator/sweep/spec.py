@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-from orchestrator.config import (Config, ConfigError)
+from orchestrator.config import Config, ConfigError
 
 
 SWEEP_RECORD = "selfsup-sweep.json"
