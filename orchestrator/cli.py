@@ -198,6 +198,10 @@ def is_user_error(e: BaseException) -> bool:
 def one_line(e: BaseException) -> str:
     """The exception as one line: its message (OS errors: "PATH: reason"), prefixed with its type
     unless it is one of selfsup's own errors."""
+    from orchestrator.mlflow_auth import refusal_message, refusal_status
+
+    if (status := refusal_status(e)) is not None:  # MLflow's 401/403 past the checks that name the server
+        return refusal_message(status, None)
     if isinstance(e, OSError) and e.strerror:
         where = f"{e.filename}: " if e.filename is not None else ""
         to = f" -> {e.filename2}" if e.filename2 is not None else ""

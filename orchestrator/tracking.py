@@ -58,9 +58,15 @@ def ensure_experiment(uri: str, name: str, artifact_location: str | None = None)
 
     `artifact_location` applies to a new experiment only; None is MLflow's default (for a SQLite
     store: ./mlruns in the current directory, wherever the database file is).
+
+    Raises:
+        UserError: the server refused the credentials (`orchestrator.mlflow_auth`).
     """
+    from orchestrator.mlflow_auth import credentials_checked
+
     c = client(uri)
-    exp = c.get_experiment_by_name(name)
+    with credentials_checked(uri):  # the first request of a pretrain, sweep or evaluate: 401/403 as one line
+        exp = c.get_experiment_by_name(name)
     if exp is not None:
         return str(exp.experiment_id)
     try:

@@ -23,6 +23,7 @@ import pandas as pd
 from mlflow import MlflowClient
 
 from orchestrator.errors import UserError
+from orchestrator.mlflow_auth import credentials_checked
 from orchestrator.tracking import resolve_tracking_uri
 
 CHAMPION = "champion"  # the alias that names the best version of a model
@@ -37,7 +38,8 @@ def connect(tracking_uri: str | None = None, *, must_exist: bool = True) -> Any:
             where the user mistyped a path).
 
     Raises:
-        UserError: the SQLite file does not exist, or the server does not answer on /health.
+        UserError: the SQLite file does not exist, the server does not answer on /health, or it
+            refuses the credentials (MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD).
     """
     uri = resolve_tracking_uri(tracking_uri)
     if uri.startswith("sqlite:///") and must_exist:
@@ -51,6 +53,10 @@ def connect(tracking_uri: str | None = None, *, must_exist: bool = True) -> Any:
                 r.read()
         except (urllib.error.URLError, OSError) as e:
             raise UserError(f"cannot reach the MLflow server at {uri}: {e}") from None
+        c = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        with credentials_checked(uri):  # /health answers anyone; this request needs the credentials
+            c.search_experiments(max_results=1)
+        return c
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 

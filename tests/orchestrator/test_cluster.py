@@ -23,6 +23,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +33,7 @@ import pytest
 import yaml
 
 import cluster_sandbox as sandbox
+from orchestrator import mlflow_auth
 from tests.http_wait import wait_http
 
 REPO = Path(__file__).resolve().parents[2]
@@ -76,15 +79,33 @@ def test_cluster_yaml_passes_ray_schema() -> None:
     assert "mlflow server" in start and '--host "$SELFSUP_HEAD_IP"' in start
     assert "--artifacts-destination" in start
     assert "0.0.0.0" not in start + setup and "--dashboard-host" not in start
+    check_mlflow_auth(raw, CLOUD_CONFIG.read_text())
     # No credentials or account ids in the file.
     text = CLOUD_CONFIG.read_text().lower()
     for secret in ("aws_access_key_id", "aws_secret_access_key", "aws_session_token", "arn:aws"):
         assert secret not in text
 
 
+def check_mlflow_auth(raw: dict, text: str) -> None:
+    """MLflow behind its basic-auth app, the credentials made on the head, none in the file."""
+    head_setup = "\n".join(raw["head_setup_commands"])
+    assert "python -m orchestrator.mlflow_auth init ~/mlflow" in head_setup
+    start = "\n".join(raw["head_start_ray_commands"])
+    assert "--app-name basic-auth" in start and ". ~/mlflow/server.env;" in start
+    server = next(i for i, c in enumerate(raw["head_start_ray_commands"]) if "mlflow server" in c)
+    assert "mlflow_auth job-user ~/mlflow" in raw["head_start_ray_commands"][server + 1]
+    # Only the job user's file travels to the workers; every node's ~/.selfsup-env sources it.
+    assert raw["cluster_synced_files"] == ["~/mlflow/credentials.env"]
+    setup = "\n".join(raw["setup_commands"])
+    assert '. "$HOME/mlflow/credentials.env"' in setup
+    for secret in ("admin_password", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"):
+        assert secret not in text
+
+
 def test_cluster_local_yaml_passes_ray_schema() -> None:
     raw = yaml.safe_load(LOCAL_CONFIG.read_text())
     assert raw["provider"]["type"] == "local" and "available_node_types" not in raw
+    check_mlflow_auth(raw, LOCAL_CONFIG.read_text())
     cfg = ray_validate(raw)
     assert list(cfg["available_node_types"]) == ["local.cluster.node"]
     # Ray refuses node types for this provider: the reason the local file has none.
@@ -229,11 +250,17 @@ def _sshd_config(root: Path, port: int, remote_env: dict[str, str]) -> str:
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
-def test_ray_up_submit_pretrain_down(sandbox_root: Path, tmp_path: Path) -> None:
+def test_ray_up_submit_pretrain_down(sandbox_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     if not Path(SSHD).exists():
         if IN_CI:
             pytest.fail(f"{SSHD} missing: .ci/install-sshd.sh should have installed openssh-server")
         pytest.skip(f"{SSHD} not installed (run .ci/install-sshd.sh as root)")
+    import importlib.util
+
+    if importlib.util.find_spec("flask_wtf") is None:  # the head's MLflow runs its basic-auth app
+        if IN_CI:
+            pytest.fail("Flask-WTF missing: pyproject's mlflow[auth] should have installed it")
+        pytest.skip("Flask-WTF not installed (pip install -e . installs mlflow[auth])")
     root = sandbox_root
     outside = Outside().take()
     home, rt, tmp, ssh_dir = root / "home", root / "rt", root / "t", root / "ssh"
@@ -263,6 +290,10 @@ def test_ray_up_submit_pretrain_down(sandbox_root: Path, tmp_path: Path) -> None
         # one-node cluster a folder in the fake home, where the job's runs/ then lands.
         "SELFSUP_STORAGE": str(home / "selfsup"),
         "PYTHONDONTWRITEBYTECODE": "1",
+        # The project as uploaded to the "node" first (a real node's `pip install -e ~/selfsup`): the
+        # .venv's own editable install may point at another checkout sharing it. Then whatever this
+        # test's Python path holds (the node is this machine, with this Python).
+        "PYTHONPATH": os.pathsep.join([str(home / "selfsup"), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]),
     }
     markers = [f"{rt}/", f"{home}/"]  # command lines of this cluster's Ray daemons, MLflow, the job
     # `ray stop` (ray down, head start commands) must not kill other Ray clusters on this machine.
@@ -289,8 +320,8 @@ def test_ray_up_submit_pretrain_down(sandbox_root: Path, tmp_path: Path) -> None
     local_env = dict(os.environ, HOME=str(home), TMPDIR=str(tmp), RAY_TMPDIR=str(rt),
                      RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0", PYTHONDONTWRITEBYTECODE="1",
                      PATH=f"{VENV_BIN}:{os.environ.get('PATH', '')}")
-    local_env.pop("RAY_ADDRESS", None)
-    local_env.pop("MLFLOW_TRACKING_URI", None)
+    for name in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        local_env.pop(name, None)
     try:
         _wait_port(ssh_port)
 
@@ -349,6 +380,16 @@ def test_ray_up_submit_pretrain_down(sandbox_root: Path, tmp_path: Path) -> None
         env_file = (home / ".selfsup-env").read_text()
         assert f"MLFLOW_TRACKING_URI={tracking_uri}" in env_file and "RAY_AUTH_MODE=token" in env_file
 
+        # MLflow asks for a login: the credentials were made on the head, private, outside the project.
+        creds = home / "mlflow"
+        for name in ("credentials.env", "basic_auth.ini", "server.env"):
+            assert (creds / name).stat().st_mode & 0o777 == 0o600, name
+        job_env = mlflow_auth.read_env_file(creds / "credentials.env")
+        user, password = job_env["MLFLOW_TRACKING_USERNAME"], job_env["MLFLOW_TRACKING_PASSWORD"]
+        with pytest.raises(urllib.error.HTTPError) as anonymous:
+            urllib.request.urlopen(f"{tracking_uri}/api/2.0/mlflow/experiments/search?max_results=1", timeout=30)
+        assert anonymous.value.code == 401
+
         # The demo config on 2 Train workers, cut to one short epoch (the demo's own test covers learning).
         job = ["pretrain", "--config", "configs/demo.yaml",
                "--set", "optim.epochs=1", "--set", "optim.warmup_epochs=0", "--set", "scaling.num_workers=2",
@@ -360,9 +401,11 @@ def test_ray_up_submit_pretrain_down(sandbox_root: Path, tmp_path: Path) -> None
         assert (home / "submit.py").is_file()
         assert (home / "selfsup" / "runs" / "cluster-test").is_dir()  # the job ran in SELFSUP_WORKDIR
 
-        # The run and the registered encoder, seen through the head's MLflow server.
+        # The run and the registered encoder, seen through the head's MLflow server with the job's login.
         from mlflow.tracking import MlflowClient
 
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", user)
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
         client = MlflowClient(tracking_uri)
         runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
         assert runs, f"no MLflow run on the head's server; log:\n{_tail(log)}"
@@ -373,6 +416,25 @@ def test_ray_up_submit_pretrain_down(sandbox_root: Path, tmp_path: Path) -> None
         assert models, "no registered encoder on the head's server"
         versions = client.search_model_versions(f"name='{models[0].name}'")
         assert any(v.run_id == run.info.run_id for v in versions)
+        assert all(password not in str(v) for v in run.data.params.values())
+
+        # From "your machine" (this process's side of the SSH): the registry with the credentials
+        # from the head, and one line with exit code 2 for a wrong password.
+        cli_env = {k: v for k, v in local_env.items() if k != "HOME"}
+        ok = subprocess.run([str(VENV_BIN / "selfsup"), "registry", "list", "--tracking-uri", tracking_uri],
+                            env={**cli_env, "MLFLOW_TRACKING_USERNAME": user, "MLFLOW_TRACKING_PASSWORD": password},
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert ok.returncode == 0 and models[0].name in ok.stdout, ok.stderr
+        wrong = subprocess.run([str(VENV_BIN / "selfsup"), "registry", "list", "--tracking-uri", tracking_uri],
+                               env={**cli_env, "MLFLOW_TRACKING_USERNAME": user, "MLFLOW_TRACKING_PASSWORD": "wrong"},
+                               cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert wrong.returncode == 2 and wrong.stderr.count("\n") == 1, wrong.stderr
+        assert f"error: MLflow at {tracking_uri} refused the credentials (user {user}, HTTP 401)" in wrong.stderr
+
+        # The password is in no log: `ray up`/`submit` output, the server's log, Ray's session logs.
+        logged = [p for p in (log, home / "mlflow" / "server.log", *rt.rglob("*"))
+                  if p.is_file() and not p.is_symlink() and password.encode() in p.read_bytes()]
+        assert not logged, f"the job password is written in {logged}"
 
         down_t = _run([ray, "down", "-y", str(config_file)], log, local_env, 300)
         timings["ray_down_s"] = down_t
