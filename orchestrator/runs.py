@@ -29,7 +29,6 @@ from orchestrator import tracking
 from orchestrator.config import Config, check_data_folder, storage_location, to_yaml
 from orchestrator.data import LABEL_METRICS_TAG, label_metrics, no_labels_note
 from orchestrator.errors import UserError
-from orchestrator.registry import promote_if_better
 from orchestrator.ray_compat import drop_benign_ray_notices, quiet_ray_env
 from orchestrator.train_loop import build_model, encoder_state, load_state
 from pipelines import storage
@@ -278,6 +277,10 @@ def register_from_state(cfg: Config, state: dict[str, Any], *, uri: str, run_id:
     """Register the encoder of a checkpoint's `state` (`train_loop.save_state`) as a new version of
     `model_name`, from the run `run_id`, then move `champion` to it if it beats the champion measured
     alike. Returns ("models:/NAME/VERSION", the `registry.Promotion`)."""
+    # Imported here: the registry imports MLflow, which a Train-run trial's process must not pay
+    # for before it trains (the driver and the Train controller write MLflow, docs/design.md).
+    from orchestrator.registry import promote_if_better
+
     model = build_model(cfg)
     model.encoder.load_state_dict(encoder_state(state["model"]))
     mv = tracking.register_encoder(model.encoder, tracking_uri=uri, run_id=run_id, model_name=model_name,

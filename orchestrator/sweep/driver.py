@@ -230,9 +230,8 @@ def _tuner(s: Sweep, sweep_dir: str, record: dict[str, Any], data: Any, kind: st
         tune_config=tune.TuneConfig(
             search_alg=search_alg, scheduler=build_scheduler(sw, base.optim.epochs),
             num_samples=num_samples, max_concurrent_trials=sw.max_concurrent_trials,
-            # No actor reuse: see docs/design.md ("Sweeps": measured, and a Train-run trial that
-            # Tune stops is still inside trainer.fit() in a reused process: the sweep hung).
-            time_budget_s=sw.time_budget_s, reuse_actors=False),
+            # Actor reuse only where a trial can be reset: docs/design.md, "Sweeps".
+            time_budget_s=sw.time_budget_s, reuse_actors=sw.reuse_actors and kind == IN_PROCESS),
         run_config=tune.RunConfig(
             name=storage.name(sweep_dir), storage_path=storage.parent(sweep_dir), callbacks=[callback], verbose=0,
             # An in-process trial is its own worker: Tune restarts it from its last checkpoint. A

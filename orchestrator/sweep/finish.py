@@ -12,8 +12,6 @@ from typing import Any
 
 
 from orchestrator.config import Config, apply_overrides, storage_location
-from mlflow.entities import Metric
-
 from orchestrator import tracking
 from orchestrator.runs import dataset_name, read_state, register_from_state
 from orchestrator.sweep.results import (RUN_STATUS, SweepResult, markdown_table, plot_png, results_table, short_name,
@@ -52,6 +50,10 @@ def finish_sweep(s: Sweep, sweep_dir: str, record: dict[str, Any], results: Any,
                 record.update(model_uri=out.model_uri, champion=out.champion, champion_note=out.champion_note)
                 c.set_tag(parent, "registered_model", out.model_uri)
     if metrics:
+        # Imported here: trial processes import this package (for `trials`) and must not pay for
+        # MLflow before they train (one MLflow writer per run: the driver, docs/design.md).
+        from mlflow.entities import Metric
+
         ts = int(time.time() * 1000)
         c.log_batch(parent, metrics=[Metric(k, v, ts, 0) for k, v in metrics.items()])
     if budget_ran_out:
