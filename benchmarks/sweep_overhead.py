@@ -1,6 +1,7 @@
 """Sweep overhead: the demo sweep's wall time against the sum of its trials' training time, for each
-kind of trial (`sweep.trial_kind`: `in_process`, the shipped default for one-worker trials, and
-`train`, a Ray Train run per trial).
+kind of trial (`sweep.trial_kind`: `in_process`, the shipped default for one-worker trials, with
+and without Tune's actor reuse (`sweep.reuse_actors`, on by default), and `train`, a Ray Train run
+per trial).
 
 Runs `configs/sweep-demo.yaml` (SimCLR + BYOL on the demo digits, ASHA) end to end through
 `orchestrator.sweep.run_sweep` once per kind, each with a fresh SQLite MLflow store and sweep folder
@@ -17,7 +18,7 @@ gauges per trial for the demo sweep as shipped.
 `--floor-trials N` also times a Tune sweep whose trials run an empty one-worker `TorchTrainer.fit()`
 (in a fresh driver, `--floor-only N`): what a Train-run trial costs before any of selfsup's work.
 
-    .venv/bin/python benchmarks/sweep_overhead.py [--concurrency 1] [--kinds in_process,train] [--set KEY=VALUE ...]
+    .venv/bin/python benchmarks/sweep_overhead.py [--concurrency 1] [--kinds in_process,in_process+noreuse,train] [--set KEY=VALUE ...]
 
 Writes benchmarks/results/sweep_overhead.json and .md.
 """
@@ -110,7 +111,10 @@ def measure_floor(trials: int) -> dict:
 
 
 def measure_sweep(config: str, concurrency: int, extra: list[str], kind: str) -> dict:
-    """Run the sweep once with `sweep.trial_kind=kind` in a fresh folder and store; its figures."""
+    """Run the sweep once with `sweep.trial_kind=kind` in a fresh folder and store; its figures.
+    `kind` "in_process+noreuse" also sets `sweep.reuse_actors=false` ("+reuse": true)."""
+    trial_kind, _, reuse = kind.partition("+")
+    extra = [*extra, *([f"sweep.reuse_actors={str(reuse == 'reuse').lower()}"] if reuse else [])]
     from orchestrator.sweep import load_sweep, run_sweep
     from orchestrator.timeline import ENV as TIMELINE_ENV
     from orchestrator.timeline import PHASES, phases
@@ -123,7 +127,7 @@ def measure_sweep(config: str, concurrency: int, extra: list[str], kind: str) ->
         overrides = [f"data.path={work / 'demo'}", "data.source=null",
                      f"tracking.uri=sqlite:///{work / 'mlflow.db'}",
                      f"sweep.storage_path={work / 'sweeps'}", "sweep.name=overhead",
-                     f"sweep.max_concurrent_trials={concurrency}", f"sweep.trial_kind={kind}", *extra]
+                     f"sweep.max_concurrent_trials={concurrency}", f"sweep.trial_kind={trial_kind}", *extra]
         s = load_sweep(config, overrides)
         os.chdir(work)
         timeline = work / "timeline.jsonl"
@@ -154,7 +158,8 @@ def main() -> int:
     ap.add_argument("--config", default=str(REPO / "configs" / "sweep-demo.yaml"))
     ap.add_argument("--concurrency", type=int, default=1, help="sweep.max_concurrent_trials (default 1)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra overrides")
-    ap.add_argument("--kinds", default="in_process,train", help="sweep.trial_kind values to measure, in order")
+    ap.add_argument("--kinds", default="in_process,in_process+noreuse,train",
+                    help="sweep.trial_kind values to measure, in order; +noreuse / +reuse: sweep.reuse_actors")
     ap.add_argument("--out", type=Path, default=RESULTS, help="folder for sweep_overhead.json and .md")
     ap.add_argument("--floor-trials", type=int, default=0,
                     help="also time an empty-Train-run Tune sweep of this many trials (0: skip)")
@@ -224,7 +229,7 @@ def markdown(result: dict, args: argparse.Namespace) -> str:
     lines += ["", "Command: `.venv/bin/python benchmarks/sweep_overhead.py"
               + (f" --concurrency {args.concurrency}" if args.concurrency != 1 else "")
               + "".join(f" --set {kv}" for kv in args.set)
-              + (f" --kinds {args.kinds}" if args.kinds != "in_process,train" else "")
+              + (f" --kinds {args.kinds}" if args.kinds != "in_process,in_process+noreuse,train" else "")
               + (f" --floor-trials {args.floor_trials}" if args.floor_trials else "") + "`", ""]
     return "\n".join(lines)
 

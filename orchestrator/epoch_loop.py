@@ -245,7 +245,7 @@ class _Loop:
     def report_again(self) -> None:
         """The checkpoint is of the last epoch (the process died after it, before its trial ended):
         report it once more, with its checkpoint and every epoch's metrics for the MLflow writer."""
-        report = {**self.metrics, "backfill": json.dumps(self.history)}
+        report = {**self.metrics, "epoch": int(self.metrics["epoch"]), "backfill": json.dumps(self.history)}
         if self.session.rank != 0:
             self.session.report(report, None)
             return

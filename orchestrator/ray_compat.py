@@ -9,6 +9,7 @@ moved then costs only its own entry.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -137,3 +138,64 @@ def controller_warm_up(callback: Any) -> Any:
             self.target.warm_up()
 
     return WarmUp(callback)
+
+
+# --- Tune's ASHA across a restart (checked against Ray 2.60.0) ----------------------------------------
+
+def resumable_asha(state_file: str, **kwargs: Any) -> Any:
+    """`ray.tune.schedulers.ASHAScheduler(**kwargs)` whose rungs survive a killed sweep driver, kept in
+    `state_file` (local or a URI); see `ResumableASHA` below."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    class ResumableASHA(ASHAScheduler):
+        """ASHA whose rungs survive a killed sweep driver.
+
+        `Tuner.restore` brings back the searcher's state but not the scheduler's: a resumed ASHA starts
+        with empty rungs (its `save`/`restore` exist but Tune never calls them), so it lets through
+        trials it would have stopped. This one writes each bracket's rungs (trial id -> metric at each
+        milestone; `_Bracket._rungs`, internal) to `state_file` (local or a URI) after every result and
+        reads them back before its first decision after a restart.
+        """
+
+        def __init__(self, state_file: str, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self._state_file = state_file
+            self._loaded = False
+
+        def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
+            self._load_once()
+            decision = super().on_trial_result(tune_controller, trial, result)
+            self._save()
+            return decision
+
+        def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> None:
+            self._load_once()
+            super().on_trial_complete(tune_controller, trial, result)
+            self._save()
+
+        def _rungs(self) -> list[list[tuple[float, dict[str, float]]]]:
+            return [list(getattr(b, "_rungs", [])) for b in self._brackets]
+
+        def _save(self) -> None:
+            try:
+                state = [[[milestone, dict(recorded)] for milestone, recorded in rungs] for rungs in self._rungs()]
+                storage.write_text(self._state_file, json.dumps(state))
+            except Exception:  # the internal moved: only the carry-over across a restart is lost
+                pass
+
+        def _load_once(self) -> None:
+            if self._loaded:
+                return
+            self._loaded = True
+            try:
+                if not storage.is_file(self._state_file):
+                    return
+                saved = json.loads(storage.read_text(self._state_file))
+                for rungs, saved_rungs in zip(self._rungs(), saved):
+                    for (_, recorded), (_, saved_recorded) in zip(rungs, saved_rungs):
+                        for trial_id, value in saved_recorded.items():
+                            recorded.setdefault(trial_id, value)
+            except Exception:
+                pass
+
+    return ResumableASHA(state_file, **kwargs)

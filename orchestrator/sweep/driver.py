@@ -228,7 +228,8 @@ def _tuner(s: Sweep, sweep_dir: str, record: dict[str, Any], data: Any, kind: st
     return tune.Tuner(
         trainable, param_space=param_space,
         tune_config=tune.TuneConfig(
-            search_alg=search_alg, scheduler=build_scheduler(sw, base.optim.epochs),
+            search_alg=search_alg,
+            scheduler=build_scheduler(sw, base.optim.epochs, rungs_file=storage.join(sweep_dir, "asha-rungs.json")),
             num_samples=num_samples, max_concurrent_trials=sw.max_concurrent_trials,
             # Actor reuse only where a trial can be reset: docs/design.md, "Sweeps".
             time_budget_s=sw.time_budget_s, reuse_actors=sw.reuse_actors and kind == IN_PROCESS),

@@ -123,9 +123,6 @@ def check_sweep(s: Sweep) -> None:
         reject("sweep.cpus_per_trial", sw.cpus_per_trial, "must be > 0")
     if sw.trial_kind not in TRIAL_KINDS:
         reject("sweep.trial_kind", sw.trial_kind, f"allowed: {', '.join(TRIAL_KINDS)}")
-    if sw.reuse_actors and sw.trial_kind == "train":
-        reject("sweep.reuse_actors", True, "only for in-process trials (sweep.trial_kind: in_process or auto); "
-               "a stopped Train-run trial cannot be reset")
     if sw.time_budget_s is not None and sw.time_budget_s <= 0:
         reject("sweep.time_budget_s", sw.time_budget_s, "must be > 0 (or null)")
     if sw.name is not None and not RUN_NAME.match(sw.name):

@@ -65,12 +65,5 @@ def placement_group_dir(trials_dir: str, trial_id: str) -> str:
     return storage.join(trials_dir, "placement-groups", f"{TRIAL_PREFIX}{trial_id}")
 
 
-def read_sweep_record(sweep_dir: str) -> dict[str, Any]:
-    record = read_json(storage.join(sweep_dir, SWEEP_RECORD))
-    if record is None:
-        raise FileNotFoundError(storage.join(sweep_dir, SWEEP_RECORD))
-    return record
-
-
 def write_sweep_record(sweep_dir: str, record: dict[str, Any]) -> None:
     write_json(storage.join(sweep_dir, SWEEP_RECORD), record)

@@ -176,10 +176,14 @@ def build_search(sw: SweepConfig) -> tuple[dict[str, Any], Any, int]:
     return {}, ConcurrencyLimiter(searcher, max_concurrent=sw.max_concurrent_trials), sw.num_samples
 
 
-def build_scheduler(sw: SweepConfig, epochs: int) -> Any:
+def build_scheduler(sw: SweepConfig, epochs: int, rungs_file: str | None = None) -> Any:
     """ASHA (Li et al., 2020, "A System for Massively Parallel Hyperparameter Tuning") on the metric
-    per epoch, or FIFO (every trial runs all its epochs)."""
+    per epoch, or FIFO (every trial runs all its epochs). `rungs_file`: where ASHA keeps its rungs
+    for a resumed sweep (`ray_compat.resumable_asha`)."""
+    # Imported here: loading a sweep file (this module) must not import Ray Tune.
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from orchestrator.ray_compat import resumable_asha
 
     if sw.scheduler == "fifo":
         return FIFOScheduler()
@@ -187,9 +191,10 @@ def build_scheduler(sw: SweepConfig, epochs: int) -> Any:
     # Train run at epoch k+1, while Tune would count its iterations from 1 again.
     # stop_last_trials=False: a trial that reaches max_t ends by itself (run_pretrain closes its
     # run); Tune stopping it there would kill it while it closes its MLflow run and run record.
-    return ASHAScheduler(time_attr="epoch", metric=sw.metric, mode="max", max_t=epochs,
-                         grace_period=min(sw.grace_period, epochs), reduction_factor=sw.reduction_factor,
-                         stop_last_trials=False)
+    asha = dict(time_attr="epoch", metric=sw.metric, mode="max", max_t=epochs,
+                grace_period=min(sw.grace_period, epochs), reduction_factor=sw.reduction_factor,
+                stop_last_trials=False)
+    return resumable_asha(rungs_file, **asha) if rungs_file else ASHAScheduler(**asha)
 
 
 # --- one trial ------------------------------------------------------------------------------------

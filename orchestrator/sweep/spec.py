@@ -37,9 +37,10 @@ class SweepConfig:
     max_concurrent_trials: int = 2
     cpus_per_trial: float = 0.25  # a Train-run trial's own process (its workers ask for theirs); in-process: at least this
     trial_kind: str = "auto"  # in_process: the trial's own process trains (1 worker); train: a Ray Train run
-    # Tune's actor reuse (experimental in Ray): a finished or stopped in-process trial's process runs
-    # the next trial, skipping a process start and its imports. Not for Train-run trials (docs/design.md).
-    reuse_actors: bool = False
+    # Tune's actor reuse (experimental in Ray) for in-process trials: an ended trial's process runs
+    # the next trial, skipping a process start and its imports. Train-run trials never reuse
+    # theirs (a stopped one cannot be reset: docs/design.md, "Sweeps").
+    reuse_actors: bool = True
     time_budget_s: float | None = None  # stop the whole sweep after this long (running trials: "stopped")
     register: bool = True  # register the best trial's encoder and maybe move `champion`
     methods: dict[str, dict[str, Any]] = field(default_factory=dict)
