@@ -15,7 +15,7 @@ import os
 import sys
 import traceback
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from orchestrator.config import EvalConfig
 from orchestrator.errors import UserError
@@ -77,8 +77,16 @@ def _limit(text: str) -> int | None:
     return value
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line (argparse prints the usage above them) and exit 2.
+    Subcommands' parsers are made with the same class."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="selfsup", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="selfsup", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     _add_ingest(sub)
     _add_pretrain_and_sweep(sub)

@@ -69,3 +69,16 @@ def test_console_script_os_error_is_one_line_and_debug_shows_the_traceback(tmp_p
     p = subprocess.run(argv, capture_output=True, text=True, timeout=300, env={**os.environ, "SELFSUP_DEBUG": "1"})
     assert p.returncode == 2 and p.stderr.startswith("Traceback (most recent call last)"), p.stderr
     assert "Not a directory" in p.stderr.rstrip().splitlines()[-1], p.stderr
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["pretrain", "--bogus"], "selfsup: error: unrecognized arguments: --bogus (see selfsup --help)"),
+    (["registry", "lst"], "selfsup registry: error: argument registry_command: invalid choice: 'lst'"),
+    (["ingest"], "selfsup ingest: error: the following arguments are required: source, out"),
+])
+def test_usage_errors_are_one_line_and_exit_2(argv: list[str], message: str,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith(message), err
