@@ -64,12 +64,13 @@ def children(pid: int) -> list[int]:
     return [p for p in _pids() if parent_id(p) == pid and alive(p)]
 
 
-def terminate(pids: Iterable[int], grace_s: float = 10.0) -> list[int]:
-    """SIGTERM `pids`, SIGKILL what is left after `grace_s`; returns the pids that were signalled."""
+def terminate(pids: Iterable[int], grace_s: float = 10.0, sig: int = signal.SIGTERM) -> list[int]:
+    """Send `sig` (SIGTERM) to `pids`, SIGKILL what is left after `grace_s`; returns the pids that
+    were signalled."""
     pids = [p for p in set(pids) if p != os.getpid() and alive(p)]
     for p in pids:
         try:
-            os.kill(p, signal.SIGTERM)
+            os.kill(p, sig)
         except ProcessLookupError:
             pass
     deadline = time.monotonic() + grace_s

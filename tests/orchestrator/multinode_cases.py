@@ -39,6 +39,8 @@ from pathlib import Path
 
 import pytest
 
+from cluster_sandbox import alive, cmdline, terminate  # this folder: pytest puts it on sys.path
+
 # Each case with the shared cluster's start-up (the first case pays it) on a busy 2-core machine.
 pytestmark = pytest.mark.timeout(1500)
 
@@ -71,44 +73,12 @@ def _environ(pid: int) -> bytes:
         return b""
 
 
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
-
-
 def marked(marker: str, where: Callable[[int], bool] = lambda pid: True) -> list[int]:
     """Live processes whose environment holds `SELFSUP_MN_MARKER=marker` (and `where(pid)`)."""
     needle = f"{MARKER_ENV}={marker}".encode()
     me = os.getpid()
     return [p for p in (int(d) for d in os.listdir("/proc") if d.isdigit())
-            if p != me and needle in _environ(p).split(b"\0") and _alive(p) and where(p)]
-
-
-def terminate(pids: list[int], grace_s: float = 5.0, sig: int = signal.SIGTERM) -> None:
-    for p in pids:
-        try:
-            os.kill(p, sig)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and any(_alive(p) for p in pids):
-        time.sleep(0.2)
-    for p in pids:
-        if _alive(p):
-            try:
-                os.kill(p, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            if p != me and needle in _environ(p).split(b"\0") and alive(p) and where(p)]
 
 
 def _mount_ns(pid: int) -> str | None:
@@ -188,8 +158,8 @@ class Cluster:
         ns = _mount_ns(self.worker.pid)
         assert ns is not None and ns != _mount_ns(os.getpid())
         on_node = marked(str(self.root), lambda p: _mount_ns(p) == ns)
-        raylet = [p for p in on_node if "/raylet/raylet " in _cmdline(p)]
-        assert len(raylet) == 1, [(p, _cmdline(p)[:80]) for p in on_node]
+        raylet = [p for p in on_node if "/raylet/raylet " in cmdline(p)]
+        assert len(raylet) == 1, [(p, cmdline(p)[:80]) for p in on_node]
         os.kill(raylet[0], signal.SIGKILL)
         time.sleep(1.0)
         terminate(on_node, grace_s=2.0, sig=signal.SIGKILL)
