@@ -99,8 +99,7 @@ class TuneTrialSession:
     """The loop in a Tune trial's own process: one worker, no DDP, `ray.tune.report`.
 
     Args:
-        metric: the sweep's metric; a diverged epoch reports it as 0 (the worst accuracy: what a
-            diverged encoder is worth to ASHA and the searcher; Tune needs it in every result).
+        metric: the sweep's metric (`scored_for_tune`).
         dataset: the run's Ray Data dataset for the stream loader (None: memory loader).
     """
 
@@ -128,12 +127,22 @@ class TuneTrialSession:
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         from ray import tune
 
-        m = dict(metrics)
-        m["diverged"] = float(m.get("diverged", 0.0))
-        value = m.get(self.metric)
-        if m["diverged"] or not isinstance(value, (int, float)) or not math.isfinite(value):
-            m[self.metric] = 0.0
-        tune.report(m, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
+        checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        tune.report(scored_for_tune(metrics, self.metric), checkpoint=checkpoint)
+
+
+def scored_for_tune(metrics: dict[str, Any], metric: str) -> dict[str, Any]:
+    """An epoch report as Tune gets it: `diverged` always there, and `metric` 0 on a diverged epoch.
+
+    A diverged epoch reports no kNN accuracy; Tune requires the scheduler's metric in every result,
+    and 0 (the worst accuracy) is what a diverged encoder is worth to ASHA and to the searcher.
+    """
+    m = dict(metrics)
+    m["diverged"] = float(m.get("diverged", 0.0))
+    value = m.get(metric)
+    if m["diverged"] or not isinstance(value, (int, float)) or not math.isfinite(value):
+        m[metric] = 0.0
+    return m
 
 
 # --- the loop ---------------------------------------------------------------------------------------

@@ -54,10 +54,11 @@ class SweepDriverCallback(tune.Callback):
         self.trials_dir, self.metric, self.verbose, self.base = trials_dir, metric, verbose, base
         self.uri, self.parent_run_id, self.epochs, self.kind = uri, parent_run_id, epochs, kind
         self._client: Any = None
-        self._logged: dict[str, set[int]] = {}  # trial id -> epochs its run holds (in-process trials)
+        # trial id -> (its MLflow run id, the epochs that run holds), for in-process trials
+        self._runs: dict[str, tuple[str, set[int]]] = {}
 
     def __getstate__(self) -> dict[str, Any]:  # Tune saves its callbacks with the experiment (--resume)
-        return {**self.__dict__, "_client": None, "_logged": {}}
+        return {**self.__dict__, "_client": None, "_runs": {}}
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         over = (trial.config or {}).get("overrides") or {}
@@ -72,14 +73,14 @@ class SweepDriverCallback(tune.Callback):
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict[str, Any], **info: Any) -> None:
         if self.kind != IN_PROCESS or "epoch" not in result:
             return
-        run_id = driver_run_id(self.trials_dir, trial.trial_id)
-        if run_id is None:
-            return
-        if self._client is None:
-            self._client = tracking.client(self.uri)
-        logged = self._logged.get(trial.trial_id)
-        if logged is None:
-            logged = self._logged[trial.trial_id] = tracking.logged_epochs(self._client, run_id)
+        if trial.trial_id not in self._runs:
+            run_id = driver_run_id(self.trials_dir, trial.trial_id)
+            if run_id is None:
+                return
+            if self._client is None:
+                self._client = tracking.client(self.uri)
+            self._runs[trial.trial_id] = (run_id, tracking.logged_epochs(self._client, run_id))
+        run_id, logged = self._runs[trial.trial_id]
         report = {k: v for k, v in result.items() if k not in _TUNE_KEYS}
         if report.get("diverged"):  # the metric a diverged epoch reports (0) is for Tune, not MLflow
             report = {k: report[k] for k in ("epoch", "loss", "diverged") if k in report}
@@ -131,10 +132,9 @@ def run_sweep(s: Sweep, *, resume: bool = False, verbose: bool = True) -> SweepR
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     # Trial result files (result.json, progress.csv): ResultGrid reads them; pretrain turns them off.
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "0"
-    record = _resumed_record(s, sweep_dir) if resume else None
-    if record is not None:
-        s = Sweep(base=Config.from_dict(record["base"]), sweep=parse_sweep_section(record["sweep"], source=""),
-                  source=s.source, stem=s.stem)
+    record = None
+    if resume:
+        record, s = _resumed(s, sweep_dir)
     else:
         ensure_data(s.base, quiet=not verbose)
         check_data(s.base, need_labels=f"a sweep ranks its trials by {s.sweep.metric}")  # before Ray starts
@@ -166,8 +166,9 @@ def run_sweep(s: Sweep, *, resume: bool = False, verbose: bool = True) -> SweepR
     return out
 
 
-def _resumed_record(s: Sweep, sweep_dir: str) -> dict[str, Any]:
-    """The record of the sweep `--resume` continues, or `UserError` when it cannot be continued:
+def _resumed(s: Sweep, sweep_dir: str) -> tuple[dict[str, Any], Sweep]:
+    """The record of the sweep `--resume` continues and the sweep it recorded, or `UserError` when it
+    cannot be continued:
     finished, ended by its time budget, or asked to continue with another base config or sweep
     section (as `pretrain --resume`: the trials that ran and those still to run share one)."""
     name, record_path = storage.name(sweep_dir), storage.join(sweep_dir, SWEEP_RECORD)
@@ -188,7 +189,7 @@ def _resumed_record(s: Sweep, sweep_dir: str) -> dict[str, Any]:
     if dataclasses.asdict(recorded_sweep) != {**dataclasses.asdict(s.sweep), "name": recorded_sweep.name}:
         raise UserError(f"--resume continues sweep {name!r} with its recorded sweep section "
                         f"({record_path}); start a new sweep to change it")
-    return record
+    return record, Sweep(base=base, sweep=recorded_sweep, source=s.source, stem=s.stem)
 
 
 def _start_sweep(s: Sweep, sweep_dir: str) -> dict[str, Any]:

@@ -13,7 +13,6 @@ sweep driver made the trial's MLflow run before the trial started and closes it 
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from ray import tune
@@ -21,7 +20,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from orchestrator.config import Config, apply_overrides
 from orchestrator.data import matches, put_decoded, resolve_loader
-from orchestrator.epoch_loop import TuneTrialSession, run_epochs
+from orchestrator.epoch_loop import TuneTrialSession, run_epochs, scored_for_tune
 from orchestrator.pretrain import run_pretrain
 from orchestrator.ray_compat import placement_group_recorder
 from orchestrator.runs import cpus_per_worker, read_json, train_dataset, train_rows
@@ -72,7 +71,7 @@ def run_trial_in_process(config: dict[str, Any], *, base: dict[str, Any], trials
         config: Tune's trial config; `config["overrides"]` = {"section.field": value}.
         base: the sweep's base config (`Config.to_dict()`, paths absolute).
         trials_dir: the sweep's `trials` folder (the trial's config names its run after it).
-        metric: the sweep metric (0 on a diverged epoch, see `epoch_loop.TuneTrialSession`).
+        metric: the sweep metric (0 on a diverged epoch, `epoch_loop.scored_for_tune`).
         data: the sweep's decoded data in the object store (`orchestrator.data.DecodedData`), made
             once by the driver; a trial whose data fields differ decodes its own.
     """
@@ -117,11 +116,8 @@ def run_train_trial(config: dict[str, Any], *, base: dict[str, Any], trials_dir:
 
 
 class TrialReportCallback(TuneReportCallback):
-    """Tune's `TuneReportCallback`, plus `diverged` on every report and `metric` = 0 on a diverged one.
-
-    A diverged epoch reports no kNN accuracy; Tune requires the scheduler's metric in every result,
-    and 0 (the worst accuracy) is what a diverged encoder is worth to ASHA and to the searcher.
-    """
+    """Tune's `TuneReportCallback`, with rank 0's report scored as an in-process trial's is
+    (`epoch_loop.scored_for_tune`)."""
 
     def __init__(self, metric: str) -> None:
         super().__init__()
@@ -129,10 +125,5 @@ class TrialReportCallback(TuneReportCallback):
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
         if metrics:
-            m = dict(metrics[0])
-            m["diverged"] = float(m.get("diverged", 0.0))
-            value = m.get(self.metric)
-            if m["diverged"] or not isinstance(value, (int, float)) or not math.isfinite(value):
-                m[self.metric] = 0.0
-            metrics = [m, *metrics[1:]]
+            metrics = [scored_for_tune(metrics[0], self.metric), *metrics[1:]]
         super().after_report(run_context, metrics, checkpoint)
