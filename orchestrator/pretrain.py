@@ -37,7 +37,9 @@ from orchestrator.errors import UserError
 from orchestrator.ray_compat import controller_warm_up
 from orchestrator.runs import (RUN_RECORD, absolute_paths, check_cluster_storage, config_differences,
                                cpus_per_worker, create_run, dataset_name, ensure_data, mark_diverged, numbered_dir,
-                               ray_session, read_json, register_from_state, train_dataset, train_rows, write_json)
+                               ray_session, read_json, register_from_state, reserve_dir, train_dataset, train_rows,
+                               write_json)
+from orchestrator.reservation import Lease
 from orchestrator.run_output import EpochPrinter, pct, print_header, print_summary
 from orchestrator.timeline import mark
 from pipelines import storage
@@ -85,6 +87,7 @@ class RunPaths:
     name: str
     storage_path: str
     run_dir: str  # a local folder or a URI
+    lease: Lease | None = None  # the name's reservation, held while this command runs
 
     @property
     def record(self) -> str:
@@ -93,11 +96,15 @@ class RunPaths:
 
 # --- run names and records --------------------------------------------------------------------
 
-def resolve_run(cfg: Config, *, stem: str, resume: bool) -> RunPaths:
-    """Pick the run name and folder (see the module docstring), or raise `UserError`."""
+def resolve_run(cfg: Config, *, stem: str, resume: bool, reserve: bool = True) -> RunPaths:
+    """Pick the run name and folder (see the module docstring) and reserve it (`runs.reserve_dir`;
+    not `reserve`: a sweep trial, whose sweep holds the reservation), or raise `UserError`."""
     root = storage_location(cfg.run.storage_path)
-    run_dir = numbered_dir(root, name=cfg.run.name, stem=stem, record=RUN_RECORD, resume=resume, kind="run")
-    return RunPaths(storage.name(run_dir), root, run_dir)
+    if not reserve:
+        run_dir = numbered_dir(root, name=cfg.run.name, stem=stem, record=RUN_RECORD, resume=resume, kind="run")
+        return RunPaths(storage.name(run_dir), root, run_dir)
+    run_dir, lease = reserve_dir(root, name=cfg.run.name, stem=stem, record=RUN_RECORD, resume=resume, kind="run")
+    return RunPaths(storage.name(run_dir), root, run_dir, lease)
 
 
 def read_record(paths: RunPaths) -> dict[str, Any]:
@@ -189,7 +196,8 @@ def _fault_epoch() -> int | None:
 
 def run_pretrain(cfg: Config, *, resume: bool = False, stem: str = "run", callbacks: list[Any] | None = None,
                  mlflow_parent_run_id: str | None = None, mlflow_run_id: str | None = None, close_run: bool = True,
-                 progress: bool = False, data: DecodedData | None = None, curves: bool = True) -> PretrainResult:
+                 progress: bool = False, data: DecodedData | None = None, curves: bool = True,
+                 reserve_name: bool = True) -> PretrainResult:
     """Pretrain one encoder on Ray Train, track it in MLflow and register it.
 
     Args:
@@ -208,6 +216,8 @@ def run_pretrain(cfg: Config, *, resume: bool = False, stem: str = "run", callba
         data: decoded data already in the object store (a sweep's, shared by its trials); used when
             this run's loader is memory and its data fields match, else decoded here.
         curves: log the curves PNG (see `build_trainer`).
+        reserve_name: hold the run name's lease while running (`runs.reserve_dir`); False for a
+            sweep trial, whose name its sweep's lease covers (Tune may restart it on another node).
 
     Returns:
         The `PretrainResult` (kNN top-1, registered model version, ...). A diverged run (NaN loss)
@@ -219,14 +229,27 @@ def run_pretrain(cfg: Config, *, resume: bool = False, stem: str = "run", callba
     """
     start = time.perf_counter()
     cfg = absolute_paths(cfg)
-    paths = resolve_run(cfg, stem=stem, resume=resume)
+    paths = resolve_run(cfg, stem=stem, resume=resume, reserve=reserve_name)
+    try:
+        return _run_reserved(cfg, paths, start, resume=resume, callbacks=callbacks,
+                             mlflow_parent_run_id=mlflow_parent_run_id, mlflow_run_id=mlflow_run_id,
+                             close_run=close_run, progress=progress, data=data, curves=curves)
+    finally:
+        if paths.lease is not None:
+            paths.lease.release()
+
+
+def _run_reserved(cfg: Config, paths: RunPaths, start: float, *, resume: bool, callbacks: list[Any] | None,
+                  mlflow_parent_run_id: str | None, mlflow_run_id: str | None, close_run: bool, progress: bool,
+                  data: DecodedData | None, curves: bool) -> PretrainResult:
+    """`run_pretrain` once the run's name is reserved."""
     ensure_data(cfg, quiet=not progress)
     checked = check_data(cfg)  # empty or too-small splits, checksums, labels: before Ray starts
     cfg = Config.from_dict({**cfg.to_dict(), "run": {**cfg.to_dict()["run"], "name": paths.name}})
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
-    record = _resumed_record(cfg, paths) if resume else None
-    if record is not None:
-        uri = record.get("tracking_uri", uri)
+    # The tracking URI always comes from this command's config and environment, never from the
+    # record: a record sits where any job can write, and the MLflow login goes to this URI.
+    record = _resumed_record(cfg, paths, uri) if resume else None
     with ray_session(cfg):
         check_cluster_storage(cfg, {"run.storage_path": cfg.run.storage_path},
                               streams_data=resolve_loader(cfg) == "stream")
@@ -249,9 +272,15 @@ def run_pretrain(cfg: Config, *, resume: bool = False, stem: str = "run", callba
     return out
 
 
-def _resumed_record(cfg: Config, paths: RunPaths) -> dict[str, Any]:
-    """The record of the run `--resume` continues, or `UserError` when it cannot be continued."""
+def _resumed_record(cfg: Config, paths: RunPaths, uri: str) -> dict[str, Any]:
+    """The record of the run `--resume` continues, or `UserError` when it cannot be continued
+    (also when it names another MLflow store than `uri`, this command's)."""
     record = read_record(paths)
+    recorded_uri = record.get("tracking_uri")
+    if recorded_uri is not None and recorded_uri != uri:
+        raise UserError(f"{paths.record}: tracking_uri = {recorded_uri!r}, but this command tracks to {uri!r}; "
+                        "--resume continues a run in the MLflow store it started in: set tracking.uri or "
+                        "MLFLOW_TRACKING_URI to it (a record never chooses where credentials go)")
     recorded = Config.from_dict(record["config"], source=str(paths.record))
     diff = config_differences(recorded, cfg)
     if diff:

@@ -30,6 +30,7 @@ from orchestrator.config import Config, check_data_folder, storage_location, to_
 from orchestrator.data import LABEL_METRICS_TAG, label_metrics, no_labels_note
 from orchestrator.errors import UserError
 from orchestrator.ray_compat import drop_benign_ray_notices, quiet_ray_env
+from orchestrator.reservation import LEASE, Lease, in_use_message, try_acquire
 from orchestrator.train_loop import build_model, encoder_state, load_state
 from pipelines import storage
 from pipelines.ingest import ingest
@@ -178,6 +179,31 @@ def numbered_dir(root: str | Path, *, name: str | None, stem: str, record: str, 
     while f"{stem}-{n}" in taken:
         n += 1
     return storage.join(root, f"{stem}-{n}")
+
+
+def reserve_dir(root: str | Path, *, name: str | None, stem: str, record: str, resume: bool,
+                kind: str) -> tuple[str, Lease]:
+    """`numbered_dir`, and the name reserved for this command (`orchestrator.reservation`): a lease
+    created if absent before Ray and MLflow start, so two commands never share a folder. An automatic
+    name another command holds is skipped; a name the user gave, or `--resume` of a run that another
+    command still runs, is a `UserError` (one line). Returns (the folder, the held lease)."""
+    for _ in range(1000):
+        # A new named run: its lease decides (a folder holding only a lease is a command starting).
+        d = (storage.join(str(root), name) if name is not None and not resume else
+             numbered_dir(root, name=name, stem=stem, record=record, resume=resume, kind=kind))
+        lease, holder = try_acquire(d)
+        if lease is None:
+            if name is not None or resume:
+                raise UserError(in_use_message(kind, storage.name(d), holder or {}))
+            continue  # taken by a command that started at the same moment: the next number
+        if not resume and [n for n in storage.list_names(d) if not n.startswith(LEASE)]:
+            lease.release()  # filled (and released) by another command since the listing
+            if name is not None:
+                raise UserError(f"{kind}.name = {name!r}: {d} exists already; continue it with --resume, "
+                                f"or choose another {kind}.name")
+            continue
+        return d, lease
+    raise UserError(f"{root}: no free {stem}-<n> {kind} name after 1000 tries")
 
 
 def read_json(location: str) -> dict[str, Any] | None:

@@ -209,3 +209,44 @@ def sha256(location: str | Path) -> str:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
+
+
+def write_new_bytes(location: str | Path, data: bytes) -> bool:
+    """Create a file only if nothing is there yet (create-if-absent); False, and nothing written, if
+    something is. Two writers racing for one name: exactly one gets True.
+
+    Local: `O_CREAT | O_EXCL` (atomic on a local disk and on NFSv3+). S3: a conditional put
+    (`If-None-Match: *`, which S3 has honoured since 2024-08 and moto's server honours), through
+    boto3, which reads the same `AWS_ENDPOINT_URL` and credentials as pyarrow. Other object stores
+    (gs://, abfs://) have conditional writes too but are not wired here: they get a check then a
+    write, which two writers in the same instant can both pass (docs/design.md, "Reserving names").
+    """
+    s = str(location)
+    m = _SCHEME.match(s)
+    if m is None or m.group(1).lower() == "file":
+        p = Path(absolute(s))
+        p.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return True
+    if m.group(1).lower() == "s3":
+        import boto3
+        from botocore.exceptions import ClientError
+
+        bucket, _, key = m.group(2).partition("/")
+        try:
+            boto3.client("s3").put_object(Bucket=bucket, Key=key.rstrip("/"), Body=data, IfNoneMatch="*")
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict") \
+                    or e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (409, 412):
+                return False
+            raise
+        return True
+    if exists(s):
+        return False
+    write_bytes(s, data)
+    return True

@@ -123,7 +123,13 @@ def run_sweep(s: Sweep, *, resume: bool = False, verbose: bool = True) -> SweepR
         UserError: bad sweep name / resume request, missing data.
     """
     start = time.perf_counter()
-    sweep_dir = resolve_sweep_dir(s, resume=resume)  # a local folder or a URI
+    sweep_dir, lease = resolve_sweep_dir(s, resume=resume)  # a local folder or a URI, reserved
+    with lease:
+        return _run_reserved(s, sweep_dir, start, resume=resume, verbose=verbose)
+
+
+def _run_reserved(s: Sweep, sweep_dir: str, start: float, *, resume: bool, verbose: bool) -> SweepResult:
+    """`run_sweep` once the sweep's name is reserved."""
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # --resume loses at most ~2 s of Tune state
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # Tune snapshots its state each time a trial has made `num_to_keep` checkpoints (so that a resumed
@@ -181,7 +187,14 @@ def _resumed(s: Sweep, sweep_dir: str) -> tuple[dict[str, Any], Sweep]:
                         f"{record['sweep'].get('time_budget_s')} s; {results_md}); --resume "
                         "cannot extend it: start a new sweep with a larger sweep.time_budget_s")
     base = Config.from_dict(record["base"], source=str(record_path))
-    diff = config_differences(base, absolute_base(s))
+    configured = absolute_base(s)
+    # The tracking URI is this command's, never the record's (the MLflow login goes to it).
+    if record.get("tracking_uri") != configured.tracking.uri:
+        raise UserError(f"{record_path}: tracking_uri = {record.get('tracking_uri')!r}, but this command tracks to "
+                        f"{configured.tracking.uri!r}; --resume continues a sweep in the MLflow store it started "
+                        "in: set tracking.uri or MLFLOW_TRACKING_URI to it (a record never chooses where "
+                        "credentials go)")
+    diff = config_differences(base, configured)
     if diff:
         raise UserError(f"--resume continues sweep {name!r} with its recorded base config "
                         f"({record_path}); these differ: {', '.join(diff)} (start a new sweep instead)")

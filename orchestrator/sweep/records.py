@@ -13,16 +13,17 @@ from typing import Any
 
 from orchestrator import tracking
 from orchestrator.config import Config, storage_location
-from orchestrator.runs import RUN_RECORD, numbered_dir, read_json, write_json
+from orchestrator.reservation import Lease
+from orchestrator.runs import RUN_RECORD, read_json, reserve_dir, write_json
 from orchestrator.sweep.spec import SWEEP_RECORD, TRIAL_PREFIX, Sweep
 from pipelines import storage
 
 
-def resolve_sweep_dir(s: Sweep, *, resume: bool) -> str:
+def resolve_sweep_dir(s: Sweep, *, resume: bool) -> tuple[str, Lease]:
     """STORAGE_PATH/NAME (a local folder or a URI); NAME = sweep.name or the next free `<stem>-<n>`
-    (resume: the newest)."""
+    (resume: the newest), reserved for this command (`runs.reserve_dir`): (the folder, its lease)."""
     root = storage_location(s.sweep.storage_path)
-    return numbered_dir(root, name=s.sweep.name, stem=s.stem, record=SWEEP_RECORD, resume=resume, kind="sweep")
+    return reserve_dir(root, name=s.sweep.name, stem=s.stem, record=SWEEP_RECORD, resume=resume, kind="sweep")
 
 
 def absolute_base(s: Sweep) -> Config:

@@ -112,7 +112,7 @@ def run_train_trial(config: dict[str, Any], *, base: dict[str, Any], trials_dir:
         callbacks.append(recorder)
     run_pretrain(cfg, resume=record is not None, stem="trial", callbacks=callbacks,
                  mlflow_parent_run_id=parent_run_id, mlflow_run_id=run_id, close_run=run_id is None,
-                 progress=False, data=data, curves=False)
+                 progress=False, data=data, curves=False, reserve_name=False)
 
 
 class TrialReportCallback(TuneReportCallback):
