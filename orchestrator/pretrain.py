@@ -37,7 +37,7 @@ from orchestrator.errors import UserError
 from orchestrator.ray_compat import controller_warm_up
 from orchestrator.runs import (RUN_RECORD, absolute_paths, check_cluster_storage, config_differences,
                                cpus_per_worker, create_run, dataset_name, ensure_data, mark_diverged, numbered_dir,
-                               ray_session, read_json, register_from_state, reserve_dir, train_dataset, train_rows,
+                               ray_session, read_json, reserve_dir, train_dataset, train_rows,
                                write_json)
 from orchestrator.reservation import Lease
 from orchestrator.run_output import EpochPrinter, pct, print_header, print_summary
@@ -345,6 +345,8 @@ def _finish(cfg: Config, paths: RunPaths, record: dict[str, Any], result: Any, u
         tracking.client(uri).set_tag(run_id, "probes", "skipped: the images carry no labels")
     if cfg.tracking.register and state is not None:
         _register(cfg, state, out, uri, run_id)
+        # Recorded at once (registration is idempotent per run anyway: `registry.register`).
+        write_record(paths, {**record, "model_uri": out.model_uri})
     if close_run:
         tracking.finish_run(uri, run_id, "FINISHED")
     write_record(paths, {**record, "status": "finished", "model_uri": out.model_uri,
@@ -384,17 +386,19 @@ def _read_result(cfg: Config, paths: RunPaths, result: Any, uri: str, run_id: st
 
 def _register(cfg: Config, state: dict[str, Any], out: PretrainResult, uri: str, run_id: str) -> None:
     """Register the run's encoder and maybe make it the champion (fills `out`)."""
-    name = cfg.tracking.model_name or f"{dataset_name(cfg)}-encoder"
+    from orchestrator.registry.register import default_model_name, register_run_encoder
+
+    name = default_model_name(cfg, dataset_name(cfg))
     tags = {"method": cfg.method.name, "encoder": cfg.model.encoder, "run_name": out.run_name, "epochs": out.epochs,
             # no labels: no kNN tags (a "None" tag would read as a metric)
             **({"knn_top1": out.knn_top1, "knn_top1_untrained": out.knn_top1_untrained}
                if out.knn_top1 is not None else {LABEL_METRICS_TAG: "off: no labels"}),
             **({"linear_top1": out.linear_top1, "linear_top5": out.linear_top5}
                if out.linear_top1 is not None else {})}
-    model_uri, promotion = register_from_state(cfg, state, uri=uri, run_id=run_id, model_name=name, tags=tags,
-                                               summary=version_summary(cfg, out))
-    out.model_name, out.model_version = name, model_uri.rsplit("/", 1)[1]
-    out.champion, out.champion_note = promotion.moved, promotion.reason
+    reg = register_run_encoder(cfg, state, uri=uri, run_id=run_id, model_name=name, tags=tags,
+                               summary=version_summary(cfg, out))
+    out.model_name, out.model_version = name, reg.version
+    out.champion, out.champion_note = reg.promotion.moved, reg.promotion.reason
 
 
 def version_summary(cfg: Config, r: PretrainResult) -> str:

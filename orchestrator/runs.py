@@ -5,8 +5,8 @@ Ray: join the configured cluster or start a private local one, and stop what was
 Records: numbered run and sweep folders (`numbered_dir`), JSON records written atomically
 (`write_json`), the config comparison `--resume` makes (`config_differences`). Data: ingest on the
 first run, the Ray Data train split, the dataset's name and the kNN protocol's tags. MLflow: the run
-of one pretraining (`create_run`), a diverged run's end (`mark_diverged`), and registering an
-encoder from a checkpoint with the champion rule (`register_from_state`).
+of one pretraining (`create_run`) and a diverged run's end (`mark_diverged`); registering an encoder
+lives in `orchestrator.registry.register`. Reserving a run's or sweep's name: `reserve_dir`.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from orchestrator.data import LABEL_METRICS_TAG, label_metrics, no_labels_note
 from orchestrator.errors import UserError
 from orchestrator.ray_compat import drop_benign_ray_notices, quiet_ray_env
 from orchestrator.reservation import LEASE, Lease, in_use_message, try_acquire
-from orchestrator.train_loop import build_model, encoder_state, load_state
+from orchestrator.train_loop import load_state
 from pipelines import storage
 from pipelines.ingest import ingest
 from pipelines.manifest import read_manifest
@@ -296,24 +296,6 @@ def mark_diverged(uri: str, run_id: str) -> None:
     """A diverged run (NaN/inf loss): tag `diverged`, status FAILED."""
     tracking.client(uri).set_tag(run_id, "diverged", "true")
     tracking.finish_run(uri, run_id, "FAILED")
-
-
-def register_from_state(cfg: Config, state: dict[str, Any], *, uri: str, run_id: str, model_name: str,
-                        tags: dict[str, Any], summary: str = "", metric: str = "knn_top1") -> tuple[str, Any]:
-    """Register the encoder of a checkpoint's `state` (`train_loop.save_state`) as a new version of
-    `model_name`, from the run `run_id`, then move `champion` to it if it beats the champion measured
-    alike. Returns ("models:/NAME/VERSION", the `registry.Promotion`)."""
-    # Imported here: the registry imports MLflow, which a Train-run trial's process must not pay
-    # for before it trains (the driver and the Train controller write MLflow, docs/design.md).
-    from orchestrator.registry import promote_if_better
-
-    model = build_model(cfg)
-    model.encoder.load_state_dict(encoder_state(state["model"]))
-    mv = tracking.register_encoder(model.encoder, tracking_uri=uri, run_id=run_id, model_name=model_name,
-                                   image_size=cfg.data.image_size, tags={**tags, **protocol_tags(cfg)},
-                                   summary=summary)
-    promotion = promote_if_better(tracking.client(uri), model_name, str(mv.version), metric=metric)
-    return f"models:/{model_name}/{mv.version}", promotion
 
 
 def read_state(location: str) -> dict[str, Any]:

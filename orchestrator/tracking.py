@@ -300,7 +300,8 @@ def finish_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
 
 def register_encoder(encoder: Any, *, tracking_uri: str, run_id: str, model_name: str, image_size: int,
                      tags: dict[str, Any], summary: str = "") -> Any:
-    """Log the encoder to the run (torch.export "pt2": dynamic batch, height and width) and register a new version.
+    """Log the encoder to the run (torch.export "pt2": dynamic batch, height and width) and register a new
+    version, created with its tags (callers: `orchestrator.registry.register.register_run_encoder`).
 
     The model takes float32 `[B, 3, H, W]`, RGB normalised with `pipelines.augment.MEAN` / `STD`,
     any B >= 1 and any H, W >= the encoder's `min_input_size` (at most `image_size`), and returns
@@ -346,14 +347,19 @@ def register_encoder(encoder: Any, *, tracking_uri: str, run_id: str, model_name
             contextlib.redirect_stderr(io.StringIO()), size_oblivious():
         info = mlflow.pytorch.log_model(exportable(encoder, spec.min_size), name="encoder", input_example=example,
                                         signature=signature, serialization_format="pt2",
-                                        pip_requirements=PIP_REQUIREMENTS, metadata=spec.tags(),
-                                        registered_model_name=model_name, await_registration_for=60)
-    version = str(info.registered_model_version)
+                                        pip_requirements=PIP_REQUIREMENTS, metadata=spec.tags())
     tags = {**tags, "image_size": image_size, "embedding_dim": int(encoder.output_dim), **spec.tags()}
-    for k, v in tags.items():
-        c.set_model_version_tag(model_name, version, k, str(v))
     description = (f"{summary.strip()} " if summary.strip() else "") + (
         f"Input: {spec.describe()}. Output: float32 [B, {int(encoder.output_dim)}] embeddings "
         "(the encoder's pooled features, no projection head).")
-    c.update_model_version(model_name, version, description=description)
-    return c.get_model_version(model_name, version)
+    # The version is created with its tags and description in one request (one transaction in
+    # MLflow's SQL store): no reader ever sees it, or resolves a bare NAME to it, half-tagged.
+    from mlflow.exceptions import MlflowException
+
+    try:
+        c.create_registered_model(model_name)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    return c.create_model_version(model_name, info.model_uri, run_id=run_id, tags={k: str(v) for k, v in tags.items()},
+                                  description=description, model_id=info.model_id)

@@ -27,6 +27,8 @@ from orchestrator.mlflow_auth import credentials_checked
 from orchestrator.tracking import resolve_tracking_uri
 
 CHAMPION = "champion"  # the alias that names the best version of a model
+# Registered models with this prefix are promotion locks (`champion.champion_lock`), not encoders.
+LOCK_PREFIX = "selfsup-lock--"
 
 
 def connect(tracking_uri: str | None = None, *, must_exist: bool = True) -> Any:
@@ -97,7 +99,7 @@ def registered_names(client: Any) -> list[str]:
     token = None
     while True:
         page = client.search_registered_models(max_results=1000, page_token=token)
-        names.extend(m.name for m in page)
+        names.extend(m.name for m in page if not m.name.startswith(LOCK_PREFIX))
         token = page.token
         if not token:
             return sorted(names)

@@ -13,7 +13,8 @@ from typing import Any
 
 from orchestrator.config import Config, apply_overrides, storage_location
 from orchestrator import tracking
-from orchestrator.runs import dataset_name, read_state, register_from_state
+from orchestrator.registry.register import default_model_name, register_run_encoder
+from orchestrator.runs import dataset_name, read_state
 from orchestrator.sweep.results import (RUN_STATUS, SweepResult, markdown_table, plot_png, results_table, short_name,
                                         swept_keys)
 from orchestrator.sweep.space import n_grid_trials, trial_defaults
@@ -133,11 +134,10 @@ def _register_best(s: Sweep, best: dict[str, Any], uri: str, sweep_dir: str) -> 
     tags = {**{k: v for k, v in state["metrics"].items() if k in METRICS},
             "method": cfg.method.name, s.sweep.metric: best[s.sweep.metric], "encoder": cfg.model.encoder,
             "run_name": f"{TRIAL_PREFIX}{best['trial']}", "sweep": s.stem}
-    model_uri, promotion = register_from_state(cfg, state, uri=uri, run_id=best["mlflow_run_id"],
-                                               model_name=cfg.tracking.model_name or f"{dataset_name(cfg)}-encoder",
-                                               tags=tags, metric=s.sweep.metric)
+    reg = register_run_encoder(cfg, state, uri=uri, run_id=best["mlflow_run_id"],
+                               model_name=default_model_name(cfg, dataset_name(cfg)), tags=tags, metric=s.sweep.metric)
     c.set_terminated(best["mlflow_run_id"], status)  # registering reopened the trial's run
-    return model_uri, promotion.moved, promotion.reason
+    return reg.model_uri, reg.promotion.moved, reg.promotion.reason
 
 
 def _trial_config(s: Sweep, row: dict[str, Any]) -> Config:
