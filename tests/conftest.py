@@ -30,6 +30,9 @@ tempfile.tempdir = None
 # `ray.shutdown()` by a moment (or a driver a test kills) can still write there after the run
 # removed its folder, and the whole session folder goes at the end.
 os.environ["SELFSUP_RAY_TEMP_ROOT"] = _SESSION_TMP
+# The key that signs a sweep's saved Tune state (orchestrator/sweep/state_signing.py) is made on
+# first use; in tests, in the session folder rather than the user's home.
+os.environ["SELFSUP_STATE_KEY_FILE"] = os.path.join(_SESSION_TMP, "selfsup-state-key")
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR10 = REPO.parent / "shared" / "datasets" / "cifar10"

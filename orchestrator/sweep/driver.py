@@ -24,7 +24,7 @@ from orchestrator import tracking
 from orchestrator.config import Config, storage_location
 from orchestrator.data import check_data, put_decoded, resolve_loader
 from orchestrator.errors import UserError
-from orchestrator.ray_compat import release_placement_groups
+from orchestrator.ray_compat import release_placement_groups, sign_after_tune_saves
 from orchestrator.runs import (check_cluster_storage, config_differences, create_run, dataset_name, ensure_data,
                                mark_diverged, ray_session, read_json)
 from orchestrator.sweep.finish import finish_sweep, print_summary
@@ -34,6 +34,7 @@ from orchestrator.sweep.records import (absolute_base, driver_run_id, placement_
 from orchestrator.sweep.results import RUN_STATUS, SweepResult, trial_status_of
 from orchestrator.sweep.space import build_scheduler, build_search, describe, n_grid_trials
 from orchestrator.sweep.spec import SWEEP_RECORD, Sweep
+from orchestrator.sweep.state_signing import StateSigner, verify_state
 from orchestrator.sweep.trials import (IN_PROCESS, resolved_trial_kind, run_train_trial, run_trial_in_process,
                                        trial_config, trial_resources)
 from orchestrator.timeline import mark
@@ -159,7 +160,8 @@ def _run_reserved(s: Sweep, sweep_dir: str, start: float, *, resume: bool, verbo
             _print_start(s, sweep_dir, resume, data, kind)
         tuner = _tuner(s, sweep_dir, record, data, kind, resume=resume, verbose=verbose)
         fit_start = time.perf_counter()
-        results = tuner.fit()
+        with sign_after_tune_saves(StateSigner(sweep_dir)):
+            results = tuner.fit()
         fit_end = time.perf_counter()
         # Tune ends a sweep whose time budget ran out without an error: tell it from a complete one.
         budget = s.sweep.time_budget_s is not None and fit_end - fit_start >= s.sweep.time_budget_s
@@ -234,6 +236,7 @@ def _tuner(s: Sweep, sweep_dir: str, record: dict[str, Any], data: Any, kind: st
                                         parent_run_id=record["parent_run_id"], metric=sw.metric, data=data)
     trainable = tune.with_resources(function, trial_resources(s, kind))
     if resume and tune.Tuner.can_restore(sweep_dir):
+        verify_state(sweep_dir)  # nothing another job could have written is unpickled unverified
         return tune.Tuner.restore(sweep_dir, trainable=trainable, resume_errored=True, param_space=None)
     param_space, search_alg, num_samples = build_search(sw)
     callback = SweepDriverCallback(trials_dir=trials_dir, metric=sw.metric, verbose=verbose, base=base.to_dict(),

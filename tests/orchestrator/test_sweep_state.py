@@ -1,0 +1,78 @@
+"""`sweep --resume` unpickles nothing another job could have written: a real Tune experiment, saved
+under `ray_compat.sign_after_tune_saves`, verifies as saved and is refused (one line) once any of its
+state files is changed, added or signed with another key."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from orchestrator.errors import UserError
+from orchestrator.ray_compat import sign_after_tune_saves
+from orchestrator.sweep.state_signing import KEY_ENV, SIGNATURE, StateSigner, verify_state
+
+
+def _trainable(config: dict) -> None:
+    from ray import tune
+
+    for i in range(2):
+        tune.report({"score": config["x"] * (i + 1)})
+
+
+@pytest.fixture()
+def saved_experiment(ray_local: None, tmp_path: Path) -> Path:
+    import ray.cloudpickle
+    from ray import tune
+
+    # Tune's trial processes cannot import this test module: the trainable travels by value.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+    exp = tmp_path / "sweeps" / "s-1"
+    tuner = tune.Tuner(_trainable, param_space={"x": tune.grid_search([1, 2])},
+                       run_config=tune.RunConfig(name="s-1", storage_path=str(tmp_path / "sweeps"), verbose=0))
+    with sign_after_tune_saves(StateSigner(str(exp))):
+        tuner.fit()
+    return exp
+
+
+def test_tune_state_verifies_as_saved_and_is_refused_once_changed(saved_experiment: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from ray import tune
+
+    exp = saved_experiment
+    signed = json.loads((exp / SIGNATURE).read_text())["files"]
+    assert "tuner.pkl" in signed and any(n.startswith("experiment_state") for n in signed)
+    verify_state(str(exp))  # as saved: passes, and Tune can restore it
+    assert tune.Tuner.restore(str(exp), trainable=_trainable).get_results().num_errors == 0
+
+    state = next(exp.glob("experiment_state*.json"))
+    original = state.read_bytes()
+    state.write_bytes(original.replace(b'"score"', b'"scorE"', 1) if b'"score"' in original else original + b" ")
+    with pytest.raises(UserError) as e:
+        verify_state(str(exp))
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"{state}: Tune's saved state is changed since this sweep's driver "
+                                              "signed it; ") and msg.endswith("start a new sweep instead of --resume")
+    state.write_bytes(original)
+    verify_state(str(exp))
+
+    planted = exp / "searcher-state-2099.pkl"  # a pickle another job dropped next to the state
+    planted.write_bytes(b"\x80\x04K\x01.")
+    with pytest.raises(UserError, match=r"searcher-state-2099\.pkl: Tune's saved state is unsigned"):
+        verify_state(str(exp))
+    planted.unlink()
+
+    # Re-signed by someone without the key (a job that rewrote both the state and the signature).
+    monkeypatch.setenv(KEY_ENV, str(tmp_path / "another-key"))
+    with pytest.raises(UserError, match=r"does not match this head's key"):
+        verify_state(str(exp))
+    assert oct(os.stat(tmp_path / "another-key").st_mode & 0o777) == "0o600"
+    monkeypatch.undo()
+
+    (exp / SIGNATURE).unlink()
+    with pytest.raises(UserError, match=r"Tune's saved state has no signature"):
+        verify_state(str(exp))
