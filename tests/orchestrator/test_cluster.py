@@ -86,6 +86,50 @@ def test_cluster_yaml_passes_ray_schema() -> None:
         assert secret not in text
 
 
+def test_cluster_yaml_is_least_privilege() -> None:
+    """Each node type: its own narrow instance profile and IMDSv2; the security group is the one
+    cluster/setup-aws.sh makes (SSH from the admin CIDR, the rest from members); the policies grant
+    what the README says and no more."""
+    raw = yaml.safe_load(CLOUD_CONFIG.read_text())
+    cfg = ray_validate(raw)  # Ray's schema still accepts it
+    assert raw["provider"]["security_group"] == {"GroupName": "selfsup-cluster"}
+    types = cfg["available_node_types"]
+    head = types[cfg["head_node_type"]]["node_config"]
+    assert head["IamInstanceProfile"] == {"Name": "selfsup-head"}
+    for name, node_type in types.items():
+        nc = node_type["node_config"]
+        assert nc["MetadataOptions"]["HttpTokens"] == "required", name
+        assert nc["MetadataOptions"]["HttpPutResponseHopLimit"] == 1, name
+        assert "SecurityGroupIds" not in nc, name  # Ray finds selfsup-cluster by name
+        if name != cfg["head_node_type"]:
+            assert nc["IamInstanceProfile"] == {"Name": "selfsup-worker"}, name
+
+    iam = REPO / "cluster" / "iam"
+    worker = json.loads((iam / "worker-policy.json").read_text())
+    actions = {a for st in worker["Statement"] for a in ([st["Action"]] if isinstance(st["Action"], str) else st["Action"])}
+    assert all(a.startswith("s3:") for a in actions)
+    resources = {r for st in worker["Statement"] for r in ([st["Resource"]] if isinstance(st["Resource"], str) else st["Resource"])}
+    assert resources == {"arn:aws:s3:::YOUR-BUCKET", "arn:aws:s3:::YOUR-BUCKET/*"}
+    head_policy = json.loads((iam / "head-policy.json").read_text())
+    for st in head_policy["Statement"]:
+        acts = [st["Action"]] if isinstance(st["Action"], str) else st["Action"]
+        assert st["Effect"] == "Allow" and "*" not in "".join(acts)
+        if any(a in ("ec2:TerminateInstances", "ec2:StopInstances") for a in acts):
+            assert st["Condition"] == {"StringEquals": {"ec2:ResourceTag/ray-cluster-name": raw["cluster_name"]}}
+        if any(a.startswith(("s3:", "iam:")) for a in acts):
+            assert "*" not in str(st["Resource"]).replace("YOUR-BUCKET/*", "").replace("role/*", "X").replace(
+                "arn:aws:iam::*:", ""), st
+        if "iam:PassRole" in acts:
+            assert st["Resource"] == "arn:aws:iam::*:role/selfsup-worker"
+    run_instances = [st for st in head_policy["Statement"] if st["Action"] == "ec2:RunInstances"
+                     and "arn:aws:ec2:*:*:instance/*" in st["Resource"]]
+    assert run_instances and run_instances[0]["Condition"] == {
+        "StringEquals": {"aws:RequestTag/ray-cluster-name": raw["cluster_name"]}}
+    setup = (REPO / "cluster" / "setup-aws.sh").read_text()
+    assert "FromPort=22,ToPort=22,IpRanges=[{CidrIp=$ADMIN_CIDR}]" in setup
+    assert "IpProtocol=-1,UserIdGroupPairs=[{GroupId=$SG}]" in setup and "0.0.0.0/0" not in setup
+
+
 def check_mlflow_auth(raw: dict, text: str) -> None:
     """MLflow behind its basic-auth app, the credentials made on the head, none in the file."""
     head_setup = "\n".join(raw["head_setup_commands"])
