@@ -71,8 +71,8 @@ class EncoderInput:
             UserError: neither says what the model takes.
         """
         if TAG_MIN_SIZE in tags and TAG_IMAGE_SIZE in tags:
-            return cls(min_size=int(tags[TAG_MIN_SIZE]), image_size=int(tags[TAG_IMAGE_SIZE]),
-                       channels=int(tags.get(TAG_CHANNELS, 3)))
+            return cls(min_size=_int_tag(tags, TAG_MIN_SIZE), image_size=_int_tag(tags, TAG_IMAGE_SIZE),
+                       channels=_int_tag(tags, TAG_CHANNELS, 3))
         shape = list(signature_shape or [])
         if len(shape) == 4 and shape[2] > 0 and shape[2] == shape[3]:  # exported with a static size
             return cls(min_size=int(shape[2]), image_size=int(shape[2]), channels=int(shape[1]), fixed=True)
@@ -103,6 +103,31 @@ class EncoderInput:
             raise UserError(f"{model} takes images of at least {self.min_size}x{self.min_size} pixels; got {h}x{w}")
 
 
+# The largest side `--image-size` takes (evaluate, embed): the training cap (`data.image_size`,
+# `MAX_IMAGE_SIZE`); every image of a split is decoded at that size, so a typo of an extra zero
+# would ask for memory no machine has.
+MAX_INPUT_SIDE = 1024
+
+
+def _int_tag(tags: Mapping[str, str], name: str, default: int | None = None) -> int:
+    """A model version's integer tag, or a one-line `UserError` naming the tag and its value."""
+    value = tags.get(name, default)
+    try:
+        number = int(str(value))
+    except ValueError:
+        number = 0
+    if number <= 0 or number > 1_000_000:
+        raise UserError(f"the model version's tag {name} = {value!r} is not a positive whole number of pixels "
+                        "(or channels); re-tag the version or register it again")
+    return number
+
+
+def check_input_side(h: int, w: int, flag: str = "--image-size") -> None:
+    """Refuse (one line) an input size over `MAX_INPUT_SIDE` or under 1."""
+    if not (1 <= h <= MAX_INPUT_SIDE and 1 <= w <= MAX_INPUT_SIDE):
+        raise UserError(f"{flag} {h}x{w}: each side must be between 1 and {MAX_INPUT_SIDE} pixels")
+
+
 def parse_size(text: str) -> tuple[int, int]:
     """`"40"` -> (40, 40); `"40x36"` -> (40, 36) (height x width).
 
@@ -116,6 +141,7 @@ def parse_size(text: str) -> tuple[int, int]:
         values = []
     if len(values) not in (1, 2) or any(v <= 0 for v in values):
         raise UserError(f"--image-size {text!r}: give SIZE or HEIGHTxWIDTH in pixels, e.g. 32 or 40x36")
+    check_input_side(values[0], values[-1])
     return (values[0], values[-1])
 
 

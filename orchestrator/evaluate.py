@@ -29,6 +29,7 @@ from mlflow.entities import Metric, Param, RunTag
 
 from orchestrator import tracking
 from orchestrator.config import EvalConfig
+from orchestrator.encoder_input import check_input_side
 from orchestrator.errors import UserError
 from orchestrator.registry import LoadedEncoder, load_encoder
 from orchestrator.train_loop import probe_metrics
@@ -77,6 +78,8 @@ def evaluate(model_ref: str, data: str | Path, *, tracking_uri: str | None = Non
             the encoder does not take.
     """
     start = time.perf_counter()
+    if image_size is not None:
+        check_input_side(image_size, image_size)  # before the model is downloaded or a split decoded
     if linear_epochs < 0:
         raise UserError(f"--linear-epochs {linear_epochs}: must be >= 0 (0 = kNN only)")
     manifest = read_manifest(data)  # DataError (one line) when DATA is no ingested dataset

@@ -245,3 +245,62 @@ def best_version(client: Any, metric: str = "knn_top1", *, dataset: str | None =
         raise UserError(f"none of the {matched} registered encoders matching {where or 'anything'} "
                         f"has a metric {metric!r}")
     return best
+
+
+# --- artifacts, sized before any download ----------------------------------------------------------
+
+MAX_LISTED_ARTIFACTS = 1000  # a version with more files than this is not one selfsup registered
+
+
+def artifact_sizes(client: Any, version: Any, limits: dict[str, int], *, tracking_uri: str | None = None) -> dict[str, int]:
+    """The sizes of a version's artifacts named in `limits`, checked before anything is downloaded.
+
+    The loader downloads only these files, and only after this says each is there and within its
+    limit (a model that is all one huge file, or a zip bomb, is refused from the listing alone).
+
+    Args:
+        version: the `ModelVersion` (`resolve_version`).
+        limits: {path relative to the version's artifact root: the most bytes it may have}, e.g.
+            `{"encoder.json": 1 << 20, "encoder.safetensors": 4 << 30}`.
+        tracking_uri: the store `client` talks to (`resolve_tracking_uri`); a `runs:/` source is
+            listed through it.
+
+    Returns:
+        {path: size in bytes} for every path in `limits`.
+
+    Raises:
+        UserError: a file missing, over its limit, or the version's artifacts unlistable (one line).
+    """
+    from mlflow.artifacts import list_artifacts
+
+    ref = f"models:/{version.name}/{version.version}"
+    try:
+        root = client.get_model_version_download_uri(version.name, version.version)
+    except Exception as e:
+        raise UserError(f"{ref}: cannot find its artifacts ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    sizes: dict[str, int] = {}
+    pending, seen = [""], 0
+    while pending:
+        folder = pending.pop()
+        try:
+            infos = list_artifacts(artifact_uri=f"{root.rstrip('/')}/{folder}" if folder else root,
+                                   tracking_uri=resolve_tracking_uri(tracking_uri))
+        except Exception as e:
+            raise UserError(f"{ref}: cannot list its artifacts ({type(e).__name__})") from None
+        for info in infos:
+            seen += 1
+            if seen > MAX_LISTED_ARTIFACTS:
+                raise UserError(f"{ref}: more than {MAX_LISTED_ARTIFACTS} artifact files; not a selfsup encoder")
+            rel = f"{folder}/{info.path.rsplit('/', 1)[-1]}" if folder else info.path.rsplit("/", 1)[-1]
+            if info.is_dir:
+                if any(p.startswith(rel + "/") for p in limits):
+                    pending.append(rel)
+            elif rel in limits:
+                sizes[rel] = int(info.file_size or 0)
+    for path, limit in limits.items():
+        if path not in sizes:
+            raise UserError(f"{ref}: has no artifact {path!r}; not a selfsup encoder (register it again)")
+        if sizes[path] > limit:
+            raise UserError(f"{ref}: artifact {path} is {sizes[path]:,} bytes, over the limit of {limit:,}; "
+                            "refused before download")
+    return sizes
