@@ -6,8 +6,10 @@ The package's public names are importable from here; each lives in the module na
 - `versions`: `connect` to the store, model references (`NAME`, `NAME@ALIAS`, `NAME/VERSION`),
   `resolve_version`, `list_versions`, `best_version`, `version_metric`.
 - `champion`: the champion rule, `promote_if_better` (sweeps and pretrain call it), and `promote`.
-- `loading`: `load_encoder`, the one place that loads a registered model (pt2 only, nothing from
-  the store runs).
+- `encoder_files`: the two files a registered encoder is rebuilt from (`encoder.json`,
+  `encoder.safetensors`) and their strict reading.
+- `loading`: `load_encoder`, the one place that loads a registered model (rebuilt by selfsup's
+  code, nothing from the store runs).
 - `embed`: `embed`, embeddings of an image folder or shard folder written to Parquet.
 - `cli`: `selfsup registry ...` (its arguments are defined in `orchestrator.cli`).
 """
