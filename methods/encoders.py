@@ -9,6 +9,8 @@ encoders state it as the minimum of the images they take (`orchestrator.encoder_
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor, nn
 
 ENCODERS: tuple[str, ...] = ("convnet", "resnet18", "resnet50")
@@ -22,8 +24,9 @@ class ConvNet(nn.Module):
     Inputs of any size from 16x16 (its total stride) up work: adaptive pooling.
     """
 
-    def __init__(self, widths: tuple[int, ...] = (32, 64, 128, 256)) -> None:
+    def __init__(self, widths: tuple[int, ...] | list[int] = (32, 64, 128, 256)) -> None:
         super().__init__()
+        widths = tuple(int(w) for w in widths)
         layers: list[nn.Module] = []
         c_in = 3
         for c_out in widths:
@@ -53,23 +56,31 @@ def _resnet(name: str, cifar_stem: bool) -> nn.Module:
     return model
 
 
-def build_encoder(name: str, cifar_stem: bool = False) -> nn.Module:
+def build_encoder(name: str, cifar_stem: bool = False, **kwargs: Any) -> nn.Module:
     """Build a randomly initialised encoder by name.
 
     Args:
         name: one of `ENCODERS`: "convnet", "resnet18", "resnet50".
         cifar_stem: ResNets only: 3x3 stride-1 first conv and no max-pool (for 32x32 inputs).
             The ConvNet ignores it.
+        **kwargs: the ConvNet's `widths`; JSON values only (they are registered with the encoder).
 
     Returns:
         An `nn.Module` mapping [B, 3, H, W] to [B, output_dim], with int `output_dim` and
-        `min_input_size` attributes.
+        `min_input_size` attributes, and `build_spec`: these arguments as JSON values.
 
     Raises:
         ValueError: unknown name; the message lists the allowed names.
     """
     if name == "convnet":
-        return ConvNet()
-    if name in ("resnet18", "resnet50"):
-        return _resnet(name, cifar_stem)
-    raise ValueError(f"unknown encoder {name!r}; allowed: {', '.join(ENCODERS)}")
+        encoder = ConvNet(**kwargs)
+    elif kwargs:
+        raise ValueError(f"encoder {name!r} takes no arguments besides cifar_stem; got {', '.join(sorted(kwargs))}")
+    elif name in ("resnet18", "resnet50"):
+        encoder = _resnet(name, cifar_stem)
+    else:
+        raise ValueError(f"unknown encoder {name!r}; allowed: {', '.join(ENCODERS)}")
+    # What a registered encoder is rebuilt from (JSON values only): the registry never unpickles or
+    # deserialises a graph (orchestrator/registry/encoder_files.py).
+    encoder.build_spec = {"name": name, "cifar_stem": bool(cifar_stem), "kwargs": dict(kwargs)}
+    return encoder

@@ -5,7 +5,7 @@ features of a seeded per-class subset of `--train-limit` training images (the kN
 the linear probe's training set) and of the test split (or `--test-limit` of it), no augmentation,
 every image resized to the encoder's training size (or `--image-size`) and normalised.
 
-The encoder loads through `orchestrator.registry.load_encoder` (pt2 only), which checks the input
+The encoder loads through `orchestrator.registry.load_encoder` (rebuilt by selfsup's code), which checks the input
 against what the model version states (channels, minimum size): a size it does not take is one
 line, exit 2.
 

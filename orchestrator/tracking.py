@@ -24,8 +24,10 @@ import io
 import json
 import math
 import os
+import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import ray.train
@@ -305,12 +307,14 @@ def register_encoder(encoder: Any, *, tracking_uri: str, run_id: str, model_name
 
     The model takes float32 `[B, 3, H, W]`, RGB normalised with `pipelines.augment.MEAN` / `STD`,
     any B >= 1 and any H, W >= the encoder's `min_input_size` (at most `image_size`), and returns
-    float32 `[B, output_dim]`. It loads with `orchestrator.registry.load_encoder` (or plain
-    `mlflow.pytorch.load_model`, which unpickles by default in MLflow 3.17).
+    float32 `[B, output_dim]`. selfsup loads it with `orchestrator.registry.load_encoder`, from
+    `encoder.json` (how to build it) and `encoder.safetensors` (its weights) logged beside the pt2;
+    the pt2 is for deployment (`mlflow.pytorch.load_model`), and is as trustworthy as the store.
 
     Args:
-        encoder: the trained encoder (`nn.Module` with `output_dim`, and `min_input_size` if it has
-            a minimum); moved to CPU and eval mode.
+        encoder: the trained encoder, made by `methods.encoders.build_encoder` (it carries the
+            `build_spec` it is rebuilt from), with `output_dim`, and `min_input_size` if it has a
+            minimum; moved to CPU and eval mode.
         image_size: the side of the square training images (the export example's size).
         tags: set on the model version (e.g. method, dataset, knn_top1, the kNN protocol of
             `pretrain.protocol_tags`); values become strings. `image_size` and `embedding_dim`
@@ -330,7 +334,10 @@ def register_encoder(encoder: Any, *, tracking_uri: str, run_id: str, model_name
 
     from orchestrator.encoder_input import EncoderInput, exportable, size_oblivious
 
+    from orchestrator.registry.encoder_files import SPEC_FILE, WEIGHTS_FILE, encoder_spec, weights_bytes
+
     encoder = encoder.to("cpu").eval()
+    build = encoder_spec(encoder)  # before anything is logged: an encoder selfsup could not rebuild is refused
     spec = EncoderInput(min_size=min(int(getattr(encoder, "min_input_size", image_size)), image_size),
                         image_size=image_size)
     # -1: mlflow exports these dimensions as dynamic (Dim.AUTO); the range of H and W comes from
@@ -343,11 +350,17 @@ def register_encoder(encoder: Any, *, tracking_uri: str, run_id: str, model_name
     mlflow.set_registry_uri(tracking_uri)
     c = client(tracking_uri)
     # redirect_stderr: mlflow eprint()s "Successfully registered model ..." (errors still raise).
-    with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None), torch.no_grad(), \
+    with tempfile.TemporaryDirectory(prefix="selfsup-register-") as files, \
+            mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None), torch.no_grad(), \
             contextlib.redirect_stderr(io.StringIO()), size_oblivious():
+        # What selfsup loads (`registry.encoder_files`): the spec and the weights. The pt2 beside
+        # them is for deployment (`mlflow.pytorch.load_model`); selfsup never deserialises it.
+        Path(files, SPEC_FILE).write_text(json.dumps(build, sort_keys=True))
+        Path(files, WEIGHTS_FILE).write_bytes(weights_bytes(encoder))
         info = mlflow.pytorch.log_model(exportable(encoder, spec.min_size), name="encoder", input_example=example,
                                         signature=signature, serialization_format="pt2",
-                                        pip_requirements=PIP_REQUIREMENTS, metadata=spec.tags())
+                                        pip_requirements=PIP_REQUIREMENTS, metadata=spec.tags(),
+                                        extra_files=[str(Path(files, SPEC_FILE)), str(Path(files, WEIGHTS_FILE))])
     tags = {**tags, "image_size": image_size, "embedding_dim": int(encoder.output_dim), **spec.tags()}
     description = (f"{summary.strip()} " if summary.strip() else "") + (
         f"Input: {spec.describe()}. Output: float32 [B, {int(encoder.output_dim)}] embeddings "

@@ -9,8 +9,10 @@ The package's public names are importable from here; each lives in the module na
   both under `champion_lock`.
 - `register`: `register_run_encoder`, the one registration path of pretrain and sweeps (idempotent
   per run, created with its tags), and `default_model_name`.
-- `loading`: `load_encoder`, the one place that loads a registered model (pt2 only, nothing from
-  the store runs).
+- `encoder_files`: the two files a registered encoder is rebuilt from (`encoder.json`,
+  `encoder.safetensors`) and their strict reading.
+- `loading`: `load_encoder`, the one place that loads a registered model (rebuilt by selfsup's
+  code, nothing from the store runs).
 - `embed`: `embed`, embeddings of an image folder or shard folder written to Parquet.
 - `cli`: `selfsup registry ...` (its arguments are defined in `orchestrator.cli`).
 """

@@ -1,15 +1,16 @@
 """Loading a registered encoder safely: `load_encoder`, the one way selfsup loads a model.
 
-pt2 (torch.export) only, checked before it is read, so that nothing from the model store runs
-here: no pickle, no code paths. Used by `selfsup registry embed`, `selfsup evaluate` and tests.
+Nothing a model version holds runs here and no file outside it is read: the encoder is rebuilt
+from selfsup's own code (`methods.encoders.build_encoder`, named in the version's `encoder.json`)
+and its weights read from `encoder.safetensors` (`orchestrator.registry.encoder_files`). The
+version's pt2 export, its MLmodel and everything else it holds are never downloaded. Used by
+`selfsup registry embed`, `selfsup evaluate` and tests.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import re
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,17 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import mlflow.artifacts
-import yaml
 from mlflow.exceptions import MlflowException
 
 from orchestrator.encoder_input import TAG_IMAGE_SIZE, TAG_MIN_SIZE, EncoderInput
-from orchestrator.errors import UserError
+from orchestrator.registry.encoder_files import (FILES_DIR, MAX_SPEC_BYTES, MAX_WEIGHTS_BYTES, SPEC_FILE,
+                                                 WEIGHTS_FILE, build_and_load, check_spec, refuse)
 from orchestrator.registry.versions import ModelRef, connect, resolve_version
 from orchestrator.tracking import resolve_tracking_uri
-
-# The files selfsup's own registration writes (`tracking.register_encoder`: pt2, no code paths).
-PT2_FILE = "model.pt2"
-ALLOWED_FLAVORS = {"pytorch", "python_function"}
 
 
 @dataclass
@@ -39,7 +36,7 @@ class LoadedEncoder:
     (`EncoderInput.check`: a one-line `UserError` instead of torch.export's guard failure).
     """
 
-    module: Any  # a torch.export GraphModule (already in eval mode; it refuses `.eval()`)
+    module: Any  # the encoder, an `nn.Module` in eval mode on the CPU
     version: Any  # the ModelVersion
     spec: EncoderInput
     output_dim: int | None
@@ -95,14 +92,11 @@ def load_encoder(ref: str | ModelRef, *, tracking_uri: str | None = None, client
     """Load a registered encoder, running nothing that the store holds: the one way selfsup loads a
     model (`registry embed`, `selfsup evaluate`).
 
-    MLflow 3.17 unpickles by default (`MLFLOW_ALLOW_PICKLE_DESERIALIZATION`), and a model version can
-    carry a `code` folder that `mlflow.pytorch.load_model` puts on `sys.path`. selfsup registers
-    torch.export ("pt2") models only, so it loads only those: the version's MLmodel (read as plain
-    YAML) must have the `pytorch` flavor, no `code` in any flavor and its weights as `data/model.pt2`
-    (no pickled `model.pth`); the pt2 archive must hold nothing but tensors and JSON/text records
-    (MLflow's own check, which `mlflow.pytorch.load_model` runs only when pickle is switched off);
-    then `torch.export.load` reads it. The input contract comes from the version's tags
-    (`orchestrator.encoder_input`), or from its signature for versions registered before those tags.
+    Only the version's `encoder.json` and `encoder.safetensors` are downloaded, each after its size
+    is checked against a limit; the spec is checked (a known encoder name, plain JSON arguments, no
+    argument that reads a file), the encoder built by selfsup's code, first on the `meta` device,
+    and the weights' names and shapes compared with it before they load (strictly). The input
+    contract comes from the version's tags (`orchestrator.encoder_input`).
 
     Args:
         ref: `NAME`, `NAME@ALIAS`, `NAME/VERSION`, optionally prefixed `models:/` (see `resolve_version`).
@@ -110,107 +104,48 @@ def load_encoder(ref: str | ModelRef, *, tracking_uri: str | None = None, client
         client: an `MlflowClient` on that store (default: `connect(tracking_uri)`).
 
     Raises:
-        UserError: unknown reference, unreachable store, or a model that is not such a pt2 model
-            (one line: why).
+        UserError: unknown reference, unreachable store, or a version without these two files, or
+            whose files do not check out (one line: why).
     """
-    # Here, not at the top: `selfsup registry list/show/best/promote` import this package and never
-    # need torch (about 2 s to import).
-    import torch
-
     if client is None:
         client = connect(tracking_uri)
     version = resolve_version(client, ref)
     name, number = str(version.name), str(version.version)
     where = f"models:/{name}/{number}"
     uri = resolve_tracking_uri(tracking_uri)
+    # The version's own artifact location, not `models:/...`, whose resolution reads MLflow's
+    # global registry URI rather than the one passed here.
+    source = client.get_model_version_download_uri(name, number).rstrip("/")
+    sizes = _file_sizes(f"{source}/{FILES_DIR}", uri, where)
     with _no_progress_bars(), tempfile.TemporaryDirectory(prefix="selfsup-model-") as tmp:
-        # Downloading runs nothing; the files are checked before anything reads them as a model.
-        # The version's own artifact location, not `models:/...`, whose resolution reads MLflow's
-        # global registry URI rather than the one passed here.
-        source = client.get_model_version_download_uri(name, number)
-        root = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp,
-                                                        tracking_uri=uri)).resolve()
-        pt2, shape, output_dim = _check_pt2_model(root, where)
-        module = torch.export.load(str(pt2)).module()
+        raw_spec = _download(f"{source}/{FILES_DIR}", SPEC_FILE, sizes, MAX_SPEC_BYTES, uri, tmp, where)
+        spec = check_spec(raw_spec, where)
+        weights = _download(f"{source}/{FILES_DIR}", WEIGHTS_FILE, sizes, MAX_WEIGHTS_BYTES, uri, tmp, where)
     tags = dict(version.tags or {})
-    spec = EncoderInput.of(tags, None if {TAG_MIN_SIZE, TAG_IMAGE_SIZE} <= set(tags) else shape)
-    return LoadedEncoder(module=module, version=version, spec=spec, output_dim=output_dim)
+    if not {TAG_MIN_SIZE, TAG_IMAGE_SIZE} <= set(tags):
+        raise refuse(where, f"its tags do not state the images it takes ({TAG_MIN_SIZE}, {TAG_IMAGE_SIZE})")
+    spec_in = EncoderInput.of(tags, None)
+    module = build_and_load(spec, weights, where)
+    return LoadedEncoder(module=module, version=version, spec=spec_in, output_dim=getattr(module, "output_dim", None))
 
 
-def _refuse(where: str, why: str) -> UserError:
-    return UserError(f"{where}: refused to load: {why}; selfsup loads only the torch.export (pt2) "
-                     "encoders it registers, and never runs code from the model store")
-
-
-def _check_pt2_model(root: Path, where: str) -> tuple[Path, list[int], int | None]:
-    """The pt2 file, the signature's input shape and the output width of a downloaded model folder,
-    or `UserError` (see `load_encoder`)."""
-    mlmodel = _read_mlmodel(root, where)
-    pt2 = _pt2_file(root, mlmodel["flavors"], where)
-    _check_pickle_free(pt2, where)
-    shape, output_dim = _signature(mlmodel, where)
-    return pt2, shape, output_dim
-
-
-def _read_mlmodel(root: Path, where: str) -> dict[str, Any]:
-    """The MLmodel file as plain YAML, checked to name the pytorch flavor (and nothing but
-    `ALLOWED_FLAVORS`) with no code path in any flavor."""
+def _file_sizes(folder: str, uri: str, where: str) -> dict[str, int]:
+    """The sizes of the files in the model's `extra_files` folder, from the store's listing."""
     try:
-        mlmodel = yaml.safe_load((root / "MLmodel").read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise _refuse(where, f"no readable MLmodel file ({type(e).__name__})") from None
-    flavors = mlmodel.get("flavors") if isinstance(mlmodel, dict) else None
-    if not isinstance(flavors, dict) or not isinstance(flavors.get("pytorch"), dict):
-        raise _refuse(where, f"not a pytorch model (flavors: {', '.join(map(str, flavors or {})) or 'none'})")
-    other = sorted(map(str, set(flavors) - ALLOWED_FLAVORS))
-    if other:
-        raise _refuse(where, f"unexpected flavor {', '.join(other)}")
-    for flavor, conf in flavors.items():
-        if isinstance(conf, dict) and conf.get("code"):
-            raise _refuse(where, f"the {flavor} flavor carries a code path ({conf['code']!r})")
-    return mlmodel
-
-
-def _pt2_file(root: Path, flavors: dict[str, Any], where: str) -> Path:
-    """The pytorch flavor's `model.pt2`, a plain file inside the model folder (not a pickled model.pth)."""
-    data = flavors["pytorch"].get("model_data")
-    data_dir = (root / str(data)).resolve() if isinstance(data, str) and data else None
-    if data_dir is None or not data_dir.is_relative_to(root) or not data_dir.is_dir():
-        raise _refuse(where, f"bad model_data {data!r}")
-    pt2 = data_dir / PT2_FILE
-    if not pt2.is_file() or pt2.is_symlink():
-        found = sorted(p.name for p in data_dir.iterdir())
-        raise _refuse(where, f"it is not a pt2 model (its data holds {', '.join(found) or 'nothing'}; "
-                      "a pickled model.pth would run code as it loads)")
-    return pt2
-
-
-def _check_pickle_free(pt2: Path, where: str) -> None:
-    """MLflow's own check that a pt2 archive holds only tensors and JSON/text records."""
-    try:
-        # Here, not at the top: mlflow.pytorch imports torch (see `load_encoder`), and an MLflow
-        # without this check must refuse the model rather than fail to import this module.
-        from mlflow.pytorch import _validate_pt2_archive_is_pickle_free  # MLflow 3.17.2
-    except ImportError:  # fail closed on an MLflow without the check
-        raise _refuse(where, "this MLflow has no pt2 archive check") from None
-    try:
-        _validate_pt2_archive_is_pickle_free(str(pt2))
+        listing = mlflow.artifacts.list_artifacts(artifact_uri=folder, tracking_uri=uri)
     except MlflowException as e:
-        record = re.search(r"record '([^']*)'", str(e.message))
-        raise _refuse(where, "its pt2 archive holds a record that is not plain tensors or text"
-                      + (f" ({record[1]})" if record else "")) from None
+        raise refuse(where, f"its files could not be listed ({str(e.message).splitlines()[0][:200]})") from None
+    return {Path(f.path).name: int(f.file_size or 0) for f in listing or [] if not f.is_dir}
 
 
-def _signature(mlmodel: dict[str, Any], where: str) -> tuple[list[int], int | None]:
-    """The signature's input shape ([B, 3, H, W]) and output width (None if it states none)."""
-    try:
-        sig = mlmodel.get("signature") or {}
-        inputs = json.loads(sig["inputs"])
-        shape = inputs[0]["tensor-spec"]["shape"]
-        outputs = json.loads(sig["outputs"]) if sig.get("outputs") else None
-        output_dim = int(outputs[0]["tensor-spec"]["shape"][-1]) if outputs else None
-    except (KeyError, IndexError, TypeError, ValueError):
-        raise _refuse(where, "no tensor input signature, so its image size is unknown") from None
-    if len(shape) != 4 or shape[1] != 3:
-        raise _refuse(where, f"it takes input {shape}, not [B, 3, H, W] images")
-    return [int(v) for v in shape], output_dim
+def _download(folder: str, file: str, sizes: dict[str, int], limit: int, uri: str, tmp: str, where: str) -> bytes:
+    """One file of the model, at most `limit` bytes by the listing and on disk."""
+    if file not in sizes:
+        raise refuse(where, f"it has no {file} (registered before selfsup stored encoders that way, or not by "
+                     "selfsup); register it again from its run")
+    if sizes[file] > limit:
+        raise refuse(where, f"its {file} is {sizes[file]} bytes (at most {limit})")
+    path = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{folder}/{file}", dst_path=tmp, tracking_uri=uri))
+    if path.is_symlink() or not path.is_file() or path.stat().st_size > limit:
+        raise refuse(where, f"its {file} is not a plain file of at most {limit} bytes")
+    return path.read_bytes()

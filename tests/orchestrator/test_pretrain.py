@@ -1,7 +1,7 @@
 """`selfsup pretrain` end to end on a local Ray, against a real `mlflow server` on 127.0.0.1.
 
 - the demo on 2 workers learns (kNN top-1 beats the untrained encoder), is tracked once per epoch,
-  ends with a linear probe, and its registered encoder loads with selfsup's pt2-only
+  ends with a linear probe, and its registered encoder loads with selfsup's safe
   `registry.load_encoder` and embeds any batch size and any image size from its minimum;
   `selfsup evaluate` scores that encoder as pretraining did and logs a linked evaluation run;
 - a worker killed mid-run (fault hook) costs one restart from the last checkpoint; every epoch is

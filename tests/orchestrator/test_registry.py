@@ -34,18 +34,13 @@ class Store:
     versions: dict[str, tuple[str, float]]  # version -> (method, knn_top1)
 
 
-class TinyEncoder(torch.nn.Module):
-    """A small real conv encoder ([B, 3, H, W] -> [B, 16], H, W >= 8); untrained, distinct per seed."""
+def tiny_encoder(seed: int) -> torch.nn.Module:
+    """A small real conv encoder ([B, 3, H, W] -> [B, 16], H, W >= 8); untrained, distinct per seed.
+    Built by `build_encoder`, as selfsup registers only encoders it can rebuild."""
+    from methods.encoders import build_encoder
 
-    def __init__(self, seed: int) -> None:
-        super().__init__()
-        torch.manual_seed(seed)
-        self.conv = torch.nn.Conv2d(3, 16, 3, stride=2, padding=1)
-        self.output_dim = 16
-        self.min_input_size = 8
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.conv(x)).mean(dim=(2, 3))
+    torch.manual_seed(seed)
+    return build_encoder("convnet", widths=[4, 8, 16])
 
 
 def _register(uri: str, model: str, dataset: str, method: str, knn_top1: float, *, image_size: int = 32,
@@ -56,7 +51,7 @@ def _register(uri: str, model: str, dataset: str, method: str, knn_top1: float, 
 
     exp = tracking.ensure_experiment(uri, f"registry-test-{dataset}")
     run_id = tracking.start_run(uri, exp, f"{method}-{knn_top1}", {"method.name": method}, "{}\n")
-    encoder = TinyEncoder(seed=len(method) + int(knn_top1 * 100))
+    encoder = tiny_encoder(seed=len(method) + int(knn_top1 * 100))
     v = tracking.register_encoder(encoder, tracking_uri=uri, run_id=run_id, model_name=model,
                                   image_size=image_size, tags={"method": method, "dataset": dataset,
                                                                "knn_top1": f"{knn_top1:.4f}", **protocol})
@@ -333,8 +328,7 @@ def test_a_pickled_model_is_refused_and_its_code_never_runs(mlflow_server: str, 
                 "--tracking-uri", mlflow_server) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
-    assert err.startswith(f"selfsup registry: error: models:/{model}/1: refused to load: it is not a pt2 model")
-    assert "model.pth" in err
+    assert err.startswith(f"selfsup registry: error: models:/{model}/1: refused to load: it has no encoder.json")
     assert not marker.exists() and not out.exists()
 
     # The payload is real: MLflow's own loader, with its default (pickle allowed), runs it.
@@ -353,10 +347,10 @@ def test_a_pt2_model_with_a_code_path_is_refused(mlflow_server: str, tmp_path: P
     mlflow.set_tracking_uri(mlflow_server)
     mlflow.set_registry_uri(mlflow_server)
     with mlflow.start_run(experiment_id=_experiment(mlflow_server, "code")), torch.no_grad(), _quiet_stderr():
-        mlflow.pytorch.log_model(TinyEncoder(seed=0), name="encoder", serialization_format="pt2",
+        mlflow.pytorch.log_model(tiny_encoder(seed=0), name="encoder", serialization_format="pt2",
                                  input_example=torch.randn(2, 3, 32, 32).numpy(), code_paths=[str(code)],
                                  pip_requirements=["torch"], registered_model_name=model)
-    with pytest.raises(UserError, match=r"refused to load: the \w+ flavor carries a code path \('code'\)"):
+    with pytest.raises(UserError, match=r"refused to load: it has no encoder.json"):
         registry.load_encoder(f"{model}/1", tracking_uri=mlflow_server)
 
 
