@@ -62,6 +62,7 @@ class Listener:
         self.sock.close()
 
 
+@pytest.mark.slow  # ingests the demo, runs the CLI
 def test_a_record_pointing_tracking_uri_elsewhere_gets_no_credentials(demo_data: Path, tmp_path: Path) -> None:
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     overrides = [f"data.path={demo_data}", "data.source=null", f"run.storage_path={tmp_path / 'runs'}",

@@ -78,7 +78,7 @@ def _start_together(root: str, name: str | None) -> list[str]:
     return got
 
 
-@pytest.mark.parametrize("where", ["local", "s3"])
+@pytest.mark.parametrize("where", ["local", pytest.param("s3", marks=pytest.mark.slow)])  # slow: a moto_server
 def test_commands_started_at_once_never_share_a_run_name(tmp_path: Path, where: str, request: pytest.FixtureRequest) -> None:
     root = str(tmp_path) if where == "local" else storage.join(request.getfixturevalue("s3_bucket"), "names")
     names = _start_together(root, None)
@@ -116,6 +116,7 @@ def test_a_live_runs_name_is_refused_and_a_dead_ones_taken_over(tmp_path: Path) 
     assert not (tmp_path / "demo-1" / LEASE).exists()
 
 
+@pytest.mark.slow  # a moto_server
 def test_a_lease_from_another_host_is_live_until_it_stops_being_renewed(s3_bucket: str) -> None:  # noqa: F811
     d = storage.join(s3_bucket, "hosts", "demo-1")
     other = {"host": socket.gethostname() + "-elsewhere", "pid": 1, "token": "x", "renewed": time.time()}

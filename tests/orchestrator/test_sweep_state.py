@@ -39,6 +39,7 @@ def saved_experiment(ray_local: None, tmp_path: Path) -> Path:
     return exp
 
 
+@pytest.mark.slow  # a local Ray and a real Tune experiment
 def test_tune_state_verifies_as_saved_and_is_refused_once_changed(saved_experiment: Path, tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     from ray import tune
