@@ -11,9 +11,12 @@ ends. A lease whose holder is gone is stale and may be taken over:
 - same host: the pid is not running, or runs another process (its start time differs);
 - another host: not renewed for `STALE_S` seconds (a killed command cannot delete its lease).
 
-Taking over a stale lease: local, rename it to a unique name (of two takers only one rename finds
-it) and create a fresh one with `O_EXCL`; S3, delete it and create again with the conditional put
-(two takers: one create wins, the other sees a live lease). Docs: docs/design.md, "Reserving names".
+Taking over a stale lease: read it again, and if it is still the stale one, move it aside (local:
+a rename to a unique name; S3: a delete) and create a fresh one create-if-absent. Two commands
+taking over the same dead command's lease in the same instant are told apart by the create, except
+in one window: one that read the stale lease just before the other replaced it can still move the
+fresh one aside. That needs a dead holder and two resumes within milliseconds of each other.
+Docs: docs/design.md, "Trust".
 """
 
 from __future__ import annotations
@@ -127,11 +130,19 @@ def try_acquire(run_dir: str) -> tuple[Lease | None, dict[str, Any] | None]:
             current = {}  # unreadable (half-written by a process killed on a local disk): stale
         if current and holder_alive(current):
             return None, current
-        _break_stale(lease.location)
+        _break_stale(lease.location, current)
     return None, {"host": "?", "pid": "?", "renewed": time.time()}
 
 
-def _break_stale(location: str) -> None:
+def _break_stale(location: str, seen: dict[str, Any]) -> None:
+    """Move aside the stale lease `seen` at `location`, unless it has been replaced since."""
+    try:
+        if json.loads(storage.read_text(location)) != seen:
+            return  # another command took it over a moment ago: the caller tries again
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError):
+        pass  # still unreadable: stale
     if storage.is_uri(location):
         storage.delete_file(location)
         return
