@@ -161,11 +161,15 @@ def vicreg_loss(z1: Tensor, z2: Tensor, sim_weight: float = 25.0, var_weight: fl
                 cov_weight: float = 1.0, gather: bool = True) -> Tensor:
     """VICReg (Bardes et al. 2022, eq. 1-6):
 
-    L = lambda s(Z, Z') + mu [v(Z) + v(Z')] + nu [c(Z) + c(Z')],
+    L = lambda s(Z, Z') + mu [v(Z) + v(Z')] / 2 + nu [c(Z) + c(Z')],
     s = mean squared error over all n*d entries (the reference code's `F.mse_loss`; eq. 5 writes
     the per-sample sum over dimensions, i.e. d times this), v(Z) = mean_j max(0, 1 - sqrt(Var(z_j)
     + 1e-4)) with the unbiased variance, c(Z) = sum_{i != j} Cov(Z)_ij^2 / d with
     Cov = (Z - mean)^T (Z - mean) / (N - 1).
+
+    The two variance terms are AVERAGED, as the official `main_vicreg.py`
+    (`std_loss = mean(relu(1 - std_x)) / 2 + mean(relu(1 - std_y)) / 2`) and lightly's `VICRegLoss`;
+    the paper's eq. 6 writes their sum. The 25 / 25 / 1 defaults were tuned with the average.
 
     With torch.distributed initialised and `gather=True`, all three terms are computed on the
     gathered global batch (the reference code gathers for variance and covariance; the invariance
@@ -184,7 +188,7 @@ def vicreg_loss(z1: Tensor, z2: Tensor, sim_weight: float = 25.0, var_weight: fl
     z1, z2 = _gather_both(z1, z2, gather)  # [N, d] each, float32
     with torch.autocast(z1.device.type, enabled=False):
         invariance = F.mse_loss(z1, z2)
-        variance = _vicreg_variance(z1) + _vicreg_variance(z2)
+        variance = (_vicreg_variance(z1) + _vicreg_variance(z2)) / 2  # main_vicreg.py's std_loss
         covariance = _vicreg_covariance(z1) + _vicreg_covariance(z2)
     return sim_weight * invariance + var_weight * variance + cov_weight * covariance
 

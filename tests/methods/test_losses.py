@@ -76,7 +76,8 @@ def barlow_twins_reference(z1: torch.Tensor, z2: torch.Tensor, lambd: float) -> 
 
 
 def vicreg_reference(z1: torch.Tensor, z2: torch.Tensor, lam: float, mu: float, nu: float) -> torch.Tensor:
-    """VICReg eq. 1-6 (invariance as the reference code's mean over n*d entries)."""
+    """VICReg as the official `main_vicreg.py` (VICReg.forward): invariance the mean over n*d entries,
+    `std_loss = mean(relu(1 - std_x)) / 2 + mean(relu(1 - std_y)) / 2` (the two branches averaged)."""
     n, d = z1.shape
     sim = sum(((z1[b] - z2[b]) ** 2).sum() for b in range(n)) / (n * d)
 
@@ -94,7 +95,7 @@ def vicreg_reference(z1: torch.Tensor, z2: torch.Tensor, lam: float, mu: float, 
                     total = total + cov ** 2
         return total / d
 
-    return lam * sim + mu * (v(z1) + v(z2)) + nu * (c(z1) + c(z2))
+    return lam * sim + mu * (v(z1) / 2 + v(z2) / 2) + nu * (c(z1) + c(z2))
 
 
 def dino_reference(student: list[torch.Tensor], teacher: list[torch.Tensor], center: torch.Tensor,
