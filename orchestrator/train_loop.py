@@ -29,11 +29,11 @@ INTERNAL_KEYS = ("_run_dir", "_fault_kill_at_epoch", "_train_rows", "_data", "_l
 # --- model, optimiser, schedule -----------------------------------------------------------------
 
 def build_model(cfg: Config) -> nn.Module:
-    """`METHODS[method.name](build_encoder(model.encoder, model.cifar_stem), **method kwargs)`."""
+    """`METHODS[method.name](build_encoder(model.encoder, model.cifar_stem, **model.encoder_args), **method kwargs)`."""
     from methods import METHODS
     from methods.encoders import build_encoder
 
-    encoder = build_encoder(cfg.model.encoder, cifar_stem=cfg.model.cifar_stem)
+    encoder = build_encoder(cfg.model.encoder, cifar_stem=cfg.model.cifar_stem, **cfg.model.encoder_args)
     return METHODS[cfg.method.name](encoder, **cfg.method_kwargs())
 
 

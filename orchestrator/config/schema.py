@@ -77,8 +77,12 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    # convnet, resnet18, resnet50, vit_tiny, vit_small, vit_base, or timm:<any timm model name>
     encoder: str = "convnet"
     cifar_stem: bool = False  # ResNets: 3x3 stem conv, no max-pool (for 32x32 images)
+    # Keyword arguments of the encoder (JSON primitives): the ViTs' patch_size (16 for 224 px, 4
+    # for 32 px), img_size, depth, embed_dim, ...; a timm: model's timm arguments.
+    encoder_args: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -257,6 +261,14 @@ def _field_type(section_cls: type, name: str) -> Any:
 def _parse_value(tp: Any, value: Any, where: str) -> Any:
     """Check (and gently coerce: int -> float, "1e-3" -> float) a value against a field type."""
     args = typing.get_args(tp)
+    if typing.get_origin(tp) is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{where}: expected a mapping of names to values, got {value!r}")
+        for k, v in value.items():
+            items = v if isinstance(v, list) else [v]
+            if not all(x is None or isinstance(x, (bool, int, float, str)) for x in items):
+                raise ConfigError(f"{where}: {k} = {v!r}: expected a number, string, boolean, null or a list of those")
+        return dict(value)
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None

@@ -61,7 +61,7 @@ def _check_choices(cfg: Config) -> None:
     """The fields that name one of a fixed set: method, encoder, optimizer, augmentation, loader."""
     d = cfg.data
     _one_of("method.name", cfg.method.name, METHOD_NAMES)
-    _one_of("model.encoder", cfg.model.encoder, ENCODER_NAMES)
+    _check_encoder(cfg)
     _one_of("optim.name", cfg.optim.name, OPTIMIZER_NAMES)
     if d.augment is not None:
         _one_of("data.augment", d.augment, AUGMENT_PRESETS)
@@ -70,6 +70,21 @@ def _check_choices(cfg: Config) -> None:
     if d.loader == "memory" and d.augment_on == "data":
         _fail("data.augment_on", d.augment_on, "needs data.loader=stream (with data.loader=memory the views are "
               "made on the worker); use data.augment_on=worker or auto")
+
+
+def _check_encoder(cfg: Config) -> None:
+    """`model.encoder` names an encoder and `model.encoder_args` are arguments it takes: the encoder is
+    built on the meta device (no memory, no weights), so a wrong argument fails here, not in a worker."""
+    from methods.encoders import build_encoder, is_encoder_name
+
+    m = cfg.model
+    if not is_encoder_name(m.encoder):
+        _fail("model.encoder", m.encoder, f"allowed: {', '.join(ENCODER_NAMES)} or timm:<a timm model name>")
+    try:
+        with torch.device("meta"):
+            build_encoder(m.encoder, cifar_stem=m.cifar_stem, **m.encoder_args)
+    except (TypeError, ValueError, AssertionError) as e:
+        _fail("model.encoder_args", m.encoder_args, f"not taken by encoder {m.encoder}: {str(e).splitlines()[0]}")
 
 
 def _check_method(cfg: Config) -> None:

@@ -98,7 +98,7 @@ def test_encoder_output_shapes(name: str, cifar_stem: bool, size: int, dim: int)
 def test_unknown_encoder_names_the_allowed_ones() -> None:
     with pytest.raises(ValueError, match="resnet51.*convnet, resnet18, resnet50"):
         build_encoder("resnet51")
-    assert ENCODERS == ("convnet", "resnet18", "resnet50")
+    assert ENCODERS == ("convnet", "resnet18", "resnet50", "vit_tiny", "vit_small", "vit_base")
 
 
 def test_global_batchnorm_is_plain_batchnorm_in_one_process_and_converts_back() -> None:
