@@ -122,6 +122,12 @@ def vit_encoder(preset: str, patch_size: int = 16, img_size: int | None = None, 
     return TimmEncoder(VIT_PRESETS[preset], patch_size=patch_size, img_size=img_size, **timm_kwargs)
 
 
+def representation_encoder(method: nn.Module) -> nn.Module:
+    """The backbone a method is evaluated and registered by: its `registered_encoder` attribute's
+    submodule (DINO: the teacher's, "encoder_teacher"), else `method.encoder`."""
+    return getattr(method, getattr(method, "registered_encoder", "encoder"))
+
+
 def is_encoder_name(name: str) -> bool:
     """A name `build_encoder` takes: one of `ENCODERS` or "timm:<a model timm knows>"."""
     if name in ENCODERS:

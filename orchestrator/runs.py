@@ -30,7 +30,7 @@ from orchestrator.config import Config, check_data_folder, storage_location, to_
 from orchestrator.data import LABEL_METRICS_TAG, label_metrics, no_labels_note
 from orchestrator.errors import UserError
 from orchestrator.ray_compat import drop_benign_ray_notices, quiet_ray_env
-from orchestrator.train_loop import build_model, encoder_state, load_state
+from orchestrator.train_loop import build_model, load_state
 from pipelines import storage
 from pipelines.ingest import ingest
 from pipelines.manifest import read_manifest
@@ -281,9 +281,12 @@ def register_from_state(cfg: Config, state: dict[str, Any], *, uri: str, run_id:
     # for before it trains (the driver and the Train controller write MLflow, docs/design.md).
     from orchestrator.registry import promote_if_better
 
+    from methods.encoders import representation_encoder
+
     model = build_model(cfg)
-    model.encoder.load_state_dict(encoder_state(state["model"]))
-    mv = tracking.register_encoder(model.encoder, tracking_uri=uri, run_id=run_id, model_name=model_name,
+    model.load_state_dict(state["model"])
+    encoder = representation_encoder(model)  # DINO: the teacher's backbone
+    mv = tracking.register_encoder(encoder, tracking_uri=uri, run_id=run_id, model_name=model_name,
                                    image_size=cfg.data.image_size, tags={**tags, **protocol_tags(cfg)},
                                    summary=summary)
     promotion = promote_if_better(tracking.client(uri), model_name, str(mv.version), metric=metric)

@@ -34,7 +34,8 @@ LOADERS = ("auto", "memory", "stream")
 METHOD_ONLY = {"temperature": ("simclr", "moco"), "momentum": ("moco", "byol", "dino"), "queue_size": ("moco",),
                "lambd": ("barlow_twins",), "sim_weight": ("vicreg",), "var_weight": ("vicreg",),
                "cov_weight": ("vicreg",), "teacher_temp": ("dino",), "warmup_teacher_temp": ("dino",),
-               "warmup_teacher_temp_fraction": ("dino",), "local_crops": ("dino",), "local_crop_size": ("dino",)}
+               "warmup_teacher_temp_fraction": ("dino",), "local_crops": ("dino",), "local_crop_size": ("dino",),
+               "freeze_last_layer_epochs": ("dino",), "clip_grad": ("dino",)}
 # Method fields that are not constructor arguments: they shape the augmentation (`Config.multi_crop`).
 AUGMENT_FIELDS = ("local_crops", "local_crop_size")
 DINO_LOCAL_CROPS = 2  # the paper: 8 (main_dino.py) or 10 local crops at 96 px; 2 keeps CPU runs short
@@ -104,6 +105,8 @@ class MethodConfig:
     warmup_teacher_temp_fraction: float | None = None  # DINO: share of training it rises over (0.3)
     local_crops: int | None = None  # DINO: local crops per image (null = DINO_LOCAL_CROPS; 0 = none)
     local_crop_size: int | None = None  # DINO: their side (null = data.image_size * 96/224, as the paper)
+    freeze_last_layer_epochs: int | None = None  # DINO: the prototypes take no step for N epochs (1)
+    clip_grad: float | None = None  # DINO: per-parameter gradient norm clipping (3.0; 0 = none)
 
 
 @dataclass
@@ -112,6 +115,9 @@ class OptimConfig:
     lr: float = 2e-3  # at `batch_size`, unless scale_lr (then at batch 256, scaled linearly)
     scale_lr: bool = False  # lr * batch_size / 256 (Goyal et al., 2017), as SimCLR/BYOL do
     weight_decay: float = 1e-4
+    # null = constant; else the weight decay follows a per-step cosine from weight_decay to this
+    # (DINO's ViT recipe: 0.04 -> 0.4). Biases and norm weights have none either way.
+    weight_decay_end: float | None = None
     sgd_momentum: float = 0.9  # SGD and LARS
     lars_eta: float = 0.001  # LARS trust coefficient (You et al. 2017; solo-learn's CIFAR recipes: 0.02)
     batch_size: int = 256  # GLOBAL batch, split evenly over the workers

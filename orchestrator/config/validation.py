@@ -100,7 +100,8 @@ def _check_method(cfg: Config) -> None:
     for name in ("queue_size", "projection_dim", "hidden_dim", "teacher_temp", "warmup_teacher_temp",
                  "local_crop_size"):
         _positive(f"method.{name}", getattr(m, name))
-    for name in ("lambd", "sim_weight", "var_weight", "cov_weight", "local_crops"):
+    for name in ("lambd", "sim_weight", "var_weight", "cov_weight", "local_crops", "freeze_last_layer_epochs",
+                 "clip_grad"):
         _positive(f"method.{name}", getattr(m, name), zero_ok=True)
     if m.warmup_teacher_temp_fraction is not None and not 0 <= m.warmup_teacher_temp_fraction <= 1:
         _fail("method.warmup_teacher_temp_fraction", m.warmup_teacher_temp_fraction, "must be in [0, 1]")
@@ -115,6 +116,7 @@ def _check_optim(o: OptimConfig) -> None:
     """`optim.*`: rates, batch and epochs."""
     _positive("optim.lr", o.lr)
     _positive("optim.weight_decay", o.weight_decay, zero_ok=True)
+    _positive("optim.weight_decay_end", o.weight_decay_end, zero_ok=True)
     if not 0 <= o.sgd_momentum < 1:
         _fail("optim.sgd_momentum", o.sgd_momentum, "must be in [0, 1)")
     _positive("optim.lars_eta", o.lars_eta)

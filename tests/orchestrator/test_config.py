@@ -45,6 +45,22 @@ def test_presets_load_and_validate(preset: str, data_dir: Path) -> None:
         assert (cfg.model.encoder, cfg.model.cifar_stem, cfg.data.image_size) == ("resnet18", True, 32)
 
 
+# The ViT and ImageNet presets: (encoder, its arguments, image size); GPU presets checked without one.
+VIT_PRESETS = {"cifar10-dino-vit": ("vit_tiny", {"patch_size": 4, "drop_path_rate": 0.1}, 32),
+               "imagenet-dino-vits16": ("vit_small", {"patch_size": 16, "drop_path_rate": 0.1}, 224)}
+
+
+@pytest.mark.parametrize("preset", sorted(VIT_PRESETS))
+def test_vit_and_imagenet_presets_load_and_validate(preset: str, data_dir: Path) -> None:
+    cfg = load_config(str(REPO / "configs" / f"{preset}.yaml"), [f"data.path={data_dir}", "scaling.use_gpu=false"])
+    assert cfg.method.name in preset.replace("-", "_")
+    assert (cfg.model.encoder, cfg.model.encoder_args, cfg.data.image_size) == VIT_PRESETS[preset]
+    if cfg.method.name == "dino":  # main_dino.py's recipe
+        assert (cfg.optim.name, cfg.optim.weight_decay, cfg.optim.weight_decay_end) == ("adamw", 0.04, 0.4)
+        assert (cfg.method.clip_grad, cfg.method.freeze_last_layer_epochs, cfg.method.momentum) == (3.0, 1, 0.996)
+        assert cfg.method.local_crop_size % cfg.model.encoder_args["patch_size"] == 0
+
+
 def test_yaml_then_overrides_typed(tmp_path: Path, data_dir: Path) -> None:
     f = tmp_path / "c.yaml"
     f.write_text(yaml.safe_dump({"method": {"name": "moco", "queue_size": 512}, "optim": {"lr": "1e-3"},
