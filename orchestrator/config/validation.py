@@ -98,18 +98,38 @@ def _check_method(cfg: Config) -> None:
     if m.momentum is not None and not 0 <= m.momentum < 1:
         _fail("method.momentum", m.momentum, "must be in [0, 1)")
     for name in ("queue_size", "projection_dim", "hidden_dim", "teacher_temp", "warmup_teacher_temp",
-                 "local_crop_size"):
+                 "local_crop_size", "num_prototypes", "sinkhorn_iterations", "sinkhorn_epsilon", "decoder_dim",
+                 "decoder_depth", "decoder_heads"):
         _positive(f"method.{name}", getattr(m, name))
     for name in ("lambd", "sim_weight", "var_weight", "cov_weight", "local_crops", "freeze_last_layer_epochs",
-                 "clip_grad"):
+                 "clip_grad", "queue_length", "queue_start_epoch", "freeze_prototypes_epochs"):
         _positive(f"method.{name}", getattr(m, name), zero_ok=True)
     if m.warmup_teacher_temp_fraction is not None and not 0 <= m.warmup_teacher_temp_fraction <= 1:
         _fail("method.warmup_teacher_temp_fraction", m.warmup_teacher_temp_fraction, "must be in [0, 1]")
     if m.local_crop_size is not None and m.local_crop_size > d.image_size:
         _fail("method.local_crop_size", m.local_crop_size, f"must be <= data.image_size ({d.image_size})")
     if cfg.multi_crop()[0] and d.augment_on == "data":
-        _fail("data.augment_on", d.augment_on, "DINO's local crops are made on the worker; use "
+        _fail("data.augment_on", d.augment_on, f"{m.name}'s local crops are made on the worker; use "
               "data.augment_on=worker or auto (or method.local_crops=0)")
+    if m.mask_ratio is not None and not 0 <= m.mask_ratio < 1:
+        _fail("method.mask_ratio", m.mask_ratio, "must be in [0, 1)")
+    if m.name == "mae":
+        _check_mae_encoder(cfg)
+
+
+def _check_mae_encoder(cfg: Config) -> None:
+    """MAE masks ViT patches: the encoder must be a ViT and the images a whole number of patches."""
+    from methods.encoders import build_encoder
+
+    with torch.device("meta"):
+        encoder = build_encoder(cfg.model.encoder, cifar_stem=cfg.model.cifar_stem, **cfg.model.encoder_args)
+    patch_embed = getattr(getattr(encoder, "model", None), "patch_embed", None)
+    if patch_embed is None:
+        _fail("model.encoder", cfg.model.encoder, "MAE needs a ViT encoder (vit_tiny, vit_small, vit_base or a "
+              "timm: ViT)")
+    patch = int(patch_embed.patch_size[0])
+    if cfg.data.image_size % patch:
+        _fail("data.image_size", cfg.data.image_size, f"MAE needs a multiple of the ViT's patch size ({patch})")
 
 
 def _check_optim(o: OptimConfig) -> None:

@@ -105,8 +105,14 @@ BAD = [
     (None, ["optim.batch_size=255"], ["--set optim.batch_size=255", "divisible by scaling.num_workers (2)"]),
     ("optim:\n  batch_size: 255\n", [], ["bad.yaml: optim.batch_size = 255", "divisible by scaling.num_workers"]),
     (None, ["scaling.use_gpu=true"], ["scaling.use_gpu", "no CUDA GPU"]),
-    (None, ["method.name=swav"], ["--set method.name=swav: allowed: simclr, moco, byol, simsiam, barlow_twins, "
-                                  "vicreg, dino"]),
+    (None, ["method.name=swaw"], ["--set method.name=swaw: allowed: simclr, moco, byol, simsiam, barlow_twins, "
+                                  "vicreg, dino, swav, mae"]),
+    (None, ["method.name=mae"], ["model.encoder = 'convnet'", "MAE needs a ViT encoder"]),
+    (None, ["method.name=mae", "model.encoder=vit_tiny", "model.encoder_args={patch_size: 16}"],
+     ["data.image_size = 28", "multiple of the ViT's patch size (16)"]),
+    (None, ["method.name=mae", "method.mask_ratio=1.0"], ["method.mask_ratio", "[0, 1)"]),
+    (None, ["method.name=swav", "method.queue_length=-1"], ["method.queue_length", ">= 0"]),
+    (None, ["method.name=mae", "method.local_crops=2"], ["method.local_crops", "only dino, swav take it, not mae"]),
     (None, ["model.encoder=vit"], ["--set model.encoder=vit", "convnet, resnet18, resnet50, vit_tiny", "timm:"]),
     (None, ["model.encoder=timm:no_such_net"], ["model.encoder", "timm:<a timm model name>"]),
     (None, ["model.encoder=vit_tiny", "model.encoder_args={patch_size: 4, no_such_arg: 1}"],

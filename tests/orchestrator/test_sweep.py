@@ -64,7 +64,7 @@ def test_repository_sweep_configs_load() -> None:
     every = load_sweep(str(REPO / "configs" / "sweep-all-methods.yaml"))
     assert set(every.sweep.methods) == set(METHODS)
     trials = grid_trials(every.sweep)
-    assert len(trials) == n_grid_trials(every.sweep) == 11
+    assert len(trials) == n_grid_trials(every.sweep) == 13
     assert {t["method.lambd"] for t in trials if "method.lambd" in t} == {0.0051, 0.02}
     assert {t["method.teacher_temp"] for t in trials if t["method.name"] == "dino"} == {0.04, 0.07}
     assert all(("method.sim_weight" in t) == (t["method.name"] == "vicreg") for t in trials)
@@ -78,10 +78,10 @@ def test_repository_sweep_configs_load() -> None:
 
 @pytest.mark.parametrize("sweep, message", [
     ({"searcher": "annealing"}, "sweep.searcher = 'annealing': allowed: grid, random, bayes"),
-    ({"methods": {"swav": {}}}, "sweep.methods = 'swav': allowed methods: simclr, moco, byol, simsiam, "
-                                "barlow_twins, vicreg, dino"),
+    ({"methods": {"swaw": {}}}, "sweep.methods = 'swaw': allowed methods: simclr, moco, byol, simsiam, "
+                                "barlow_twins, vicreg, dino, swav, mae"),
     ({"methods": {"simsiam": {"method.lambd": [0.01]}}}, "only barlow_twins take it, not simsiam"),
-    ({"methods": {"byol": {"method.temperature": [0.1]}}}, "only simclr, moco take it, not byol"),
+    ({"methods": {"byol": {"method.temperature": [0.1]}}}, "only simclr, moco, swav take it, not byol"),
     ({"space": {"method.momentum": [0.9]}}, "list it under sweep.methods.<method>"),
     ({"space": {"optim.lr": {"loguniform": [1e-4, 1e-2]}}}, "the grid searcher takes lists"),
     ({"searcher": "random", "space": {"optim.lr": {"loguniform": [0, 1]}}}, "loguniform needs low > 0"),
