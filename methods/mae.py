@@ -32,15 +32,20 @@ def sincos_pos_embed(dim: int, h: int, w: int, device: torch.device | None = Non
     return torch.cat([one_axis(cols), one_axis(rows)], dim=1).float()  # [h*w, dim]
 
 
-def random_masking(n: int, length: int, mask_ratio: float, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+def random_masking(n: int, length: int, mask_ratio: float, device: torch.device,
+                   noise: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """models_mae.py `random_masking`: per-sample shuffle by argsort of uniform noise.
+
+    Args:
+        noise: [n, length] to sort instead of fresh uniform noise (tests fix the masks with it).
 
     Returns:
         ids_keep [n, keep] (the visible patches, in shuffled order), mask [n, length] (1 = masked,
         in the original order) and ids_restore [n, length] (unshuffles the decoder's sequence).
     """
     keep = max(1, int(length * (1 - mask_ratio)))
-    noise = torch.rand(n, length, device=device)
+    if noise is None:
+        noise = torch.rand(n, length, device=device)
     ids_shuffle = torch.argsort(noise, dim=1)  # small is keep, large is remove
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     mask = torch.ones(n, length, device=device)
@@ -73,6 +78,7 @@ class MAE(nn.Module):
     """
 
     augment_preset = "mae"
+    sync_batchnorm = False  # no BatchNorm: a ViT's LayerNorm is per sample, and so is the loss
 
     def __init__(self, encoder: nn.Module, *, mask_ratio: float = 0.75, decoder_dim: int = 512,
                  decoder_depth: int = 8, decoder_heads: int = 16, norm_pix: bool = True) -> None:
@@ -133,7 +139,8 @@ class MAE(nn.Module):
         images = torch.cat([x1, x2])  # [2n, 3, H, W]
         latent, mask, ids_restore, grid = self.forward_encoder(images)
         pred = self.forward_decoder(latent, ids_restore, grid)
-        loss = mae_loss(pred.float(), patchify(images, self.patch_size).float(), mask, norm_pix=self.norm_pix)
+        wide = torch.promote_types(pred.dtype, torch.float32)  # the loss in float32 under bf16 autocast
+        loss = mae_loss(pred.to(wide), patchify(images, self.patch_size).to(wide), mask.to(wide), norm_pix=self.norm_pix)
         cls = latent[:, 0]  # diagnostics: the two views' class tokens (of the visible patches)
         return {"loss": loss, **embedding_diagnostics(cls[:n], cls[n:])}
 
