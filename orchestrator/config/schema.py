@@ -40,6 +40,8 @@ METHOD_ONLY = {"temperature": ("simclr", "moco", "swav"), "momentum": ("moco", "
                "queue_start_epoch": ("swav",), "freeze_prototypes_epochs": ("swav",), "mask_ratio": ("mae",),
                "decoder_dim": ("mae",), "decoder_depth": ("mae",), "decoder_heads": ("mae",), "norm_pix": ("mae",)}
 MULTI_CROP_METHODS = ("dino", "swav")  # their forward takes local crops
+# Every method but MAE has a projection head (MAE's decoder has its own fields).
+METHOD_ONLY.update({f: tuple(m for m in METHODS if m != "mae") for f in ("projection_dim", "hidden_dim")})
 # Method fields that are not constructor arguments: they shape the augmentation (`Config.multi_crop`).
 AUGMENT_FIELDS = ("local_crops", "local_crop_size")
 # DINO's and SwAV's default: the papers use 8 or 10 (DINO) / 6 (SwAV) local crops at 96 px; 2 keeps CPU runs short

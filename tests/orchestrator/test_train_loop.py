@@ -37,14 +37,19 @@ def _split() -> DecodedSplit:
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_every_method_trains_an_epoch_through_the_worker_loop(name: str) -> None:
     cfg = _cfg(name)
+    if name == "mae":  # MAE masks ViT patches: a CPU-sized ViT-Tiny/4 (7x7 patches at 28 px)
+        cfg = apply_overrides(cfg, {"model.encoder": "vit_tiny", "method.hidden_dim": None, "method.projection_dim": None,
+                                    "method.decoder_dim": 16, "method.decoder_depth": 1,
+                                    "method.decoder_heads": 2, "model.encoder_args": {
+                                        "patch_size": 4, "depth": 1, "embed_dim": 32, "num_heads": 2}})
     torch.manual_seed(0)
     model = build_model(cfg)
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer, ROWS // BATCH)
     batches = TrainBatches(cfg, {"train": _split()}, torch.device("cpu"), rank=0, world=1)
     first = next(iter(batches.epoch(1, 123)))
-    assert len(first) == (3 if name == "dino" else 2)
-    if name == "dino":  # 2 local crops of 28 * 96/224 = 12 px per image, as the config says
+    assert len(first) == (3 if name in ("dino", "swav") else 2)
+    if name in ("dino", "swav"):  # 2 local crops of 28 * 96/224 = 12 px per image, as the config says
         assert first[2].shape == (2, BATCH, 3, 12, 12)
     stats = train_one_epoch(model, optimizer, scheduler, batches.epoch(1, 123), device=torch.device("cpu"),
                             first_step=0, total_steps=ROWS // BATCH)
