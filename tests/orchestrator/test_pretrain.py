@@ -155,7 +155,7 @@ def _evaluate_the_registered_encoder(demo_data: Path, uri: str, r: PretrainResul
     tuned = {ln.split()[0]: float(ln.split()[1]) for ln in out.splitlines()
              if ln.split() and ln.split()[0].startswith(("finetune_", "knn_top1"))}
     assert set(tuned) == {"knn_top1", "finetune_top1", "finetune_top5"}, out
-    assert tuned["finetune_top1"] > 0.3 and tuned["finetune_top5"] >= tuned["finetune_top1"]  # 10 digits: chance 0.1
+    assert tuned["finetune_top1"] > 0.15 and tuned["finetune_top5"] >= tuned["finetune_top1"]  # 10 digits: chance 0.1
     tuned_run = c.get_run(c.get_model_version("e2e-encoder", r.model_version).tags["evaluation_run.mnist-demo"])
     assert tuned_run.data.params["finetune_epochs"] == "2" and "fine-tuned end to end" in tuned_run.data.tags["protocol"]
 
