@@ -153,13 +153,21 @@ def build_encoder(name: str, cifar_stem: bool = False, **kwargs: Any) -> nn.Modu
 
     Returns:
         An `nn.Module` mapping [B, 3, H, W] to [B, output_dim], with int `output_dim` and
-        `min_input_size` attributes.
+        `min_input_size` attributes, and `build_spec`: the JSON-serialisable keyword arguments
+        that rebuild it, `build_encoder(**encoder.build_spec)` (its weights are its `state_dict()`).
 
     Raises:
         ValueError: unknown name (the message lists the allowed names), arguments an encoder does
             not take, or arguments that are not JSON primitives.
     """
     _check_json_kwargs(name, kwargs)
+    encoder = _build(name, cifar_stem, kwargs)
+    # What rebuilds it: `build_encoder(**spec)` then `load_state_dict` (JSON-serialisable as it is).
+    encoder.build_spec = {"name": name, "cifar_stem": cifar_stem, **kwargs}
+    return encoder
+
+
+def _build(name: str, cifar_stem: bool, kwargs: dict[str, Any]) -> nn.Module:
     if name in ("convnet", "resnet18", "resnet50") and kwargs:
         raise ValueError(f"encoder {name!r} takes no arguments, got {', '.join(sorted(kwargs))} "
                          "(arguments are for the ViT presets and timm: encoders)")

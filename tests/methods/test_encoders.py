@@ -42,9 +42,10 @@ def test_vit_presets_have_the_papers_widths_and_default_grid() -> None:
 def test_encoder_rebuilds_from_its_json_spec_and_state_dict() -> None:
     torch.manual_seed(0)
     enc = build_encoder("vit_tiny", **TINY_VIT).eval()
-    spec = json.loads(json.dumps({"name": "vit_tiny", "kwargs": TINY_VIT}))  # what a registry stores
+    spec = json.loads(json.dumps(enc.build_spec))  # what a registry stores
+    assert spec == {"name": "vit_tiny", "cifar_stem": False, **TINY_VIT}
     torch.manual_seed(1)
-    rebuilt = build_encoder(spec["name"], cifar_stem=False, **spec["kwargs"]).eval()
+    rebuilt = build_encoder(**spec).eval()
     rebuilt.load_state_dict(enc.state_dict(), strict=True)
     x = torch.randn(2, 3, 24, 24)
     with torch.no_grad():
