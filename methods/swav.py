@@ -35,8 +35,11 @@ class SwAV(nn.Module):
     over every worker's samples (`methods.losses.sinkhorn`). The queue is a per-worker buffer, as
     the reference's per-rank queue file (a resumed run gets rank 0's queue on every rank). The
     training loop calls `on_epoch_start(epoch)` and `before_optimizer_step()` (the prototype freeze).
-    Departure: the queue is used once it has been filled (the reference also waits until it is full).
-    BatchNorm is global with several workers (`sync_batchnorm`), as the reference's SyncBN.
+    As the reference, the queue joins the codes once its last slot is filled. Departures: the
+    prototypes are frozen for whole epochs (`freeze_prototypes_niters` counts iterations; its 313
+    is one ImageNet epoch at batch 4096); the crops are `pipelines.augment`'s (SimCLR's global
+    crops, 0.08-1, not 0.14-1; DINO's local-crop scale 0.05-0.4, not 0.05-0.14). BatchNorm is
+    global with several workers (`sync_batchnorm`), as the reference's SyncBN.
     """
 
     sync_batchnorm = True  # read by methods.prepare_for_distributed
