@@ -115,6 +115,10 @@ def _check_method(cfg: Config) -> None:
         _fail("method.mask_ratio", m.mask_ratio, "must be in [0, 1)")
     if m.name == "mae":
         _check_mae_encoder(cfg)
+        dim, heads = m.decoder_dim or 512, m.decoder_heads or 16
+        if dim % 4 or dim % heads:
+            _fail("method.decoder_dim", dim, f"must be a multiple of 4 (sin-cos positions) and of method.decoder_heads "
+                  f"({heads})")
 
 
 def _check_mae_encoder(cfg: Config) -> None:

@@ -115,6 +115,8 @@ BAD = [
     (None, ["method.name=mae", "model.encoder=vit_tiny", "model.encoder_args={patch_size: 16}"],
      ["data.image_size = 28", "multiple of the ViT's patch size (16)"]),
     (None, ["method.name=mae", "method.mask_ratio=1.0"], ["method.mask_ratio", "[0, 1)"]),
+    (None, ["method.name=mae", "model.encoder=vit_tiny", "model.encoder_args={patch_size: 4}", "method.decoder_dim=30"],
+     ["--set method.decoder_dim=30", "multiple of 4"]),
     (None, ["method.name=swav", "method.queue_length=-1"], ["method.queue_length", ">= 0"]),
     (None, ["method.name=mae", "method.local_crops=2"], ["method.local_crops", "only dino, swav take it, not mae"]),
     (None, ["model.encoder=vit"], ["--set model.encoder=vit", "convnet, resnet18, resnet50, vit_tiny", "timm:"]),
