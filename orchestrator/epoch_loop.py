@@ -42,9 +42,9 @@ import torch
 from torch import nn
 
 from methods import prepare_for_distributed
+from methods.encoders import representation_encoder
 from orchestrator.config import Config
 from orchestrator.timeline import mark, process_start_time
-from methods.encoders import representation_encoder
 from orchestrator.train_loop import (STATE_FILE, KnnProbe, TrainBatches, build_model, build_optimizer,
                                      build_scheduler, label_metrics_on, load_state, save_state,
                                      seed_everything, steps_per_epoch, train_one_epoch, unwrap)

@@ -279,9 +279,8 @@ def register_from_state(cfg: Config, state: dict[str, Any], *, uri: str, run_id:
     alike. Returns ("models:/NAME/VERSION", the `registry.Promotion`)."""
     # Imported here: the registry imports MLflow, which a Train-run trial's process must not pay
     # for before it trains (the driver and the Train controller write MLflow, docs/design.md).
-    from orchestrator.registry import promote_if_better
-
     from methods.encoders import representation_encoder
+    from orchestrator.registry import promote_if_better
 
     model = build_model(cfg)
     model.load_state_dict(state["model"])
