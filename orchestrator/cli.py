@@ -167,6 +167,10 @@ def _add_evaluate(sub: Any) -> None:
     ev.add_argument("--test-limit", type=_limit, default=None, help="test images (default: all)")
     ev.add_argument("--linear-epochs", type=int, default=EvalConfig.linear_epochs,
                     help=f"epochs of the linear probe; 0 = kNN only (default {EvalConfig.linear_epochs})")
+    ev.add_argument("--finetune-epochs", type=int, default=0,
+                    help="also fine-tune a copy of the encoder end to end with a linear head for N epochs on the "
+                         "training images and report finetune_top1/top5 (MAE's protocol; default 0 = no)")
+    ev.add_argument("--finetune-lr", type=float, default=1e-4, help="AdamW learning rate of the fine-tuning (1e-4)")
     ev.set_defaults(func=_cmd_evaluate)
 
 

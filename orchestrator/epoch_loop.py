@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from methods import prepare_for_distributed
+from methods.encoders import representation_encoder
 from orchestrator.config import Config
 from orchestrator.timeline import mark, process_start_time
 from orchestrator.train_loop import (STATE_FILE, KnnProbe, TrainBatches, build_model, build_optimizer,
@@ -201,7 +202,7 @@ class _Loop:
         self.probe = KnnProbe(cfg, device, decoded) if rank == 0 and label_metrics_on(config) else None
         self.untrained = self.metrics.get("knn_top1_untrained")
         if self.probe is not None and self.untrained is None and self.start_epoch < cfg.optim.epochs:
-            self.untrained = self.probe(self.module.encoder).get("knn_top1")  # None: unlabelled images
+            self.untrained = self.probe(representation_encoder(self.module)).get("knn_top1")  # None: unlabelled images
 
     def epoch(self, epoch: int) -> bool:
         """Train, evaluate, checkpoint and report one epoch; False when the loss diverged."""
@@ -227,7 +228,7 @@ class _Loop:
             metrics["momentum"] = float(self.module.momentum)
         if self.probe is not None:
             last = epoch == cfg.optim.epochs
-            metrics.update(self.probe(self.module.encoder, linear=cfg.eval.linear_every_epoch or last))
+            metrics.update(self.probe(representation_encoder(self.module), linear=cfg.eval.linear_every_epoch or last))
             if self.untrained is not None:
                 metrics["knn_top1_untrained"] = float(self.untrained)
         metrics["epoch_seconds"] = time.perf_counter() - t0

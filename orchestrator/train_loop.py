@@ -29,11 +29,11 @@ INTERNAL_KEYS = ("_run_dir", "_fault_kill_at_epoch", "_train_rows", "_data", "_l
 # --- model, optimiser, schedule -----------------------------------------------------------------
 
 def build_model(cfg: Config) -> nn.Module:
-    """`METHODS[method.name](build_encoder(model.encoder, model.cifar_stem), **method kwargs)`."""
+    """`METHODS[method.name](build_encoder(model.encoder, model.cifar_stem, **model.encoder_args), **method kwargs)`."""
     from methods import METHODS
     from methods.encoders import build_encoder
 
-    encoder = build_encoder(cfg.model.encoder, cifar_stem=cfg.model.cifar_stem)
+    encoder = build_encoder(cfg.model.encoder, cifar_stem=cfg.model.cifar_stem, **cfg.model.encoder_args)
     return METHODS[cfg.method.name](encoder, **cfg.method_kwargs())
 
 
@@ -72,14 +72,39 @@ def steps_per_epoch(cfg: Config, train_rows: int, world_size: int) -> int:
     return max(1, stream_steps(train_rows, world_size, cfg.optim.batch_size // world_size))
 
 
+class LRAndWeightDecaySchedule(torch.optim.lr_scheduler.LambdaLR):
+    """The LR's `LambdaLR`, and with `weight_decay_end` the weight decay of the decayed group on a
+    per-step cosine from its initial value to `weight_decay_end` (DINO's main_dino.py: 0.04 -> 0.4,
+    `wd_schedule`). Its state is the step count alone, so a resumed run continues both schedules."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, lr_lambda: Callable[[int], float], total_steps: int,
+                 weight_decay_end: float | None) -> None:
+        self.total_steps, self.weight_decay_end = total_steps, weight_decay_end
+        self.weight_decay_start = [float(g["weight_decay"]) for g in optimizer.param_groups]
+        super().__init__(optimizer, lr_lambda)
+
+    def step(self, epoch: int | None = None) -> None:  # type: ignore[override]
+        super().step(epoch)
+        if self.weight_decay_end is None:
+            return
+        from methods.schedules import cosine_schedule
+
+        for group, start in zip(self.optimizer.param_groups, self.weight_decay_start, strict=True):
+            if start > 0:  # biases and norm weights stay at 0, as DINO's get_params_groups
+                group["weight_decay"] = cosine_schedule(self.last_epoch, self.total_steps, start,
+                                                        self.weight_decay_end)
+
+
 def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-step linear warm-up then cosine decay to 0 (SGDR, Loshchilov & Hutter 2017)."""
+    """Per-step linear warm-up then cosine decay to 0 (SGDR, Loshchilov & Hutter 2017); with
+    `optim.weight_decay_end`, the weight decay on a cosine to it as well (`LRAndWeightDecaySchedule`)."""
     from methods.schedules import warmup_cosine
 
     total = steps * cfg.optim.epochs
     warmup = int(round(steps * cfg.optim.warmup_epochs))
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: warmup_cosine(step, max_steps=total, warmup_steps=warmup, base_value=1.0))
+    return LRAndWeightDecaySchedule(
+        optimizer, lambda step: warmup_cosine(step, max_steps=total, warmup_steps=warmup, base_value=1.0),
+        total, cfg.optim.weight_decay_end)
 
 
 # --- one epoch ----------------------------------------------------------------------------------
@@ -117,9 +142,16 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
         total_steps: steps of the whole run.
         max_steps: stop after this many steps (keeps workers in lockstep if a shard runs long).
         on_step: called with the step index within the epoch after each optimiser step.
+
+    A method's own steps are hooks it may define (none is method-specific here):
+    `on_epoch_start(epoch)` (epochs done, `first_step // max_steps`), `before_optimizer_step()`
+    (after backward: DINO's gradient clipping and last-layer freeze, SwAV's prototype freeze) and
+    `update_momentum(progress)` (after the step: EMA targets).
     """
     module = unwrap(model)
     model.train()
+    if hasattr(module, "on_epoch_start"):
+        module.on_epoch_start(first_step // max_steps if max_steps else 0)
     channels_last = device.type == "cuda"
     sums: dict[str, float] = {}
     steps = images = 0
@@ -136,6 +168,8 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
         loss = out["loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if hasattr(module, "before_optimizer_step"):
+            module.before_optimizer_step()
         optimizer.step()
         scheduler.step()
         if hasattr(module, "update_momentum"):

@@ -90,6 +90,12 @@ PRESETS: dict[str, dict[str, object]] = {
         jitter=(0.4, 0.4, 0.2, 0.1), jitter_prob=0.8, grayscale_prob=0.2,
         blur_prob=(1.0, 0.1), blur_sigma=(0.1, 2.0), solarize_prob=(0.0, 0.2),
     ),
+    # MAE (main_pretrain.py): RandomResizedCrop (0.2, 1) and a horizontal flip, nothing else.
+    "mae": dict(
+        crop_scale=(0.2, 1.0), crop_ratio=(3 / 4, 4 / 3), flip_prob=0.5,
+        jitter=(0.0, 0.0, 0.0, 0.0), jitter_prob=0.0, grayscale_prob=0.0,
+        blur_prob=(0.0, 0.0), blur_sigma=(0.1, 2.0), solarize_prob=(0.0, 0.0),
+    ),
 }
 # DINO's local crops (main_dino.py): scale (0.05, 0.4), blur p=0.5, no solarize, the rest as the
 # preset's first view. Any preset takes local crops; only the DINO method consumes them.

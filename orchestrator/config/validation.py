@@ -61,7 +61,7 @@ def _check_choices(cfg: Config) -> None:
     """The fields that name one of a fixed set: method, encoder, optimizer, augmentation, loader."""
     d = cfg.data
     _one_of("method.name", cfg.method.name, METHOD_NAMES)
-    _one_of("model.encoder", cfg.model.encoder, ENCODER_NAMES)
+    _check_encoder(cfg)
     _one_of("optim.name", cfg.optim.name, OPTIMIZER_NAMES)
     if d.augment is not None:
         _one_of("data.augment", d.augment, AUGMENT_PRESETS)
@@ -70,6 +70,21 @@ def _check_choices(cfg: Config) -> None:
     if d.loader == "memory" and d.augment_on == "data":
         _fail("data.augment_on", d.augment_on, "needs data.loader=stream (with data.loader=memory the views are "
               "made on the worker); use data.augment_on=worker or auto")
+
+
+def _check_encoder(cfg: Config) -> None:
+    """`model.encoder` names an encoder and `model.encoder_args` are arguments it takes: the encoder is
+    built on the meta device (no memory, no weights), so a wrong argument fails here, not in a worker."""
+    from methods.encoders import build_encoder, is_encoder_name
+
+    m = cfg.model
+    if not is_encoder_name(m.encoder):
+        _fail("model.encoder", m.encoder, f"allowed: {', '.join(ENCODER_NAMES)} or timm:<a timm model name>")
+    try:
+        with torch.device("meta"):
+            build_encoder(m.encoder, cifar_stem=m.cifar_stem, **m.encoder_args)
+    except (TypeError, ValueError, AssertionError) as e:
+        _fail("model.encoder_args", m.encoder_args, f"not taken by encoder {m.encoder}: {str(e).splitlines()[0]}")
 
 
 def _check_method(cfg: Config) -> None:
@@ -83,23 +98,49 @@ def _check_method(cfg: Config) -> None:
     if m.momentum is not None and not 0 <= m.momentum < 1:
         _fail("method.momentum", m.momentum, "must be in [0, 1)")
     for name in ("queue_size", "projection_dim", "hidden_dim", "teacher_temp", "warmup_teacher_temp",
-                 "local_crop_size"):
+                 "local_crop_size", "num_prototypes", "sinkhorn_iterations", "sinkhorn_epsilon", "decoder_dim",
+                 "decoder_depth", "decoder_heads"):
         _positive(f"method.{name}", getattr(m, name))
-    for name in ("lambd", "sim_weight", "var_weight", "cov_weight", "local_crops"):
+    for name in ("lambd", "sim_weight", "var_weight", "cov_weight", "local_crops", "freeze_last_layer_epochs",
+                 "clip_grad", "queue_length", "queue_start_epoch", "freeze_prototypes_epochs"):
         _positive(f"method.{name}", getattr(m, name), zero_ok=True)
     if m.warmup_teacher_temp_fraction is not None and not 0 <= m.warmup_teacher_temp_fraction <= 1:
         _fail("method.warmup_teacher_temp_fraction", m.warmup_teacher_temp_fraction, "must be in [0, 1]")
     if m.local_crop_size is not None and m.local_crop_size > d.image_size:
         _fail("method.local_crop_size", m.local_crop_size, f"must be <= data.image_size ({d.image_size})")
     if cfg.multi_crop()[0] and d.augment_on == "data":
-        _fail("data.augment_on", d.augment_on, "DINO's local crops are made on the worker; use "
+        _fail("data.augment_on", d.augment_on, f"{m.name}'s local crops are made on the worker; use "
               "data.augment_on=worker or auto (or method.local_crops=0)")
+    if m.mask_ratio is not None and not 0 <= m.mask_ratio < 1:
+        _fail("method.mask_ratio", m.mask_ratio, "must be in [0, 1)")
+    if m.name == "mae":
+        _check_mae_encoder(cfg)
+        dim, heads = m.decoder_dim or 512, m.decoder_heads or 16
+        if dim % 4 or dim % heads:
+            _fail("method.decoder_dim", dim, f"must be a multiple of 4 (sin-cos positions) and of method.decoder_heads "
+                  f"({heads})")
+
+
+def _check_mae_encoder(cfg: Config) -> None:
+    """MAE masks ViT patches: the encoder must be a ViT and the images a whole number of patches."""
+    from methods.encoders import build_encoder
+
+    with torch.device("meta"):
+        encoder = build_encoder(cfg.model.encoder, cifar_stem=cfg.model.cifar_stem, **cfg.model.encoder_args)
+    patch_embed = getattr(getattr(encoder, "model", None), "patch_embed", None)
+    if patch_embed is None:
+        _fail("model.encoder", cfg.model.encoder, "MAE needs a ViT encoder (vit_tiny, vit_small, vit_base or a "
+              "timm: ViT)")
+    patch = int(patch_embed.patch_size[0])
+    if cfg.data.image_size % patch:
+        _fail("data.image_size", cfg.data.image_size, f"MAE needs a multiple of the ViT's patch size ({patch})")
 
 
 def _check_optim(o: OptimConfig) -> None:
     """`optim.*`: rates, batch and epochs."""
     _positive("optim.lr", o.lr)
     _positive("optim.weight_decay", o.weight_decay, zero_ok=True)
+    _positive("optim.weight_decay_end", o.weight_decay_end, zero_ok=True)
     if not 0 <= o.sgd_momentum < 1:
         _fail("optim.sgd_momentum", o.sgd_momentum, "must be in [0, 1)")
     _positive("optim.lars_eta", o.lars_eta)

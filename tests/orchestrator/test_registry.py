@@ -443,3 +443,25 @@ def test_tracking_uri_goes_before_or_after_the_registry_command(store: Store,
     assert capsys.readouterr().out == after and store.model in after
     assert _cli("registry", "best", "--tracking-uri", store.uri, "--dataset", store.dataset) == 0
     assert capsys.readouterr().out.startswith(f"models:/{store.model}/2\t")
+
+
+def test_a_vit_encoder_registers_loads_and_embeds_at_two_sizes(tmp_path: Path) -> None:
+    """A ViT-Tiny/4 (CPU-sized) through the registration and loading path; it embeds at its training
+    size and at another multiple of its patch as the encoder itself does."""
+    from methods.encoders import build_encoder
+    from orchestrator import tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp = tracking.ensure_experiment(uri, "vit", artifact_location=str(tmp_path / "mlruns"))
+    run_id = tracking.start_run(uri, exp, "vit", {"method.name": "dino"}, "{}\n")
+    torch.manual_seed(0)
+    vit = build_encoder("vit_tiny", patch_size=4, depth=1, embed_dim=32, num_heads=2).eval()
+    tracking.register_encoder(vit, tracking_uri=uri, run_id=run_id, model_name="vit-encoder", image_size=32,
+                              tags={"method": "dino", "dataset": "x"})
+    tracking.finish_run(uri, run_id)
+    loaded = registry.load_encoder("vit-encoder/1", tracking_uri=uri)
+    assert loaded.output_dim == 32
+    with torch.no_grad():
+        for size in ((32, 32), (48, 40)):
+            x = torch.randn(3, 3, *size)
+            torch.testing.assert_close(loaded.module(x), vit(x), rtol=1e-5, atol=1e-5)
