@@ -72,6 +72,7 @@ class PretrainResult:
     champion_note: str = ""  # why not, when it is not
     wall_seconds: float = 0.0
     metrics: dict[str, float] = field(default_factory=dict)
+    restarts: str = ""  # the worker-group restarts and resizes, and the time each lost ("" when none)
 
     @property
     def model_uri(self) -> str | None:
@@ -159,8 +160,9 @@ def build_trainer(cfg: Config, *, callbacks: list[Any] | None = None, mlflow_par
     trainer = TorchTrainer(
         train_loop_per_worker=_train_func(),
         train_loop_config=worker_config,
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                                               resources_per_worker=resources),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.for_ray(), use_gpu=cfg.scaling.use_gpu, resources_per_worker=resources,
+            elastic_resize_monitor_interval_s=cfg.scaling.elastic_resize_monitor_interval_s),
         run_config=ray.train.RunConfig(
             name=cfg.run.name, storage_path=root,
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
@@ -302,6 +304,8 @@ def _finish(cfg: Config, paths: RunPaths, record: dict[str, Any], result: Any, u
     """Read the last checkpoint, register the encoder, close the MLflow run (unless the caller
     closes it: `close_run` False) and the record."""
     state, out = _read_result(cfg, paths, result, uri, run_id, curves=curves)
+    if state is not None:
+        _log_restarts(uri, run_id, list(state.get("history", [])), out)
     if out.diverged:
         if close_run:
             mark_diverged(uri, run_id)
@@ -351,6 +355,21 @@ def _read_result(cfg: Config, paths: RunPaths, result: Any, uri: str, run_id: st
                          loss=_f(metrics.get("loss")), diverged=bool(last.get("diverged")),
                          metrics={k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
     return state, out
+
+
+def _log_restarts(uri: str, run_id: str, history: list[dict[str, Any]], out: PretrainResult) -> None:
+    """The run's summary of its worker-group restarts (`orchestrator.elastic`): metrics `resizes`,
+    `restarts`, `resize_seconds_lost` and a tag `resizes` that lists each with the time it lost."""
+    from orchestrator.elastic import describe, worker_group_restarts
+
+    restarts = worker_group_restarts(history)
+    resizes = [r for r in restarts if r.resize]
+    c = tracking.client(uri)
+    for key, value in (("resizes", len(resizes)), ("restarts", len(restarts)),
+                       ("resize_seconds_lost", sum(r.seconds_lost for r in resizes))):
+        c.log_metric(run_id, key, float(value))
+    c.set_tag(run_id, "resizes", describe(restarts))
+    out.restarts = describe(restarts) if restarts else ""
 
 
 def _register(cfg: Config, state: dict[str, Any], out: PretrainResult, uri: str, run_id: str) -> None:
