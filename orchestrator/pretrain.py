@@ -34,7 +34,7 @@ from orchestrator.config import Config, ConfigError, config_name, load_config, s
 from orchestrator.data import (LABEL_METRICS_TAG, DecodedData, check_data, label_metrics, matches, put_decoded,
                                resolve_loader)
 from orchestrator.errors import UserError
-from orchestrator.ray_compat import controller_warm_up
+from orchestrator.ray_compat import controller_warm_up, fresh_elastic_scaling
 from orchestrator.runs import (RUN_RECORD, absolute_paths, check_cluster_storage, config_differences,
                                cpus_per_worker, create_run, dataset_name, ensure_data, mark_diverged, numbered_dir,
                                ray_session, read_json, register_from_state, train_dataset, train_rows, write_json)
@@ -157,6 +157,8 @@ def build_trainer(cfg: Config, *, callbacks: list[Any] | None = None, mlflow_par
                                              fault_kill_before_logging=(int(kill_before_log), os.getpid())
                                              if kill_before_log else None)
     warm_up = controller_warm_up(mlflow_cb)
+    if cfg.scaling.elastic:
+        fresh_elastic_scaling()
     trainer = TorchTrainer(
         train_loop_per_worker=_train_func(),
         train_loop_config=worker_config,
