@@ -22,7 +22,9 @@ Per epoch, every worker:
 3. rank 0 computes kNN top-1/top-5 and, after the last epoch (or every epoch with
    `eval.linear_every_epoch`), the linear probe (`train_loop.KnnProbe`); the other ranks wait at
    the report barrier;
-4. reports once; rank 0 attaches the checkpoint `state.pt` (model incl. the MoCo queue buffers,
+4. reports once, with the world size it ran on (`world_size`) and the global batch its workers took
+   (`global_batch`: the same at any world size of an elastic run, docs/design.md "Elastic runs");
+   rank 0 attaches the checkpoint `state.pt` (model incl. the MoCo queue buffers,
    optimiser, scheduler, epoch, seeds, metrics, every epoch's metrics so far; loads with
    weights_only). One process writes MLflow from the reports: the Train controller's callback
    (`tracking.MlflowTrainCallback`) or, for a one-process trial, the sweep driver's Tune callback.
@@ -244,7 +246,7 @@ class _Loop:
             if self.untrained is not None:
                 metrics["knn_top1_untrained"] = float(self.untrained)
         metrics["epoch_seconds"] = time.perf_counter() - t0
-        metrics["ended_at"] = time.time()  # unix time: the time a restart lost (tracking.worker_group_restarts)
+        metrics["ended_at"] = time.time()  # unix time: what a restart lost (orchestrator.elastic)
         mark("epoch_end", run=cfg.run.name, rank=session.rank, epoch=epoch)
         self._report(epoch, metrics)
         return True
