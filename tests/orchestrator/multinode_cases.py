@@ -528,5 +528,6 @@ def test_elastic_run_shrinks_on_a_lost_node_and_grows_back(cluster: Cluster) -> 
         run.data.tags["resizes"]
     out = os.environ.get("SELFSUP_ELASTIC_EVENTS")  # benchmarks/elastic_resize.py reads these
     if out:
-        Path(out).write_text(json.dumps({**events, "run_id": run_id, "tracking_uri": c.tracking_uri,
-                                         "world_size": world, "resizes": run.data.tags["resizes"]}))
+        Path(out).write_text(json.dumps({**events, "run_id": run_id, "world_size": world,
+                                         "epoch_seconds": [v for _, v in _history(c, run_id, "epoch_seconds")],
+                                         "resizes": run.data.tags["resizes"]}))
