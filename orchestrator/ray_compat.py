@@ -140,6 +140,71 @@ def controller_warm_up(callback: Any) -> Any:
     return WarmUp(callback)
 
 
+# --- Train V2 elastic scaling (checked against Ray 2.60.0) --------------------------------------
+
+# An elastic run's worker group that cannot be placed within this long is given up and the size
+# decided again (Ray's default: 60 s, `RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S`; a user's value wins).
+ELASTIC_START_TIMEOUT_S = 20
+
+
+def fresh_elastic_scaling() -> None:
+    """Make Train's elastic policy count workers on the cluster as it is now (elastic runs only).
+
+    Workaround: `ElasticScalingPolicy._get_reserved_resources` asks Ray Data's
+    `AutoscalingCoordinator` for its reservations without `recompute`, and the coordinator refreshes
+    its view of the nodes every 20 s (`TICK_INTERVAL_S`). After a lost node the policy still counts
+    that node's workers, asks for a group that cannot be placed and waits out
+    `RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S` (60 s) before it decides again: seen here, 66 s from the
+    kill to the one-worker group, in a run whose epochs took 3 s. A node that joins is likewise
+    noticed up to 20 s late. The coordinator's own `recompute=True` (meant for callers that pin
+    workers to nodes) re-reads the nodes first; a query is at most once a second (the policy's
+    `GET_RESERVED_RESOURCES_INTERVAL_S`). Applied by swapping the policy that
+    `DataParallelTrainer.fit` builds (in the driver; the policy object then travels to the Train
+    controller). If the internals moved, nothing is swapped and Ray's own policy runs.
+
+    That is not enough on its own: a worker's death reaches the controller before the GCS has
+    declared its node dead (its health checks: 3 s x 5 misses by default), so the first decision
+    can still count the lost node. Its group then cannot be placed; with the start timeout at
+    `ELASTIC_START_TIMEOUT_S` instead of 60 s that costs 20 s before the next decision. Placing a
+    group the elastic policy sized from live nodes takes well under a second, so the shorter
+    timeout only cuts that wait (Train propagates the variable from the driver to its controller).
+    """
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(ELASTIC_START_TIMEOUT_S))
+    try:
+        import ray
+        from ray.train.v2._internal.execution.scaling_policy import elastic
+        from ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client import (
+            AUTOSCALING_REQUESTS_GET_TIMEOUT_S)
+        from ray.train.v2.api import data_parallel_trainer
+    except ImportError:
+        return
+    if getattr(data_parallel_trainer.create_scaling_policy, "_selfsup_fresh", False):
+        return
+    original = data_parallel_trainer.create_scaling_policy
+
+    class FreshElasticScalingPolicy(elastic.ElasticScalingPolicy):
+        def _get_reserved_resources(self) -> Any:
+            now = elastic.time_monotonic()
+            if now - self._latest_reserved_resources_query_time < self.GET_RESERVED_RESOURCES_INTERVAL_S:
+                return self._latest_reserved_resources
+            try:
+                self._latest_reserved_resources = ray.get(
+                    self._autoscaling_coordinator.get_reserved_resources.remote(self._requester_id, recompute=True),
+                    timeout=AUTOSCALING_REQUESTS_GET_TIMEOUT_S)
+            except Exception:
+                return super()._get_reserved_resources()  # Ray's own query (and its warning)
+            self._latest_reserved_resources_query_time = elastic.time_monotonic()
+            return self._latest_reserved_resources
+
+    def create_scaling_policy(scaling_config: Any) -> Any:
+        if getattr(scaling_config, "elasticity_enabled", False):
+            return FreshElasticScalingPolicy(scaling_config=scaling_config)
+        return original(scaling_config)
+
+    create_scaling_policy._selfsup_fresh = True  # type: ignore[attr-defined]
+    data_parallel_trainer.create_scaling_policy = create_scaling_policy
+
+
 # --- Tune's ASHA across a restart (checked against Ray 2.60.0) ----------------------------------------
 
 def resumable_asha(state_file: str, **kwargs: Any) -> Any:

@@ -144,7 +144,7 @@ def cpus_per_worker(cfg: Config) -> float:
     if cfg.scaling.cpus_per_worker is not None:
         return cfg.scaling.cpus_per_worker
     total = float(ray.cluster_resources().get("CPU", 1.0))
-    n = cfg.scaling.num_workers
+    n = cfg.scaling.max_workers
     if total - n >= 1.0:
         return 1.0
     return max(0.1, round((total - 1.0) / n, 2))

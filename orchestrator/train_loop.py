@@ -66,7 +66,11 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
 
 
 def steps_per_epoch(cfg: Config, train_rows: int, world_size: int) -> int:
-    """Optimiser steps per epoch: each worker gets rows // world (equal split), batches drop the rest."""
+    """Optimiser steps per epoch: each worker gets rows // world (equal split), batches drop the rest.
+
+    With the world size dividing the global batch B this is rows // B at any world size, so an
+    elastic run resized between epochs keeps its per-step LR and momentum schedules.
+    """
     from pipelines.stream import steps_per_epoch as stream_steps
 
     return max(1, stream_steps(train_rows, world_size, cfg.optim.batch_size // world_size))

@@ -145,12 +145,38 @@ class OptimConfig:
 
 @dataclass
 class ScalingConfig:
-    num_workers: int = 2
+    # An integer (a fixed group), or [min, max]: elastic (Ray Train starts with what the cluster has,
+    # at least min, continues with the workers left after a lost node and grows back towards max
+    # when nodes return). The global batch stays optim.batch_size whatever the count (docs/design.md).
+    num_workers: int | list[int] = 2
+    # Elastic runs: how often (seconds) Ray Train checks whether more workers fit (Ray's default).
+    elastic_resize_monitor_interval_s: float = 60.0
     use_gpu: bool = False
     # None = automatic: 1 per worker when the node has CPUs to spare for Ray Data, else a fraction
     # (on 2 cores, 2 workers of 1 CPU leave none for the Parquet read tasks and the job hangs).
     cpus_per_worker: float | None = None
     gpus_per_worker: float = 1.0  # with use_gpu
+
+    @property
+    def elastic(self) -> bool:
+        """Whether `num_workers` is a [min, max] range (Ray Train's elastic scaling)."""
+        return isinstance(self.num_workers, list)
+
+    @property
+    def min_workers(self) -> int:
+        return int(self.num_workers[0] if isinstance(self.num_workers, list) else self.num_workers)
+
+    @property
+    def max_workers(self) -> int:
+        return int(self.num_workers[-1] if isinstance(self.num_workers, list) else self.num_workers)
+
+    def worker_counts(self) -> range:
+        """Every worker count a run may have: min..max (one count for a fixed group)."""
+        return range(self.min_workers, self.max_workers + 1)
+
+    def for_ray(self) -> int | tuple[int, int]:
+        """`ray.train.ScalingConfig(num_workers=...)`: an int, or the (min, max) tuple Ray wants."""
+        return (self.min_workers, self.max_workers) if self.elastic else self.min_workers
 
 
 @dataclass
@@ -297,7 +323,18 @@ def _parse_value(tp: Any, value: Any, where: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _parse_value(inner[0], value, where)
+        listed = [a for a in inner if typing.get_origin(a) is list]
+        if listed and isinstance(value, (list, tuple)):  # `int | list[int]`: scaling.num_workers = [min, max]
+            return _parse_value(listed[0], value, where)
+        try:
+            return _parse_value(inner[0], value, where)
+        except ConfigError:
+            if listed:
+                raise ConfigError(f"{where}: expected an integer or a list [min, max], got {value!r}") from None
+            raise
+    if typing.get_origin(tp) is list:
+        (item,) = typing.get_args(tp)
+        return [_parse_value(item, v, where) for v in value]
     if tp is bool:
         if isinstance(value, bool):
             return value

@@ -9,6 +9,7 @@ found. The message starts with the field ("section.field = value: what is allowe
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any
 
@@ -152,15 +153,30 @@ def _check_optim(o: OptimConfig) -> None:
 
 
 def _check_scaling(cfg: Config) -> None:
-    """`scaling.*`: workers and their resources; the global batch splits evenly over the workers."""
+    """`scaling.*`: workers and their resources; the global batch splits evenly over every worker
+    count the run may have (an elastic run may be resized to any count in [min, max])."""
     o, s = cfg.optim, cfg.scaling
-    _positive("scaling.num_workers", s.num_workers)
-    if o.batch_size % s.num_workers:
+    if s.elastic:
+        n = s.num_workers
+        if len(n) != 2 or not 1 <= n[0] <= n[1]:
+            _fail("scaling.num_workers", n, "must be an integer, or [min, max] with 1 <= min <= max (elastic)")
+    else:
+        _positive("scaling.num_workers", s.num_workers)
+    uneven = [n for n in s.worker_counts() if o.batch_size % n]
+    if uneven and s.elastic:
+        step = math.lcm(*s.worker_counts())
+        _fail("optim.batch_size", o.batch_size,
+              f"the global batch is split evenly over the workers, and an elastic run may have any count in "
+              f"scaling.num_workers {s.num_workers}, but it does not split over {', '.join(map(str, uneven))} "
+              f"(use a multiple of {step}, or a narrower range)")
+    if uneven:
         _fail("optim.batch_size", o.batch_size,
               f"must be divisible by scaling.num_workers ({s.num_workers}): it is the global batch, "
               "split evenly over the workers")
-    if o.batch_size // s.num_workers < 2:
-        _fail("optim.batch_size", o.batch_size, "needs at least 2 images per worker")
+    if o.batch_size // s.max_workers < 2:
+        _fail("optim.batch_size", o.batch_size, f"needs at least 2 images per worker (with {s.max_workers})")
+    if s.elastic_resize_monitor_interval_s <= 0:
+        _fail("scaling.elastic_resize_monitor_interval_s", s.elastic_resize_monitor_interval_s, "must be > 0")
     _positive("scaling.cpus_per_worker", s.cpus_per_worker)
     _positive("scaling.gpus_per_worker", s.gpus_per_worker)
 
@@ -173,10 +189,10 @@ def _check_sizes(cfg: Config) -> None:
         _fail("data.image_size", d.image_size, f"must be <= {MAX_IMAGE_SIZE} (pixels per side)")
     if o.batch_size > MAX_BATCH_SIZE:
         _fail("optim.batch_size", o.batch_size, f"must be <= {MAX_BATCH_SIZE} (the global batch)")
-    views_gib = 2 * (o.batch_size // s.num_workers) * 3 * d.image_size ** 2 * 4 / 2 ** 30
+    views_gib = 2 * (o.batch_size // s.min_workers) * 3 * d.image_size ** 2 * 4 / 2 ** 30
     if views_gib > MAX_VIEWS_GIB:
         _fail("optim.batch_size", o.batch_size,
-              f"with data.image_size {d.image_size} and {s.num_workers} worker(s) the two float32 views of one "
+              f"with data.image_size {d.image_size} and {s.min_workers} worker(s) the two float32 views of one "
               f"worker's batch take {views_gib:.0f} GiB; at most {MAX_VIEWS_GIB} GiB (use more workers, a smaller "
               "batch or smaller images)")
     _positive("data.limit", d.limit)

@@ -167,6 +167,16 @@ BAD = [
     (None, ["data.image_size=1024", "optim.batch_size=4096"],
      ["--set optim.batch_size=4096: with data.image_size 1024 and 2 worker(s)", "48 GiB; at most 16 GiB"]),
     (None, ["tracking.model_name=a'b"], ["--set tracking.model_name=a'b", "letters, digits"]),
+    # elastic scaling.num_workers: [min, max]; the global batch must split over every count in it
+    (None, ["scaling.num_workers=[1, 3]", "optim.batch_size=256"],
+     ["optim.batch_size", "scaling.num_workers [1, 3]", "does not split over 3", "multiple of 6"]),
+    (None, ["scaling.num_workers=[2, 1]"], ["--set scaling.num_workers=[2, 1]", "1 <= min <= max"]),
+    (None, ["scaling.num_workers=[0, 2]"], ["--set scaling.num_workers=[0, 2]", "1 <= min <= max"]),
+    (None, ["scaling.num_workers=[1, 2, 4]"], ["--set scaling.num_workers=[1, 2, 4]", "[min, max]"]),
+    (None, ["scaling.num_workers=[1, two]"], ["scaling.num_workers", "expected an integer, got 'two'"]),
+    (None, ["scaling.num_workers=two"], ["scaling.num_workers", "an integer or a list [min, max]"]),
+    (None, ["scaling.num_workers=[1, 2]", "scaling.elastic_resize_monitor_interval_s=0"],
+     ["scaling.elastic_resize_monitor_interval_s", "must be > 0"]),
 ]
 
 

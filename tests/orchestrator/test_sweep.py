@@ -94,6 +94,8 @@ def test_repository_sweep_configs_load() -> None:
     ({"trial_kind": "thread"}, "sweep.trial_kind = 'thread': allowed: auto, in_process, train"),
     ({"trial_kind": "in_process", "space": {"scaling.num_workers": [1, 2]}},
      "sweep.trial_kind = 'in_process': runs one worker per trial, but a trial has scaling.num_workers = 2"),
+    ({"space": {"scaling.num_workers": [[1, 2]]}},
+     "scaling.num_workers = [1, 2]: a sweep's trials have a fixed number of workers"),
     # NaN and infinity: in search spaces (lists, choices, range ends) and in sweep fields
     ({"methods": {"simclr": {"method.temperature": [0.1, math.nan]}}},
      "sweep.methods.simclr.method.temperature = [0.1, nan]: values must be finite numbers"),
