@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -501,6 +502,7 @@ def _normalized_view(images: Tensor, crop: Tensor, flip: Tensor, jitter: Tensor,
 
 
 COMPILE_MODES = (False, True, "reduce-overhead")
+_COMPILE_FAILED: set[object] = set()
 _COMPILED: dict[object, object] = {}  # per process, not per augmenter: a new augmenter each epoch reuses it
 
 
@@ -726,12 +728,17 @@ class TwoViewAugment:
         x = x.to(torch.float32).mul_(1 / 255)
         on_cpu = images.device.type == "cpu"
         sync_free = (not on_cpu) if self.sync_free is None else self.sync_free
-        if self.compile and not on_cpu and n:
+        if self.compile and not on_cpu and n and self.compile not in _COMPILE_FAILED:
             view = _compiled_view(self.compile)
-            for p, config, target in zip(params, configs, targets):
-                target.copy_(view(x, p.crop, p.flip, p.jitter, p.factors, p.order, p.grayscale, p.blur,
-                                  p.blur_sigma, p.solarize, target.shape[-1], config.blur_kernel_size))
-            return
+            try:
+                for p, config, target in zip(params, configs, targets):
+                    target.copy_(view(x, p.crop, p.flip, p.jitter, p.factors, p.order, p.grayscale, p.blur,
+                                      p.blur_sigma, p.solarize, target.shape[-1], config.blur_kernel_size))
+                return
+            except Exception as e:  # noqa: BLE001 - a compiler fault must not stop training: the eager ops are exact
+                _COMPILE_FAILED.add(self.compile)
+                warnings.warn(f"TwoViewAugment: torch.compile of the views failed ({type(e).__name__}: {e}); "
+                              "the eager PyTorch ops run instead", RuntimeWarning, stacklevel=2)
         # On CPU, chunks of a few hundred KiB per tensor stay in cache between the ~50 elementwise
         # ops; on an accelerator one launch per op for the whole batch is better.
         for p, config, target in zip(params, configs, targets):

@@ -113,6 +113,9 @@ class OptimConfig:
     batch_size: int = 256  # GLOBAL batch, split evenly over the workers
     epochs: int = 5
     warmup_epochs: float = 1.0
+    # torch.compile of the method's forward (encoder, head and loss): "auto" = on for CUDA workers,
+    # off on CPU (measured slower there, benchmarks/README.md "GPU step"); true / false force it.
+    compile: bool | str = "auto"
 
 
 @dataclass
@@ -261,6 +264,8 @@ def _parse_value(tp: Any, value: Any, where: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
+        if bool in inner and str in inner and isinstance(value, (bool, str)):
+            return value  # a switch with a word besides true/false (optim.compile: auto); validation checks the word
         return _parse_value(inner[0], value, where)
     if tp is bool:
         if isinstance(value, bool):
