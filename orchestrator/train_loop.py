@@ -212,6 +212,8 @@ class KnnProbe:
         knn = decoded if decoded is not None else decode_knn(cfg)
         self.bank_x, self.bank_y = _labelled(*knn["bank"].tensors())
         self.test_x, self.test_y = _labelled(*knn["test"].tensors())
+        if device.type == "cuda":  # uint8 images kept on the GPU: one copy, not one per evaluation
+            self.bank_x, self.test_x = self.bank_x.to(device), self.test_x.to(device)
 
     @torch.no_grad()
     def features(self, encoder: nn.Module, images_uint8: torch.Tensor) -> torch.Tensor:

@@ -501,6 +501,12 @@ def _normalized_view(images: Tensor, crop: Tensor, flip: Tensor, jitter: Tensor,
     return (x - mean) / std
 
 
+def _blur_kernel(config: ViewConfig) -> int:
+    """The view's blur kernel, 1 (no blur op at all) when the view never blurs: the sync-free ops
+    would otherwise blur every sample to keep none (the CIFAR convention turns blur off)."""
+    return config.blur_kernel_size if config.blur_prob > 0 else 1
+
+
 COMPILE_MODES = (False, True, "reduce-overhead")
 _COMPILE_FAILED: set[object] = set()
 _COMPILED: dict[object, object] = {}  # per process, not per augmenter: a new augmenter each epoch reuses it
@@ -733,7 +739,7 @@ class TwoViewAugment:
             try:
                 for p, config, target in zip(params, configs, targets):
                     target.copy_(view(x, p.crop, p.flip, p.jitter, p.factors, p.order, p.grayscale, p.blur,
-                                      p.blur_sigma, p.solarize, target.shape[-1], config.blur_kernel_size))
+                                      p.blur_sigma, p.solarize, target.shape[-1], _blur_kernel(config)))
                 return
             except Exception as e:  # noqa: BLE001 - a compiler fault must not stop training: the eager ops are exact
                 _COMPILE_FAILED.add(self.compile)
@@ -747,7 +753,7 @@ class TwoViewAugment:
             for start in range(0, n, chunk):
                 rows = slice(start, min(n, start + chunk))
                 part = ViewParams(*(t[rows] for t in vars(p).values()))
-                target[rows] = _normalize_unit(augment_views(x[rows], part, side, config.blur_kernel_size,
+                target[rows] = _normalize_unit(augment_views(x[rows], part, side, _blur_kernel(config),
                                                              sync_free=sync_free))
 
     def _numba(self, device: torch.device) -> bool:
