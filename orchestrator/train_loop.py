@@ -71,7 +71,8 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
 
 def compile_wanted(cfg: Config, device: torch.device) -> bool:
     """`optim.compile` resolved: "auto" = on for CUDA, off elsewhere (on the 2-core CPU machine the
-    compiled step measured no faster and its compile costs a minute; benchmarks/README.md, "GPU step")."""
+    demo's compiled step was 5 % faster for a 40 s compile, more than its whole training;
+    benchmarks/README.md, "GPU step")."""
     setting = cfg.optim.compile
     return device.type == "cuda" if setting == "auto" else bool(setting)
 

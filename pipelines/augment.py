@@ -380,7 +380,7 @@ def gaussian_blur(images: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
     lim = (kernel_size - 1) / (2.0 * math.sqrt(2.0))
     x = torch.linspace(-lim, lim, kernel_size, dtype=images.dtype, device=images.device)
     kernel = torch.softmax(-(x[None, :] / sigma.to(images.dtype)[:, None]).pow(2), dim=1)  # [n, k]
-    kernel = kernel.repeat_interleave(c, dim=0)  # [n*c, k]
+    kernel = kernel[:, None, :].expand(n, c, kernel_size).reshape(n * c, kernel_size)  # [n*c, k], no sync (repeat_interleave may count on the host)
     padded = F.pad(images, (half, half, half, half), mode="reflect").reshape(1, n * c, height + 2 * half, width + 2 * half)
     out = F.conv2d(padded, kernel.view(n * c, 1, kernel_size, 1), groups=n * c)
     out = F.conv2d(out, kernel.view(n * c, 1, 1, kernel_size), groups=n * c)
