@@ -36,7 +36,8 @@ def extract_features(encoder: nn.Module, images: Tensor, batch_size: int = 512,
 
 @torch.no_grad()
 def knn_accuracy(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, test_labels: Tensor,
-                 k: int = 200, temperature: float = 0.1, chunk_size: int = 1024) -> dict[str, float]:
+                 k: int = 200, temperature: float = 0.1, chunk_size: int = 1024,
+                 matmul_dtype: torch.dtype | None = None) -> dict[str, float]:
     """Weighted k-nearest-neighbour accuracy (Wu et al. 2018, InstDisc, sec. 3.4; lightly benchmarks).
 
     Each test feature votes with its k most cosine-similar train features, neighbour i weighing
@@ -47,11 +48,13 @@ def knn_accuracy(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, 
         test_feats: [M, D]. test_labels: [M].
         k: neighbours, clipped to N. temperature: T.
         chunk_size: test rows per similarity block (memory stays O(chunk_size * N)).
+        matmul_dtype: the similarities' matmul dtype (e.g. torch.bfloat16 on a GPU); None: float32.
 
     Returns:
         {"top1": fraction in [0, 1], "top5": fraction in [0, 1]} (top5 is over min(5, C) classes).
     """
     bank = F.normalize(train_feats.float(), dim=1)
+    bank_mm = bank if matmul_dtype is None else bank.to(matmul_dtype)
     train_labels = train_labels.long().to(bank.device)
     test_labels = test_labels.long()
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
@@ -60,7 +63,7 @@ def knn_accuracy(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, 
     hits1 = hits5 = 0
     for i in range(0, test_feats.size(0), chunk_size):
         q = F.normalize(test_feats[i:i + chunk_size].float().to(bank.device), dim=1)
-        sim, idx = (q @ bank.T).topk(k, dim=1)  # [c, k]
+        sim, idx = (q.to(bank_mm.dtype) @ bank_mm.T).float().topk(k, dim=1)  # [c, k]
         weights = (sim / temperature).exp()
         votes = torch.zeros(q.size(0), num_classes, device=bank.device)
         votes.scatter_add_(1, train_labels[idx], weights)  # [c, C]

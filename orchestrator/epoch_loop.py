@@ -47,7 +47,7 @@ from methods import prepare_for_distributed
 from methods.encoders import representation_encoder
 from orchestrator.config import Config
 from orchestrator.timeline import mark, process_start_time
-from orchestrator.train_loop import (STATE_FILE, KnnProbe, TrainBatches, build_model, build_optimizer,
+from orchestrator.train_loop import (STATE_FILE, KnnProbe, TrainBatches, build_model, build_optimizer, compile_model,
                                      build_scheduler, label_metrics_on, load_state, save_state,
                                      seed_everything, steps_per_epoch, train_one_epoch, unwrap)
 from pipelines import storage
@@ -184,6 +184,7 @@ class _Loop:
             model.load_state_dict(self.state["model"])
         if device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
+        compile_model(cfg, model, device)  # optim.compile; in place, before DDP wraps it
         self.model = session.wrap(model)
         self.module = unwrap(self.model)
         self.optimizer = build_optimizer(cfg, self.module)

@@ -141,6 +141,9 @@ class OptimConfig:
     batch_size: int = 256  # GLOBAL batch, split evenly over the workers
     epochs: int = 5
     warmup_epochs: float = 1.0
+    # torch.compile of the method's forward (encoder, head and loss): "auto" = on for CUDA workers,
+    # off on CPU (measured slower there, benchmarks/README.md "GPU step"); true / false force it.
+    compile: bool | str = "auto"
 
 
 @dataclass
@@ -323,6 +326,8 @@ def _parse_value(tp: Any, value: Any, where: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
+        if bool in inner and str in inner and isinstance(value, (bool, str)):
+            return value  # a switch with a word besides true/false (optim.compile: auto); validation checks the word
         listed = [a for a in inner if typing.get_origin(a) is list]
         if listed and isinstance(value, (list, tuple)):  # `int | list[int]`: scaling.num_workers = [min, max]
             return _parse_value(listed[0], value, where)

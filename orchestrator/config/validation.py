@@ -145,6 +145,8 @@ def _check_optim(o: OptimConfig) -> None:
     if not 0 <= o.sgd_momentum < 1:
         _fail("optim.sgd_momentum", o.sgd_momentum, "must be in [0, 1)")
     _positive("optim.lars_eta", o.lars_eta)
+    if not (isinstance(o.compile, bool) or o.compile == "auto"):
+        _fail("optim.compile", o.compile, "allowed: auto, true, false")
     _positive("optim.batch_size", o.batch_size)
     _positive("optim.epochs", o.epochs)
     _positive("optim.warmup_epochs", o.warmup_epochs, zero_ok=True)
