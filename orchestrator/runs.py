@@ -17,6 +17,7 @@ import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -49,7 +50,6 @@ def init_ray(cfg: Config) -> tuple[bool, str | None]:
     """Join the configured Ray cluster (`run.ray_address`, else `RAY_ADDRESS`), or start a private
     local one; returns (started_here, temp_dir). See `orchestrator.ray_compat.start_or_join_ray`."""
     return start_or_join_ray(cfg.run.ray_address)
-
 
 
 def spans_nodes(cfg: Config) -> int:
@@ -92,3 +92,160 @@ def check_cluster_storage(cfg: Config, locations: dict[str, str], *, streams_dat
     raise UserError(f"{field_name} = {value!r} is a local folder, but this Ray cluster has {n} nodes whose Train "
                     f"workers cannot see it: set {field_name} to a URI that every node reaches (s3://BUCKET/..., "
                     "gs://...), or, if every node mounts that folder at the same path, set run.shared_filesystem=true")
+
+
+def cpus_per_worker(cfg: Config) -> float:
+    """`scaling.cpus_per_worker`, or 1 when the cluster has a CPU to spare for Ray Data, else a share."""
+    if cfg.scaling.cpus_per_worker is not None:
+        return cfg.scaling.cpus_per_worker
+    total = float(ray.cluster_resources().get("CPU", 1.0))
+    n = cfg.scaling.num_workers
+    if total - n >= 1.0:
+        return 1.0
+    return max(0.1, round((total - 1.0) / n, 2))
+
+
+# --- records -----------------------------------------------------------------------------------
+
+def numbered_dir(root: str | Path, *, name: str | None, stem: str, record: str, resume: bool, kind: str) -> str:
+    """ROOT/NAME for a run or a sweep (`kind`), ROOT a local folder or a URI: NAME is `name`, else the
+    next free `<stem>-<n>`; with `resume`, the named or newest folder that holds its `record` file.
+    Raises `UserError`."""
+    root = str(root)
+    if name is not None:
+        d = storage.join(root, name)
+        if resume and not storage.is_file(storage.join(d, record)):
+            raise UserError(f"--resume: there is no {kind} {name!r} under {root} to continue "
+                            f"(leave out --resume to start it)")
+        if not resume and storage.exists(d):
+            raise UserError(f"{kind}.name = {name!r}: {d} exists already; continue it with --resume, "
+                            f"or choose another {kind}.name")
+        return d
+    pattern = re.compile(rf"^{re.escape(stem)}-(\d+)$")
+    taken = storage.list_names(root)
+    numbers = sorted(int(m.group(1)) for p in taken
+                     if (m := pattern.match(p)) and storage.is_file(storage.join(root, p, record)))
+    if resume:
+        if not numbers:
+            raise UserError(f"--resume: no {stem}-<n> {kind} under {root} to continue "
+                            f"(set {kind}.name to pick one)")
+        return storage.join(root, f"{stem}-{numbers[-1]}")
+    n = (numbers[-1] + 1) if numbers else 1
+    while f"{stem}-{n}" in taken:
+        n += 1
+    return storage.join(root, f"{stem}-{n}")
+
+
+def read_json(location: str) -> dict[str, Any] | None:
+    """A JSON record (local or in an object store), or None when it is not there."""
+    return json.loads(storage.read_text(location)) if storage.is_file(location) else None
+
+
+def write_json(location: str, record: dict[str, Any]) -> None:
+    """Write a record whole (`storage.write_text` is atomic: a reader never sees half of one)."""
+    storage.write_text(location, json.dumps(record, indent=2, default=str) + "\n")
+
+
+def config_differences(a: Config, b: Config) -> list[str]:
+    fa, fb = a.flat(), b.flat()
+    return [f"{k} ({fa[k]!r} -> {fb[k]!r})" for k in fa if k != "run.name" and fa[k] != fb[k]]
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """A copy with local `data.path` and `run.storage_path` made absolute (Train workers run in other
+    folders); URIs stay as they are."""
+    d = cfg.to_dict()
+    d["data"]["path"] = storage.absolute(cfg.data.path)
+    d["run"]["storage_path"] = storage_location(cfg.run.storage_path)
+    return Config.from_dict(d)
+
+
+
+# --- data ------------------------------------------------------------------------------------------
+
+def ensure_data(cfg: Config, *, quiet: bool = False) -> None:
+    """Ingest `data.source` into `data.path` if it has no manifest yet (the demo's first run)."""
+    if cfg.data.source is None or storage.is_file(storage.join(cfg.data.path, "manifest.json")):
+        check_data_folder(cfg)
+        return
+    if not quiet:
+        print(f"selfsup: first run: ingesting {cfg.data.source!r} into {cfg.data.path} ...", flush=True)
+    ingest(cfg.data.source, cfg.data.path, progress=False)
+    check_data_folder(cfg)
+
+
+def train_dataset(cfg: Config) -> Any:
+    """The lazy Ray Data train split (shuffled, decoded, maybe augmented each epoch): the first
+    `data.limit` rows, the same every epoch (`data.loader=stream`)."""
+    from pipelines.stream import read_split  # Ray Data: imported only by runs that stream
+
+    return read_split(cfg.data.path, cfg.data.train_split, image_size=cfg.data.image_size,
+                      augment_on=cfg.resolved_augment_on(), preset=cfg.augment_preset(),  # type: ignore[arg-type]
+                      view_size=cfg.data.image_size, seed=None, limit=cfg.data.limit,
+                      max_pixels=cfg.data.max_image_pixels)
+
+
+def train_rows(cfg: Config) -> int:
+    rows = read_manifest(cfg.data.path).rows(cfg.data.train_split)
+    return min(rows, cfg.data.limit) if cfg.data.limit is not None else rows
+
+
+def dataset_name(cfg: Config) -> str:
+    return read_manifest(cfg.data.path).name
+
+
+def protocol_tags(cfg: Config) -> dict[str, Any]:
+    """How this run's kNN accuracy was measured, as model version tags: the registry's champion
+    rule compares only versions that agree on these (`orchestrator.registry.PROTOCOL_TAGS`)."""
+    d, e = cfg.data, cfg.eval
+    return {"dataset": dataset_name(cfg), "image_size": d.image_size, "knn_k": e.knn_k, "knn_t": e.knn_t,
+            "knn_bank": split_rows(d.path, d.train_split, e.knn_train_limit),
+            "knn_queries": split_rows(d.path, d.test_split, e.knn_test_limit),
+            "knn_bank_split": d.train_split, "knn_query_split": d.test_split}
+
+
+# --- MLflow ------------------------------------------------------------------------------------
+
+def create_run(cfg: Config, *, uri: str, parent_run_id: str | None = None) -> str:
+    """The MLflow run of pretraining `cfg` (paths absolute, `run.name` set): its params, config
+    YAML and tags; nested under `parent_run_id` (a sweep's). Returns the run id."""
+    exp_id = tracking.ensure_experiment(uri, cfg.tracking.experiment)
+    return tracking.start_run(uri, exp_id, str(cfg.run.name), cfg.flat(), to_yaml(cfg),
+                              parent_run_id=parent_run_id, tags=_run_tags(cfg))
+
+
+def _run_tags(cfg: Config) -> dict[str, str]:
+    # Set where the run is made (a sweep's driver for its trials): a trial process must not open the
+    # MLflow store before training (one writer per run, docs/design.md).
+    return {"method": cfg.method.name, "encoder": cfg.model.encoder, "dataset": dataset_name(cfg),
+            "selfsup.storage_path": storage_location(cfg.run.storage_path),
+            LABEL_METRICS_TAG: "on" if label_metrics(cfg) else no_labels_note(cfg.data.path)}
+
+
+def mark_diverged(uri: str, run_id: str) -> None:
+    """A diverged run (NaN/inf loss): tag `diverged`, status FAILED."""
+    tracking.client(uri).set_tag(run_id, "diverged", "true")
+    tracking.finish_run(uri, run_id, "FAILED")
+
+
+def register_from_state(cfg: Config, state: dict[str, Any], *, uri: str, run_id: str, model_name: str,
+                        tags: dict[str, Any], summary: str = "", metric: str = "knn_top1") -> tuple[str, Any]:
+    """Register the encoder of a checkpoint's `state` (`train_loop.save_state`) as a new version of
+    `model_name`, from the run `run_id`, then move `champion` to it if it beats the champion measured
+    alike. Returns ("models:/NAME/VERSION", the `registry.Promotion`)."""
+    # Imported here: the registry imports MLflow, which a Train-run trial's process must not pay
+    # for before it trains (the driver and the Train controller write MLflow, docs/design.md).
+    from orchestrator.registry import promote_if_better
+
+    model = build_model(cfg)
+    model.encoder.load_state_dict(encoder_state(state["model"]))
+    mv = tracking.register_encoder(model.encoder, tracking_uri=uri, run_id=run_id, model_name=model_name,
+                                   image_size=cfg.data.image_size, tags={**tags, **protocol_tags(cfg)},
+                                   summary=summary)
+    promotion = promote_if_better(tracking.client(uri), model_name, str(mv.version), metric=metric)
+    return f"models:/{model_name}/{mv.version}", promotion
+
+
+def read_state(location: str) -> dict[str, Any]:
+    """A checkpoint file (local or in an object store), loaded without unpickling code."""
+    return load_state(io.BytesIO(storage.read_bytes(location)))

@@ -819,10 +819,11 @@ def _write_dataset(src: _Source, splits: list[str], out: str, *, split_from: str
     storage.delete_file(marker)
     if progress and len(splits) > PROGRESS_MIN_IMAGES:
         elapsed = time.monotonic() - started
-        hosts = Counter(r["host"] for r in results)
+        # Where the shards were written: Ray node ids (a private local Ray: one), else this host.
+        where = Counter(r["node_id"][:12] if "node_id" in r else r["host"] for r in results)
         print(f"ingest {src.name}: {len(splits):,} images in {elapsed:.1f} s ({len(splits) / elapsed:,.0f} img/s), "
-              f"{len(results)} shards written on {len(hosts)} host(s): "
-              + ", ".join(f"{h} ({n})" for h, n in sorted(hosts.items())), file=sys.stderr)
+              f"{len(results)} shards written on {len(where)} {'node' if use_ray else 'host'}(s): "
+              + ", ".join(f"{h} ({n})" for h, n in sorted(where.items())), file=sys.stderr)
     return manifest
 
 

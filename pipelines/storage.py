@@ -136,7 +136,7 @@ def makedirs(location: str | Path) -> None:
     """Create a folder and its parents (a no-op on object stores, whose folders are prefixes)."""
     fs, path = resolve(location)
     if isinstance(fs, pafs.LocalFileSystem):
-        fs.create_dir(path, recursive=True)
+        Path(path).mkdir(parents=True, exist_ok=True)  # Python's OSError: its errno and filename, no wrapping
 
 
 def read_bytes(location: str | Path) -> bytes:
