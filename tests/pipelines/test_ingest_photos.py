@@ -33,7 +33,7 @@ def _rows(folder: str | Path, split: str) -> pa.Table:
 def _png16(seed: int) -> bytes:
     arr = (np.random.default_rng(seed).integers(0, 65535, size=(40, 50))).astype(np.uint16)
     buf = io.BytesIO()
-    Image.fromarray(arr, "I;16").save(buf, format="PNG")
+    Image.fromarray(arr).save(buf, format="PNG")  # mode I;16: a 16-bit PNG
     return buf.getvalue()
 
 
