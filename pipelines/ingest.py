@@ -817,7 +817,7 @@ def _write_dataset(src: _Source, splits: list[str], out: str, *, split_from: str
         if SHARD_NAME.match(n) and n not in new:
             storage.delete_file(storage.join(out, n))
     storage.delete_file(marker)
-    if progress and len(splits) > PROGRESS_MIN_IMAGES:
+    if progress and (use_ray or len(splits) > PROGRESS_MIN_IMAGES):
         elapsed = time.monotonic() - started
         # Where the shards were written: Ray node ids (a private local Ray: one), else this host.
         where = Counter(r["node_id"][:12] if "node_id" in r else r["host"] for r in results)
