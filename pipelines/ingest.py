@@ -93,8 +93,8 @@ SCHEMA = pa.schema([("image", pa.binary()), ("label", pa.int64()), ("path", pa.s
 class _Source:
     """What a source kind hands to the planner: metadata for every item, and how to read its bytes.
 
-    `reader` says where an item's bytes come from: "files" (`refs[i]` is a location: a local path
-    or a URI, read by whichever Ray task holds the item), "parquet" (`refs[i]` is
+    `reader` says where an item's bytes come from: "files" (the file `root`/`paths[i]`: a local
+    path or a URI, read by whichever Ray task holds the item), "parquet" (`refs[i]` is
     `(file location, row group, row)`), or "local" (`fetch(i)`, only in this process: the demo's
     arrays, a torchvision dataset).
     """
@@ -107,6 +107,7 @@ class _Source:
     paths: list[str]  # each item's `path` column (relative to SOURCE)
     reader: str
     refs: list[Any] = field(default_factory=list)
+    root: str = ""  # the folder or prefix that "files" paths are relative to
     image_column: str | None = None
     fetch: Callable[[int], tuple[bytes | None, str]] | None = None
     skipped: list[dict[str, str]] = field(default_factory=list)
@@ -122,6 +123,7 @@ class _ShardJob:
     reader: str
     indices: list[int]  # into the source's items (the "local" reader)
     refs: list[Any]
+    root: str
     paths: list[str]
     labels: list[int]
     image_column: str | None
@@ -351,7 +353,7 @@ def _image_folder_source(files: list[tuple[str, str]], name: str, description: s
     index = {c: i for i, c in enumerate(classes)}
     labels = [index[c] if c is not None else -1 for c in class_names]
     return _Source(name=name, description=description, classes=classes, labels=labels, splits=splits,
-                   paths=[rel for rel, _ in files], reader="files", refs=[loc for _, loc in files],
+                   paths=[rel for rel, _ in files], reader="files", root=description,
                    skipped=skipped)
 
 
@@ -609,9 +611,9 @@ def _job_records(job: _ShardJob, fetch: Callable[[int], tuple[bytes | None, str]
             data, reason = fetch(k)
             yield path, label, data, reason
     elif job.reader == "files":
-        for location, path, label in zip(job.refs, job.paths, job.labels):
+        for path, label in zip(job.paths, job.labels):
             try:
-                yield path, label, storage.read_bytes(location), ""
+                yield path, label, storage.read_bytes(storage.join(job.root, path)), ""
             except OSError as e:
                 yield path, label, None, f"unreadable: {e.strerror or e}"
     else:  # parquet: items are in source order, so each row group is read once
@@ -728,10 +730,10 @@ def _plan(src: _Source, splits: list[str], out: str, existing: set[str], cpus: i
         cuts += [(split, i, n, items[i * per:(i + 1) * per]) for i in range(n)]
     plain = [f"{s}-{i:05d}-of-{n:05d}" for s, i, n, _ in cuts]
     tag = f"-{secrets.token_hex(4)}" if any(f"{p}.parquet" in existing for p in plain) else ""
-    refs = src.refs or [None] * len(splits)
+    refs = src.refs or [None] * len(splits)  # "files" items need none: root + path
     return [_ShardJob(location=storage.join(out, f"{p}{tag}.parquet"), split=s, reader=src.reader,
                       indices=items if src.reader == "local" else [],
-                      refs=[refs[k] for k in items] if src.reader != "local" else [],
+                      refs=[refs[k] for k in items] if src.reader == "parquet" else [], root=src.root,
                       paths=[src.paths[k] for k in items], labels=[src.labels[k] for k in items],
                       image_column=src.image_column, max_image_pixels=max_image_pixels, max_side=max_side,
                       metadata=metadata)
