@@ -109,9 +109,9 @@ print("WALL", time.perf_counter() - t0, "MAXRSS_KB", resource.getrusage(resource
 """
 
 
-def run_ingest(source: Path, out: Path, ray_root: Path) -> dict[str, Any]:
+def run_ingest(source: Path, out: Path) -> dict[str, Any]:
     """`ingest` in a process of its own, as the CLI runs it: wall time, work rate, driver peak RSS."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "SELFSUP_RAY_TEMP_ROOT": str(ray_root)}
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
     t0 = time.perf_counter()
     p = subprocess.run([sys.executable, "-c", _DRIVER, str(source), str(out)], env=env, capture_output=True,
@@ -143,12 +143,12 @@ def run_ingest_benchmark(out_dir: str | Path, *, photos: int = 3000, small: tupl
         size = make_photos(src, photos, cores)
         files = sorted(str(p) for p in src.rglob("*.jpg"))
         floor = floor_rate(files, cores)
-        ingest = run_ingest(src, tmp / "ds-photos", tmp)
+        ingest = run_ingest(src, tmp / "ds-photos")
         memory = []
         for n in small:
             s = tmp / f"small-{n}"
             make_small(s, n)
-            r = run_ingest(s, tmp / f"ds-small-{n}", tmp)
+            r = run_ingest(s, tmp / f"ds-small-{n}")
             memory.append({"images": n, **r})
             shutil.rmtree(s)
             shutil.rmtree(tmp / f"ds-small-{n}")

@@ -137,3 +137,16 @@ def test_ingest_from_an_s3_prefix_into_s3(s3_bucket: str, tmp_path: Path) -> Non
     assert all(r["height"] >= 48 and r["width"] >= 48 for r in rows)
     assert read_manifest(out).checksums == m.checksums
     assert not [n for n in storage.list_names(out) if n.startswith(".")], "no marker or temporary object left"
+
+
+def test_temporary_names_differ_per_host_process_and_call(tmp_path: Path) -> None:
+    """Two hosts on one shared mount can have the same pid: host, pid and random bits in the name."""
+    a, b = storage.temp_name("selfsup-run.json"), storage.temp_name("selfsup-run.json")
+    assert a != b and socket.gethostname()[:8] in a and f"-{os.getpid()}-" in a
+    assert storage.is_temp_name(a) and not storage.is_temp_name("selfsup-run.json")
+    # A write that fails part-way (here: not bytes) leaves the old file and no temporary file.
+    target = tmp_path / "r.json"
+    storage.write_text(target, "old")
+    with pytest.raises(TypeError):
+        storage.write_bytes(target, "not bytes")  # type: ignore[arg-type]
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["r.json"]
