@@ -36,7 +36,7 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
 
     ingest(args.source, args.out, test_fraction=args.test_fraction, seed=args.seed,
            overwrite=args.overwrite, progress=not args.quiet, image_column=args.image_column,
-           label_column=args.label_column, max_image_pixels=args.max_image_pixels)
+           label_column=args.label_column, max_image_pixels=args.max_image_pixels, max_side=args.max_side)
     return 0
 
 
@@ -97,8 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_ingest(sub: Any) -> None:
     ing = sub.add_parser("ingest", help="turn an image source into Parquet shards + manifest.json")
-    ing.add_argument("source", help="an ImageFolder directory, a folder/file of Parquet, a torchvision dataset name, or 'demo'")
-    ing.add_argument("out", help="output folder for the shards and manifest.json")
+    ing.add_argument("source", help="an ImageFolder directory or URI prefix (s3://, gs://, abfs://), a folder/file "
+                                    "of Parquet, a torchvision dataset name, or 'demo'")
+    ing.add_argument("out", help="output folder or URI for the shards and manifest.json")
     ing.add_argument("--test-fraction", type=float, default=0.2,
                      help="fraction held out as the test split when the source has no split (default 0.2)")
     ing.add_argument("--seed", type=int, default=0, help="seed of the train/test split (default 0)")
@@ -109,6 +110,8 @@ def _add_ingest(sub: Any) -> None:
     ing.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS, metavar="N",
                      help="skip images whose header declares more than N pixels, before decoding them "
                           f"(decompression bombs; default {DEFAULT_MAX_IMAGE_PIXELS:,})")
+    ing.add_argument("--max-side", type=int, default=None, metavar="N",
+                     help="re-encode images whose longer side exceeds N pixels down to N (default: keep every size)")
     ing.set_defaults(func=_cmd_ingest)
 
 

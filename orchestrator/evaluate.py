@@ -35,7 +35,8 @@ from orchestrator.errors import UserError
 from orchestrator.registry import LoadedEncoder, load_encoder
 from orchestrator.train_loop import probe_metrics
 from pipelines.augment import normalize
-from pipelines.manifest import read_manifest
+from pipelines import storage
+from pipelines.manifest import MANIFEST, read_manifest
 from pipelines.memory import decode_split
 
 EXPERIMENT = "selfsup-evaluations"
@@ -143,9 +144,11 @@ def _params(encoder: LoadedEncoder, data: str | Path, dataset: str, *, splits: t
             counts: tuple[int, int], settings: EvalConfig, seed: int) -> dict[str, Any]:
     """The evaluation run's params: the model, the data (and which version of it), the protocol."""
     return {"model.name": encoder.version.name, "model.version": str(encoder.version.version),
-            "model.uri": encoder.uri, "data.path": str(Path(data).resolve()), "data.name": dataset,
-            # which version of the data: the manifest lists every shard and its row count
-            "data.digest": hashlib.sha256((Path(data) / "manifest.json").read_bytes()).hexdigest()[:16],
+            "model.uri": encoder.uri, "data.path": storage.absolute(data), "data.name": dataset,
+            # which version of the data: the manifest lists every shard and its row count. Read
+            # through the storage layer: DATA may be a URI (never made a local path).
+            "data.digest": hashlib.sha256(storage.read_bytes(storage.join(storage.absolute(data), MANIFEST))
+                                          ).hexdigest()[:16],
             "data.train_split": splits[0], "data.test_split": splits[1], "image_size": image_size,
             "train_images": counts[0], "test_images": counts[1], "knn_k": settings.knn_k,
             "knn_t": settings.knn_t, "linear_epochs": settings.linear_epochs, "linear_lr": settings.linear_lr,

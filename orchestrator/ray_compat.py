@@ -9,10 +9,12 @@ moved then costs only its own entry.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
+from collections.abc import Iterator
 from typing import Any
 
 from pipelines import storage
@@ -38,6 +40,69 @@ def quiet_ray_env() -> None:
     for name in ("ray", "ray.train", "ray.data", "ray.tune", "mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
+
+
+# --- starting Ray (checked against Ray 2.60.0) -------------------------------------------------
+
+def start_or_join_ray(address: str | None = None) -> tuple[bool, str | None]:
+    """Join the Ray cluster at `address` (else `RAY_ADDRESS`), or start a private local one;
+    returns (started_here, temp_dir). The one way selfsup starts Ray (`pretrain`, `sweep`, `ingest`).
+
+    Local: `num_cpus` = 2 x cores (at least 4): Ray Data's read/decode tasks need logical CPUs
+    next to the Train workers or a 2-core machine hangs (docs/design.md, "Data"). Token auth is set
+    explicitly: off for the private local cluster (its temp dir is private to this run; the
+    dashboard is not started), as the environment says for a cluster (`RAY_AUTH_MODE`).
+    """
+    import tempfile
+    from pathlib import Path
+
+    import ray
+
+    if ray.is_initialized():
+        return False, None
+    quiet_ray_env()
+    drop_benign_ray_notices()
+    address = address or os.environ.get("RAY_ADDRESS")
+    # SELFSUP_RAY_LOGS=1 shows the workers' own output (tracebacks, Ray Data progress) for debugging.
+    common: dict[str, Any] = dict(log_to_driver=os.environ.get("SELFSUP_RAY_LOGS") == "1",
+                                  logging_level=logging.WARNING, configure_logging=True)
+    if address:
+        token = (Path.home() / ".ray" / "auth_token").is_file()
+        os.environ.setdefault("RAY_AUTH_MODE", "token" if token else "disabled")
+        ray.init(address=address, **common)
+        return False, None
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # A private local Ray has no preemptible nodes to watch, no dashboard and no Prometheus: without
+    # Train's PreemptionWatcher actor, Train's metrics and Ray's metrics collection (the dashboard
+    # agent scans every process's stats each few seconds) the Ray processes other than the training
+    # worker took 6.6% of a 2-core machine during the demo's epochs instead of 8.8% (measured from
+    # /proc; see the issue notes). They compete with training for the same cores.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
+    os.environ.setdefault("RAY_enable_metrics_collection", "0")
+    # Ray's unix-socket paths must stay under 107 bytes: a short private folder in /tmp.
+    temp_dir = tempfile.mkdtemp(prefix="selfsup-ray-", dir=os.environ.get("SELFSUP_RAY_TEMP_ROOT", "/tmp"))
+    ray.init(address="local", num_cpus=max(4, 2 * (os.cpu_count() or 1)), include_dashboard=False,
+             _temp_dir=temp_dir, **common)
+    return True, temp_dir
+
+
+@contextlib.contextmanager
+def ray_session_at(address: str | None = None) -> Iterator[bool]:
+    """Ray for one command (`start_or_join_ray`); what was started here is shut down and its
+    temporary folder removed on the way out. Yields whether Ray was started here."""
+    import shutil
+
+    import ray
+
+    started, temp_dir = start_or_join_ray(address)
+    try:
+        yield started
+    finally:
+        if started:
+            ray.shutdown()
+            if temp_dir:
+                shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 # --- driver output (checked against Ray 2.60.0) ---------------------------------------------------

@@ -229,7 +229,7 @@ def cluster(mlflow_server: str) -> Iterator[Cluster]:
                          start_new_session=True)
         wait_for("the head starts", lambda: len(c.alive_nodes()) == 1, 180, None, root / "head.log")
         c.start_worker_node()
-        # The demo data in the bucket, once for every case (ingest stages locally, uploads, manifest last).
+        # The demo data in the bucket, once for every case (shards written straight to it, manifest last).
         ingest = subprocess.run([sys.executable, "-m", "orchestrator.cli", "ingest", "demo", c.uri("demo"), "--quiet"],
                                 env=env, cwd=work, capture_output=True, text=True, timeout=300)
         assert ingest.returncode == 0, ingest.stderr
@@ -531,3 +531,49 @@ def test_elastic_run_shrinks_on_a_lost_node_and_grows_back(cluster: Cluster) -> 
         Path(out).write_text(json.dumps({**events, "run_id": run_id, "world_size": world,
                                          "epoch_seconds": [v for _, v in _history(c, run_id, "epoch_seconds")],
                                          "resizes": run.data.tags["resizes"]}))
+
+
+def test_photos_ingested_from_s3_on_the_worker_node_then_pretrain_embed_evaluate(cluster: Cluster) -> None:
+    """Issue 23: photo-like JPEGs (320-640 px) in the bucket, ingested s3:// -> s3:// by Ray Data
+    tasks that run on the worker node (the head has 0 CPUs, and ingest names the nodes its shard
+    tasks ran on), a streamed pretrain from that dataset, then `registry embed` with an s3://
+    output and `evaluate` on the s3:// dataset."""
+    import re
+
+    import pyarrow.parquet as pq
+    import ray
+
+    from pipelines import storage
+    from tests.image_files import photo_jpeg
+
+    c = cluster
+    for i in range(48):
+        storage.write_bytes(c.uri("photo-src", f"c{i % 3}", f"{i:02d}.jpg"), photo_jpeg(i))
+    log = c.root / "case-photos.log"
+    proc = c.selfsup(["ingest", c.uri("photo-src"), c.uri("photos"), "--test-fraction", "0.25"], c.work / "photos", log)
+    assert proc.wait(timeout=600) == 0, _tail(log)
+    m = re.search(r"shards written on (\d+) node\(s\): (.*)$", log.read_text(), re.MULTILINE)
+    assert m, _tail(log)
+    ran_on = set(re.findall(r"([0-9a-f]{12}) \(\d+\)", m.group(2)))
+    workers = {n["NodeID"][:12] for n in ray.nodes() if n["Alive"] and "node:__internal_head__" not in n["Resources"]}
+    assert ran_on and ran_on <= workers, (ran_on, workers)  # every shard task ran on the worker node
+    assert "manifest.json" in storage.list_names(c.uri("photos"))
+    assert not (c.work / "photos" / "s3:").exists(), "nothing staged on the driver's disk"
+
+    proc = c.selfsup(["pretrain", *_args(c, "mn-photos", **{"data.path": c.uri("photos"), "data.image_size": 32,
+                                                            "data.loader": "stream", "data.limit": None,
+                                                            "optim.epochs": 1, "optim.batch_size": 8,
+                                                            "tracking.model_name": "mn-photos-encoder"})],
+                     c.work / "photos", log)
+    assert proc.wait(timeout=900) == 0, _tail(log)
+    record = _record(c, "runs", "mn-photos", "selfsup-run.json")
+    assert record["status"] == "finished" and record["model_uri"], record
+
+    out = c.uri("emb", "photos.parquet")
+    proc = c.selfsup(["registry", "embed", record["model_uri"], c.uri("photos"), out], c.work / "photos", log)
+    assert proc.wait(timeout=300) == 0, _tail(log)
+    assert pq.read_table(storage.open_input_file(out)).num_rows == 48
+    assert not (c.work / "photos" / "s3:").exists(), "an s3:// output never becomes a local folder"
+    proc = c.selfsup(["evaluate", record["model_uri"], c.uri("photos"), "--linear-epochs", "0"], c.work / "photos", log)
+    assert proc.wait(timeout=300) == 0, _tail(log)
+    assert "knn_top1" in log.read_text()
