@@ -13,7 +13,8 @@ The cluster (one per module, shared by the cases):
   not there, as on a second machine;
 - `moto_server` (S3-compatible, what Ray's own storage tests use) with the bucket; every process
   gets `AWS_ENDPOINT_URL` and dummy credentials;
-- an `mlflow server` (tests/conftest.py).
+- an `mlflow server` (tests/conftest.py);
+- for the elastic case only, a second worker node that stays up (started and stopped by that case).
 
 Every process started here carries `SELFSUP_MN_MARKER=<this module's temp folder>` in its
 environment; teardown stops those processes by pid (Ray's daemons outlive their parents). Never a
@@ -472,7 +473,8 @@ def run_elastic_case(c: Cluster, name: str, events: dict[str, float]) -> str:
             # selfsup's own start timeout for elastic runs, not the fixture's 300 s (the fixed-size run
             # of test_lost_worker_node_resumes_from_s3_checkpoint waits for its replacement node).
             c.work / name, log, extra_env={"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(ELASTIC_START_TIMEOUT_S)})
-        wait_for("the first checkpoint, on 2 workers", lambda: _latest_reported(run).get("epoch", 0) >= 1, 600, proc, log)
+        wait_for("the first checkpoint, on 2 workers", lambda: _latest_reported(run).get("epoch", 0) >= 1, 600,
+                 proc, log)
         assert _latest_reported(run)["world_size"] == 2
         events["kill"] = time.time()
         c.kill_worker_node()
