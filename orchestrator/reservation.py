@@ -104,6 +104,13 @@ class Lease:
         self._stop.set()
         if self._mine():
             storage.delete_file(self.location)
+            if not storage.is_uri(self.run_dir):
+                # A command that stopped before writing anything leaves no folder behind (nothing to
+                # --resume); one that wrote its record keeps it. Object stores have no folders.
+                try:
+                    os.rmdir(self.run_dir)
+                except OSError:
+                    pass
 
     def __enter__(self) -> Lease:
         return self

@@ -18,6 +18,7 @@ import contextlib
 import functools
 import hashlib
 import os
+import uuid
 import re
 import secrets
 import socket
@@ -289,7 +290,7 @@ def write_new_bytes(location: str | Path, data: bytes) -> bool:
     """Create a file only if nothing is there yet (create-if-absent); False, and nothing written, if
     something is. Two writers racing for one name: exactly one gets True.
 
-    Local: `O_CREAT | O_EXCL` (atomic on a local disk and on NFSv3+). S3: a conditional put
+    Local: a whole temporary file hard-linked into place (`link` fails on an existing name: atomic on a local disk and on NFS). S3: a conditional put
     (`If-None-Match: *`, which S3 has honoured since 2024-08 and moto's server honours), through
     boto3, which reads the same `AWS_ENDPOINT_URL` and credentials as pyarrow. Other object stores
     (gs://, abfs://) have conditional writes too but are not wired here: they get a check then a
@@ -300,12 +301,20 @@ def write_new_bytes(location: str | Path, data: bytes) -> bool:
     if m is None or m.group(1).lower() == "file":
         p = Path(absolute(s))
         p.parent.mkdir(parents=True, exist_ok=True)
+        # Written whole under a private name, then hard-linked into place (link fails if the name
+        # exists): a reader never sees the file created but still empty, which it could not tell
+        # from a half-written file left by a killed process.
+        tmp = p.with_name(f"{p.name}.tmp-{uuid.uuid4().hex}")  # lists with its name (a lease, not content)
         try:
-            fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            with open(tmp, "xb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.link(tmp, p)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        finally:
+            tmp.unlink(missing_ok=True)
         return True
     if m.group(1).lower() == "s3":
         import boto3
