@@ -29,7 +29,8 @@ TRACKING_URI_HELP = "MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlit
 
 
 # Each command imports the module that does its work when it runs: `selfsup ingest` never imports
-# Ray or MLflow, and Ray is imported only after `keep_local_ray_on_loopback` (see `main`).
+# MLflow, and Ray only for a source it runs as a Ray Data job (more than 2,000 images, or a cluster
+# named by RAY_ADDRESS); Ray is imported only after `keep_local_ray_on_loopback` (see `main`).
 
 def _cmd_ingest(args: argparse.Namespace) -> int:
     from pipelines.ingest import ingest

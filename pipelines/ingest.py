@@ -781,6 +781,7 @@ def _write_dataset(src: _Source, splits: list[str], out: str, *, split_from: str
                                              or len(splits) > IN_PROCESS_MAX_IMAGES)
     results: list[dict[str, Any]] = []
     jobs: list[_ShardJob] = []
+    joined = False  # ran on a cluster this call did not start: its tasks outlive a failure here
     started = time.monotonic()
     try:
         if use_ray:
@@ -789,7 +790,8 @@ def _write_dataset(src: _Source, splits: list[str], out: str, *, split_from: str
             session: Any = ray_session_at(ray_address)
         else:
             session = contextlib.nullcontext()
-        with session:
+        with session as ray_started:
+            joined = use_ray and not ray_started
             jobs = _plan(src, splits, out, existing, _cluster_cpus() if use_ray else 1,
                          max_image_pixels=max_image_pixels, max_side=max_side)
             bar = tqdm(total=len(splits), unit="img", desc=f"ingest {src.name}", file=sys.stderr,
@@ -812,7 +814,10 @@ def _write_dataset(src: _Source, splits: list[str], out: str, *, split_from: str
     except BaseException:
         for job in jobs:  # the new shards (never an old one's name: `_plan`)
             storage.delete_file(job.location)
-        storage.delete_file(marker)
+        if not joined:
+            storage.delete_file(marker)
+        # else: a task still running on the cluster may yet write its shard; the marker stays, so
+        # that the next ingest into OUT knows such shards for leftovers and clears them.
         raise
     new = set(manifest.checksums)
     for n in existing:  # an overwritten dataset's shards, now that no manifest names them
