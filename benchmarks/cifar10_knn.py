@@ -11,6 +11,8 @@ On a 2-core CPU a ResNet-18 manages ~15 images/s, so the CPU budget swaps in the
 (`--encoder convnet`, the default here) and a subset of the training split; on a GPU pass
 `--encoder resnet18 --gpu`. The recipes' 10 warm-up epochs become 1 and MoCo's queue 4,096 (the
 official MoCo CIFAR-10 demo's size; 32,768 keys would be mostly random for a short run).
+The ViT recipes (`mae`, `dino-vit`: `configs/cifar10-mae.yaml`, `configs/cifar10-dino-vit.yaml`)
+keep their ViT-Tiny/4 whatever `--encoder` says (MAE needs a ViT), at the same budget.
 
     selfsup ingest ../shared/datasets/cifar10 data/cifar10        # once
     .venv/bin/python benchmarks/cifar10_knn.py --epochs 3 --limit 10000
@@ -34,8 +36,14 @@ from methods import METHODS  # noqa: E402
 from orchestrator.config import load_config  # noqa: E402
 
 
+# Recipes that train a ViT-Tiny/4 (their preset's encoder is kept); "dino-vit" is DINO's ViT recipe.
+VIT_RECIPES = ("mae", "dino-vit")
+RECIPES = [*METHODS, "dino-vit"]
+
+
 def overrides(args: argparse.Namespace, method: str, tmp: str) -> list[str]:
-    out = [f"data.path={args.data}", f"model.encoder={args.encoder}", f"optim.epochs={args.epochs}",
+    encoder = [] if method in VIT_RECIPES else [f"model.encoder={args.encoder}"]
+    out = [f"data.path={args.data}", *encoder, f"optim.epochs={args.epochs}",
            "optim.warmup_epochs=1", f"optim.batch_size={args.batch_size}", f"scaling.num_workers={args.workers}",
            f"scaling.use_gpu={'true' if args.gpu else 'false'}", f"run.storage_path={tmp}/runs",
            f"run.name=knn-{method}", f"tracking.uri=sqlite:///{tmp}/mlflow.db", "tracking.experiment=cifar10-knn",
@@ -50,7 +58,7 @@ def overrides(args: argparse.Namespace, method: str, tmp: str) -> list[str]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="data/cifar10", help="CIFAR-10 shard folder (selfsup ingest output)")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--methods", nargs="+", default=RECIPES, choices=RECIPES)
     p.add_argument("--encoder", default="convnet")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--limit", type=int, default=10000, help="training images per epoch (0 = all 50,000)")

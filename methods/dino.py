@@ -30,6 +30,10 @@ class DINO(nn.Module):
             driven by the progress `update_momentum(progress)` receives, so no epoch count is needed.
         center_momentum: m of the center's EMA (paper: 0.9).
         momentum: base teacher EMA rate lambda (paper: 0.996), cosine to 1 as BYOL's.
+        freeze_last_layer_epochs: the prototypes (the head's last layer) take no step for this many
+            epochs (main_dino.py `--freeze_last_layer 1`: "helps optimization" early on).
+        clip_grad: each parameter's gradient norm is clipped to this (main_dino.py `--clip_grad 3.0`,
+            `utils.clip_gradients`: per parameter, not the global norm); 0 = no clipping.
 
     Views: `forward(x1, x2, local_views)` takes the two global crops and optionally the local
     crops as one tensor [V, n, 3, h, w] (`pipelines.augment.TwoViewAugment(local_crops=V)` makes
@@ -39,25 +43,38 @@ class DINO(nn.Module):
 
     The teacher is updated only by `update_momentum`, after each optimiser step (as BYOL's
     target). The center and the training progress (which fixes tau_t) are persistent buffers: a
-    resumed run continues with the same targets. Departures: the reference freezes the last layer
-    in the first epoch, clips gradients and raises the weight decay 0.04 -> 0.4 on a cosine; here
-    the last layer trains from the start and `orchestrator.train_loop` sets the optimiser.
-    BatchNorm (ResNet encoders) is global with several workers (`sync_batchnorm`), as the
-    reference converts ResNets to SyncBatchNorm.
+    resumed run continues with the same targets. As main_dino.py's training step, the training
+    loop calls `on_epoch_start(epoch)` and, between backward and the optimiser step,
+    `before_optimizer_step()`: gradient clipping, then the last layer's gradients dropped during
+    the first `freeze_last_layer_epochs` (`cancel_gradients_last_layer`). The teacher's backbone is
+    the one evaluated and registered (`registered_encoder`), as the paper evaluates the teacher;
+    the teacher has no stochastic depth (main_dino.py builds it without `drop_path_rate`).
+    The optimiser (AdamW, weight decay on a cosine 0.04 -> 0.4 with `optim.weight_decay_end`,
+    LR warm-up) is the config's (`configs/*-dino-vit*.yaml`). Departure: the LR decays to 0, not
+    to main_dino.py's `min_lr` 1e-6. BatchNorm (ResNet encoders) is global with several workers
+    (`sync_batchnorm`), as the reference converts ResNets to SyncBatchNorm.
     """
 
     sync_batchnorm = True  # read by methods.prepare_for_distributed
     augment_preset = "dino"  # 2 global crops (blur 1.0 / 0.1, solarize 0 / 0.2) + local crops
+    registered_encoder = "encoder_teacher"  # read by methods.encoders.representation_encoder
 
     def __init__(self, encoder: nn.Module, *, projection_dim: int = 65536, hidden_dim: int = 2048,
                  bottleneck_dim: int = 256, student_temp: float = 0.1, teacher_temp: float = 0.07,
                  warmup_teacher_temp: float = 0.04, warmup_teacher_temp_fraction: float = 0.3,
-                 center_momentum: float = 0.9, momentum: float = 0.996) -> None:
+                 center_momentum: float = 0.9, momentum: float = 0.996, freeze_last_layer_epochs: int = 1,
+                 clip_grad: float = 3.0) -> None:
         super().__init__()
         self.encoder = encoder
         self.head = DINOHead(int(encoder.output_dim), hidden_dim, bottleneck_dim, projection_dim)
         self.encoder_teacher = frozen_copy(self.encoder)
+        for m in self.encoder_teacher.modules():  # timm's DropPath: the reference's teacher has none
+            if hasattr(m, "drop_prob"):
+                m.drop_prob = 0.0
         self.head_teacher = frozen_copy(self.head)
+        self.freeze_last_layer_epochs = freeze_last_layer_epochs
+        self.clip_grad = clip_grad
+        self.epoch = 0  # epochs completed before this one, set by on_epoch_start
         self.student_temp = student_temp
         self.final_teacher_temp = teacher_temp
         self.warmup_teacher_temp = warmup_teacher_temp
@@ -106,6 +123,18 @@ class DINO(nn.Module):
         batch_center = total[:, :-1] / total[:, -1:]
         self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
 
+    def on_epoch_start(self, epoch: int) -> None:
+        """Called by the training loop before each epoch; `epoch` counts from 0."""
+        self.epoch = epoch
+
+    @torch.no_grad()
+    def before_optimizer_step(self) -> None:
+        """main_dino.py between `loss.backward()` and `optimizer.step()`: clip, then freeze the last layer."""
+        if self.clip_grad > 0:
+            clip_gradients(self, self.clip_grad)
+        if self.epoch < self.freeze_last_layer_epochs:
+            self.head.prototypes.grad = None  # AdamW/SGD skip a parameter without a gradient
+
     @torch.no_grad()
     def update_momentum(self, progress: float) -> None:
         """Record the progress (for tau_t) and EMA the teacher with lambda = 1 - (1 - lambda_base)(cos(pi p) + 1)/2.
@@ -117,3 +146,12 @@ class DINO(nn.Module):
         self.momentum = cosine_schedule(progress, 1.0, self.base_momentum, 1.0)
         ema_update(self.encoder_teacher, self.encoder, self.momentum)
         ema_update(self.head_teacher, self.head, self.momentum)
+
+
+@torch.no_grad()
+def clip_gradients(model: nn.Module, clip: float) -> None:
+    """DINO's `utils.clip_gradients`: scale each parameter's gradient to norm at most `clip`, one at a time."""
+    for p in model.parameters():
+        if p.grad is not None:
+            coef = clip / (p.grad.norm(2) + 1e-6)
+            p.grad.mul_(coef.clamp(max=1.0))

@@ -42,19 +42,31 @@ class LARS(torch.optim.Optimizer):
     """
 
     def __init__(self, params: Iterable[Any], lr: float, momentum: float = 0.9,
-                 weight_decay: float = 0.0, trust_coefficient: float = 0.001) -> None:
+                 weight_decay: float = 0.0, trust_coefficient: float = 0.001, foreach: bool = True) -> None:
         if lr < 0:
             raise ValueError(f"lr must be >= 0, got {lr}")
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
                         trust_coefficient=trust_coefficient, lars_exclude=False)
         super().__init__(params, defaults)
+        self.foreach = foreach
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """One update of every parameter with a gradient.
+
+        With ``foreach`` (the default) each group is a handful of multi-tensor kernels
+        (``torch._foreach_*``: the norms, trust ratios, momentum and update of all its parameters
+        at once) instead of ~8 small kernels per parameter; ``foreach=False`` is the per-parameter
+        loop, the reference the tests compare it with. Same arithmetic, same values.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.foreach:
+            for group in self.param_groups:
+                self._foreach_group(group)
+            return loss
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -76,3 +88,26 @@ class LARS(torch.optim.Optimizer):
                 buf.mul_(group["momentum"]).add_(update, alpha=scale)
                 p.sub_(buf)
         return loss
+
+    def _foreach_group(self, group: dict[str, Any]) -> None:
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        grads = [p.grad for p in params]
+        bufs = []
+        for p in params:
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p)
+            bufs.append(state["momentum_buffer"])
+        updates: list[torch.Tensor] | tuple[torch.Tensor, ...] = grads
+        if not group["lars_exclude"]:
+            if group["weight_decay"] != 0:
+                updates = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+            w = torch.stack(torch._foreach_norm(params))  # [P]: every parameter's norm at once
+            u = torch.stack(torch._foreach_norm(updates))
+            trust = torch.where((w > 0) & (u > 0), group["trust_coefficient"] * w / u, torch.ones_like(w))
+            updates = torch._foreach_mul(updates, list(trust.unbind()))
+        torch._foreach_mul_(bufs, group["momentum"])
+        torch._foreach_add_(bufs, updates, alpha=group["lr"])
+        torch._foreach_sub_(params, bufs)

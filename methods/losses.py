@@ -1,5 +1,6 @@
 """Losses: SimCLR's NT-Xent, MoCo's InfoNCE with a queue, BYOL's normalised regression, SimSiam's
-negative cosine, Barlow Twins' cross-correlation, VICReg's three terms and DINO's cross-entropy.
+negative cosine, Barlow Twins' cross-correlation, VICReg's three terms, DINO's cross-entropy, SwAV's
+swapped prediction with Sinkhorn-Knopp codes and MAE's reconstruction of the masked patches.
 
 Callers pass raw projections: each loss normalises (or batch-normalises) what its paper does.
 """
@@ -161,11 +162,15 @@ def vicreg_loss(z1: Tensor, z2: Tensor, sim_weight: float = 25.0, var_weight: fl
                 cov_weight: float = 1.0, gather: bool = True) -> Tensor:
     """VICReg (Bardes et al. 2022, eq. 1-6):
 
-    L = lambda s(Z, Z') + mu [v(Z) + v(Z')] + nu [c(Z) + c(Z')],
+    L = lambda s(Z, Z') + mu [v(Z) + v(Z')] / 2 + nu [c(Z) + c(Z')],
     s = mean squared error over all n*d entries (the reference code's `F.mse_loss`; eq. 5 writes
     the per-sample sum over dimensions, i.e. d times this), v(Z) = mean_j max(0, 1 - sqrt(Var(z_j)
     + 1e-4)) with the unbiased variance, c(Z) = sum_{i != j} Cov(Z)_ij^2 / d with
     Cov = (Z - mean)^T (Z - mean) / (N - 1).
+
+    The two variance terms are AVERAGED, as the official `main_vicreg.py`
+    (`std_loss = mean(relu(1 - std_x)) / 2 + mean(relu(1 - std_y)) / 2`) and lightly's `VICRegLoss`;
+    the paper's eq. 6 writes their sum. The 25 / 25 / 1 defaults were tuned with the average.
 
     With torch.distributed initialised and `gather=True`, all three terms are computed on the
     gathered global batch (the reference code gathers for variance and covariance; the invariance
@@ -184,7 +189,7 @@ def vicreg_loss(z1: Tensor, z2: Tensor, sim_weight: float = 25.0, var_weight: fl
     z1, z2 = _gather_both(z1, z2, gather)  # [N, d] each, float32
     with torch.autocast(z1.device.type, enabled=False):
         invariance = F.mse_loss(z1, z2)
-        variance = _vicreg_variance(z1) + _vicreg_variance(z2)
+        variance = (_vicreg_variance(z1) + _vicreg_variance(z2)) / 2  # main_vicreg.py's std_loss
         covariance = _vicreg_covariance(z1) + _vicreg_covariance(z2)
     return sim_weight * invariance + var_weight * variance + cov_weight * covariance
 
@@ -234,3 +239,114 @@ def dino_loss(student_out: list[Tensor], teacher_out: list[Tensor], center: Tens
             total = total + (-p_teacher * log_p).sum(dim=-1).mean()
             terms += 1
     return total / max(terms, 1)
+
+
+@torch.no_grad()
+def sinkhorn(scores: Tensor, iterations: int = 3, epsilon: float = 0.05, gather: bool = True) -> Tensor:
+    """SwAV's Sinkhorn-Knopp codes, as the official `main_swav.py` `distributed_sinkhorn`.
+
+    Q = exp(scores / epsilon)^T [K, B], then alternately rows (prototypes) to total 1/K and columns
+    (samples) to total 1/B. With torch.distributed initialised and `gather=True`, the sums run over
+    every worker's samples (all-reduce), so the codes are those of the global batch.
+
+    Args:
+        scores: [n, K] prototype scores of this worker's samples (and its queue, if any).
+
+    Returns:
+        [n, K] codes, each row summing to 1.
+    """
+    world = dist.world_size() if gather else 1
+    with torch.autocast(scores.device.type, enabled=False):
+        q = torch.exp(scores.to(torch.promote_types(scores.dtype, torch.float32)) / epsilon).T  # [K, n]
+        big_b, k = q.size(1) * world, q.size(0)
+        total = q.sum()
+        if world > 1:
+            torch.distributed.all_reduce(total)
+        q = q / total
+        for _ in range(iterations):
+            rows = q.sum(dim=1, keepdim=True)  # [K, 1]
+            if world > 1:
+                torch.distributed.all_reduce(rows)
+            q = q / rows / k
+            q = q / q.sum(dim=0, keepdim=True) / big_b
+        return (q * big_b).T
+
+
+def swav_loss(high_res: list[Tensor], low_res: list[Tensor], queue: list[Tensor] | None = None,
+              temperature: float = 0.1, sinkhorn_iterations: int = 3, sinkhorn_epsilon: float = 0.05,
+              gather: bool = True) -> Tensor:
+    """SwAV's swapped prediction (Caron et al. 2020, eq. 1-3; the official `main_swav.py` train step).
+
+    For each high-resolution (global) crop i: codes q_i = Sinkhorn(scores_i [+ queue_i]) (no
+    gradient), then the cross-entropy -sum_k q_i log softmax(scores_v / temperature) of every OTHER
+    crop v (global and low-resolution) is averaged over those V - 1 crops; the result is averaged
+    over the crops i. In one process equal to lightly's `SwaVLoss(temperature, sinkhorn_iterations,
+    sinkhorn_epsilon)(high_res, low_res, queue)`. With torch.distributed and `gather=True` the codes
+    are computed over the global batch (`sinkhorn`), and under DDP the gradients equal one process
+    on the concatenated batch.
+
+    Args:
+        high_res: G tensors [n, K]: prototype scores of the global crops (features and prototypes L2-normalised).
+        low_res: tensors [n, K] of the local crops (may be empty).
+        queue: G tensors [Q, K]: the scores of queued features of earlier batches, one queue per
+            global crop, used only for the codes; None = no queue.
+        temperature: tau of the softmax (paper: 0.1).
+        sinkhorn_iterations: 3 (paper). sinkhorn_epsilon: 0.05 (paper).
+        gather: Sinkhorn over every worker's samples when distributed.
+
+    Returns:
+        Scalar loss.
+    """
+    n_crops = len(high_res) + len(low_res)
+    loss = high_res[0].new_zeros(())
+    for i, scores in enumerate(high_res):
+        with torch.no_grad():
+            out = scores.detach()
+            if queue is not None:
+                out = torch.cat([out, queue[i].detach()])
+            q = sinkhorn(out, sinkhorn_iterations, sinkhorn_epsilon, gather=gather)[:scores.size(0)]  # [n, K]
+        sub = loss.new_zeros(())
+        for v, other in enumerate([*high_res, *low_res]):
+            if v != i:
+                sub = sub - (q * F.log_softmax(other / temperature, dim=1)).sum(dim=1).mean()
+        loss = loss + sub / (n_crops - 1)
+    return loss / len(high_res)
+
+
+def patchify(images: Tensor, patch_size: int) -> Tensor:
+    """[B, C, H, W] -> [B, N, patch_size**2 * C], as the official MAE `models_mae.py` `patchify`:
+    patches in row-major order, each flattened as (row in patch, column in patch, channel).
+
+    H and W must be multiples of `patch_size` (they need not be equal: N = H/p * W/p).
+    """
+    b, c, h, w = images.shape
+    p = patch_size
+    if h % p or w % p:
+        raise ValueError(f"patchify: image size {h}x{w} is not a multiple of the patch size {p}")
+    x = images.reshape(b, c, h // p, p, w // p, p)
+    x = torch.einsum("nchpwq->nhwpqc", x)
+    return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def mae_loss(pred: Tensor, patches: Tensor, mask: Tensor, norm_pix: bool = True) -> Tensor:
+    """MAE's reconstruction loss (He et al. 2022, sec. 3), as the official `forward_loss`.
+
+    Mean squared error per patch, averaged over the MASKED patches only; with `norm_pix` the
+    targets are each patch's pixels normalised by its own mean and variance (unbiased, eps 1e-6).
+
+    Args:
+        pred: [B, N, P] the decoder's prediction of every patch.
+        patches: [B, N, P] the image's patches (`patchify`).
+        mask: [B, N], 1 where a patch was masked (hidden from the encoder), 0 where visible.
+        norm_pix: per-patch normalised targets (the paper's default for its best results).
+
+    Returns:
+        Scalar loss.
+    """
+    target = patches
+    if norm_pix:
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)
+        target = (target - mean) / (var + 1.0e-6) ** 0.5
+    per_patch = ((pred - target) ** 2).mean(dim=-1)  # [B, N]
+    return (per_patch * mask).sum() / mask.sum()

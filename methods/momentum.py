@@ -23,5 +23,9 @@ def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
     MoCo (He et al. 2020, eq. 2) and BYOL (Grill et al. 2020, sec. 3.1). Buffers (BatchNorm running
     statistics) are not averaged: the target network computes its own, as in both references.
     """
-    for p_t, p_o in zip(target.parameters(), online.parameters(), strict=True):
-        p_t.mul_(momentum).add_(p_o.detach(), alpha=1.0 - momentum)
+    targets, onlines = list(target.parameters()), [p.detach() for p in online.parameters()]
+    if len(targets) != len(onlines):
+        raise ValueError(f"ema_update: target has {len(targets)} parameters, online {len(onlines)}")
+    # Two multi-tensor kernels for all parameters, not two per parameter (the same arithmetic).
+    torch._foreach_mul_(targets, momentum)
+    torch._foreach_add_(targets, onlines, alpha=1.0 - momentum)

@@ -41,7 +41,7 @@ class VICReg(nn.Module):
         self.sim_weight, self.var_weight, self.cov_weight = sim_weight, var_weight, cov_weight
 
     def forward(self, x1: Tensor, x2: Tensor) -> dict[str, Tensor]:
-        """x1, x2: [n, 3, H, W]. Returns the loss of eq. 6 + diagnostics."""
+        """x1, x2: [n, 3, H, W]. Returns the loss of eq. 6 (variance terms averaged, as main_vicreg.py) + diagnostics."""
         z1 = self.projector(self.encoder(x1))  # [n, projection_dim]
         z2 = self.projector(self.encoder(x2))
         loss = vicreg_loss(z1, z2, sim_weight=self.sim_weight, var_weight=self.var_weight,

@@ -36,7 +36,7 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
 
     ingest(args.source, args.out, test_fraction=args.test_fraction, seed=args.seed,
            overwrite=args.overwrite, progress=not args.quiet, image_column=args.image_column,
-           label_column=args.label_column, max_image_pixels=args.max_image_pixels)
+           label_column=args.label_column, max_image_pixels=args.max_image_pixels, max_side=args.max_side)
     return 0
 
 
@@ -97,8 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_ingest(sub: Any) -> None:
     ing = sub.add_parser("ingest", help="turn an image source into Parquet shards + manifest.json")
-    ing.add_argument("source", help="an ImageFolder directory, a folder/file of Parquet, a torchvision dataset name, or 'demo'")
-    ing.add_argument("out", help="output folder for the shards and manifest.json")
+    ing.add_argument("source", help="an ImageFolder directory or URI prefix (s3://, gs://, abfs://), a folder/file "
+                                    "of Parquet, a torchvision dataset name, or 'demo'")
+    ing.add_argument("out", help="output folder or URI for the shards and manifest.json")
     ing.add_argument("--test-fraction", type=float, default=0.2,
                      help="fraction held out as the test split when the source has no split (default 0.2)")
     ing.add_argument("--seed", type=int, default=0, help="seed of the train/test split (default 0)")
@@ -109,6 +110,8 @@ def _add_ingest(sub: Any) -> None:
     ing.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS, metavar="N",
                      help="skip images whose header declares more than N pixels, before decoding them "
                           f"(decompression bombs; default {DEFAULT_MAX_IMAGE_PIXELS:,})")
+    ing.add_argument("--max-side", type=int, default=None, metavar="N",
+                     help="re-encode images whose longer side exceeds N pixels down to N (default: keep every size)")
     ing.set_defaults(func=_cmd_ingest)
 
 
@@ -167,6 +170,10 @@ def _add_evaluate(sub: Any) -> None:
     ev.add_argument("--test-limit", type=_limit, default=None, help="test images (default: all)")
     ev.add_argument("--linear-epochs", type=int, default=EvalConfig.linear_epochs,
                     help=f"epochs of the linear probe; 0 = kNN only (default {EvalConfig.linear_epochs})")
+    ev.add_argument("--finetune-epochs", type=int, default=0,
+                    help="also fine-tune a copy of the encoder end to end with a linear head for N epochs on the "
+                         "training images and report finetune_top1/top5 (MAE's protocol; default 0 = no)")
+    ev.add_argument("--finetune-lr", type=float, default=1e-4, help="AdamW learning rate of the fine-tuning (1e-4)")
     ev.set_defaults(func=_cmd_evaluate)
 
 

@@ -22,7 +22,9 @@ Per epoch, every worker:
 3. rank 0 computes kNN top-1/top-5 and, after the last epoch (or every epoch with
    `eval.linear_every_epoch`), the linear probe (`train_loop.KnnProbe`); the other ranks wait at
    the report barrier;
-4. reports once; rank 0 attaches the checkpoint `state.pt` (model incl. the MoCo queue buffers,
+4. reports once, with the world size it ran on (`world_size`) and the global batch its workers took
+   (`global_batch`: the same at any world size of an elastic run, docs/design.md "Elastic runs");
+   rank 0 attaches the checkpoint `state.pt` (model incl. the MoCo queue buffers,
    optimiser, scheduler, epoch, seeds, metrics, every epoch's metrics so far; loads with
    weights_only). One process writes MLflow from the reports: the Train controller's callback
    (`tracking.MlflowTrainCallback`) or, for a one-process trial, the sweep driver's Tune callback.
@@ -42,9 +44,10 @@ import torch
 from torch import nn
 
 from methods import prepare_for_distributed
+from methods.encoders import representation_encoder
 from orchestrator.config import Config
 from orchestrator.timeline import mark, process_start_time
-from orchestrator.train_loop import (STATE_FILE, KnnProbe, TrainBatches, build_model, build_optimizer,
+from orchestrator.train_loop import (STATE_FILE, KnnProbe, TrainBatches, build_model, build_optimizer, compile_model,
                                      build_scheduler, label_metrics_on, load_state, save_state,
                                      seed_everything, steps_per_epoch, train_one_epoch, unwrap)
 from pipelines import storage
@@ -181,6 +184,7 @@ class _Loop:
             model.load_state_dict(self.state["model"])
         if device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
+        compile_model(cfg, model, device)  # optim.compile; in place, before DDP wraps it
         self.model = session.wrap(model)
         self.module = unwrap(self.model)
         self.optimizer = build_optimizer(cfg, self.module)
@@ -201,7 +205,7 @@ class _Loop:
         self.probe = KnnProbe(cfg, device, decoded) if rank == 0 and label_metrics_on(config) else None
         self.untrained = self.metrics.get("knn_top1_untrained")
         if self.probe is not None and self.untrained is None and self.start_epoch < cfg.optim.epochs:
-            self.untrained = self.probe(self.module.encoder).get("knn_top1")  # None: unlabelled images
+            self.untrained = self.probe(representation_encoder(self.module)).get("knn_top1")  # None: unlabelled images
 
     def epoch(self, epoch: int) -> bool:
         """Train, evaluate, checkpoint and report one epoch; False when the loss diverged."""
@@ -209,28 +213,42 @@ class _Loop:
         t0 = time.perf_counter()
         mark("epoch_start", run=cfg.run.name, rank=session.rank, epoch=epoch)
         epoch_seed = seed_everything(cfg.run.seed, session.rank, epoch)
+        first_of_group = epoch == self.start_epoch + 1
+
+        def on_step(i: int) -> None:
+            if i != 1:
+                return
+            if first_of_group and session.rank == 0:  # benchmarks/elastic_resize.py: restart -> first step
+                mark("group_first_step", run=cfg.run.name, epoch=epoch, world=session.world)
+            _maybe_inject_fault(self.config, epoch, session.rank, session.world)
+
         stats = train_one_epoch(
             self.model, self.optimizer, self.scheduler, self.batches.epoch(epoch, epoch_seed),
             device=session.device, first_step=(epoch - 1) * self.steps,
-            total_steps=self.steps * cfg.optim.epochs, max_steps=self.steps,
-            on_step=lambda i: _maybe_inject_fault(self.config, epoch, session.rank, session.world) if i == 1 else None)
+            total_steps=self.steps * cfg.optim.epochs, max_steps=self.steps, on_step=on_step)
         train_seconds, images, n_steps = stats.pop("seconds"), stats.pop("images"), stats.pop("steps")
+        stats["images_per_step"] = images / max(1.0, n_steps)  # this worker's batch; its mean x world = global
         stats = _mean_over_workers(stats, session.device)
+        # The global batch as the workers took it (not as configured): the same in every epoch of an
+        # elastic run, whatever its world size (optim.batch_size / world per worker).
+        stats["global_batch"] = round(stats.pop("images_per_step") * session.world)
         if not math.isfinite(stats.get("loss", 0.0)):  # diverged: every rank sees the same mean loss
             session.report({"epoch": epoch, "loss": stats["loss"], "diverged": 1.0}, None)
             return False
         metrics = {"epoch": epoch, **stats, "lr": self.scheduler.get_last_lr()[0],
                    "views_per_second": 2 * images * session.world / max(train_seconds, 1e-9),
                    "train_seconds": train_seconds, "steps": n_steps, "torch_threads": torch.get_num_threads(),
-                   "resumed_from_epoch": self.start_epoch}  # the checkpoint this worker group started from
+                   "resumed_from_epoch": self.start_epoch,  # the checkpoint this worker group started from
+                   "world_size": session.world}  # the workers this epoch ran on (elastic runs: it varies)
         if hasattr(self.module, "momentum"):
             metrics["momentum"] = float(self.module.momentum)
         if self.probe is not None:
             last = epoch == cfg.optim.epochs
-            metrics.update(self.probe(self.module.encoder, linear=cfg.eval.linear_every_epoch or last))
+            metrics.update(self.probe(representation_encoder(self.module), linear=cfg.eval.linear_every_epoch or last))
             if self.untrained is not None:
                 metrics["knn_top1_untrained"] = float(self.untrained)
         metrics["epoch_seconds"] = time.perf_counter() - t0
+        metrics["ended_at"] = time.time()  # unix time: what a restart lost (orchestrator.elastic)
         mark("epoch_end", run=cfg.run.name, rank=session.rank, epoch=epoch)
         self._report(epoch, metrics)
         return True

@@ -1,4 +1,5 @@
-"""`selfsup evaluate MODEL_URI DATA`: kNN and linear top-1/top-5 of a registered encoder on an ingested dataset.
+"""`selfsup evaluate MODEL_URI DATA`: kNN and linear top-1/top-5 of a registered encoder on an ingested dataset,
+and with `--finetune-epochs N` the top-1/top-5 of a copy fine-tuned end to end (`methods.evaluate.fine_tune`).
 
 The protocol is pretraining's (`orchestrator.train_loop.probe_metrics`, settings from `EvalConfig`):
 features of a seeded per-class subset of `--train-limit` training images (the kNN memory bank and
@@ -34,11 +35,12 @@ from orchestrator.errors import UserError
 from orchestrator.registry import LoadedEncoder, load_encoder
 from orchestrator.train_loop import probe_metrics
 from pipelines.augment import normalize
-from pipelines.manifest import read_manifest
+from pipelines import storage
+from pipelines.manifest import MANIFEST, read_manifest
 from pipelines.memory import decode_split
 
 EXPERIMENT = "selfsup-evaluations"
-METRICS = ("knn_top1", "knn_top5", "linear_top1", "linear_top5")
+METRICS = ("knn_top1", "knn_top5", "linear_top1", "linear_top5", "finetune_top1", "finetune_top5")
 
 
 @dataclass
@@ -60,7 +62,8 @@ class Evaluation:
 def evaluate(model_ref: str, data: str | Path, *, tracking_uri: str | None = None,
              image_size: int | None = None, train_limit: int | None = EvalConfig.knn_train_limit,
              test_limit: int | None = None, linear_epochs: int = EvalConfig.linear_epochs,
-             train_split: str = "train", test_split: str = "test", seed: int = 0) -> Evaluation:
+             train_split: str = "train", test_split: str = "test", seed: int = 0, finetune_epochs: int = 0,
+             finetune_lr: float = 1e-4) -> Evaluation:
     """Score a registered encoder on an ingested dataset and log the evaluation run.
 
     Args:
@@ -71,7 +74,10 @@ def evaluate(model_ref: str, data: str | Path, *, tracking_uri: str | None = Non
         train_limit, test_limit: at most this many images of each split (seeded per-class
             subsets); None = all.
         linear_epochs: the linear probe's epochs (0: kNN only).
-        seed: seed of the subsets and the linear probe.
+        seed: seed of the subsets, the linear probe and the fine-tuning.
+        finetune_epochs: > 0: also fine-tune a copy of the encoder with a linear head on the
+            training images for this many epochs (`methods.evaluate.fine_tune`, AdamW at
+            `finetune_lr`) and score it on the test images (finetune_top1/top5).
 
     Raises:
         UserError / DataError: unknown model, no dataset there, unlabelled splits, or an image size
@@ -82,6 +88,9 @@ def evaluate(model_ref: str, data: str | Path, *, tracking_uri: str | None = Non
         check_input_side(image_size, image_size)  # before the model is downloaded or a split decoded
     if linear_epochs < 0:
         raise UserError(f"--linear-epochs {linear_epochs}: must be >= 0 (0 = kNN only)")
+    if finetune_epochs < 0 or not finetune_lr > 0:
+        raise UserError(f"--finetune-epochs {finetune_epochs} / --finetune-lr {finetune_lr}: epochs must be >= 0 "
+                        "(0 = no fine-tuning) and the learning rate > 0")
     manifest = read_manifest(data)  # DataError (one line) when DATA is no ingested dataset
     for split in (train_split, test_split):
         if split not in manifest.splits:
@@ -99,8 +108,17 @@ def evaluate(model_ref: str, data: str | Path, *, tracking_uri: str | None = Non
                             "; evaluate needs labelled train and test images")
     metrics = probe_metrics(_features(encoder, bank_x, settings.batch_size), bank_y,
                             _features(encoder, test_x, settings.batch_size), test_y, settings, seed=seed)
+    if finetune_epochs > 0:
+        from methods.evaluate import fine_tune
+
+        tuned = fine_tune(encoder.module, normalize(bank_x), bank_y, normalize(test_x), test_y,
+                          epochs=finetune_epochs, lr=finetune_lr, seed=seed)
+        metrics.update(finetune_top1=tuned["top1"], finetune_top5=tuned["top5"],
+                       finetune_train_top1=tuned["train_top1"])
     params = _params(encoder, data, manifest.name, splits=(train_split, test_split), image_size=f"{h}x{w}",
                      counts=(len(bank_y), len(test_y)), settings=settings, seed=seed)
+    if finetune_epochs > 0:
+        params.update(finetune_epochs=finetune_epochs, finetune_lr=finetune_lr)
     out = Evaluation(model_uri=encoder.uri, dataset=manifest.name, metrics=metrics, train_images=len(bank_y),
                      test_images=len(test_y), image_size=h, tracking_uri=tracking.resolve_tracking_uri(tracking_uri),
                      params=params)
@@ -126,9 +144,11 @@ def _params(encoder: LoadedEncoder, data: str | Path, dataset: str, *, splits: t
             counts: tuple[int, int], settings: EvalConfig, seed: int) -> dict[str, Any]:
     """The evaluation run's params: the model, the data (and which version of it), the protocol."""
     return {"model.name": encoder.version.name, "model.version": str(encoder.version.version),
-            "model.uri": encoder.uri, "data.path": str(Path(data).resolve()), "data.name": dataset,
-            # which version of the data: the manifest lists every shard and its row count
-            "data.digest": hashlib.sha256((Path(data) / "manifest.json").read_bytes()).hexdigest()[:16],
+            "model.uri": encoder.uri, "data.path": storage.absolute(data), "data.name": dataset,
+            # which version of the data: the manifest lists every shard and its row count. Read
+            # through the storage layer: DATA may be a URI (never made a local path).
+            "data.digest": hashlib.sha256(storage.read_bytes(storage.join(storage.absolute(data), MANIFEST))
+                                          ).hexdigest()[:16],
             "data.train_split": splits[0], "data.test_split": splits[1], "image_size": image_size,
             "train_images": counts[0], "test_images": counts[1], "knn_k": settings.knn_k,
             "knn_t": settings.knn_t, "linear_epochs": settings.linear_epochs, "linear_lr": settings.linear_lr,
@@ -143,6 +163,9 @@ def _log(e: Evaluation, version: Any, model_id: str | None) -> str:
                 f"({e.params['linear_epochs']} epochs) on frozen features of {e.train_images} "
                 f"{e.params['data.train_split']} images, scored on {e.test_images} "
                 f"{e.params['data.test_split']} images at {e.params['image_size']}")
+    if "finetune_epochs" in e.params:
+        protocol += (f"; fine-tuned end to end with a linear head for {e.params['finetune_epochs']} epochs "
+                     f"(AdamW, lr {e.params['finetune_lr']}) on the same train images")
     tags = {"model_name": version.name, "model_version": str(version.version), "model_uri": e.model_uri,
             "dataset": e.dataset, "protocol": protocol, "selfsup.kind": "evaluation"}
     run = c.create_run(exp, run_name=f"{version.name}-v{version.version}-on-{e.dataset}", tags=tags)
@@ -169,10 +192,13 @@ def _fmt(value: float | None) -> str:
 def main(args: argparse.Namespace) -> int:
     """`selfsup evaluate MODEL_URI DATA [--tracking-uri URI] [--image-size N] ...`; see `orchestrator.cli`."""
     r = evaluate(args.model_uri, args.data, tracking_uri=args.tracking_uri, image_size=args.image_size,
-                 train_limit=args.train_limit, test_limit=args.test_limit, linear_epochs=args.linear_epochs)
+                 train_limit=args.train_limit, test_limit=args.test_limit, linear_epochs=args.linear_epochs,
+                 finetune_epochs=getattr(args, "finetune_epochs", 0), finetune_lr=getattr(args, "finetune_lr", 1e-4))
     print(f"selfsup evaluate: {r.model_uri} on {r.dataset} ({r.train_images:,} train / {r.test_images:,} test "
           f"images, {r.image_size}x{r.image_size}) in {r.seconds:.1f}s")
     for key in METRICS:
-        print(f"{key:12} {_fmt(r.metrics.get(key))}")
+        if key.startswith("finetune") and key not in r.metrics:
+            continue
+        print(f"{key:13} {_fmt(r.metrics.get(key))}")
     print(f"MLflow run:  {r.run_id} (experiment {EXPERIMENT!r}) in {r.tracking_uri}")
     return 0

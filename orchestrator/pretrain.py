@@ -34,7 +34,7 @@ from orchestrator.config import Config, ConfigError, config_name, load_config, s
 from orchestrator.data import (LABEL_METRICS_TAG, DecodedData, check_data, label_metrics, matches, put_decoded,
                                resolve_loader)
 from orchestrator.errors import UserError
-from orchestrator.ray_compat import controller_warm_up
+from orchestrator.ray_compat import controller_warm_up, fresh_elastic_scaling
 from orchestrator.runs import (RUN_RECORD, absolute_paths, check_cluster_storage, config_differences,
                                cpus_per_worker, create_run, dataset_name, ensure_data, mark_diverged, numbered_dir,
                                ray_session, read_json, reserve_dir, train_dataset, train_rows,
@@ -74,6 +74,7 @@ class PretrainResult:
     champion_note: str = ""  # why not, when it is not
     wall_seconds: float = 0.0
     metrics: dict[str, float] = field(default_factory=dict)
+    restarts: str = ""  # the worker-group restarts and resizes, and the time each lost ("" when none)
 
     @property
     def model_uri(self) -> str | None:
@@ -163,11 +164,14 @@ def build_trainer(cfg: Config, *, callbacks: list[Any] | None = None, mlflow_par
                                              fault_kill_before_logging=(int(kill_before_log), os.getpid())
                                              if kill_before_log else None)
     warm_up = controller_warm_up(mlflow_cb)
+    if cfg.scaling.elastic:
+        fresh_elastic_scaling()
     trainer = TorchTrainer(
         train_loop_per_worker=_train_func(),
         train_loop_config=worker_config,
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                                               resources_per_worker=resources),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.for_ray(), use_gpu=cfg.scaling.use_gpu, resources_per_worker=resources,
+            elastic_resize_monitor_interval_s=cfg.scaling.elastic_resize_monitor_interval_s),
         run_config=ray.train.RunConfig(
             name=cfg.run.name, storage_path=root,
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
@@ -331,6 +335,8 @@ def _finish(cfg: Config, paths: RunPaths, record: dict[str, Any], result: Any, u
     """Read the last checkpoint, register the encoder, close the MLflow run (unless the caller
     closes it: `close_run` False) and the record."""
     state, out = _read_result(cfg, paths, result, uri, run_id, curves=curves)
+    if state is not None:
+        _log_restarts(uri, run_id, list(state.get("history", [])), out)
     if out.diverged:
         if close_run:
             mark_diverged(uri, run_id)
@@ -382,6 +388,21 @@ def _read_result(cfg: Config, paths: RunPaths, result: Any, uri: str, run_id: st
                          loss=_f(metrics.get("loss")), diverged=bool(last.get("diverged")),
                          metrics={k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
     return state, out
+
+
+def _log_restarts(uri: str, run_id: str, history: list[dict[str, Any]], out: PretrainResult) -> None:
+    """The run's summary of its worker-group restarts (`orchestrator.elastic`): metrics `resizes`,
+    `restarts`, `resize_seconds_lost` and a tag `resizes` that lists each with the time it lost."""
+    from orchestrator.elastic import describe, worker_group_restarts
+
+    restarts = worker_group_restarts(history)
+    resizes = [r for r in restarts if r.resize]
+    c = tracking.client(uri)
+    for key, value in (("resizes", len(resizes)), ("restarts", len(restarts)),
+                       ("resize_seconds_lost", sum(r.seconds_lost for r in resizes))):
+        c.log_metric(run_id, key, float(value))
+    c.set_tag(run_id, "resizes", describe(restarts))
+    out.restarts = describe(restarts) if restarts else ""
 
 
 def _register(cfg: Config, state: dict[str, Any], out: PretrainResult, uri: str, run_id: str) -> None:

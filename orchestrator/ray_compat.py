@@ -9,10 +9,12 @@ moved then costs only its own entry.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
+from collections.abc import Iterator
 from typing import Any
 
 from pipelines import storage
@@ -38,6 +40,69 @@ def quiet_ray_env() -> None:
     for name in ("ray", "ray.train", "ray.data", "ray.tune", "mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
+
+
+# --- starting Ray (checked against Ray 2.60.0) -------------------------------------------------
+
+def start_or_join_ray(address: str | None = None) -> tuple[bool, str | None]:
+    """Join the Ray cluster at `address` (else `RAY_ADDRESS`), or start a private local one;
+    returns (started_here, temp_dir). The one way selfsup starts Ray (`pretrain`, `sweep`, `ingest`).
+
+    Local: `num_cpus` = 2 x cores (at least 4): Ray Data's read/decode tasks need logical CPUs
+    next to the Train workers or a 2-core machine hangs (docs/design.md, "Data"). Token auth is set
+    explicitly: off for the private local cluster (its temp dir is private to this run; the
+    dashboard is not started), as the environment says for a cluster (`RAY_AUTH_MODE`).
+    """
+    import tempfile
+    from pathlib import Path
+
+    import ray
+
+    if ray.is_initialized():
+        return False, None
+    quiet_ray_env()
+    drop_benign_ray_notices()
+    address = address or os.environ.get("RAY_ADDRESS")
+    # SELFSUP_RAY_LOGS=1 shows the workers' own output (tracebacks, Ray Data progress) for debugging.
+    common: dict[str, Any] = dict(log_to_driver=os.environ.get("SELFSUP_RAY_LOGS") == "1",
+                                  logging_level=logging.WARNING, configure_logging=True)
+    if address:
+        token = (Path.home() / ".ray" / "auth_token").is_file()
+        os.environ.setdefault("RAY_AUTH_MODE", "token" if token else "disabled")
+        ray.init(address=address, **common)
+        return False, None
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # A private local Ray has no preemptible nodes to watch, no dashboard and no Prometheus: without
+    # Train's PreemptionWatcher actor, Train's metrics and Ray's metrics collection (the dashboard
+    # agent scans every process's stats each few seconds) the Ray processes other than the training
+    # worker took 6.6% of a 2-core machine during the demo's epochs instead of 8.8% (measured from
+    # /proc; see the issue notes). They compete with training for the same cores.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
+    os.environ.setdefault("RAY_enable_metrics_collection", "0")
+    # Ray's unix-socket paths must stay under 107 bytes: a short private folder in /tmp.
+    temp_dir = tempfile.mkdtemp(prefix="selfsup-ray-", dir=os.environ.get("SELFSUP_RAY_TEMP_ROOT", "/tmp"))
+    ray.init(address="local", num_cpus=max(4, 2 * (os.cpu_count() or 1)), include_dashboard=False,
+             _temp_dir=temp_dir, **common)
+    return True, temp_dir
+
+
+@contextlib.contextmanager
+def ray_session_at(address: str | None = None) -> Iterator[bool]:
+    """Ray for one command (`start_or_join_ray`); what was started here is shut down and its
+    temporary folder removed on the way out. Yields whether Ray was started here."""
+    import shutil
+
+    import ray
+
+    started, temp_dir = start_or_join_ray(address)
+    try:
+        yield started
+    finally:
+        if started:
+            ray.shutdown()
+            if temp_dir:
+                shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 # --- driver output (checked against Ray 2.60.0) ---------------------------------------------------
@@ -138,6 +203,71 @@ def controller_warm_up(callback: Any) -> Any:
             self.target.warm_up()
 
     return WarmUp(callback)
+
+
+# --- Train V2 elastic scaling (checked against Ray 2.60.0) --------------------------------------
+
+# An elastic run's worker group that cannot be placed within this long is given up and the size
+# decided again (Ray's default: 60 s, `RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S`; a user's value wins).
+ELASTIC_START_TIMEOUT_S = 20
+
+
+def fresh_elastic_scaling() -> None:
+    """Make Train's elastic policy count workers on the cluster as it is now (elastic runs only).
+
+    Workaround: `ElasticScalingPolicy._get_reserved_resources` asks Ray Data's
+    `AutoscalingCoordinator` for its reservations without `recompute`, and the coordinator refreshes
+    its view of the nodes every 20 s (`TICK_INTERVAL_S`). After a lost node the policy still counts
+    that node's workers, asks for a group that cannot be placed and waits out
+    `RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S` (60 s) before it decides again: seen here, 66 s from the
+    kill to the one-worker group, in a run whose epochs took 3 s. A node that joins is likewise
+    noticed up to 20 s late. The coordinator's own `recompute=True` (meant for callers that pin
+    workers to nodes) re-reads the nodes first; a query is at most once a second (the policy's
+    `GET_RESERVED_RESOURCES_INTERVAL_S`). Applied by swapping the policy that
+    `DataParallelTrainer.fit` builds (in the driver; the policy object then travels to the Train
+    controller). If the internals moved, nothing is swapped and Ray's own policy runs.
+
+    That is not enough on its own: a worker's death reaches the controller before the GCS has
+    declared its node dead (its health checks: 3 s x 5 misses by default), so the first decision
+    can still count the lost node. Its group then cannot be placed; with the start timeout at
+    `ELASTIC_START_TIMEOUT_S` instead of 60 s that costs 20 s before the next decision. Placing a
+    group the elastic policy sized from live nodes takes well under a second, so the shorter
+    timeout only cuts that wait (Train propagates the variable from the driver to its controller).
+    """
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(ELASTIC_START_TIMEOUT_S))
+    try:
+        import ray
+        from ray.train.v2._internal.execution.scaling_policy import elastic
+        from ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client import (
+            AUTOSCALING_REQUESTS_GET_TIMEOUT_S)
+        from ray.train.v2.api import data_parallel_trainer
+    except ImportError:
+        return
+    if getattr(data_parallel_trainer.create_scaling_policy, "_selfsup_fresh", False):
+        return
+    original = data_parallel_trainer.create_scaling_policy
+
+    class FreshElasticScalingPolicy(elastic.ElasticScalingPolicy):
+        def _get_reserved_resources(self) -> Any:
+            now = elastic.time_monotonic()
+            if now - self._latest_reserved_resources_query_time < self.GET_RESERVED_RESOURCES_INTERVAL_S:
+                return self._latest_reserved_resources
+            try:
+                self._latest_reserved_resources = ray.get(
+                    self._autoscaling_coordinator.get_reserved_resources.remote(self._requester_id, recompute=True),
+                    timeout=AUTOSCALING_REQUESTS_GET_TIMEOUT_S)
+            except Exception:
+                return super()._get_reserved_resources()  # Ray's own query (and its warning)
+            self._latest_reserved_resources_query_time = elastic.time_monotonic()
+            return self._latest_reserved_resources
+
+    def create_scaling_policy(scaling_config: Any) -> Any:
+        if getattr(scaling_config, "elasticity_enabled", False):
+            return FreshElasticScalingPolicy(scaling_config=scaling_config)
+        return original(scaling_config)
+
+    create_scaling_policy._selfsup_fresh = True  # type: ignore[attr-defined]
+    data_parallel_trainer.create_scaling_policy = create_scaling_policy
 
 
 # --- Tune's ASHA across a restart (checked against Ray 2.60.0) ----------------------------------------

@@ -90,7 +90,9 @@ class EpochPrinter:
 def print_header(cfg: Config, paths: RunPaths, resume: bool, decoded: DecodedData | None,
                   checked: DataCheck | None = None) -> None:
     s = cfg.scaling
-    where = f"{s.num_workers} worker{'s' if s.num_workers > 1 else ''} ({'GPU' if s.use_gpu else 'CPU'})"
+    count = f"{s.min_workers}-{s.max_workers} workers, elastic" if s.elastic else \
+        f"{s.num_workers} worker{'s' if s.max_workers > 1 else ''}"
+    where = f"{count} ({'GPU' if s.use_gpu else 'CPU'})"
     how = (f"decoded once into memory, {decoded.nbytes / 1e6:,.0f} MB" if decoded is not None
            else "streamed through Ray Data")
     print(f"selfsup pretrain: {'resuming' if resume else 'run'} {paths.name}: {cfg.method.name}, "
@@ -119,3 +121,5 @@ def print_summary(r: PretrainResult) -> None:
         print(f"  registered:   {r.model_uri}  ->  selfsup registry embed {r.model_uri} IMAGES OUT.parquet")
         print(f"  champion:     {'now this version' if r.champion else r.champion_note}")
     print(f"  checkpoints:  {r.run_dir}  (continue an interrupted run with --resume)")
+    if r.restarts:
+        print(f"  workers:      {r.restarts}")

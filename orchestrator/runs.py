@@ -13,11 +13,8 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,7 +26,7 @@ from orchestrator import tracking
 from orchestrator.config import Config, check_data_folder, storage_location, to_yaml
 from orchestrator.data import LABEL_METRICS_TAG, label_metrics, no_labels_note
 from orchestrator.errors import UserError
-from orchestrator.ray_compat import drop_benign_ray_notices, quiet_ray_env
+from orchestrator.ray_compat import ray_session_at, start_or_join_ray
 from orchestrator.reservation import LEASE, Lease, in_use_message, try_acquire
 from orchestrator.train_loop import load_state
 from pipelines import storage
@@ -46,51 +43,14 @@ RUN_RECORD = "selfsup-run.json"  # a pretraining run's record, in its run folder
 def ray_session(cfg: Config) -> Iterator[bool]:
     """Ray for one command: joined or started (`init_ray`); what was started here is shut down and
     its temporary folder removed on the way out. Yields whether Ray was started here."""
-    started, temp_dir = init_ray(cfg)
-    try:
+    with ray_session_at(cfg.run.ray_address) as started:
         yield started
-    finally:
-        if started:
-            ray.shutdown()
-            if temp_dir:
-                shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def init_ray(cfg: Config) -> tuple[bool, str | None]:
-    """Join the configured Ray cluster, or start a local one; returns (started_here, temp_dir).
-
-    Local: `num_cpus` = 2 x cores (at least 4): Ray Data's read/decode tasks need logical CPUs
-    next to the Train workers or a 2-core machine hangs (docs/design.md, "Data"). Token auth is set
-    explicitly: off for the private local cluster (its temp dir is private to this run; the
-    dashboard is not started), as the environment says for a cluster (`RAY_AUTH_MODE`).
-    """
-    if ray.is_initialized():
-        return False, None
-    quiet_ray_env()
-    drop_benign_ray_notices()
-    address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
-    # SELFSUP_RAY_LOGS=1 shows the workers' own output (tracebacks, Ray Data progress) for debugging.
-    common: dict[str, Any] = dict(log_to_driver=os.environ.get("SELFSUP_RAY_LOGS") == "1",
-                                  logging_level=logging.WARNING, configure_logging=True)
-    if address:
-        os.environ.setdefault("RAY_AUTH_MODE", "token" if _token_exists() else "disabled")
-        ray.init(address=address, **common)
-        return False, None
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    # A private local Ray has no preemptible nodes to watch, no dashboard and no Prometheus: without
-    # Train's PreemptionWatcher actor, Train's metrics and Ray's metrics collection (the dashboard
-    # agent scans every process's stats each few seconds) the Ray processes other than the training
-    # worker took 6.6% of a 2-core machine during the demo's epochs instead of 8.8% (measured from
-    # /proc; see the issue notes). They compete with training for the same cores.
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
-    os.environ.setdefault("RAY_enable_metrics_collection", "0")
-    # Ray's unix-socket paths must stay under 107 bytes: a short private folder in /tmp.
-    temp_dir = tempfile.mkdtemp(prefix="selfsup-ray-", dir=os.environ.get("SELFSUP_RAY_TEMP_ROOT", "/tmp"))
-    ray.init(address="local", num_cpus=max(4, 2 * (os.cpu_count() or 1)), include_dashboard=False,
-             _temp_dir=temp_dir, **common)
-    return True, temp_dir
-
+    """Join the configured Ray cluster (`run.ray_address`, else `RAY_ADDRESS`), or start a private
+    local one; returns (started_here, temp_dir). See `orchestrator.ray_compat.start_or_join_ray`."""
+    return start_or_join_ray(cfg.run.ray_address)
 
 
 def spans_nodes(cfg: Config) -> int:
@@ -135,16 +95,12 @@ def check_cluster_storage(cfg: Config, locations: dict[str, str], *, streams_dat
                     "gs://...), or, if every node mounts that folder at the same path, set run.shared_filesystem=true")
 
 
-def _token_exists() -> bool:
-    return (Path.home() / ".ray" / "auth_token").is_file()
-
-
 def cpus_per_worker(cfg: Config) -> float:
     """`scaling.cpus_per_worker`, or 1 when the cluster has a CPU to spare for Ray Data, else a share."""
     if cfg.scaling.cpus_per_worker is not None:
         return cfg.scaling.cpus_per_worker
     total = float(ray.cluster_resources().get("CPU", 1.0))
-    n = cfg.scaling.num_workers
+    n = cfg.scaling.max_workers
     if total - n >= 1.0:
         return 1.0
     return max(0.1, round((total - 1.0) / n, 2))

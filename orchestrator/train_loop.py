@@ -29,11 +29,11 @@ INTERNAL_KEYS = ("_run_dir", "_fault_kill_at_epoch", "_train_rows", "_data", "_l
 # --- model, optimiser, schedule -----------------------------------------------------------------
 
 def build_model(cfg: Config) -> nn.Module:
-    """`METHODS[method.name](build_encoder(model.encoder, model.cifar_stem), **method kwargs)`."""
+    """`METHODS[method.name](build_encoder(model.encoder, model.cifar_stem, **model.encoder_args), **method kwargs)`."""
     from methods import METHODS
     from methods.encoders import build_encoder
 
-    encoder = build_encoder(cfg.model.encoder, cifar_stem=cfg.model.cifar_stem)
+    encoder = build_encoder(cfg.model.encoder, cifar_stem=cfg.model.cifar_stem, **cfg.model.encoder_args)
     return METHODS[cfg.method.name](encoder, **cfg.method_kwargs())
 
 
@@ -49,37 +49,93 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
 
 
 def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
-    """SGD (momentum), LARS (You et al., 2017; SimCLR/BYOL) or AdamW at the peak LR."""
+    """SGD (momentum), LARS (You et al., 2017; SimCLR/BYOL) or AdamW at the peak LR.
+
+    One multi-tensor step, not a loop over parameters: SGD and AdamW fused (one kernel per group)
+    when the model is on CUDA, foreach otherwise; LARS its foreach implementation.
+    """
     o, lr = cfg.optim, cfg.effective_lr()
     groups = _param_groups(model, o.weight_decay)
-    if o.name == "sgd":
+    param = next(model.parameters(), None)
+    fused = param is not None and param.is_cuda
+    if o.name in ("sgd", "adamw"):
         for g in groups:
             g.pop("lars_exclude", None)
-        return torch.optim.SGD(groups, lr=lr, momentum=o.sgd_momentum)
-    if o.name == "adamw":
-        for g in groups:
-            g.pop("lars_exclude", None)
-        return torch.optim.AdamW(groups, lr=lr)
+        if o.name == "sgd":
+            return torch.optim.SGD(groups, lr=lr, momentum=o.sgd_momentum, fused=fused, foreach=None if fused else True)
+        return torch.optim.AdamW(groups, lr=lr, fused=fused, foreach=None if fused else True)
     from methods.lars import LARS
 
     return LARS(groups, lr=lr, momentum=o.sgd_momentum, trust_coefficient=o.lars_eta)
 
 
+def compile_wanted(cfg: Config, device: torch.device) -> bool:
+    """`optim.compile` resolved: "auto" = on for CUDA, off elsewhere (on the 2-core CPU machine the
+    demo's compiled step was 5 % faster for a 40 s compile, more than its whole training;
+    benchmarks/README.md, "GPU step")."""
+    setting = cfg.optim.compile
+    return device.type == "cuda" if setting == "auto" else bool(setting)
+
+
+def compile_model(cfg: Config, model: nn.Module, device: torch.device, **compile_kwargs: Any) -> bool:
+    """`torch.compile` the method's forward in place (encoder, head and loss in one graph, where the
+    method allows) when `compile_wanted`; returns whether it did.
+
+    In place (`nn.Module.compile`): the state dict keeps its keys, checkpoints and registered
+    encoders are unchanged, and a DDP wrapper made afterwards calls the compiled forward. The
+    compile itself runs at the first step (`train_one_epoch` reports that step's time apart).
+    `compile_kwargs` go to `torch.compile` (e.g. backend="eager" in a test).
+    """
+    if not compile_wanted(cfg, device):
+        return False
+    model.compile(**compile_kwargs)
+    return True
+
+
 def steps_per_epoch(cfg: Config, train_rows: int, world_size: int) -> int:
-    """Optimiser steps per epoch: each worker gets rows // world (equal split), batches drop the rest."""
+    """Optimiser steps per epoch: each worker gets rows // world (equal split), batches drop the rest.
+
+    With the world size dividing the global batch B this is rows // B at any world size, so an
+    elastic run resized between epochs keeps its per-step LR and momentum schedules.
+    """
     from pipelines.stream import steps_per_epoch as stream_steps
 
     return max(1, stream_steps(train_rows, world_size, cfg.optim.batch_size // world_size))
 
 
+class LRAndWeightDecaySchedule(torch.optim.lr_scheduler.LambdaLR):
+    """The LR's `LambdaLR`, and with `weight_decay_end` the weight decay of the decayed group on a
+    per-step cosine from its initial value to `weight_decay_end` (DINO's main_dino.py: 0.04 -> 0.4,
+    `wd_schedule`). Its state is the step count alone, so a resumed run continues both schedules."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, lr_lambda: Callable[[int], float], total_steps: int,
+                 weight_decay_end: float | None) -> None:
+        self.total_steps, self.weight_decay_end = total_steps, weight_decay_end
+        self.weight_decay_start = [float(g["weight_decay"]) for g in optimizer.param_groups]
+        super().__init__(optimizer, lr_lambda)
+
+    def step(self, epoch: int | None = None) -> None:  # type: ignore[override]
+        super().step(epoch)
+        if self.weight_decay_end is None:
+            return
+        from methods.schedules import cosine_schedule
+
+        for group, start in zip(self.optimizer.param_groups, self.weight_decay_start, strict=True):
+            if start > 0:  # biases and norm weights stay at 0, as DINO's get_params_groups
+                group["weight_decay"] = cosine_schedule(self.last_epoch, self.total_steps, start,
+                                                        self.weight_decay_end)
+
+
 def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-step linear warm-up then cosine decay to 0 (SGDR, Loshchilov & Hutter 2017)."""
+    """Per-step linear warm-up then cosine decay to 0 (SGDR, Loshchilov & Hutter 2017); with
+    `optim.weight_decay_end`, the weight decay on a cosine to it as well (`LRAndWeightDecaySchedule`)."""
     from methods.schedules import warmup_cosine
 
     total = steps * cfg.optim.epochs
     warmup = int(round(steps * cfg.optim.warmup_epochs))
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: warmup_cosine(step, max_steps=total, warmup_steps=warmup, base_value=1.0))
+    return LRAndWeightDecaySchedule(
+        optimizer, lambda step: warmup_cosine(step, max_steps=total, warmup_steps=warmup, base_value=1.0),
+        total, cfg.optim.weight_decay_end)
 
 
 # --- one epoch ----------------------------------------------------------------------------------
@@ -117,12 +173,21 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
         total_steps: steps of the whole run.
         max_steps: stop after this many steps (keeps workers in lockstep if a shard runs long).
         on_step: called with the step index within the epoch after each optimiser step.
+
+    A method's own steps are hooks it may define (none is method-specific here):
+    `on_epoch_start(epoch)` (epochs done, `first_step // max_steps`), `before_optimizer_step()`
+    (after backward: DINO's gradient clipping and last-layer freeze, SwAV's prototype freeze) and
+    `update_momentum(progress)` (after the step: EMA targets).
     """
     module = unwrap(model)
     model.train()
+    if hasattr(module, "on_epoch_start"):
+        module.on_epoch_start(first_step // max_steps if max_steps else 0)
     channels_last = device.type == "cuda"
-    sums: dict[str, float] = {}
+    # Running sums stay on the device: a float() per step would make the host wait for every step.
+    sums: dict[str, torch.Tensor] = {}
     steps = images = 0
+    first_step_seconds = 0.0
     start = time.perf_counter()
     for v1, v2, *local in batches:
         if max_steps is not None and steps >= max_steps:
@@ -136,20 +201,28 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
         loss = out["loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if hasattr(module, "before_optimizer_step"):
+            module.before_optimizer_step()
         optimizer.step()
         scheduler.step()
         if hasattr(module, "update_momentum"):
             module.update_momentum(min(1.0, (first_step + steps + 1) / max(1, total_steps)))
         for k, v in out.items():
             if torch.is_tensor(v) and v.numel() == 1:
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
+                v = v.detach().reshape(()).float()
+                sums[k] = sums[k] + v if k in sums else v
         steps += 1
         images += v1.shape[0]
+        if steps == 1:  # the first step carries a compile (and cuDNN's autotuning): reported apart
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            first_step_seconds = time.perf_counter() - start
         if on_step is not None:
             on_step(steps)
+    totals = torch.stack(list(sums.values())).tolist() if sums else []  # the epoch's one wait for the device
     seconds = time.perf_counter() - start
-    result = {k: v / max(1, steps) for k, v in sums.items()}
-    result.update(steps=float(steps), images=float(images), seconds=seconds)
+    result = {k: v / max(1, steps) for k, v in zip(sums, totals)}
+    result.update(steps=float(steps), images=float(images), seconds=seconds, first_step_seconds=first_step_seconds)
     return result
 
 
@@ -178,18 +251,24 @@ class KnnProbe:
         knn = decoded if decoded is not None else decode_knn(cfg)
         self.bank_x, self.bank_y = _labelled(*knn["bank"].tensors())
         self.test_x, self.test_y = _labelled(*knn["test"].tensors())
+        if device.type == "cuda":  # uint8 images kept on the GPU: one copy, not one per evaluation
+            self.bank_x, self.test_x = self.bank_x.to(device), self.test_x.to(device)
 
     @torch.no_grad()
     def features(self, encoder: nn.Module, images_uint8: torch.Tensor) -> torch.Tensor:
-        from methods.evaluate import extract_features
+        """Encoder features [N, D] of the images, float32, left on the probe's device (the kNN runs there)."""
         from pipelines.augment import normalize
 
         out = []
-        step = 4 * self.cfg.eval.batch_size  # normalise in chunks: a float copy of 50k images is 600 MB
+        cuda = self.device.type == "cuda"
+        batch = self.cfg.eval.batch_size
+        step = 4 * batch  # normalise in chunks: a float copy of 50k images is 600 MB
         for i in range(0, len(images_uint8), step):
-            x = normalize(images_uint8[i:i + step])
+            x = normalize(images_uint8[i:i + step].to(self.device, non_blocking=True))
+            if cuda:
+                x = x.contiguous(memory_format=torch.channels_last)
             with autocast(self.device):
-                out.append(extract_features(encoder, x, self.cfg.eval.batch_size, self.device).float().cpu())
+                out += [encoder(x[j:j + batch]).float() for j in range(0, len(x), batch)]
         return torch.cat(out)
 
     def __call__(self, encoder: nn.Module, *, linear: bool = False) -> dict[str, float]:
@@ -224,10 +303,14 @@ def probe_metrics(bank: torch.Tensor, bank_labels: torch.Tensor, test: torch.Ten
 
     if not (bool((bank_labels >= 0).all()) and bool((test_labels >= 0).all())):
         return {}  # unlabelled images (-1): nothing to score; the driver says so (pretrain._finish)
-    r = knn_accuracy(bank, bank_labels, test, test_labels, k=e.knn_k, temperature=e.knn_t)
+    # On a GPU the similarities are bf16 matmuls (the features are normalised: |s| <= 1, bf16's
+    # 3 significant digits rank the neighbours as float32 does but for near-ties); float32 on CPU.
+    matmul_dtype = torch.bfloat16 if bank.is_cuda else None
+    r = knn_accuracy(bank, bank_labels, test, test_labels, k=e.knn_k, temperature=e.knn_t, matmul_dtype=matmul_dtype)
     out = {"knn_top1": float(r["top1"]), "knn_top5": float(r["top5"])}
     if not (linear and e.linear_epochs > 0):
         return out
+    bank, test = bank.cpu(), test.cpu()  # the linear probe's classifier trains on the CPU, as before
     if e.linear_train_limit is not None and len(bank) > e.linear_train_limit:
         keep = torch.randperm(len(bank), generator=torch.Generator().manual_seed(seed))[:e.linear_train_limit]
         bank, bank_labels = bank[keep], bank_labels[keep]
@@ -303,8 +386,10 @@ class TrainBatches:
 
         cfg = self.cfg
         augment_on = "worker" if self.memory is not None else cfg.resolved_augment_on()
+        # optim.compile also fuses the views on a GPU (pipelines.augment: one compiled graph per view)
+        fuse = self.device.type == "cuda" and compile_wanted(cfg, self.device)
         augment = TwoViewAugment(cfg.augment_preset(), size=cfg.data.image_size, seed=epoch_seed,
-                                 **cfg.augment_kwargs()) if augment_on == "worker" else None
+                                 compile=fuse, **cfg.augment_kwargs()) if augment_on == "worker" else None
         if self.memory is not None:
             from pipelines.memory import epoch_indices
 

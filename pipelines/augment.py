@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -90,6 +91,12 @@ PRESETS: dict[str, dict[str, object]] = {
         jitter=(0.4, 0.4, 0.2, 0.1), jitter_prob=0.8, grayscale_prob=0.2,
         blur_prob=(1.0, 0.1), blur_sigma=(0.1, 2.0), solarize_prob=(0.0, 0.2),
     ),
+    # MAE (main_pretrain.py): RandomResizedCrop (0.2, 1) and a horizontal flip, nothing else.
+    "mae": dict(
+        crop_scale=(0.2, 1.0), crop_ratio=(3 / 4, 4 / 3), flip_prob=0.5,
+        jitter=(0.0, 0.0, 0.0, 0.0), jitter_prob=0.0, grayscale_prob=0.0,
+        blur_prob=(0.0, 0.0), blur_sigma=(0.1, 2.0), solarize_prob=(0.0, 0.0),
+    ),
 }
 # DINO's local crops (main_dino.py): scale (0.05, 0.4), blur p=0.5, no solarize, the rest as the
 # preset's first view. Any preset takes local crops; only the DINO method consumes them.
@@ -140,9 +147,22 @@ def normalize(images_uint8: Tensor) -> Tensor:
 
 
 def _normalize_unit(x: Tensor) -> Tensor:
-    mean = torch.tensor(MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    mean = _constant(MEAN, x.dtype, x.device).view(1, 3, 1, 1)
+    std = _constant(STD, x.dtype, x.device).view(1, 3, 1, 1)
     return x.sub_(mean).div_(std)
+
+
+_CONSTANTS: dict[tuple[tuple[float, ...], torch.dtype, str], Tensor] = {}
+
+
+def _constant(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A small constant tensor, made once per (values, dtype, device): ``torch.tensor(..., device=cuda)``
+    copies from pageable host memory and waits for it, so the per-batch path must not build one."""
+    key = (values, dtype, str(device))
+    t = _CONSTANTS.get(key)
+    if t is None:
+        t = _CONSTANTS[key] = torch.tensor(values, dtype=dtype, device=device)
+    return t
 
 
 def keep_freed_memory(limit_bytes: int = 32 << 20) -> bool:
@@ -346,7 +366,7 @@ def adjust_hue(images: Tensor, shift: Tensor) -> Tensor:
     h6 = ((g - b) * is_r + (b - r + 2 * chroma) * is_g + (r - g + 4 * chroma) * is_b) * inv  # in [-1, 5)
     h6 = h6 + 6 * _per_sample(shift.to(images.dtype)).squeeze(1)
     h6 = h6 - 6 * torch.floor(h6 * (1 / 6))  # to [0, 6)
-    n = torch.tensor((5.0, 3.0, 1.0), dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    n = _constant((5.0, 3.0, 1.0), images.dtype, images.device).view(1, 3, 1, 1)
     k = h6.unsqueeze(1) + n  # in [1, 11): the trapezoid centred at 2, and its copy at 8
     trapezoid = (2 - (k - 2).abs()).clamp_(0, 1) + (2 - (k - 8).abs()).clamp_(0, 1)
     return maxc.unsqueeze(1) - chroma.unsqueeze(1) * trapezoid
@@ -366,7 +386,7 @@ def gaussian_blur(images: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
     lim = (kernel_size - 1) / (2.0 * math.sqrt(2.0))
     x = torch.linspace(-lim, lim, kernel_size, dtype=images.dtype, device=images.device)
     kernel = torch.softmax(-(x[None, :] / sigma.to(images.dtype)[:, None]).pow(2), dim=1)  # [n, k]
-    kernel = kernel.repeat_interleave(c, dim=0)  # [n*c, k]
+    kernel = kernel[:, None, :].expand(n, c, kernel_size).reshape(n * c, kernel_size)  # [n*c, k], no sync (repeat_interleave may count on the host)
     padded = F.pad(images, (half, half, half, half), mode="reflect").reshape(1, n * c, height + 2 * half, width + 2 * half)
     out = F.conv2d(padded, kernel.view(n * c, 1, kernel_size, 1), groups=n * c)
     out = F.conv2d(out, kernel.view(n * c, 1, 1, kernel_size), groups=n * c)
@@ -382,36 +402,62 @@ def solarize(images: Tensor, threshold: float = _SOLARIZE_THRESHOLD) -> Tensor:
 # Composition
 # --------------------------------------------------------------------------------------------
 
-def color_jitter(images: Tensor, params: ViewParams) -> Tensor:
+def color_jitter(images: Tensor, params: ViewParams, *, sync_free: bool = False) -> Tensor:
     """ColorJitter with each sample's own factors and own random order of the four ops.
 
     Four slots; in each slot every sample runs the op its order puts there. Brightness, contrast
     and saturation are all ``blend(x, target, f)`` with target 0, mean luma or luma, so one blend
     per slot serves every sample (factor 1, the identity, for samples that run hue in that slot
-    or skip jitter); hue runs on the rows whose slot says hue, so each sample pays for one hue.
+    or skip jitter). Hue: by default it runs on the rows whose slot says hue (each sample pays for
+    one hue; ``nonzero`` waits for the device); with ``sync_free`` every row computes it and a
+    mask keeps it.
     """
-    identity = torch.tensor([1.0, 1.0, 1.0, 0.0], dtype=params.factors.dtype, device=images.device)
-    factors = torch.where(params.jitter[:, None], params.factors, identity)
+    return _color_jitter(images, params.jitter, params.factors, params.order, sync_free)
+
+
+def _color_jitter(images: Tensor, jitter: Tensor, factors: Tensor, order: Tensor, sync_free: bool) -> Tensor:
+    identity = _constant((1.0, 1.0, 1.0, 0.0), factors.dtype, images.device)
+    factors = torch.where(jitter[:, None], factors, identity)
     x = images
     for slot in range(4):
-        op = params.order[:, slot]
+        op = order[:, slot]
         factor = torch.where(op == 3, 1.0, factors.gather(1, op[:, None]).squeeze(1))
         gray = rgb_to_grayscale(x)
         # target: 0 for brightness, mean luma for contrast, luma for saturation (masks, not `where`: faster on CPU)
         mean = gray.mean(dim=(-2, -1), keepdim=True) * _per_sample(op == 1).to(x.dtype)
         target = torch.addcmul(mean, gray, _per_sample(op == 2).to(x.dtype))
         x = _blend(x, target, factor)
-        rows = torch.nonzero((op == 3) & params.jitter).squeeze(1)
-        if rows.numel():
-            x[rows] = adjust_hue(x[rows], factors[rows, 3])
+        hue = (op == 3) & jitter
+        if sync_free:
+            x = torch.where(_per_sample(hue), adjust_hue(x, factors[:, 3]), x)
+        else:
+            rows = torch.nonzero(hue).squeeze(1)
+            if rows.numel():
+                x[rows] = adjust_hue(x[rows], factors[rows, 3])
     return x
 
 
-def augment_views(images: Tensor, params: ViewParams, size: int, blur_kernel: int) -> Tensor:
+def augment_views(images: Tensor, params: ViewParams, size: int, blur_kernel: int, *,
+                  sync_free: bool | None = None) -> Tensor:
     """Apply per-sample parameters to float images in [0, 1] (one row of ``params`` per image).
+
+    Args:
+        images: float ``[n, 3, H, W]`` in [0, 1].
+        params: one row per image (``sample_view_params``).
+        size: output side.
+        blur_kernel: the blur's kernel size (1: no blur).
+        sync_free: True: no host sync and no branch on a tensor's value (``augment_views_sync_free``),
+            what a GPU wants; False: the ops run on the rows that draw them, selected with
+            ``nonzero`` (less work, what a CPU wants). None: True off the CPU. Same values either way.
 
     Returns floats in [0, 1], ``[n, 3, size, size]``; not normalised.
     """
+    if sync_free is None:
+        sync_free = images.device.type != "cpu"
+    if sync_free:
+        return augment_views_sync_free(images, params.crop, params.flip, params.jitter, params.factors,
+                                       params.order, params.grayscale, params.blur, params.blur_sigma,
+                                       params.solarize, size, blur_kernel)
     x = resized_crop(images, params.crop, params.flip, size)
     if bool(params.jitter.any()):
         x = color_jitter(x, params)
@@ -425,6 +471,58 @@ def augment_views(images: Tensor, params: ViewParams, size: int, blur_kernel: in
     if rows.numel():
         x[rows] = solarize(x[rows])
     return x
+
+
+def augment_views_sync_free(images: Tensor, crop: Tensor, flip: Tensor, jitter: Tensor, factors: Tensor,
+                            order: Tensor, grayscale: Tensor, blur: Tensor, blur_sigma: Tensor,
+                            solarize_mask: Tensor, size: int, blur_kernel: int) -> Tensor:
+    """``augment_views`` for a device that should never wait: one fixed sequence of whole-batch ops.
+
+    No ``nonzero``, ``.item()``, boolean indexing or branch on a tensor's value: every op runs on
+    the whole batch and ``torch.where`` keeps it per sample (the samples a mask leaves out pay the
+    op's arithmetic; on a GPU that is cheaper than a host round-trip). So the sequence of kernels
+    depends on the shapes alone: ``torch.compile(fullgraph=True)`` fuses it, and one batch shape
+    can be captured as a CUDA graph (``TwoViewAugment(compile=...)``). Plain tensors in, not a
+    ``ViewParams``, so that compiled graphs take them as inputs.
+
+    Same values as the row-selecting path: a sample not jittered goes through blends of factor 1
+    (``lerp`` with weight 1 returns its end exactly), every other op is selected, not blended.
+    """
+    x = resized_crop(images, crop, flip, size)
+    x = _color_jitter(x, jitter, factors, order, sync_free=True)
+    x = torch.where(_per_sample(grayscale), rgb_to_grayscale(x).expand(-1, 3, -1, -1), x)
+    if blur_kernel > 1:  # a setting, not a tensor value
+        x = torch.where(_per_sample(blur), gaussian_blur(x, blur_sigma, blur_kernel), x)
+    return torch.where(_per_sample(solarize_mask), solarize(x), x)
+
+
+def _normalized_view(images: Tensor, crop: Tensor, flip: Tensor, jitter: Tensor, factors: Tensor,
+                     order: Tensor, grayscale: Tensor, blur: Tensor, blur_sigma: Tensor,
+                     solarize_mask: Tensor, size: int, blur_kernel: int) -> Tensor:
+    """One view, normalised: the function ``TwoViewAugment(compile=...)`` compiles."""
+    x = augment_views_sync_free(images, crop, flip, jitter, factors, order, grayscale, blur, blur_sigma,
+                                solarize_mask, size, blur_kernel)
+    mean = torch.tensor(MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)  # constants of the graph
+    std = torch.tensor(STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def _blur_kernel(config: ViewConfig) -> int:
+    """The view's blur kernel, 1 (no blur op at all) when the view never blurs: the sync-free ops
+    would otherwise blur every sample to keep none (the CIFAR convention turns blur off)."""
+    return config.blur_kernel_size if config.blur_prob > 0 else 1
+
+
+COMPILE_MODES = (False, True, "reduce-overhead")
+_COMPILE_FAILED: set[object] = set()
+_COMPILED: dict[object, object] = {}  # per process, not per augmenter: a new augmenter each epoch reuses it
+
+
+def _compiled_view(mode: bool | str):  # type: ignore[no-untyped-def]
+    if mode not in _COMPILED:
+        _COMPILED[mode] = torch.compile(_normalized_view, fullgraph=True, dynamic=False,
+                                        mode="reduce-overhead" if mode == "reduce-overhead" else None)
+    return _COMPILED[mode]
 
 
 def _pair(value: object, name: str) -> tuple[float, float]:
@@ -545,6 +643,12 @@ class TwoViewAugment:
             Their parameters are drawn after the two global views', so adding local crops leaves
             the global views of a seed unchanged.
         local_size: side of the local crops; None = ``local_crop_size(size)``.
+        sync_free: the PyTorch backend's op sequence (``augment_views``): True = masks and
+            ``torch.where``, no host sync; False = ops on the rows that draw them; None = True off
+            the CPU. Same views either way.
+        compile: off the CPU, run each view's ops as one ``torch.compile``-d graph (``fullgraph``,
+            static shapes): False, True (Inductor's fused kernels) or ``"reduce-overhead"`` (also
+            a CUDA graph per batch shape). The first call of a shape pays the compile.
         **overrides: any of ``OVERRIDES``, e.g. ``crop_scale=(0.2, 1.0)``, ``jitter_strength=0.5``,
             ``blur_prob=0.0`` or ``blur_prob=(1.0, 0.1)``, ``blur=False``.
 
@@ -557,9 +661,13 @@ class TwoViewAugment:
 
     def __init__(self, preset: str = "simclr", size: int = 32, seed: int | None = None, *,
                  backend: str = "auto", local_crops: int = 0, local_size: int | None = None,
-                 **overrides: object) -> None:
+                 sync_free: bool | None = None, compile: bool | str = False, **overrides: object) -> None:
         if backend not in BACKENDS:
             raise DataError(f"augmentation backend {backend!r} is unknown; choose one of {list(BACKENDS)}")
+        if compile not in COMPILE_MODES:
+            raise DataError(f"augmentation compile={compile!r}: choose one of {list(COMPILE_MODES)}")
+        self.sync_free = sync_free
+        self.compile = compile
         if not isinstance(local_crops, int) or local_crops < 0:
             raise DataError(f"augmentation local_crops={local_crops!r}: a non-negative int")
         self.preset = preset
@@ -630,15 +738,29 @@ class TwoViewAugment:
         n, _, height, width = images.shape
         x = images.expand(n, 3, height, width) if images.shape[1] == 1 else images
         x = x.to(torch.float32).mul_(1 / 255)
+        on_cpu = images.device.type == "cpu"
+        sync_free = (not on_cpu) if self.sync_free is None else self.sync_free
+        if self.compile and not on_cpu and n and self.compile not in _COMPILE_FAILED:
+            view = _compiled_view(self.compile)
+            try:
+                for p, config, target in zip(params, configs, targets):
+                    target.copy_(view(x, p.crop, p.flip, p.jitter, p.factors, p.order, p.grayscale, p.blur,
+                                      p.blur_sigma, p.solarize, target.shape[-1], _blur_kernel(config)))
+                return
+            except Exception as e:  # noqa: BLE001 - a compiler fault must not stop training: the eager ops are exact
+                _COMPILE_FAILED.add(self.compile)
+                warnings.warn(f"TwoViewAugment: torch.compile of the views failed ({type(e).__name__}: {e}); "
+                              "the eager PyTorch ops run instead", RuntimeWarning, stacklevel=2)
         # On CPU, chunks of a few hundred KiB per tensor stay in cache between the ~50 elementwise
         # ops; on an accelerator one launch per op for the whole batch is better.
         for p, config, target in zip(params, configs, targets):
             side = target.shape[-1]
-            chunk = max(8, (256 * 32 * 32) // (side * side)) if images.device.type == "cpu" else max(n, 1)
+            chunk = max(8, (256 * 32 * 32) // (side * side)) if on_cpu else max(n, 1)
             for start in range(0, n, chunk):
                 rows = slice(start, min(n, start + chunk))
                 part = ViewParams(*(t[rows] for t in vars(p).values()))
-                target[rows] = _normalize_unit(augment_views(x[rows], part, side, config.blur_kernel_size))
+                target[rows] = _normalize_unit(augment_views(x[rows], part, side, _blur_kernel(config),
+                                                             sync_free=sync_free))
 
     def _numba(self, device: torch.device) -> bool:
         if self.backend == "torch":

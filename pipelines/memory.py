@@ -10,10 +10,11 @@ are 154 MB as uint8 (3 x 32 x 32 bytes each).
 How: the driver decodes the split once (`load_split`, threaded) and puts the uint8 array into Ray's
 object store; every worker on a node maps that one copy (zero-copy, read-only shared memory), and
 in a sweep every trial reuses the copy the sweep driver made. Each epoch every rank draws the same
-seeded permutation of all rows (seed, epoch) and takes its own contiguous slice of whole batches,
-as `torch.utils.data.DistributedSampler` does: a new global order every epoch, every image at most
-once per epoch across the workers, and exactly `dropped_per_epoch` left out (the same count as the
-streaming path: a different random set each epoch). Views are made on the worker's device; on a
+seeded permutation of all rows (seed, epoch), cut into global batches, and takes its part of each:
+a new global order every epoch, every image at most once per epoch across the workers, exactly
+`dropped_per_epoch` left out (the same count as the streaming path: a different random set each
+epoch), and global batch i holds the same images whatever the number of workers (an elastic run
+resized between epochs sees the batches an unresized one would). Views are made on the worker's device; on a
 GPU the whole uint8 split is copied to the device once and batches are gathered there.
 """
 
@@ -77,10 +78,12 @@ def decode_split(folder: str | Path, split: str, *, image_size: int | None = Non
 
 
 def epoch_indices(rows: int, world_size: int, rank: int, batch_size: int, *, seed: int, epoch: int) -> np.ndarray:
-    """This rank's row indices for one epoch: its slice of a global permutation, whole batches only.
+    """This rank's row indices for one epoch: its part of each global batch of a global permutation.
 
-    Every rank computes the same permutation from (seed, epoch), so the slices never overlap; a
-    resumed epoch replays the same order.
+    Every rank computes the same permutation from (seed, epoch), so the parts never overlap; a
+    resumed epoch replays the same order. Global batch i is `order[i*B:(i+1)*B]` with
+    B = `world_size * batch_size`, whatever `world_size` is, and rank r takes its r-th
+    `batch_size` of it: the global batches do not depend on the world size.
 
     Args:
         rows: images in the split.
@@ -89,11 +92,11 @@ def epoch_indices(rows: int, world_size: int, rank: int, batch_size: int, *, see
         seed, epoch: the run seed and the epoch (1-based).
 
     Returns:
-        int64 `[steps_per_epoch(rows, world_size, batch_size) * batch_size]`.
+        int64 `[steps_per_epoch(rows, world_size, batch_size) * batch_size]`, batch after batch.
     """
-    per_rank = steps_per_epoch(rows, world_size, batch_size) * batch_size
-    order = np.random.default_rng([seed, epoch]).permutation(rows)
-    return order[rank * per_rank:(rank + 1) * per_rank]
+    steps = steps_per_epoch(rows, world_size, batch_size)
+    order = np.random.default_rng([seed, epoch]).permutation(rows)[:steps * world_size * batch_size]
+    return order.reshape(steps, world_size, batch_size)[:, rank].reshape(-1)
 
 
 class MemoryBatches:

@@ -14,10 +14,14 @@ reader never sees half a file in either case. Callers write the file that makes 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
 import re
+import secrets
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -115,11 +119,24 @@ def list_names(location: str | Path) -> list[str]:
     return sorted(i.base_name for i in infos)
 
 
+def list_files(location: str | Path) -> list[tuple[str, int]]:
+    """Every file under a folder, recursively, as (path relative to it with `/`, size), sorted.
+
+    One paginated listing on an object store (no request per file). Local folders: see
+    `pipelines.ingest`, which walks them itself to keep symlinks inside SOURCE.
+    """
+    fs, path = resolve(location)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=True))
+    base = path.rstrip("/") + "/"
+    return sorted((i.path[len(base):] if i.path.startswith(base) else i.base_name, int(i.size or 0))
+                  for i in infos if i.type == pafs.FileType.File)
+
+
 def makedirs(location: str | Path) -> None:
     """Create a folder and its parents (a no-op on object stores, whose folders are prefixes)."""
     fs, path = resolve(location)
     if isinstance(fs, pafs.LocalFileSystem):
-        fs.create_dir(path, recursive=True)
+        Path(path).mkdir(parents=True, exist_ok=True)  # Python's OSError: its errno and filename, no wrapping
 
 
 def read_bytes(location: str | Path) -> bytes:
@@ -132,18 +149,75 @@ def read_text(location: str | Path) -> str:
     return read_bytes(location).decode("utf-8")
 
 
-def write_bytes(location: str | Path, data: bytes) -> None:
-    """Write a whole file, atomically: a local file through a temporary name and a rename, an
-    object in one upload (object stores never show half an object)."""
+def temp_name(final_name: str) -> str:
+    """A hidden temporary name beside `final_name`, unique across hosts sharing a mount: host, process
+    id and random bits (a process id alone repeats on two hosts of one NFS/EFS folder)."""
+    host = re.sub(r"[^A-Za-z0-9-]", "", socket.gethostname())[:32] or "host"
+    return f".{final_name}.tmp-{host}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def is_temp_name(file_name: str) -> bool:
+    """Whether a file name is one `temp_name` makes (what a killed writer may have left)."""
+    return file_name.startswith(".") and ".tmp-" in file_name
+
+
+@contextlib.contextmanager
+def open_output(location: str | Path) -> Iterator[IO[bytes]]:
+    """A binary stream that becomes the file at `location` only when the block ends without error.
+
+    Local: written under a `temp_name` beside it, flushed and fsynced, then renamed over it (the
+    rename is atomic; the fsync makes the bytes durable before the name points at them). On any
+    error (a full disk included) the temporary file is removed and the error raised: nothing
+    half-written is left and a file already at `location` is untouched. Object store: one upload,
+    which the store shows only once complete; a failed one is deleted.
+    """
     fs, path = resolve(location)
-    if isinstance(fs, pafs.LocalFileSystem):
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.parent / f".{p.name}.tmp-{os.getpid()}"
-        tmp.write_bytes(data)
-        os.replace(tmp, p)
+    if not isinstance(fs, pafs.LocalFileSystem):
+        f = fs.open_output_stream(path)
+        try:
+            yield f  # type: ignore[misc]
+        except BaseException:
+            # pyarrow has no abort: closing completes the upload, so the object is deleted again.
+            try:
+                f.close()
+            finally:
+                delete_file(location)
+            raise
+        f.close()
         return
-    with fs.open_output_stream(path) as f:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.parent / temp_name(p.name)
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(p.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in `folder` durable (its directory entry); not every filesystem allows it."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_bytes(location: str | Path, data: bytes) -> None:
+    """Write a whole file, atomically and durably (`open_output`): a local file through a temporary
+    name, fsync and a rename, an object in one upload (object stores never show half an object)."""
+    with open_output(location) as f:
         f.write(data)
 
 

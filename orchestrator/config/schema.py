@@ -31,13 +31,21 @@ METHOD_PRESET = {name: cls.augment_preset for name, cls in METHODS.items()}
 AUGMENT_ON = ("auto", "worker", "data")
 LOADERS = ("auto", "memory", "stream")
 # Method fields that only some methods take: (field, methods that accept it).
-METHOD_ONLY = {"temperature": ("simclr", "moco"), "momentum": ("moco", "byol", "dino"), "queue_size": ("moco",),
+METHOD_ONLY = {"temperature": ("simclr", "moco", "swav"), "momentum": ("moco", "byol", "dino"), "queue_size": ("moco",),
                "lambd": ("barlow_twins",), "sim_weight": ("vicreg",), "var_weight": ("vicreg",),
                "cov_weight": ("vicreg",), "teacher_temp": ("dino",), "warmup_teacher_temp": ("dino",),
-               "warmup_teacher_temp_fraction": ("dino",), "local_crops": ("dino",), "local_crop_size": ("dino",)}
+               "warmup_teacher_temp_fraction": ("dino",), "local_crops": ("dino", "swav"), "local_crop_size": ("dino", "swav"),
+               "freeze_last_layer_epochs": ("dino",), "clip_grad": ("dino",), "num_prototypes": ("swav",),
+               "sinkhorn_iterations": ("swav",), "sinkhorn_epsilon": ("swav",), "queue_length": ("swav",),
+               "queue_start_epoch": ("swav",), "freeze_prototypes_epochs": ("swav",), "mask_ratio": ("mae",),
+               "decoder_dim": ("mae",), "decoder_depth": ("mae",), "decoder_heads": ("mae",), "norm_pix": ("mae",)}
+MULTI_CROP_METHODS = ("dino", "swav")  # their forward takes local crops
+# Every method but MAE has a projection head (MAE's decoder has its own fields).
+METHOD_ONLY.update({f: tuple(m for m in METHODS if m != "mae") for f in ("projection_dim", "hidden_dim")})
 # Method fields that are not constructor arguments: they shape the augmentation (`Config.multi_crop`).
 AUGMENT_FIELDS = ("local_crops", "local_crop_size")
-DINO_LOCAL_CROPS = 2  # the paper: 8 (main_dino.py) or 10 local crops at 96 px; 2 keeps CPU runs short
+# DINO's and SwAV's default: the papers use 8 or 10 (DINO) / 6 (SwAV) local crops at 96 px; 2 keeps CPU runs short
+DINO_LOCAL_CROPS = 2
 # Upper bounds: far above any recipe here (SimCLR's largest batch is 8192, LARS runs reach 32768),
 # low enough that a typo (an extra zero or two) is refused before it asks for memory no machine has.
 MAX_BATCH_SIZE = 65536
@@ -77,8 +85,12 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    # convnet, resnet18, resnet50, vit_tiny, vit_small, vit_base, or timm:<any timm model name>
     encoder: str = "convnet"
     cifar_stem: bool = False  # ResNets: 3x3 stem conv, no max-pool (for 32x32 images)
+    # Keyword arguments of the encoder (JSON primitives): the ViTs' patch_size (16 for 224 px, 4
+    # for 32 px), img_size, depth, embed_dim, ...; a timm: model's timm arguments.
+    encoder_args: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -98,8 +110,21 @@ class MethodConfig:
     teacher_temp: float | None = None  # DINO: teacher temperature after the warm-up (0.07)
     warmup_teacher_temp: float | None = None  # DINO: teacher temperature at the start (0.04)
     warmup_teacher_temp_fraction: float | None = None  # DINO: share of training it rises over (0.3)
-    local_crops: int | None = None  # DINO: local crops per image (null = DINO_LOCAL_CROPS; 0 = none)
-    local_crop_size: int | None = None  # DINO: their side (null = data.image_size * 96/224, as the paper)
+    local_crops: int | None = None  # DINO, SwAV: local crops per image (null = DINO_LOCAL_CROPS; 0 = none)
+    local_crop_size: int | None = None  # DINO, SwAV: their side (null = data.image_size * 96/224, as the paper)
+    freeze_last_layer_epochs: int | None = None  # DINO: the prototypes take no step for N epochs (1)
+    clip_grad: float | None = None  # DINO: per-parameter gradient norm clipping (3.0; 0 = none)
+    num_prototypes: int | None = None  # SwAV: K (3000)
+    sinkhorn_iterations: int | None = None  # SwAV: 3
+    sinkhorn_epsilon: float | None = None  # SwAV: 0.05
+    queue_length: int | None = None  # SwAV: queued features per worker for the codes (0 = none)
+    queue_start_epoch: int | None = None  # SwAV: the queue is used from this epoch, counted from 0 (15)
+    freeze_prototypes_epochs: int | None = None  # SwAV: the prototypes take no step for N epochs (1)
+    mask_ratio: float | None = None  # MAE: share of patches hidden from the encoder (0.75)
+    decoder_dim: int | None = None  # MAE: decoder width (512)
+    decoder_depth: int | None = None  # MAE: decoder blocks (8)
+    decoder_heads: int | None = None  # MAE: decoder attention heads (16)
+    norm_pix: bool | None = None  # MAE: per-patch normalised pixel targets (true)
 
 
 @dataclass
@@ -108,21 +133,53 @@ class OptimConfig:
     lr: float = 2e-3  # at `batch_size`, unless scale_lr (then at batch 256, scaled linearly)
     scale_lr: bool = False  # lr * batch_size / 256 (Goyal et al., 2017), as SimCLR/BYOL do
     weight_decay: float = 1e-4
+    # null = constant; else the weight decay follows a per-step cosine from weight_decay to this
+    # (DINO's ViT recipe: 0.04 -> 0.4). Biases and norm weights have none either way.
+    weight_decay_end: float | None = None
     sgd_momentum: float = 0.9  # SGD and LARS
     lars_eta: float = 0.001  # LARS trust coefficient (You et al. 2017; solo-learn's CIFAR recipes: 0.02)
     batch_size: int = 256  # GLOBAL batch, split evenly over the workers
     epochs: int = 5
     warmup_epochs: float = 1.0
+    # torch.compile of the method's forward (encoder, head and loss): "auto" = on for CUDA workers,
+    # off on CPU (measured slower there, benchmarks/README.md "GPU step"); true / false force it.
+    compile: bool | str = "auto"
 
 
 @dataclass
 class ScalingConfig:
-    num_workers: int = 2
+    # An integer (a fixed group), or [min, max]: elastic (Ray Train starts with what the cluster has,
+    # at least min, continues with the workers left after a lost node and grows back towards max
+    # when nodes return). The global batch stays optim.batch_size whatever the count (docs/design.md).
+    num_workers: int | list[int] = 2
+    # Elastic runs: how often (seconds) Ray Train checks whether more workers fit (Ray's default).
+    elastic_resize_monitor_interval_s: float = 60.0
     use_gpu: bool = False
     # None = automatic: 1 per worker when the node has CPUs to spare for Ray Data, else a fraction
     # (on 2 cores, 2 workers of 1 CPU leave none for the Parquet read tasks and the job hangs).
     cpus_per_worker: float | None = None
     gpus_per_worker: float = 1.0  # with use_gpu
+
+    @property
+    def elastic(self) -> bool:
+        """Whether `num_workers` is a [min, max] range (Ray Train's elastic scaling)."""
+        return isinstance(self.num_workers, list)
+
+    @property
+    def min_workers(self) -> int:
+        return int(self.num_workers[0] if isinstance(self.num_workers, list) else self.num_workers)
+
+    @property
+    def max_workers(self) -> int:
+        return int(self.num_workers[-1] if isinstance(self.num_workers, list) else self.num_workers)
+
+    def worker_counts(self) -> range:
+        """Every worker count a run may have: min..max (one count for a fixed group)."""
+        return range(self.min_workers, self.max_workers + 1)
+
+    def for_ray(self) -> int | tuple[int, int]:
+        """`ray.train.ScalingConfig(num_workers=...)`: an int, or the (min, max) tuple Ray wants."""
+        return (self.min_workers, self.max_workers) if self.elastic else self.min_workers
 
 
 @dataclass
@@ -209,9 +266,9 @@ class Config:
         return {k: v for k, v in kw.items() if v is not None}
 
     def multi_crop(self) -> tuple[int, int]:
-        """(local crops per image, their side): DINO's multi-crop, (0, 0) for every other method."""
+        """(local crops per image, their side): DINO's and SwAV's multi-crop, (0, 0) for every other method."""
         m = self.method
-        if m.name != "dino":
+        if m.name not in MULTI_CROP_METHODS:
             return 0, 0
         n = DINO_LOCAL_CROPS if m.local_crops is None else m.local_crops
         size = m.local_crop_size or local_crop_size(self.data.image_size)
@@ -257,11 +314,32 @@ def _field_type(section_cls: type, name: str) -> Any:
 def _parse_value(tp: Any, value: Any, where: str) -> Any:
     """Check (and gently coerce: int -> float, "1e-3" -> float) a value against a field type."""
     args = typing.get_args(tp)
+    if typing.get_origin(tp) is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{where}: expected a mapping of names to values, got {value!r}")
+        for k, v in value.items():
+            items = v if isinstance(v, list) else [v]
+            if not all(x is None or isinstance(x, (bool, int, float, str)) for x in items):
+                raise ConfigError(f"{where}: {k} = {v!r}: expected a number, string, boolean, null or a list of those")
+        return dict(value)
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _parse_value(inner[0], value, where)
+        if bool in inner and str in inner and isinstance(value, (bool, str)):
+            return value  # a switch with a word besides true/false (optim.compile: auto); validation checks the word
+        listed = [a for a in inner if typing.get_origin(a) is list]
+        if listed and isinstance(value, (list, tuple)):  # `int | list[int]`: scaling.num_workers = [min, max]
+            return _parse_value(listed[0], value, where)
+        try:
+            return _parse_value(inner[0], value, where)
+        except ConfigError:
+            if listed:
+                raise ConfigError(f"{where}: expected an integer or a list [min, max], got {value!r}") from None
+            raise
+    if typing.get_origin(tp) is list:
+        (item,) = typing.get_args(tp)
+        return [_parse_value(item, v, where) for v in value]
     if tp is bool:
         if isinstance(value, bool):
             return value

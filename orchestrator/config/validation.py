@@ -9,6 +9,7 @@ found. The message starts with the field ("section.field = value: what is allowe
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any
 
@@ -61,7 +62,7 @@ def _check_choices(cfg: Config) -> None:
     """The fields that name one of a fixed set: method, encoder, optimizer, augmentation, loader."""
     d = cfg.data
     _one_of("method.name", cfg.method.name, METHOD_NAMES)
-    _one_of("model.encoder", cfg.model.encoder, ENCODER_NAMES)
+    _check_encoder(cfg)
     _one_of("optim.name", cfg.optim.name, OPTIMIZER_NAMES)
     if d.augment is not None:
         _one_of("data.augment", d.augment, AUGMENT_PRESETS)
@@ -70,6 +71,21 @@ def _check_choices(cfg: Config) -> None:
     if d.loader == "memory" and d.augment_on == "data":
         _fail("data.augment_on", d.augment_on, "needs data.loader=stream (with data.loader=memory the views are "
               "made on the worker); use data.augment_on=worker or auto")
+
+
+def _check_encoder(cfg: Config) -> None:
+    """`model.encoder` names an encoder and `model.encoder_args` are arguments it takes: the encoder is
+    built on the meta device (no memory, no weights), so a wrong argument fails here, not in a worker."""
+    from methods.encoders import build_encoder, is_encoder_name
+
+    m = cfg.model
+    if not is_encoder_name(m.encoder):
+        _fail("model.encoder", m.encoder, f"allowed: {', '.join(ENCODER_NAMES)} or timm:<a timm model name>")
+    try:
+        with torch.device("meta"):
+            build_encoder(m.encoder, cifar_stem=m.cifar_stem, **m.encoder_args)
+    except (TypeError, ValueError, AssertionError) as e:
+        _fail("model.encoder_args", m.encoder_args, f"not taken by encoder {m.encoder}: {str(e).splitlines()[0]}")
 
 
 def _check_method(cfg: Config) -> None:
@@ -83,26 +99,54 @@ def _check_method(cfg: Config) -> None:
     if m.momentum is not None and not 0 <= m.momentum < 1:
         _fail("method.momentum", m.momentum, "must be in [0, 1)")
     for name in ("queue_size", "projection_dim", "hidden_dim", "teacher_temp", "warmup_teacher_temp",
-                 "local_crop_size"):
+                 "local_crop_size", "num_prototypes", "sinkhorn_iterations", "sinkhorn_epsilon", "decoder_dim",
+                 "decoder_depth", "decoder_heads"):
         _positive(f"method.{name}", getattr(m, name))
-    for name in ("lambd", "sim_weight", "var_weight", "cov_weight", "local_crops"):
+    for name in ("lambd", "sim_weight", "var_weight", "cov_weight", "local_crops", "freeze_last_layer_epochs",
+                 "clip_grad", "queue_length", "queue_start_epoch", "freeze_prototypes_epochs"):
         _positive(f"method.{name}", getattr(m, name), zero_ok=True)
     if m.warmup_teacher_temp_fraction is not None and not 0 <= m.warmup_teacher_temp_fraction <= 1:
         _fail("method.warmup_teacher_temp_fraction", m.warmup_teacher_temp_fraction, "must be in [0, 1]")
     if m.local_crop_size is not None and m.local_crop_size > d.image_size:
         _fail("method.local_crop_size", m.local_crop_size, f"must be <= data.image_size ({d.image_size})")
     if cfg.multi_crop()[0] and d.augment_on == "data":
-        _fail("data.augment_on", d.augment_on, "DINO's local crops are made on the worker; use "
+        _fail("data.augment_on", d.augment_on, f"{m.name}'s local crops are made on the worker; use "
               "data.augment_on=worker or auto (or method.local_crops=0)")
+    if m.mask_ratio is not None and not 0 <= m.mask_ratio < 1:
+        _fail("method.mask_ratio", m.mask_ratio, "must be in [0, 1)")
+    if m.name == "mae":
+        _check_mae_encoder(cfg)
+        dim, heads = m.decoder_dim or 512, m.decoder_heads or 16
+        if dim % 4 or dim % heads:
+            _fail("method.decoder_dim", dim, f"must be a multiple of 4 (sin-cos positions) and of method.decoder_heads "
+                  f"({heads})")
+
+
+def _check_mae_encoder(cfg: Config) -> None:
+    """MAE masks ViT patches: the encoder must be a ViT and the images a whole number of patches."""
+    from methods.encoders import build_encoder
+
+    with torch.device("meta"):
+        encoder = build_encoder(cfg.model.encoder, cifar_stem=cfg.model.cifar_stem, **cfg.model.encoder_args)
+    patch_embed = getattr(getattr(encoder, "model", None), "patch_embed", None)
+    if patch_embed is None:
+        _fail("model.encoder", cfg.model.encoder, "MAE needs a ViT encoder (vit_tiny, vit_small, vit_base or a "
+              "timm: ViT)")
+    patch = int(patch_embed.patch_size[0])
+    if cfg.data.image_size % patch:
+        _fail("data.image_size", cfg.data.image_size, f"MAE needs a multiple of the ViT's patch size ({patch})")
 
 
 def _check_optim(o: OptimConfig) -> None:
     """`optim.*`: rates, batch and epochs."""
     _positive("optim.lr", o.lr)
     _positive("optim.weight_decay", o.weight_decay, zero_ok=True)
+    _positive("optim.weight_decay_end", o.weight_decay_end, zero_ok=True)
     if not 0 <= o.sgd_momentum < 1:
         _fail("optim.sgd_momentum", o.sgd_momentum, "must be in [0, 1)")
     _positive("optim.lars_eta", o.lars_eta)
+    if not (isinstance(o.compile, bool) or o.compile == "auto"):
+        _fail("optim.compile", o.compile, "allowed: auto, true, false")
     _positive("optim.batch_size", o.batch_size)
     _positive("optim.epochs", o.epochs)
     _positive("optim.warmup_epochs", o.warmup_epochs, zero_ok=True)
@@ -111,15 +155,30 @@ def _check_optim(o: OptimConfig) -> None:
 
 
 def _check_scaling(cfg: Config) -> None:
-    """`scaling.*`: workers and their resources; the global batch splits evenly over the workers."""
+    """`scaling.*`: workers and their resources; the global batch splits evenly over every worker
+    count the run may have (an elastic run may be resized to any count in [min, max])."""
     o, s = cfg.optim, cfg.scaling
-    _positive("scaling.num_workers", s.num_workers)
-    if o.batch_size % s.num_workers:
+    if s.elastic:
+        n = s.num_workers
+        if len(n) != 2 or not 1 <= n[0] <= n[1]:
+            _fail("scaling.num_workers", n, "must be an integer, or [min, max] with 1 <= min <= max (elastic)")
+    else:
+        _positive("scaling.num_workers", s.num_workers)
+    uneven = [n for n in s.worker_counts() if o.batch_size % n]
+    if uneven and s.elastic:
+        step = math.lcm(*s.worker_counts())
+        _fail("optim.batch_size", o.batch_size,
+              f"the global batch is split evenly over the workers, and an elastic run may have any count in "
+              f"scaling.num_workers {s.num_workers}, but it does not split over {', '.join(map(str, uneven))} "
+              f"(use a multiple of {step}, or a narrower range)")
+    if uneven:
         _fail("optim.batch_size", o.batch_size,
               f"must be divisible by scaling.num_workers ({s.num_workers}): it is the global batch, "
               "split evenly over the workers")
-    if o.batch_size // s.num_workers < 2:
-        _fail("optim.batch_size", o.batch_size, "needs at least 2 images per worker")
+    if o.batch_size // s.max_workers < 2:
+        _fail("optim.batch_size", o.batch_size, f"needs at least 2 images per worker (with {s.max_workers})")
+    if s.elastic_resize_monitor_interval_s <= 0:
+        _fail("scaling.elastic_resize_monitor_interval_s", s.elastic_resize_monitor_interval_s, "must be > 0")
     _positive("scaling.cpus_per_worker", s.cpus_per_worker)
     _positive("scaling.gpus_per_worker", s.gpus_per_worker)
 
@@ -132,10 +191,10 @@ def _check_sizes(cfg: Config) -> None:
         _fail("data.image_size", d.image_size, f"must be <= {MAX_IMAGE_SIZE} (pixels per side)")
     if o.batch_size > MAX_BATCH_SIZE:
         _fail("optim.batch_size", o.batch_size, f"must be <= {MAX_BATCH_SIZE} (the global batch)")
-    views_gib = 2 * (o.batch_size // s.num_workers) * 3 * d.image_size ** 2 * 4 / 2 ** 30
+    views_gib = 2 * (o.batch_size // s.min_workers) * 3 * d.image_size ** 2 * 4 / 2 ** 30
     if views_gib > MAX_VIEWS_GIB:
         _fail("optim.batch_size", o.batch_size,
-              f"with data.image_size {d.image_size} and {s.num_workers} worker(s) the two float32 views of one "
+              f"with data.image_size {d.image_size} and {s.min_workers} worker(s) the two float32 views of one "
               f"worker's batch take {views_gib:.0f} GiB; at most {MAX_VIEWS_GIB} GiB (use more workers, a smaller "
               "batch or smaller images)")
     _positive("data.limit", d.limit)

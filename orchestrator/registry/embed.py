@@ -1,25 +1,26 @@
 """`embed`: embeddings of every image in a folder or shard folder, written to a Parquet file.
 
 The encoder loads through `orchestrator.registry.loading.load_encoder`; images from a plain folder
-are made safe as ingest makes them (`pipelines.images`) before torchvision decodes them.
+are made safe as ingest makes them (`pipelines.images`) before torchvision decodes them. The source
+and the output file may each be a local path or an object-store URI (`pipelines.storage`): a URI is
+never turned into a local path.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
+from pathlib import Path, PurePosixPath
+from typing import IO, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from orchestrator.errors import UserError
 from orchestrator.registry.loading import LoadedEncoder, load_encoder
+from pipelines import storage
 from pipelines.errors import DataError
 from pipelines.images import DEFAULT_MAX_IMAGE_PIXELS, TooManyPixels, decode_rgb, normalise
-from pipelines.manifest import read_manifest, split_files
+from pipelines.manifest import MANIFEST, read_manifest, split_files
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
@@ -45,37 +46,31 @@ def embed(model_ref: str, source: str | Path, out: str | Path, *, tracking_uri: 
     Raises:
         UserError: bad source, unknown model, or an `image_size` the model does not take.
     """
-    src = Path(source)
+    src = storage.absolute(source)
     _check_source(src, source)  # before any model loads
     model = load_encoder(model_ref, tracking_uri=tracking_uri)
     size = model.input_size(image_size)
-    out_path = Path(out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tempfile.NamedTemporaryFile(dir=out_path.parent, prefix=f".{out_path.name}.", delete=False)
-    tmp.close()
-    try:
-        rows = _write_embeddings(model, _iter_source(src, batch_size, max_pixels), size, max_pixels, tmp.name)
-        os.replace(tmp.name, out_path)
-    finally:
-        if os.path.exists(tmp.name):
-            os.unlink(tmp.name)
-    return rows
+    # The output appears only once complete: a local temporary name, fsynced and renamed, or one
+    # object upload (`storage.open_output`); a failure leaves nothing behind.
+    with storage.open_output(storage.absolute(out)) as sink:
+        return _write_embeddings(model, _iter_source(src, batch_size, max_pixels), size, max_pixels, sink)
 
 
-def _check_source(src: Path, source: str | Path) -> None:
-    """A shard folder with a readable manifest, or a folder with images; else `UserError`."""
-    if not src.is_dir():
-        raise UserError(f"{source}: not a folder; embed takes an image folder or a shard folder")
-    if (src / "manifest.json").exists():
+def _check_source(src: str, source: str | Path) -> None:
+    """A shard folder with a readable manifest, or a folder (or URI prefix) with images; else `UserError`."""
+    if storage.is_file(storage.join(src, MANIFEST)):
         read_manifest(src)  # a bad manifest (shard names outside the folder) is told before any model loads
-    elif not _image_folder_items(src)[0]:
+        return
+    if not storage.is_uri(src) and not Path(src).is_dir():
+        raise UserError(f"{source}: not a folder; embed takes an image folder or a shard folder (a path or a URI)")
+    if not _image_folder_items(src)[0]:
         raise UserError(f"{source}: no shard folder (manifest.json) and no "
                         f"{'/'.join(IMAGE_SUFFIXES)} images found")
 
 
 def _write_embeddings(model: LoadedEncoder, batches: Iterator[tuple[list[bytes], list[int], list[str]]],
-                      size: tuple[int, int], max_pixels: int | None, path: str) -> int:
-    """Embed each batch and write the rows to the Parquet file `path`; the number of rows."""
+                      size: tuple[int, int], max_pixels: int | None, sink: IO[bytes]) -> int:
+    """Embed each batch and write the rows as Parquet to the stream `sink`; the number of rows."""
     # Here, not at the top: `selfsup registry list/show/best/promote` import this package and never
     # need torch (about 2 s to import).
     import torch
@@ -93,7 +88,7 @@ def _write_embeddings(model: LoadedEncoder, batches: Iterator[tuple[list[bytes],
                     "embedding": pa.FixedSizeListArray.from_arrays(pa.array(feats.reshape(-1)), dim),
                 })
                 if writer is None:
-                    writer = pq.ParquetWriter(path, table.schema)
+                    writer = pq.ParquetWriter(sink, table.schema)
                 writer.write_table(table)
                 rows += len(paths)
     finally:
@@ -102,27 +97,29 @@ def _write_embeddings(model: LoadedEncoder, batches: Iterator[tuple[list[bytes],
     return rows
 
 
-def _image_folder_items(source: Path) -> tuple[list[Path], list[int]]:
-    """Image files under `source` (never leaving it) and their class index (sub-folder), or -1."""
-    root = source.resolve()
-    files = sorted(p for p in source.rglob("*")
-                   if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-                   and p.resolve().is_relative_to(root))
-    classes = sorted({p.relative_to(source).parts[0] for p in files
-                      if len(p.relative_to(source).parts) > 1})
+def _image_folder_items(source: str) -> tuple[list[str], list[int]]:
+    """Image files under `source` as paths relative to it with `/` (never leaving it: a local
+    symlink out of it is not followed), and their class index (first sub-folder), or -1."""
+    if storage.is_uri(source):
+        files = [rel for rel, _ in storage.list_files(source) if PurePosixPath(rel).suffix.lower() in IMAGE_SUFFIXES]
+    else:
+        local = Path(source)
+        root = local.resolve()
+        files = sorted(p.relative_to(local).as_posix() for p in local.rglob("*")
+                       if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and p.resolve().is_relative_to(root))
+    parts = [PurePosixPath(f).parts for f in files]
+    classes = sorted({p[0] for p in parts if len(p) > 1})
     index = {c: i for i, c in enumerate(classes)}
-    labels = [index[p.relative_to(source).parts[0]] if len(p.relative_to(source).parts) > 1 else -1
-              for p in files]
-    return files, labels
+    return files, [index[p[0]] if len(p) > 1 else -1 for p in parts]
 
 
-def _iter_source(source: Path, batch_size: int, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+def _iter_source(source: str, batch_size: int, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
                  ) -> Iterator[tuple[list[bytes], list[int], list[str]]]:
     """Yield (encoded image bytes list, labels, paths) batches from a shard or image folder."""
-    if (source / "manifest.json").exists():
+    if storage.is_file(storage.join(source, MANIFEST)):
         for split in read_manifest(source).splits:
             for f in split_files(source, split, allow_empty=True):  # names and sha256 checked
-                pf = pq.ParquetFile(f)
+                pf = storage.parquet_file(f)
                 for batch in pf.iter_batches(batch_size=batch_size, columns=["image", "label", "path"]):
                     d = batch.to_pydict()
                     yield d["image"], d["label"], [f"{split}:{p}" for p in d["path"]]
@@ -130,20 +127,18 @@ def _iter_source(source: Path, batch_size: int, max_pixels: int | None = DEFAULT
     files, labels = _image_folder_items(source)
     for i in range(0, len(files), batch_size):
         chunk = files[i:i + batch_size]
-        yield ([_checked_file(p, source, max_pixels) for p in chunk], labels[i:i + batch_size],
-               [str(p.relative_to(source)) for p in chunk])
+        yield [_checked_file(rel, source, max_pixels) for rel in chunk], labels[i:i + batch_size], chunk
 
 
-def _checked_file(path: Path, source: Path, max_pixels: int | None) -> bytes:
+def _checked_file(rel: str, source: str, max_pixels: int | None) -> bytes:
     """An image file of a plain folder, made safe for torchvision as ingest makes it.
 
     Not just the pixel limit: torchvision 0.29's PNG decoder crashes the process (SIGSEGV) on a
     corrupt IDAT, so a file that has not been through ingest is first decoded with PIL (and an
     animated, 16-bit, palette or CMYK image re-encoded to 8-bit), `pipelines.images.normalise`.
     """
-    rel = path.relative_to(source)
     try:
-        data = path.read_bytes()
+        data = storage.read_bytes(storage.join(source, rel))
     except OSError as e:
         raise UserError(f"{rel}: cannot read ({e.strerror or e})") from None
     try:

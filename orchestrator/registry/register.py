@@ -80,14 +80,16 @@ def register_run_encoder(cfg: Config, state: dict[str, Any], *, uri: str, run_id
     # Imported here: torch and the data layer, which the registry's readers (list, show) never need.
     from orchestrator import tracking
     from orchestrator.runs import protocol_tags
-    from orchestrator.train_loop import build_model, encoder_state
+    from methods.encoders import representation_encoder
+    from orchestrator.train_loop import build_model
 
     c = tracking.client(uri)
     existing = version_of_run(c, model_name, run_id)
     if existing is None:
         model = build_model(cfg)
-        model.encoder.load_state_dict(encoder_state(state["model"]))
-        existing_now = tracking.register_encoder(model.encoder, tracking_uri=uri, run_id=run_id, model_name=model_name,
+        model.load_state_dict(state["model"])
+        encoder = representation_encoder(model)  # DINO: the teacher's backbone
+        existing_now = tracking.register_encoder(encoder, tracking_uri=uri, run_id=run_id, model_name=model_name,
                                                  image_size=cfg.data.image_size, tags={**tags, **protocol_tags(cfg)},
                                                  summary=summary)
         version, existed = str(existing_now.version), False

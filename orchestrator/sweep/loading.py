@@ -161,6 +161,10 @@ def _check_space(s: Sweep) -> None:
             try:
                 cfg = apply_overrides(s.base, over, source=f"{s.source}: sweep {m}")
                 validate(cfg, check_data=False, check_gpu=False)
+                if cfg.scaling.elastic:  # why not: docs/design.md, "Elastic runs"
+                    reject("scaling.num_workers", cfg.scaling.num_workers,
+                           "a sweep's trials have a fixed number of workers (an integer); [min, max] is for "
+                           "selfsup pretrain")
             except ConfigError as e:
                 # A base field set by --set (and not swept) is blamed on the --set, else on the file.
                 msg = where_set(str(e), path=None, raw=None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,7 +93,9 @@ def results_table(results: Any, sw: SweepConfig, epochs: int, trials_dir: str, c
         status = result_status(r, epochs, started=bool(run_id))
         value = m.get(sw.metric)
         row = {"trial": trial_id, "method": over.get("method.name", ""),
-               **{short_name(k): over.get(k) for k in keys},
+               # a mapping (model.encoder_args) as its JSON text: a table cell and a plot category
+               **{short_name(k): (json.dumps(v, sort_keys=True) if isinstance(v := over.get(k), (dict, list)) else v)
+                  for k in keys},
                "epochs": int(m.get("epoch", 0)),
                sw.metric: (float(value) if status not in ("diverged", "error", "not run") and value is not None
                            else math.nan),

@@ -1,9 +1,9 @@
 """Worker side of test_gather_ddp.py, kept free of pytest so spawned processes import little.
 
 Two gloo ranks run DDP + gathered NT-Xent (correct gather, then one whose backward divides by the
-world size) and one MoCo forward; then SimSiam, Barlow Twins, VICReg and DINO (with local crops)
-under DDP, Barlow Twins and VICReg once more without gathering; and save what they saw for the test
-to compare.
+world size) and one MoCo forward; then SimSiam, Barlow Twins, VICReg, DINO and SwAV (with local
+crops) and MAE (ViT) under DDP, Barlow Twins, VICReg and SwAV once more without gathering; and save
+what they saw for the test to compare.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from torch import nn
 
 import methods.barlow_twins
 import methods.dist
+import methods.mae
+import methods.swav
 import methods.vicreg
 from methods import METHODS, MoCo, SimCLR, build_encoder, prepare_for_distributed
 from methods.batchnorm import GlobalBatchNorm, convert_to_global_bn
@@ -36,9 +38,13 @@ NEW_METHODS = {
     "barlow_twins": {"hidden_dim": 32, "projection_dim": 16},
     "vicreg": {"hidden_dim": 32, "projection_dim": 16},
     "dino": {"hidden_dim": 32, "bottleneck_dim": 8, "projection_dim": 24},
+    "swav": {"hidden_dim": 32, "projection_dim": 16, "num_prototypes": 12},
+    "mae": {"decoder_dim": 16, "decoder_depth": 1, "decoder_heads": 2},
 }
+MULTI_CROP = ("dino", "swav")
+TINY_VIT = {"patch_size": 4, "depth": 1, "embed_dim": 16, "num_heads": 2}  # MAE's encoder: a ViT
 UNGATHERED = {"barlow_twins": (methods.barlow_twins, "barlow_twins_loss"),
-              "vicreg": (methods.vicreg, "vicreg_loss")}
+              "vicreg": (methods.vicreg, "vicreg_loss"), "swav": (methods.swav, "swav_loss")}
 
 
 def _port() -> int:
@@ -60,21 +66,40 @@ def _local_views() -> torch.Tensor:
 
 def new_method(name: str) -> nn.Module:
     torch.manual_seed(0)
-    return METHODS[name](build_encoder("convnet"), **NEW_METHODS[name]).double()
+    encoder = build_encoder("vit_tiny", **TINY_VIT) if name == "mae" else build_encoder("convnet")
+    return METHODS[name](encoder, **NEW_METHODS[name]).double()
 
 
 def method_inputs(name: str, rows: slice = slice(None)) -> tuple[torch.Tensor, ...]:
-    """The views `name` takes, restricted to `rows` of the global batch (DINO: plus local crops)."""
+    """The views `name` takes, restricted to `rows` of the global batch (DINO, SwAV: plus local crops)."""
     x1, x2 = _data()
-    extra = (_local_views()[:, rows],) if name == "dino" else ()
+    extra = (_local_views()[:, rows],) if name in MULTI_CROP else ()
     return (x1[rows], x2[rows], *extra)
+
+
+def global_masking(rows: slice = slice(None)) -> Any:
+    """MAE's `random_masking` with the masks one process draws for the whole batch [x1; x2], of which
+    this rank takes the rows of its views: the same masks with and without DDP."""
+    original = methods.mae.random_masking
+
+    def masking(n: int, length: int, mask_ratio: float, device: torch.device) -> Any:
+        noise = torch.rand(2 * N, length, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+        mine = torch.arange(2 * N).view(2, N)[:, rows].flatten()  # this rank's x1 rows, then its x2 rows
+        return original(n, length, mask_ratio, device, noise=noise[mine])
+
+    return masking
 
 
 def _new_method_grads(name: str, rows: slice) -> dict[str, Any]:
     model = prepare_for_distributed(new_method(name))
-    assert any(isinstance(m, GlobalBatchNorm) for m in model.modules())
+    assert any(isinstance(m, GlobalBatchNorm) for m in model.modules()) == (name != "mae")  # MAE: no BN
     ddp = nn.parallel.DistributedDataParallel(model)
-    loss = ddp(*method_inputs(name, rows))["loss"]
+    original = methods.mae.random_masking
+    methods.mae.random_masking = global_masking(rows)  # type: ignore[assignment]
+    try:
+        loss = ddp(*method_inputs(name, rows))["loss"]
+    finally:
+        methods.mae.random_masking = original  # type: ignore[assignment]
     loss.backward()
     out = {"loss": loss.item(), "grads": {k: p.grad.clone() for k, p in model.named_parameters()
                                           if p.grad is not None}}

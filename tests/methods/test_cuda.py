@@ -19,6 +19,27 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA d
 SAME_ON_ANY_DEVICE = {"moco": {"shuffle_bn_groups": 1}}
 
 
+def _encoder(name: str) -> torch.nn.Module:
+    """A ResNet-18 CIFAR stem; MAE's ViT-Tiny/4 (it masks ViT patches)."""
+    if name == "mae":
+        return build_encoder("vit_tiny", patch_size=4)
+    return build_encoder("resnet18", cifar_stem=True)
+
+
+@pytest.fixture(autouse=True)
+def _same_mae_masks_on_any_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """MAE's masks from CPU noise: CUDA's generator draws other numbers than the CPU's for one seed."""
+    import methods.mae
+
+    original = methods.mae.random_masking
+
+    def masking(n: int, length: int, mask_ratio: float, device: torch.device) -> object:
+        noise = torch.rand(n, length, generator=torch.Generator().manual_seed(n * length)).to(device)
+        return original(n, length, mask_ratio, device, noise=noise)
+
+    monkeypatch.setattr(methods.mae, "random_masking", masking)
+
+
 def _views(n: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, 3, 32, 32, generator=g)
@@ -28,7 +49,7 @@ def _views(n: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_loss_on_cuda_equals_loss_on_cpu_in_float32(name: str) -> None:
     torch.manual_seed(0)
-    cpu = METHODS[name](build_encoder("resnet18", cifar_stem=True), **SAME_ON_ANY_DEVICE.get(name, {}))
+    cpu = METHODS[name](_encoder(name), **SAME_ON_ANY_DEVICE.get(name, {}))
     gpu = copy.deepcopy(cpu).cuda()
     x1, x2 = _views()
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
@@ -58,10 +79,10 @@ def test_bf16_autocast_step_matches_float32(name: str) -> None:
     float32 loss to 2% and a gradient pointing nearly the same way, all finite. A loss computed in bf16
     (Barlow Twins' cross-correlation once was) shows here first."""
     torch.manual_seed(0)
-    model = METHODS[name](build_encoder("resnet18", cifar_stem=True)).cuda().to(memory_format=torch.channels_last)
+    model = METHODS[name](_encoder(name)).cuda().to(memory_format=torch.channels_last)
     x1, x2 = (v.cuda().contiguous(memory_format=torch.channels_last) for v in _views(64))
     inputs: tuple[torch.Tensor, ...] = (x1, x2)
-    if name == "dino":  # with two local crops, as multi-crop training feeds it
+    if name in ("dino", "swav"):  # with two local crops, as multi-crop training feeds it
         inputs += (torch.nn.functional.interpolate(torch.stack([x1, x2]).flatten(0, 1), size=16).view(2, 64, 3, 16, 16),)
     loss32, grad32 = _loss_and_grad(model, inputs, bf16=False)
     loss16, grad16 = _loss_and_grad(model, inputs, bf16=True)

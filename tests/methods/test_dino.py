@@ -99,3 +99,53 @@ def test_teacher_is_the_ema_of_the_student_and_gets_no_gradient() -> None:
     assert model.momentum == pytest.approx(0.996)
     model.update_momentum(1.0)
     assert model.momentum == pytest.approx(1.0)
+
+
+def _step(model: DINO, epoch: int, lr: float = 0.1) -> dict[str, torch.Tensor]:
+    """One training step as `orchestrator.train_loop.train_one_epoch` takes it; the parameters before it."""
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.on_epoch_start(epoch)
+    model(*_views(4, 1))["loss"].backward()
+    model.before_optimizer_step()
+    opt.step()
+    return before
+
+
+def test_last_layer_is_frozen_in_the_first_epoch_only() -> None:
+    model = _dino()
+    before = _step(model, epoch=0)
+    torch.testing.assert_close(model.head.prototypes, before["head.prototypes"])  # frozen
+    assert not torch.equal(model.head.mlp[0].weight, before["head.mlp.0.weight"])  # the rest learns
+    before = _step(model, epoch=1)
+    assert not torch.equal(model.head.prototypes, before["head.prototypes"])
+
+
+def test_each_parameters_gradient_is_clipped_to_its_own_norm_as_dino_utils() -> None:
+    model = _dino(clip_grad=1e-3, freeze_last_layer_epochs=0)
+    model.on_epoch_start(0)
+    model(*_views(4, 1))["loss"].backward()
+    raw = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    model.before_optimizer_step()
+    for k, p in model.named_parameters():
+        if k in raw:  # DINO utils.clip_gradients: clip_coef = clip / (norm + 1e-6), applied when < 1
+            coef = min(1.0, 1e-3 / (raw[k].norm().item() + 1e-6))
+            torch.testing.assert_close(p.grad, raw[k] * coef)
+            assert p.grad.norm() <= 1e-3 + 1e-9
+    unclipped = _dino(clip_grad=0.0, freeze_last_layer_epochs=0)
+    unclipped.on_epoch_start(0)
+    unclipped(*_views(4, 1))["loss"].backward()
+    grads = {k: p.grad.clone() for k, p in unclipped.named_parameters() if p.grad is not None}
+    unclipped.before_optimizer_step()
+    assert all(torch.equal(p.grad, grads[k]) for k, p in unclipped.named_parameters() if k in grads)
+
+
+def test_teacher_backbone_is_registered_and_has_no_stochastic_depth() -> None:
+    from methods.encoders import build_encoder, representation_encoder
+
+    vit = build_encoder("vit_tiny", patch_size=4, depth=2, embed_dim=32, num_heads=2, drop_path_rate=0.1)
+    model = DINO(vit, projection_dim=16, hidden_dim=16, bottleneck_dim=8)
+    assert representation_encoder(model) is model.encoder_teacher
+    drops = [m.drop_prob for m in model.encoder.modules() if hasattr(m, "drop_prob")]
+    assert drops and max(drops) > 0
+    assert all(m.drop_prob == 0 for m in model.encoder_teacher.modules() if hasattr(m, "drop_prob"))

@@ -75,3 +75,24 @@ def test_knn_top5_covers_top1(k: int) -> None:
     (x_train, y_train), (x_test, y_test) = _blobs(20, 4, spread=3.0), _blobs(10, 5, spread=3.0)
     acc = knn_accuracy(x_train, y_train, x_test, y_test, k=k)
     assert acc["top5"] >= acc["top1"]
+
+
+def test_fine_tune_trains_a_copy_of_the_encoder_end_to_end() -> None:
+    from methods.encoders import build_encoder
+    from methods.evaluate import fine_tune
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    # Two classes that survive crops and flips: a red or a blue tint under noise.
+    labels = torch.arange(96) % 2
+    images = torch.randn(96, 3, 16, 16, generator=g)
+    images[labels == 0, 0] += 0.5
+    images[labels == 1, 2] += 0.5
+    encoder = build_encoder("vit_tiny", patch_size=4, depth=1, embed_dim=32, num_heads=2)
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    r = fine_tune(encoder, images[:64], labels[:64], images[64:], labels[64:], epochs=6, lr=1e-3, batch_size=16)
+    assert r["train_top1"] > 0.8 and r["top1"] > 0.8, r
+    assert r["top5"] == 1.0  # two classes: the top 2 hold every label
+    assert all(torch.equal(v, encoder.state_dict()[k]) for k, v in before.items())  # the original is kept
+    with pytest.raises(ValueError, match="epochs must be >= 1"):
+        fine_tune(encoder, images, labels, images, labels, epochs=0)

@@ -1,5 +1,5 @@
-"""Two gloo processes: DDP + gathered NT-Xent, SimSiam, Barlow Twins, VICReg and DINO each equal one
-process on the whole batch; MoCo's queue receives every rank's keys. No Ray: torch.multiprocessing
+"""Two gloo processes: DDP + gathered NT-Xent, SimSiam, Barlow Twins, VICReg, DINO, SwAV (Sinkhorn over
+the global batch) and MAE each equal one process on the whole batch; MoCo's queue receives every rank's keys. No Ray: torch.multiprocessing
 and a TCP rendezvous on 127.0.0.1."""
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+import methods.mae
 from methods_ddp_worker import (N, NEW_METHODS, UNGATHERED, WORLD, _bn_data, _data, _moco, _port, _simclr,
-                                _worker, method_inputs, new_method)
+                                _worker, global_masking, method_inputs, new_method)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +62,12 @@ def test_ddp_gradients_of_new_methods_equal_single_process(ranks: list[dict[str,
     # One process, the concatenated batch, plain BatchNorm: the global batch that GlobalBatchNorm
     # and the gathered losses reconstruct across the two ranks.
     model = new_method(name)
-    out = model(*method_inputs(name))
+    original = methods.mae.random_masking
+    methods.mae.random_masking = global_masking()  # type: ignore[assignment]
+    try:
+        out = model(*method_inputs(name))
+    finally:
+        methods.mae.random_masking = original  # type: ignore[assignment]
     out["loss"].backward()
     reference = _flat({k: p.grad for k, p in model.named_parameters() if p.grad is not None})
 
@@ -71,7 +77,9 @@ def test_ddp_gradients_of_new_methods_equal_single_process(ranks: list[dict[str,
     if name == "dino":  # the center's EMA takes the all-reduced teacher mean: the same as one process
         for r in ranks:
             torch.testing.assert_close(r[name]["center"], model.center)
-    if name in UNGATHERED:  # without the gather each rank normalises its own half: a different loss
+    # Without the gather each rank normalises (SwAV: balances its codes over) its own half: a different
+    # loss. MAE has nothing to gather: its loss is per sample.
+    if name in UNGATHERED:
         ungathered = _flat(ranks[0][f"{name}_ungathered"]["grads"])
         assert (ungathered - reference).norm() / reference.norm() > 1e-2
 

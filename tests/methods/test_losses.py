@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from methods.losses import (barlow_twins_loss, byol_loss, dino_loss, moco_loss, negative_cosine_loss,
-                            nt_xent_loss, vicreg_loss)
+from methods.losses import (barlow_twins_loss, byol_loss, dino_loss, mae_loss, moco_loss, negative_cosine_loss,
+                            nt_xent_loss, patchify, swav_loss, vicreg_loss)
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -76,7 +76,8 @@ def barlow_twins_reference(z1: torch.Tensor, z2: torch.Tensor, lambd: float) -> 
 
 
 def vicreg_reference(z1: torch.Tensor, z2: torch.Tensor, lam: float, mu: float, nu: float) -> torch.Tensor:
-    """VICReg eq. 1-6 (invariance as the reference code's mean over n*d entries)."""
+    """VICReg as the official `main_vicreg.py` (VICReg.forward): invariance the mean over n*d entries,
+    `std_loss = mean(relu(1 - std_x)) / 2 + mean(relu(1 - std_y)) / 2` (the two branches averaged)."""
     n, d = z1.shape
     sim = sum(((z1[b] - z2[b]) ** 2).sum() for b in range(n)) / (n * d)
 
@@ -94,7 +95,7 @@ def vicreg_reference(z1: torch.Tensor, z2: torch.Tensor, lam: float, mu: float, 
                     total = total + cov ** 2
         return total / d
 
-    return lam * sim + mu * (v(z1) + v(z2)) + nu * (c(z1) + c(z2))
+    return lam * sim + mu * (v(z1) / 2 + v(z2) / 2) + nu * (c(z1) + c(z2))
 
 
 def dino_reference(student: list[torch.Tensor], teacher: list[torch.Tensor], center: torch.Tensor,
@@ -247,3 +248,113 @@ def test_dino_loss_leaves_out_a_views_pair_with_itself() -> None:
     cross = dino_loss([a, b], [a, b], center)
     same = dino_loss([a, b], [b, a], center)  # each student view now matches the OTHER teacher view
     assert same.item() < 0.01 < cross.item()
+
+
+def swav_reference(scores: list[torch.Tensor], n_global: int, queue: list[torch.Tensor] | None, t: float,
+                   iters: int, eps: float) -> torch.Tensor:
+    """The official main_swav.py train step, one process: `distributed_sinkhorn` on [queue; out] and
+    the codes of the last bs rows; subloss over every other crop / (nmb_crops - 1), / len(crops_for_assign)."""
+
+    def distributed_sinkhorn(out: torch.Tensor) -> torch.Tensor:
+        q = torch.exp(out / eps).t()
+        b, k = q.shape[1], q.shape[0]
+        q /= torch.sum(q)
+        for _ in range(iters):
+            q /= torch.sum(q, dim=1, keepdim=True)
+            q /= k
+            q /= torch.sum(q, dim=0, keepdim=True)
+            q /= b
+        q *= b
+        return q.t()
+
+    bs, loss = scores[0].size(0), scores[0].new_zeros(())
+    for crop_id in range(n_global):
+        with torch.no_grad():
+            out = scores[crop_id].detach()
+            if queue is not None:
+                out = torch.cat((queue[crop_id], out))
+            q = distributed_sinkhorn(out)[-bs:]
+        subloss = scores[0].new_zeros(())
+        for v in [v for v in range(len(scores)) if v != crop_id]:
+            x = scores[v] / t
+            subloss = subloss - torch.mean(torch.sum(q * torch.log_softmax(x, dim=1), dim=1))
+        loss = loss + subloss / (len(scores) - 1)
+    return loss / n_global
+
+
+def patchify_reference(imgs: torch.Tensor, p: int) -> torch.Tensor:
+    """models_mae.py `patchify`, written out one patch at a time."""
+    n, c, h, w = imgs.shape
+    rows = []
+    for b in range(n):
+        patches = []
+        for i in range(h // p):
+            for j in range(w // p):
+                patch = imgs[b, :, i * p:(i + 1) * p, j * p:(j + 1) * p]  # [c, p, p]
+                patches.append(torch.stack([patch[:, y, x] for y in range(p) for x in range(p)]).flatten())
+        rows.append(torch.stack(patches))
+    return torch.stack(rows)
+
+
+def mae_reference(imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, p: int, norm_pix: bool) -> torch.Tensor:
+    """models_mae.py `forward_loss`."""
+    target = patchify_reference(imgs, p)
+    if norm_pix:
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)
+        target = (target - mean) / (var + 1.e-6) ** .5
+    loss = (pred - target) ** 2
+    loss = loss.mean(dim=-1)
+    return (loss * mask).sum() / mask.sum()
+
+
+@pytest.mark.parametrize("n_local", [0, 3])
+@pytest.mark.parametrize("with_queue", [False, True])
+@pytest.mark.parametrize("params", [(0.1, 3, 0.05), (0.2, 5, 0.1)])
+def test_swav_loss_matches_main_swav(n_local: int, with_queue: bool, params: tuple[float, int, float]) -> None:
+    n, k = 6, 7
+    raw = _leaves(*[(n, k)] * (2 + n_local), seed=800 + n_local)
+    scores = [torch.tanh(s) for s in raw]  # scores of unit vectors lie in [-1, 1]
+    queue = [torch.tanh(q.detach()) for q in _leaves((10, k), (10, k), seed=900)] if with_queue else None
+    ref_raw = [s.detach().clone().requires_grad_() for s in raw]
+    loss = swav_loss(scores[:2], scores[2:], queue, *params)
+    ref = swav_reference([torch.tanh(s) for s in ref_raw], 2, queue, *params)
+    loss.backward()
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    for s, r in zip(raw, ref_raw):
+        torch.testing.assert_close(s.grad, r.grad)
+
+
+def test_sinkhorn_codes_are_a_balanced_assignment() -> None:
+    from methods.losses import sinkhorn
+
+    scores = torch.tanh(_leaves((12, 4), seed=3)[0].detach())
+    q = sinkhorn(scores, iterations=100, epsilon=0.5)  # a softer problem converges in few iterations
+    torch.testing.assert_close(q.sum(dim=1), torch.ones(12, dtype=torch.float64))  # a distribution per sample
+    torch.testing.assert_close(q.sum(dim=0), torch.full((4,), 3.0, dtype=torch.float64), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("size,p", [((8, 8), 4), ((6, 9), 3)])
+def test_patchify_matches_models_mae_order(size: tuple[int, int], p: int) -> None:
+    imgs = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(patchify(imgs, p), patchify_reference(imgs, p))
+    with pytest.raises(ValueError, match="not a multiple of the patch size 5"):
+        patchify(imgs, 5)
+
+
+@pytest.mark.parametrize("norm_pix", [True, False])
+def test_mae_loss_matches_forward_loss(norm_pix: bool) -> None:
+    g = torch.Generator().manual_seed(5)
+    imgs = torch.randn(3, 3, 8, 8, generator=g, dtype=torch.float64)
+    (pred,) = _leaves((3, 4, 48), seed=6)
+    ref_pred = pred.detach().clone().requires_grad_()
+    mask = (torch.rand(3, 4, generator=g) < 0.75).double()
+    mask[0, 0] = 1.0
+    loss = mae_loss(pred, patchify(imgs, 4), mask, norm_pix=norm_pix)
+    ref = mae_reference(imgs, ref_pred, mask, 4, norm_pix)
+    loss.backward()
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(pred.grad, ref_pred.grad)
+    assert torch.all(pred.grad[mask == 0] == 0)  # visible patches are not in the loss

@@ -22,7 +22,14 @@ SMALL = {  # paper widths are far too big for a CPU test; the structure is the s
     # A constant teacher temperature: with the warm-up the target itself softens over the 8 steps
     # and the loss on a fixed batch rises whatever the student learns.
     "dino": {"hidden_dim": 64, "bottleneck_dim": 16, "projection_dim": 128, "warmup_teacher_temp_fraction": 0.0},
+    "swav": {"hidden_dim": 64, "projection_dim": 32, "num_prototypes": 64},
+    "mae": {"decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2},
 }
+TINY_VIT = {"patch_size": 4, "depth": 2, "embed_dim": 64, "num_heads": 2}  # ViT-Tiny/4's shape, CPU-sized
+# (method, encoder name, encoder args): every method on the ConvNet (MAE only on a ViT), DINO also on a ViT.
+CASES = [(name, "convnet", {}) for name in sorted(METHODS) if name != "mae"] + [
+    ("mae", "vit_tiny", TINY_VIT), ("dino", "vit_tiny", TINY_VIT)]
+CASE_IDS = [f"{name}-{enc}" for name, enc, _ in CASES]
 EXTRA = {"dino": {"teacher_temp"}}  # method-specific diagnostics next to the shared ones
 
 
@@ -36,31 +43,37 @@ def _loss(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor) -> float:
     """The loss against the same negatives / targets each time (MoCo's queue, DINO's center are put
     back as they were)."""
     saved = {k: v.clone() for k, v in model.named_buffers() if k.startswith(("queue", "center"))}
-    torch.manual_seed(1)  # same shuffle-BN order
+    torch.manual_seed(1)  # same shuffle-BN order, same MAE masks
     loss = model(x1, x2)["loss"].item()
     for k, v in saved.items():
         getattr(model, k).copy_(v)
     return loss
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
-def test_method_forward_returns_loss_and_detached_diagnostics(name: str) -> None:
+def test_every_method_has_a_case() -> None:
+    assert {name for name, _, _ in CASES} == set(METHODS)
+
+
+@pytest.mark.parametrize("name,encoder,encoder_args", CASES, ids=CASE_IDS)
+def test_method_forward_returns_loss_and_detached_diagnostics(name: str, encoder: str, encoder_args: dict) -> None:
     torch.manual_seed(0)
-    model = METHODS[name](build_encoder("convnet"), **SMALL[name])
+    model = METHODS[name](build_encoder(encoder, **encoder_args), **SMALL[name])
     out = model(*_batch(8))
     assert set(out) == {"loss", *DIAGNOSTICS, *EXTRA.get(name, ())}
     assert out["loss"].ndim == 0 and out["loss"].requires_grad
     assert all(out[k].ndim == 0 and not out[k].requires_grad for k in out if k != "loss")
-    assert model.encoder.output_dim == 256
+    assert model.encoder.output_dim == (256 if encoder == "convnet" else 64)
     assert prepare_for_distributed(model) is model  # one process: nothing to change
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
-def test_a_few_optimizer_steps_lower_the_loss(name: str) -> None:
+@pytest.mark.parametrize("name,encoder,encoder_args", CASES, ids=CASE_IDS)
+def test_a_few_optimizer_steps_lower_the_loss(name: str, encoder: str, encoder_args: dict) -> None:
     torch.manual_seed(0)
-    model = METHODS[name](build_encoder("convnet"), **SMALL[name])
+    model = METHODS[name](build_encoder(encoder, **encoder_args), **SMALL[name])
     x1, x2 = _batch()
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
+    # ViTs want smaller steps: DINO's ViT at 0.05 (SGD, momentum 0.9) overshoots within 8 steps.
+    lr = {"convnet": 0.05}.get(encoder, 0.01 if name == "mae" else 0.001)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=0.9)
     before = _loss(model, x1, x2)
     initial_queue = {k: v.clone() for k, v in model.named_buffers() if k.startswith(("queue", "center"))}
     for step in range(8):
@@ -98,7 +111,7 @@ def test_encoder_output_shapes(name: str, cifar_stem: bool, size: int, dim: int)
 def test_unknown_encoder_names_the_allowed_ones() -> None:
     with pytest.raises(ValueError, match="resnet51.*convnet, resnet18, resnet50"):
         build_encoder("resnet51")
-    assert ENCODERS == ("convnet", "resnet18", "resnet50")
+    assert ENCODERS == ("convnet", "resnet18", "resnet50", "vit_tiny", "vit_small", "vit_base")
 
 
 def test_global_batchnorm_is_plain_batchnorm_in_one_process_and_converts_back() -> None:

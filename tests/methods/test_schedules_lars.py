@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -53,3 +55,34 @@ def test_lars_step_matches_formula() -> None:
     w1 = w0 - 0.5 * trust * u
     trust2 = 0.001 * w1.norm() / u2.norm()
     torch.testing.assert_close(w.detach(), w1 - (0.9 * 0.5 * trust * u + 0.5 * trust2 * u2))
+
+
+def test_foreach_lars_equals_the_per_parameter_loop() -> None:
+    """The multi-tensor step (the default) gives the per-parameter loop's weights and momentum
+    buffers over several steps of a ResNet-18 (zero-norm weights and a parameter without a
+    gradient included), to float32 rounding."""
+    from methods.encoders import build_encoder
+
+    torch.manual_seed(0)
+    loop_model = build_encoder("resnet18", cifar_stem=True)
+    with torch.no_grad():
+        loop_model.layer1[0].conv1.weight.zero_()  # ||w|| = 0: trust 1
+    fast_model = copy.deepcopy(loop_model)
+    start = copy.deepcopy(loop_model)
+    loop = LARS(lars_param_groups(loop_model, 1e-4), lr=0.3, momentum=0.9, trust_coefficient=0.02, foreach=False)
+    fast = LARS(lars_param_groups(fast_model, 1e-4), lr=0.3, momentum=0.9, trust_coefficient=0.02)
+    assert fast.foreach and not loop.foreach
+    x = torch.randn(4, 3, 32, 32)
+    for step in range(3):
+        for model, opt in ((loop_model, loop), (fast_model, fast)):
+            opt.zero_grad(set_to_none=True)
+            model(x).square().mean().backward()
+            if step == 1:
+                next(model.parameters()).grad = None  # a parameter without a gradient is skipped
+            opt.step()
+    for p, q in zip(loop_model.parameters(), fast_model.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(fast.state[q]["momentum_buffer"], loop.state[p]["momentum_buffer"],
+                                   rtol=1e-5, atol=1e-7)
+    moved = [not torch.equal(p, q) for p, q in zip(loop_model.parameters(), start.parameters())]
+    assert sum(moved) > 0.9 * len(moved)  # the steps did update the weights

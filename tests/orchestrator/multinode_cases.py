@@ -13,7 +13,8 @@ The cluster (one per module, shared by the cases):
   not there, as on a second machine;
 - `moto_server` (S3-compatible, what Ray's own storage tests use) with the bucket; every process
   gets `AWS_ENDPOINT_URL` and dummy credentials;
-- an `mlflow server` (tests/conftest.py).
+- an `mlflow server` (tests/conftest.py);
+- for the elastic case only, a second worker node that stays up (started and stopped by that case).
 
 Every process started here carries `SELFSUP_MN_MARKER=<this module's temp folder>` in its
 environment; teardown stops those processes by pid (Ray's daemons outlive their parents). Never a
@@ -22,6 +23,7 @@ environment; teardown stops those processes by pid (Ray's daemons outlive their 
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -40,6 +42,7 @@ from pathlib import Path
 import pytest
 
 from cluster_sandbox import alive, cmdline, terminate  # this folder: pytest puts it on sys.path
+from orchestrator.ray_compat import ELASTIC_START_TIMEOUT_S
 
 # Each case with the shared cluster's start-up (the first case pays it) on a busy 2-core machine.
 pytestmark = pytest.mark.timeout(1500)
@@ -227,7 +230,7 @@ def cluster(mlflow_server: str) -> Iterator[Cluster]:
                          start_new_session=True)
         wait_for("the head starts", lambda: len(c.alive_nodes()) == 1, 180, None, root / "head.log")
         c.start_worker_node()
-        # The demo data in the bucket, once for every case (ingest stages locally, uploads, manifest last).
+        # The demo data in the bucket, once for every case (shards written straight to it, manifest last).
         ingest = subprocess.run([sys.executable, "-m", "orchestrator.cli", "ingest", "demo", c.uri("demo"), "--quiet"],
                                 env=env, cwd=work, capture_output=True, text=True, timeout=300)
         assert ingest.returncode == 0, ingest.stderr
@@ -400,3 +403,179 @@ def test_killed_sweep_resumes_from_another_folder(cluster: Cluster) -> None:
         assert [s for s, _ in _history(c, rec["mlflow_run_id"], "loss")] == [1, 2]
     assert len(finished_trials()) == 2
     assert not (first / "runs").exists() and not (second / "runs").exists()
+
+
+# --- elastic: a run on [1, 2] workers loses a node, goes on with one, grows back -------------------
+
+ELASTIC_EPOCHS = 6
+
+
+def start_stable_node(c: Cluster, cpus: int) -> subprocess.Popen:
+    """A second worker node that stays up (the on-demand machine next to the spot one that is lost), in
+    a mount namespace of its own like the worker node; `cpus` logical CPUs."""
+    hide = " && ".join(f"mount -t tmpfs -o size=256m tmpfs {d}" for d in (c.work, c.root / "h"))
+    script = (f"{hide} && exec {VENV_BIN / 'ray'} start --address=127.0.0.1:6379 --num-cpus={cpus} "
+              "--object-store-memory=200000000 --disable-usage-stats --block")
+    log = c.root / "stable-node.log"
+    before = c.alive_nodes()
+    proc = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script],
+                            env=c.env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True)
+    wait_for("the stable node joins", lambda: bool(c.alive_nodes() - before), 180, proc, log)
+    return proc
+
+
+def stop_node(c: Cluster, proc: subprocess.Popen) -> None:
+    """Stop every process of the node `proc` started (by pid: the marked ones in its mount namespace)."""
+    ns = _mount_ns(proc.pid)
+    if ns is not None and ns != _mount_ns(os.getpid()):
+        terminate(marked(str(c.root), lambda p: _mount_ns(p) == ns), grace_s=5.0)
+    proc.wait(timeout=30)
+
+
+def _latest_reported(run: str) -> dict:
+    """The metrics of the newest checkpoint Train has registered (its snapshot in the run folder)."""
+    from pipelines import storage
+
+    snapshot = storage.join(run, "checkpoint_manager_snapshot.json")
+    try:
+        return (json.loads(storage.read_text(snapshot)).get("latest_checkpoint_result") or {}).get("metrics", {})
+    except (OSError, ValueError):
+        return {}
+
+
+def _controller_said(c: Cluster, text: str) -> bool:
+    """Whether the Train controller (on the head) has logged `text` (Ray writes it to the session logs)."""
+    logs = c.root / "h" / "session_latest" / "logs"
+    for f in logs.rglob("*"):
+        with contextlib.suppress(OSError):
+            if f.is_file() and f.suffix in (".log", ".out", ".err") and text.encode() in f.read_bytes():
+                return True
+    return False
+
+
+def run_elastic_case(c: Cluster, name: str, events: dict[str, float]) -> str:
+    """An elastic [1, 2] run, one worker per node: the worker node is killed after the first checkpoint,
+    the run goes on with the stable node's worker, a fresh worker node joins and the run grows back.
+    Fills `events` (unix times of the kill and of the new node's join); returns the MLflow run id."""
+    from pipelines import storage
+
+    stable = start_stable_node(c, cpus=4)
+    try:
+        log = c.root / f"case-{name}.log"
+        run = c.uri("runs", name)
+        # 4 CPUs per worker: one fits on each node (the worker node has 6, the stable one 4), so the
+        # run has 2 workers when both nodes are up and 1 when one is lost.
+        proc = c.selfsup(["pretrain", *_args(c, name, **{
+            "optim.epochs": ELASTIC_EPOCHS, "data.loader": "memory", "run.max_failures": 5,
+            "tracking.register": "false", "scaling.num_workers": "[1, 2]", "scaling.cpus_per_worker": 4,
+            "scaling.elastic_resize_monitor_interval_s": 5, "eval.linear_epochs": 0, "optim.lr": 0.004})],
+            # selfsup's own start timeout for elastic runs, not the fixture's 300 s (the fixed-size run
+            # of test_lost_worker_node_resumes_from_s3_checkpoint waits for its replacement node).
+            c.work / name, log, extra_env={"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(ELASTIC_START_TIMEOUT_S)})
+        wait_for("the first checkpoint, on 2 workers", lambda: _latest_reported(run).get("epoch", 0) >= 1, 600,
+                 proc, log)
+        assert _latest_reported(run)["world_size"] == 2
+        events["kill"] = time.time()
+        c.kill_worker_node()
+        # No replacement yet: the run must go on with the stable node's worker alone.
+        wait_for("an epoch on the 1 worker left", lambda: _latest_reported(run).get("world_size") == 1, 300, proc, log)
+        # A node takes 10-60 s to join here and these epochs under a second, so the run would end
+        # before the new node is there (on real data an epoch outlasts a node's boot): hold the
+        # one-worker group (SIGSTOP; Train counts only missed health checks, for up to 10 min) while
+        # the fresh node starts, and let it go on once Train has decided to grow.
+        worker = [p for p in marked(str(c.root), lambda p: _mount_ns(p) == _mount_ns(stable.pid))
+                  if "RayTrainWorker" in cmdline(p)]
+        assert len(worker) == 1, worker
+        os.kill(worker[0], signal.SIGSTOP)
+        try:
+            c.start_worker_node()
+            events["join"] = time.time()
+            with contextlib.suppress(AssertionError):
+                wait_for("Train decides to grow", lambda: _controller_said(c, "resize the worker group from 1 -> 2"),
+                         120, proc, log)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker[0], signal.SIGCONT)
+        assert proc.wait(timeout=600) == 0, _tail(log)
+        record = json.loads(storage.read_text(storage.join(run, "selfsup-run.json")))
+        assert record["status"] == "finished", record
+        return str(record["mlflow_run_id"])
+    finally:
+        stop_node(c, stable)
+
+
+def test_elastic_run_shrinks_on_a_lost_node_and_grows_back(cluster: Cluster) -> None:
+    from mlflow.tracking import MlflowClient
+
+    c = cluster
+    events: dict[str, float] = {}
+    run_id = run_elastic_case(c, "mn-elastic", events)
+    epochs = list(range(1, ELASTIC_EPOCHS + 1))
+    assert [s for s, _ in _history(c, run_id, "loss")] == epochs  # every epoch logged exactly once
+    world = [int(v) for _, v in _history(c, run_id, "world_size")]
+    loss = dict(_history(c, run_id, "loss"))
+    assert len(world) == ELASTIC_EPOCHS and world[0] == 2 and 1 in world and world[-1] == 2, (world, loss)
+    shrunk = world.index(1) + 1  # the first epoch on one worker
+    assert 2 in world[shrunk:], world  # grew back at a later epoch
+    assert {v for _, v in _history(c, run_id, "global_batch")} == {SMALL["optim.batch_size"]}
+    # The loss curve goes on: the one-worker group started from a checkpoint (not from scratch),
+    # and its first epoch's loss is below the first epoch's.
+    resumed = dict(_history(c, run_id, "resumed_from_epoch"))
+    assert resumed[shrunk] >= 1, resumed
+    assert loss[shrunk] < loss[1], loss
+    run = MlflowClient(c.tracking_uri).get_run(run_id)
+    assert run.data.metrics["resizes"] >= 2, run.data.metrics  # 2 -> 1 and 1 -> 2
+    assert "2->1 before epoch" in run.data.tags["resizes"] and "1->2 before epoch" in run.data.tags["resizes"], \
+        run.data.tags["resizes"]
+    out = os.environ.get("SELFSUP_ELASTIC_EVENTS")  # benchmarks/elastic_resize.py reads these
+    if out:
+        Path(out).write_text(json.dumps({**events, "run_id": run_id, "world_size": world,
+                                         "epoch_seconds": [v for _, v in _history(c, run_id, "epoch_seconds")],
+                                         "resizes": run.data.tags["resizes"]}))
+
+
+def test_photos_ingested_from_s3_on_the_worker_node_then_pretrain_embed_evaluate(cluster: Cluster) -> None:
+    """Issue 23: photo-like JPEGs (320-640 px) in the bucket, ingested s3:// -> s3:// by Ray Data
+    tasks that run on the worker node (the head has 0 CPUs, and ingest names the nodes its shard
+    tasks ran on), a streamed pretrain from that dataset, then `registry embed` with an s3://
+    output and `evaluate` on the s3:// dataset."""
+    import re
+
+    import pyarrow.parquet as pq
+    import ray
+
+    from pipelines import storage
+    from tests.image_files import photo_jpeg
+
+    c = cluster
+    for i in range(48):
+        storage.write_bytes(c.uri("photo-src", f"c{i % 3}", f"{i:02d}.jpg"), photo_jpeg(i))
+    log = c.root / "case-photos.log"
+    proc = c.selfsup(["ingest", c.uri("photo-src"), c.uri("photos"), "--test-fraction", "0.25"], c.work / "photos", log)
+    assert proc.wait(timeout=600) == 0, _tail(log)
+    m = re.search(r"shards written on (\d+) node\(s\): (.*)$", log.read_text(), re.MULTILINE)
+    assert m, _tail(log)
+    ran_on = set(re.findall(r"([0-9a-f]{12}) \(\d+\)", m.group(2)))
+    workers = {n["NodeID"][:12] for n in ray.nodes() if n["Alive"] and "node:__internal_head__" not in n["Resources"]}
+    assert ran_on and ran_on <= workers, (ran_on, workers)  # every shard task ran on the worker node
+    assert "manifest.json" in storage.list_names(c.uri("photos"))
+    assert not (c.work / "photos" / "s3:").exists(), "nothing staged on the driver's disk"
+
+    proc = c.selfsup(["pretrain", *_args(c, "mn-photos", **{"data.path": c.uri("photos"), "data.image_size": 32,
+                                                            "data.loader": "stream", "data.limit": None,
+                                                            "optim.epochs": 1, "optim.batch_size": 8,
+                                                            "tracking.model_name": "mn-photos-encoder"})],
+                     c.work / "photos", log)
+    assert proc.wait(timeout=900) == 0, _tail(log)
+    record = _record(c, "runs", "mn-photos", "selfsup-run.json")
+    assert record["status"] == "finished" and record["model_uri"], record
+
+    out = c.uri("emb", "photos.parquet")
+    proc = c.selfsup(["registry", "embed", record["model_uri"], c.uri("photos"), out], c.work / "photos", log)
+    assert proc.wait(timeout=300) == 0, _tail(log)
+    assert pq.read_table(storage.open_input_file(out)).num_rows == 48
+    assert not (c.work / "photos" / "s3:").exists(), "an s3:// output never becomes a local folder"
+    proc = c.selfsup(["evaluate", record["model_uri"], c.uri("photos"), "--linear-epochs", "0"], c.work / "photos", log)
+    assert proc.wait(timeout=300) == 0, _tail(log)
+    assert "knn_top1" in log.read_text()

@@ -130,6 +130,18 @@ def test_cluster_yaml_is_least_privilege() -> None:
     assert "IpProtocol=-1,UserIdGroupPairs=[{GroupId=$SG}]" in setup and "0.0.0.0/0" not in setup
 
 
+def test_cluster_yaml_has_on_demand_and_spot_gpu_workers() -> None:
+    """An elastic run's [min, max] maps to the node types: `min` on-demand GPUs, up to max - min on spot."""
+    cfg = ray_validate(yaml.safe_load(CLOUD_CONFIG.read_text()))
+    types = cfg["available_node_types"]
+    spot = {k: n for k, n in types.items() if n["node_config"].get("InstanceMarketOptions") == {"MarketType": "spot"}}
+    on_demand = {k: n for k, n in types.items() if k != cfg["head_node_type"] and k not in spot}
+    assert list(spot) == ["gpu_a10g_spot"] and list(on_demand) == ["gpu_a10g"]
+    # The same machine either way, so a run resized between them trains the same.
+    assert spot["gpu_a10g_spot"]["node_config"]["InstanceType"] == on_demand["gpu_a10g"]["node_config"]["InstanceType"]
+    assert types["gpu_a10g"]["max_workers"] + types["gpu_a10g_spot"]["max_workers"] <= cfg["max_workers"]
+
+
 def check_mlflow_auth(raw: dict, text: str) -> None:
     """MLflow behind its basic-auth app, the credentials made on the head, none in the file."""
     head_setup = "\n".join(raw["head_setup_commands"])

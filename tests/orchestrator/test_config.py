@@ -18,7 +18,7 @@ from orchestrator.config import (Config, ConfigError, apply_overrides, load_conf
 
 REPO = Path(__file__).resolve().parents[2]
 PRESETS = ["demo", "cifar10-simclr", "cifar10-moco", "cifar10-byol", "cifar10-simsiam", "cifar10-barlow_twins",
-           "cifar10-vicreg", "cifar10-dino"]
+           "cifar10-vicreg", "cifar10-dino", "cifar10-swav", "imagenet-swav"]
 
 
 @pytest.fixture()
@@ -39,10 +39,30 @@ def test_demo_yaml_spells_out_the_defaults() -> None:
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_presets_load_and_validate(preset: str, data_dir: Path) -> None:
-    cfg = load_config(str(REPO / "configs" / f"{preset}.yaml"), [f"data.path={data_dir}"])
+    cfg = load_config(str(REPO / "configs" / f"{preset}.yaml"), [f"data.path={data_dir}", "scaling.use_gpu=false"])
     assert cfg.method.name in preset or preset == "demo"
-    if preset != "demo":
+    if preset.startswith("cifar10"):
         assert (cfg.model.encoder, cfg.model.cifar_stem, cfg.data.image_size) == ("resnet18", True, 32)
+    if preset.startswith("imagenet"):
+        assert (cfg.model.encoder, cfg.model.cifar_stem, cfg.data.image_size) == ("resnet50", False, 224)
+
+
+# The ViT and ImageNet presets: (encoder, its arguments, image size); GPU presets checked without one.
+VIT_PRESETS = {"cifar10-dino-vit": ("vit_tiny", {"patch_size": 4, "drop_path_rate": 0.1}, 32),
+               "imagenet-dino-vits16": ("vit_small", {"patch_size": 16, "drop_path_rate": 0.1}, 224),
+               "cifar10-mae": ("vit_tiny", {"patch_size": 4}, 32),
+               "imagenet-mae-vitb16": ("vit_base", {"patch_size": 16}, 224)}
+
+
+@pytest.mark.parametrize("preset", sorted(VIT_PRESETS))
+def test_vit_and_imagenet_presets_load_and_validate(preset: str, data_dir: Path) -> None:
+    cfg = load_config(str(REPO / "configs" / f"{preset}.yaml"), [f"data.path={data_dir}", "scaling.use_gpu=false"])
+    assert cfg.method.name in preset.replace("-", "_")
+    assert (cfg.model.encoder, cfg.model.encoder_args, cfg.data.image_size) == VIT_PRESETS[preset]
+    if cfg.method.name == "dino":  # main_dino.py's recipe
+        assert (cfg.optim.name, cfg.optim.weight_decay, cfg.optim.weight_decay_end) == ("adamw", 0.04, 0.4)
+        assert (cfg.method.clip_grad, cfg.method.freeze_last_layer_epochs, cfg.method.momentum) == (3.0, 1, 0.996)
+        assert cfg.method.local_crop_size % cfg.model.encoder_args["patch_size"] == 0
 
 
 def test_yaml_then_overrides_typed(tmp_path: Path, data_dir: Path) -> None:
@@ -89,9 +109,24 @@ BAD = [
     (None, ["optim.batch_size=255"], ["--set optim.batch_size=255", "divisible by scaling.num_workers (2)"]),
     ("optim:\n  batch_size: 255\n", [], ["bad.yaml: optim.batch_size = 255", "divisible by scaling.num_workers"]),
     (None, ["scaling.use_gpu=true"], ["scaling.use_gpu", "no CUDA GPU"]),
-    (None, ["method.name=swav"], ["--set method.name=swav: allowed: simclr, moco, byol, simsiam, barlow_twins, "
-                                  "vicreg, dino"]),
-    (None, ["model.encoder=vit"], ["--set model.encoder=vit", "convnet, resnet18, resnet50"]),
+    (None, ["method.name=swaw"], ["--set method.name=swaw: allowed: simclr, moco, byol, simsiam, barlow_twins, "
+                                  "vicreg, dino, swav, mae"]),
+    (None, ["method.name=mae"], ["model.encoder = 'convnet'", "MAE needs a ViT encoder"]),
+    (None, ["method.name=mae", "model.encoder=vit_tiny", "model.encoder_args={patch_size: 16}"],
+     ["data.image_size = 28", "multiple of the ViT's patch size (16)"]),
+    (None, ["method.name=mae", "method.mask_ratio=1.0"], ["method.mask_ratio", "[0, 1)"]),
+    (None, ["method.name=mae", "model.encoder=vit_tiny", "model.encoder_args={patch_size: 4}", "method.decoder_dim=30"],
+     ["--set method.decoder_dim=30", "multiple of 4"]),
+    (None, ["method.name=swav", "method.queue_length=-1"], ["method.queue_length", ">= 0"]),
+    (None, ["method.name=mae", "method.local_crops=2"], ["method.local_crops", "only dino, swav take it, not mae"]),
+    (None, ["model.encoder=vit"], ["--set model.encoder=vit", "convnet, resnet18, resnet50, vit_tiny", "timm:"]),
+    (None, ["model.encoder=timm:no_such_net"], ["model.encoder", "timm:<a timm model name>"]),
+    (None, ["model.encoder=vit_tiny", "model.encoder_args={patch_size: 4, no_such_arg: 1}"],
+     ["model.encoder_args", "not taken by encoder vit_tiny", "no_such_arg"]),
+    (None, ["model.encoder=vit_tiny", "model.encoder_args={pretrained: true}"],
+     ["model.encoder_args", "'pretrained' is not allowed"]),
+    (None, ["model.encoder_args={depth: {a: 1}}"], ["model.encoder_args", "depth", "expected a number"]),
+    (None, ["model.encoder_args={depth: 2}"], ["model.encoder_args", "takes no arguments"]),
     (None, ["optim.name=adam"], ["--set optim.name=adam", "sgd, lars, adamw"]),
     (None, ["method.momentum=0.99"], ["method.momentum", "only moco, byol, dino take it, not simclr"]),
     (None, ["method.name=vicreg", "method.lambd=0.01"], ["method.lambd", "only barlow_twins take it, not vicreg"]),
@@ -132,6 +167,16 @@ BAD = [
     (None, ["data.image_size=1024", "optim.batch_size=4096"],
      ["--set optim.batch_size=4096: with data.image_size 1024 and 2 worker(s)", "48 GiB; at most 16 GiB"]),
     (None, ["tracking.model_name=a'b"], ["--set tracking.model_name=a'b", "letters, digits"]),
+    # elastic scaling.num_workers: [min, max]; the global batch must split over every count in it
+    (None, ["scaling.num_workers=[1, 3]", "optim.batch_size=256"],
+     ["optim.batch_size", "scaling.num_workers [1, 3]", "does not split over 3", "multiple of 6"]),
+    (None, ["scaling.num_workers=[2, 1]"], ["--set scaling.num_workers=[2, 1]", "1 <= min <= max"]),
+    (None, ["scaling.num_workers=[0, 2]"], ["--set scaling.num_workers=[0, 2]", "1 <= min <= max"]),
+    (None, ["scaling.num_workers=[1, 2, 4]"], ["--set scaling.num_workers=[1, 2, 4]", "[min, max]"]),
+    (None, ["scaling.num_workers=[1, two]"], ["scaling.num_workers", "expected an integer, got 'two'"]),
+    (None, ["scaling.num_workers=two"], ["scaling.num_workers", "an integer or a list [min, max]"]),
+    (None, ["scaling.num_workers=[1, 2]", "scaling.elastic_resize_monitor_interval_s=0"],
+     ["scaling.elastic_resize_monitor_interval_s", "must be > 0"]),
 ]
 
 

@@ -51,4 +51,4 @@ def test_two_node_cluster_on_s3(tmp_path: Path) -> None:
     out = log.read_text(errors="replace")
     print(f"\n2-node cases ({time.monotonic() - t0:.0f} s):\n{out[-6000:]}")
     assert proc.returncode == 0, out[-12000:]
-    assert " 4 passed" in out, out[-3000:]
+    assert " 6 passed" in out, out[-3000:]

@@ -147,6 +147,18 @@ def _evaluate_the_registered_encoder(demo_data: Path, uri: str, r: PretrainResul
     assert run.data.tags["dataset"] == "mnist-demo" and "linear probe" in run.data.tags["protocol"]
     assert run.data.metrics["linear_top1"] == pytest.approx(values["linear_top1"], abs=1e-4)
 
+    # MAE's protocol beside them: a copy of the registered encoder fine-tuned end to end with a head.
+    assert cli_main(["evaluate", "models:/e2e-encoder@champion", str(demo_data), "--tracking-uri", uri,
+                     "--finetune-epochs", "2", "--finetune-lr", "1e-3", "--train-limit", "300",
+                     "--test-limit", "200", "--linear-epochs", "0"]) == 0
+    out = capsys.readouterr().out
+    tuned = {ln.split()[0]: float(ln.split()[1]) for ln in out.splitlines()
+             if ln.split() and ln.split()[0].startswith(("finetune_", "knn_top1"))}
+    assert set(tuned) == {"knn_top1", "finetune_top1", "finetune_top5"}, out
+    assert tuned["finetune_top1"] > 0.15 and tuned["finetune_top5"] >= tuned["finetune_top1"]  # 10 digits: chance 0.1
+    tuned_run = c.get_run(c.get_model_version("e2e-encoder", r.model_version).tags["evaluation_run.mnist-demo"])
+    assert tuned_run.data.params["finetune_epochs"] == "2" and "fine-tuned end to end" in tuned_run.data.tags["protocol"]
+
     # An image size below the encoder's minimum: one line, exit 2, no run logged.
     runs_before = len(c.search_runs([run.info.experiment_id]))
     assert cli_main(["evaluate", "models:/e2e-encoder@champion", str(demo_data), "--tracking-uri", uri,

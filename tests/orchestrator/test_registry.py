@@ -443,3 +443,73 @@ def test_tracking_uri_goes_before_or_after_the_registry_command(store: Store,
     assert capsys.readouterr().out == after and store.model in after
     assert _cli("registry", "best", "--tracking-uri", store.uri, "--dataset", store.dataset) == 0
     assert capsys.readouterr().out.startswith(f"models:/{store.model}/2\t")
+
+
+def test_a_vit_encoder_registers_loads_and_embeds_at_two_sizes(tmp_path: Path) -> None:
+    """A ViT-Tiny/4 (CPU-sized) through the registration and loading path; it embeds at its training
+    size and at another multiple of its patch as the encoder itself does."""
+    from methods.encoders import build_encoder
+    from orchestrator import tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp = tracking.ensure_experiment(uri, "vit", artifact_location=str(tmp_path / "mlruns"))
+    run_id = tracking.start_run(uri, exp, "vit", {"method.name": "dino"}, "{}\n")
+    torch.manual_seed(0)
+    vit = build_encoder("vit_tiny", patch_size=4, depth=1, embed_dim=32, num_heads=2).eval()
+    tracking.register_encoder(vit, tracking_uri=uri, run_id=run_id, model_name="vit-encoder", image_size=32,
+                              tags={"method": "dino", "dataset": "x"})
+    tracking.finish_run(uri, run_id)
+    loaded = registry.load_encoder("vit-encoder/1", tracking_uri=uri)
+    assert loaded.output_dim == 32
+    with torch.no_grad():
+        for size in ((32, 32), (48, 40)):
+            x = torch.randn(3, 3, *size)
+            torch.testing.assert_close(loaded.module(x), vit(x), rtol=1e-5, atol=1e-5)
+
+
+from tests.pipelines.test_storage import s3_bucket  # noqa: E402,F401  (moto_server fixture, reused)
+
+
+def test_mixed_size_photos_embed_and_evaluate_from_and_to_uris(tmp_path: Path, s3_bucket: str,  # noqa: F811
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """Photos of mixed sizes: ingest -> embed on local paths, and the same dataset in S3 -> embed
+    with an s3:// output and evaluate on the s3:// dataset (issue 23: a URI never becomes a path)."""
+    import numpy as np
+
+    from pipelines import storage
+    from pipelines.ingest import ingest
+    from tests.image_files import photo_jpeg
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    model = f"photos{uuid.uuid4().hex[:6]}-encoder"
+    _register(uri, model, "photos", "simclr", 0.5)
+    photos = tmp_path / "photos"
+    for i in range(12):
+        f = photos / ("a" if i % 2 else "b") / f"{i}.jpg"
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(photo_jpeg(i, min_side=64, max_side=160))
+    ingest(str(photos), tmp_path / "ds", test_fraction=0.25, progress=False)
+    assert _cli("registry", "--tracking-uri", uri, "embed", f"{model}/1", str(tmp_path / "ds"),
+                str(tmp_path / "emb.parquet")) == 0
+    local = pq.read_table(tmp_path / "emb.parquet")
+    assert local.num_rows == 12
+
+    ds = storage.join(s3_bucket, "photos-ds")
+    ingest(str(photos), ds, test_fraction=0.25, progress=False)
+    out = storage.join(s3_bucket, "emb", "photos.parquet")
+    assert _cli("registry", "--tracking-uri", uri, "embed", f"{model}/1", ds, out) == 0
+    assert not Path("s3:").exists(), "an s3:// output never becomes a local folder"
+    remote = pq.read_table(storage.open_input_file(out))
+    assert remote.column("path").to_pylist() == local.column("path").to_pylist()
+    np.testing.assert_allclose(np.array(remote.column("embedding").to_pylist()),
+                               np.array(local.column("embedding").to_pylist()), atol=1e-5)
+    # Loose images under a URI prefix embed too (classes from the first folder).
+    for f in sorted(photos.rglob("*.jpg"))[:4]:
+        storage.write_bytes(storage.join(s3_bucket, "loose", f.relative_to(photos).as_posix()), f.read_bytes())
+    assert _cli("registry", "--tracking-uri", uri, "embed", f"{model}/1", storage.join(s3_bucket, "loose"),
+                str(tmp_path / "loose.parquet")) == 0
+    assert pq.read_table(tmp_path / "loose.parquet").num_rows == 4
+    capsys.readouterr()
+    assert _cli("evaluate", f"{model}/1", ds, "--tracking-uri", uri, "--linear-epochs", "0") == 0
+    printed = capsys.readouterr().out
+    assert "on photos (8 train / 4 test images, 32x32)" in printed and "knn_top1" in printed

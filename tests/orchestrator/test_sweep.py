@@ -64,7 +64,7 @@ def test_repository_sweep_configs_load() -> None:
     every = load_sweep(str(REPO / "configs" / "sweep-all-methods.yaml"))
     assert set(every.sweep.methods) == set(METHODS)
     trials = grid_trials(every.sweep)
-    assert len(trials) == n_grid_trials(every.sweep) == 11
+    assert len(trials) == n_grid_trials(every.sweep) == 13
     assert {t["method.lambd"] for t in trials if "method.lambd" in t} == {0.0051, 0.02}
     assert {t["method.teacher_temp"] for t in trials if t["method.name"] == "dino"} == {0.04, 0.07}
     assert all(("method.sim_weight" in t) == (t["method.name"] == "vicreg") for t in trials)
@@ -78,10 +78,10 @@ def test_repository_sweep_configs_load() -> None:
 
 @pytest.mark.parametrize("sweep, message", [
     ({"searcher": "annealing"}, "sweep.searcher = 'annealing': allowed: grid, random, bayes"),
-    ({"methods": {"swav": {}}}, "sweep.methods = 'swav': allowed methods: simclr, moco, byol, simsiam, "
-                                "barlow_twins, vicreg, dino"),
+    ({"methods": {"swaw": {}}}, "sweep.methods = 'swaw': allowed methods: simclr, moco, byol, simsiam, "
+                                "barlow_twins, vicreg, dino, swav, mae"),
     ({"methods": {"simsiam": {"method.lambd": [0.01]}}}, "only barlow_twins take it, not simsiam"),
-    ({"methods": {"byol": {"method.temperature": [0.1]}}}, "only simclr, moco take it, not byol"),
+    ({"methods": {"byol": {"method.temperature": [0.1]}}}, "only simclr, moco, swav take it, not byol"),
     ({"space": {"method.momentum": [0.9]}}, "list it under sweep.methods.<method>"),
     ({"space": {"optim.lr": {"loguniform": [1e-4, 1e-2]}}}, "the grid searcher takes lists"),
     ({"searcher": "random", "space": {"optim.lr": {"loguniform": [0, 1]}}}, "loguniform needs low > 0"),
@@ -94,6 +94,8 @@ def test_repository_sweep_configs_load() -> None:
     ({"trial_kind": "thread"}, "sweep.trial_kind = 'thread': allowed: auto, in_process, train"),
     ({"trial_kind": "in_process", "space": {"scaling.num_workers": [1, 2]}},
      "sweep.trial_kind = 'in_process': runs one worker per trial, but a trial has scaling.num_workers = 2"),
+    ({"space": {"scaling.num_workers": [[1, 2]]}},
+     "scaling.num_workers = [1, 2]: a sweep's trials have a fixed number of workers"),
     # NaN and infinity: in search spaces (lists, choices, range ends) and in sweep fields
     ({"methods": {"simclr": {"method.temperature": [0.1, math.nan]}}},
      "sweep.methods.simclr.method.temperature = [0.1, nan]: values must be finite numbers"),
@@ -462,3 +464,38 @@ def test_a_trial_process_imports_no_mlflow_before_it_trains() -> None:
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'mlflow'))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_swav_mae_and_dino_on_a_vit_run_in_a_sweep(tmp_path: Path, demo_data: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """The new methods, one short in-process trial each: SwAV with local crops on the ConvNet, MAE and
+    DINO on a CPU-sized ViT-Tiny/4 (model.* swept per method); the best one registers."""
+    import pandas as pd
+
+    from orchestrator.cli import main as cli_main
+
+    monkeypatch.chdir(tmp_path)  # a SQLite store's artifacts go to ./mlruns
+    vit = {"model.encoder": ["vit_tiny"],
+           "model.encoder_args": [{"patch_size": 4, "depth": 1, "embed_dim": 32, "num_heads": 2}]}
+    config = _write(tmp_path, {
+        "data": {"path": str(demo_data), "source": None, "image_size": 28, "limit": 128},
+        "optim": {"name": "adamw", "lr": 1e-3, "batch_size": 64, "epochs": 1, "warmup_epochs": 0},
+        "scaling": {"num_workers": 1},
+        "eval": {"knn_train_limit": 300, "knn_test_limit": 100, "linear_epochs": 0},
+        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "new-methods",
+                     "model_name": "new-methods-encoder"},
+        "sweep": {"name": "new", "storage_path": str(tmp_path / "sweeps"), "searcher": "grid", "scheduler": "fifo",
+                  "methods": {"swav": {"method.num_prototypes": [30], "method.hidden_dim": [64],
+                                       "method.projection_dim": [16]},
+                              "mae": {**vit, "method.decoder_dim": [16], "method.decoder_depth": [1],
+                                      "method.decoder_heads": [2]},
+                              "dino": {**vit, "method.projection_dim": [64], "method.hidden_dim": [32]}},
+                  "max_concurrent_trials": 1, "trial_kind": "in_process"},
+    })
+    assert cli_main(["sweep", "--config", config]) == 0, capsys.readouterr()
+    table = pd.read_csv(tmp_path / "sweeps" / "new" / "results.csv")
+    assert sorted(table["method"]) == ["dino", "mae", "swav"], table.to_string()
+    assert set(table["status"]) == {"finished"} and table["knn_top1"].notna().all(), table.to_string()
+    assert "models:/new-methods-encoder/1" in capsys.readouterr().out

@@ -231,25 +231,27 @@ def test_interrupted_ingest_leaves_no_valid_dataset(image_folder: Path, tmp_path
         ingest(str(image_folder), out, progress=False)
     assert not out.exists()  # the temporary shards were removed with the folder we made
 
-    # A failure while renaming shards over an old dataset (--overwrite): no manifest is left.
+    # A failure while writing a new dataset over an old one (--overwrite): the old one stays
+    # readable, whole and unchanged (issue 22 item 4), and nothing of the new one is left.
     monkeypatch.setattr(ingest_mod, "_check_image", real_check)
-    ingest(str(image_folder), out, progress=False)
+    old = ingest(str(image_folder), out, progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
     renames = {"n": 0}
     real_replace = os.replace
 
     def replace_then_fail(a, b):
         renames["n"] += 1
-        if renames["n"] == 2:
+        if renames["n"] == 3:  # the marker, the first shard, then the second shard fails
             raise OSError("disk full")
         return real_replace(a, b)
 
     monkeypatch.setattr(ingest_mod.os, "replace", replace_then_fail)
     with pytest.raises(DataError, match="disk full"):  # an OSError, told as a user error
-        ingest(str(image_folder), out, overwrite=True, progress=False)
+        ingest(str(image_folder), out, overwrite=True, progress=False, seed=5)
     monkeypatch.setattr(ingest_mod.os, "replace", real_replace)
-    assert not (out / "manifest.json").exists() and not list(out.glob(".tmp-*"))
-    with pytest.raises(DataError, match=f"no manifest.json in {out}; run `selfsup ingest SOURCE {out}` first"):
-        read_manifest(out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing added, nothing lost
+    assert read_manifest(out).checksums == old.checksums
+    assert _rows(out, "train").num_rows == old.rows("train")  # sha256 checked on read
 
 
 def _write_idx(path: Path, array: np.ndarray) -> None:

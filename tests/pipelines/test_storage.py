@@ -113,3 +113,41 @@ def test_ingest_into_s3_writes_manifest_last_and_reads_back(s3_bucket: str, cifa
     assert images.shape == (20, 3, 32, 32) and len(labels) == 20
     with pytest.raises(DataError, match="already holds a dataset"):
         ingest(str(source), out, progress=False)
+
+
+def test_ingest_from_an_s3_prefix_into_s3(s3_bucket: str, tmp_path: Path) -> None:
+    """SOURCE a URI prefix (class folders of photo-like JPEGs): listed in one request, read by the
+    shard writers from the bucket, written straight to the bucket (nothing staged locally)."""
+    from image_files import photo_jpeg
+    from pipelines.ingest import ingest
+    from pipelines.manifest import read_manifest, split_files
+
+    src = storage.join(s3_bucket, "photo-src")
+    sent = {}
+    for i in range(10):
+        rel = f"{'cat' if i % 2 else 'dog'}/{i}.jpg"
+        sent[rel] = photo_jpeg(i, min_side=48, max_side=96)
+        storage.write_bytes(storage.join(src, rel), sent[rel])
+    storage.write_text(storage.join(src, "README.txt"), "not an image")
+    out = storage.join(s3_bucket, "photo-ds")
+    m = ingest(src, out, test_fraction=0.2, progress=False)
+    assert m.classes == ["cat", "dog"] and (m.rows("train"), m.rows("test")) == (8, 2) and m.source == src
+    rows = [r for s in ("train", "test") for f in split_files(out, s) for r in storage.parquet_file(f).read().to_pylist()]
+    assert {r["path"]: r["image"] for r in rows} == sent  # byte for byte
+    assert all(r["height"] >= 48 and r["width"] >= 48 for r in rows)
+    assert read_manifest(out).checksums == m.checksums
+    assert not [n for n in storage.list_names(out) if n.startswith(".")], "no marker or temporary object left"
+
+
+def test_temporary_names_differ_per_host_process_and_call(tmp_path: Path) -> None:
+    """Two hosts on one shared mount can have the same pid: host, pid and random bits in the name."""
+    a, b = storage.temp_name("selfsup-run.json"), storage.temp_name("selfsup-run.json")
+    host = "".join(ch for ch in socket.gethostname() if ch.isalnum() or ch == "-")
+    assert a != b and host[:8] in a and f"-{os.getpid()}-" in a
+    assert storage.is_temp_name(a) and not storage.is_temp_name("selfsup-run.json")
+    # A write that fails part-way (here: not bytes) leaves the old file and no temporary file.
+    target = tmp_path / "r.json"
+    storage.write_text(target, "old")
+    with pytest.raises(TypeError):
+        storage.write_bytes(target, "not bytes")  # type: ignore[arg-type]
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["r.json"]
