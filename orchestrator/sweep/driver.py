@@ -67,9 +67,22 @@ class SweepDriverCallback(tune.Callback):
         if (driver_run_id(self.trials_dir, trial.trial_id) is None
                 and not storage.is_file(train_record_file(self.trials_dir, trial.trial_id))):
             cfg = trial_config(self.base, dict(over), trial.trial_id, self.trials_dir)
-            save_run_id(self.trials_dir, trial.trial_id, create_run(cfg, uri=self.uri, parent_run_id=self.parent_run_id))
+            # A driver killed between making the run and saving its id made it already: reuse it,
+            # so a resumed sweep never gives a trial a second run.
+            run_id = self._made_before(str(cfg.run.name)) or create_run(cfg, uri=self.uri,
+                                                                         parent_run_id=self.parent_run_id)
+            save_run_id(self.trials_dir, trial.trial_id, run_id)
         if self.verbose:
             print(f"  trial {trial.trial_id} started: {describe(over)}", flush=True)
+
+    def _made_before(self, run_name: str) -> str | None:
+        """The id of this sweep's child run named `run_name`, if the driver made one already."""
+        if self._client is None:
+            self._client = tracking.client(self.uri)
+        exp = self._client.get_run(self.parent_run_id).info.experiment_id
+        found = self._client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{self.parent_run_id}' "
+                                                              f"and tags.mlflow.runName = '{run_name}'", max_results=1)
+        return str(found[0].info.run_id) if found else None
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict[str, Any], **info: Any) -> None:
         if self.kind != IN_PROCESS or "epoch" not in result:

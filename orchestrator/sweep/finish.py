@@ -13,7 +13,6 @@ from typing import Any
 
 from orchestrator.config import Config, apply_overrides, storage_location
 from orchestrator import tracking
-from orchestrator.registry.register import default_model_name, register_run_encoder
 from orchestrator.runs import dataset_name, read_state
 from orchestrator.sweep.results import (RUN_STATUS, SweepResult, markdown_table, plot_png, results_table, short_name,
                                         swept_keys)
@@ -121,6 +120,10 @@ def _best_state_file(s: Sweep, best: dict[str, Any], sweep_dir: str) -> str | No
 
 def _register_best(s: Sweep, best: dict[str, Any], uri: str, sweep_dir: str) -> tuple[str | None, bool, str]:
     """Register the best trial's encoder (from its last checkpoint) and maybe move `champion`."""
+    # Imported here: the registry imports MLflow, which a trial process (it imports this package)
+    # must not pay for before it trains (docs/design.md, "MLflow: one writer per run").
+    from orchestrator.registry.register import default_model_name, register_run_encoder
+
     state_file = _best_state_file(s, best, sweep_dir)
     if state_file is None:
         print(f"selfsup sweep: no checkpoint of trial {best['trial']}; nothing registered",
