@@ -196,12 +196,13 @@ def decode_all(cfg: Config, *, threads: int | None = None) -> dict[str, Any]:
     """
     import os
 
-    from pipelines.memory import decode_split
+    from pipelines.memory import training_split
 
     d = cfg.data
     threads = threads or max(1, os.cpu_count() or 1)
-    train = decode_split(d.path, d.train_split, image_size=d.image_size, limit=d.limit, threads=threads,
-                         max_pixels=d.max_image_pixels)
+    # photos (not all at data.image_size) stay encoded: their views are cut from the whole photo
+    train = training_split(d.path, d.train_split, image_size=d.image_size, limit=d.limit, threads=threads,
+                           max_pixels=d.max_image_pixels)
     return {"train": train, **(decode_knn(cfg, threads=threads) if label_metrics(cfg) else {})}
 
 
