@@ -101,11 +101,13 @@ def split_rows(folder: str | Path, split: str, limit: int | None = None) -> int:
 
 def decode_split(folder: str | Path, split: str, *, image_size: int | None = None, limit: int | None = None,
                  stratified: bool = False, seed: int = 0, threads: int = 2,
-                 max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> DecodedSplit:
+                 max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, resize: int | None = None) -> DecodedSplit:
     """Decode a split (or its first `limit` rows; with `stratified`, a seeded per-class subset) in
-    this process, refusing images over `max_pixels` before decoding them."""
+    this process, refusing images over `max_pixels` before decoding them; images not already
+    `image_size` square go through the evaluation transform (`pipelines.images.eval_transform`,
+    shorter side to `resize`)."""
     images, labels = load_split(folder, split, limit=limit, image_size=image_size, seed=seed,
-                                first=not stratified, threads=threads, max_pixels=max_pixels)
+                                first=not stratified, threads=threads, max_pixels=max_pixels, resize=resize)
     return DecodedSplit(images.numpy(), labels.numpy())
 
 

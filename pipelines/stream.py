@@ -62,20 +62,20 @@ def default_augment_on(device: torch.device | str) -> AugmentOn:
 
 def decode_images(images: Sequence[bytes], image_size: int | None = None, *,
                   max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
-                  paths: Sequence[str] | None = None) -> torch.Tensor:
+                  paths: Sequence[str] | None = None, resize: int | None = None) -> torch.Tensor:
     """Decode encoded images into one uint8 RGB batch `[N, 3, H, W]` (`pipelines.images.decode_batch`).
 
     Each image's header is checked against `max_pixels` before anything is decoded. When
-    `image_size` is given, images of another size are resized (shorter side, antialiased) and
-    centre-cropped to `image_size` x `image_size`, each right after its own decode. Grayscale
-    becomes 3 channels.
+    `image_size` is given, images of another size go through the evaluation transform
+    (`pipelines.images.eval_transform`: shorter side to `resize`, default `image_size * 256/224`,
+    centre crop), each right after its own decode. Grayscale becomes 3 channels.
 
     Raises:
         DataError: an image over `max_pixels` or one that does not decode (naming its `paths` entry),
             or images of different sizes and no `image_size` to bring them to.
     """
     return decode_batch(list(images), image_size, max_pixels=max_pixels,
-                        paths=list(paths) if paths is not None else None)
+                        paths=list(paths) if paths is not None else None, resize=resize)
 
 
 def _decode_batch(batch: dict[str, np.ndarray], image_size: int | None,
@@ -346,7 +346,8 @@ def _tensor(array: np.ndarray) -> torch.Tensor:
 
 def load_split(folder: str | Path, split: str = "test", *, limit: int | None = None,
                image_size: int | None = None, seed: int = 0, first: bool = False,
-               threads: int = 1, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[torch.Tensor, torch.Tensor]:
+               threads: int = 1, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+               resize: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode a whole split (or a subset) in this process: kNN evaluation, embedding, the memory loader.
 
     Args:
@@ -355,7 +356,8 @@ def load_split(folder: str | Path, split: str = "test", *, limit: int | None = N
         limit: at most this many images. By default a seeded subset that keeps each class's share
             (stratified), returned in shard order; with `first=True` the first `limit` rows (as
             `read_split(limit=...)` and `data.limit`). None = all.
-        image_size: as in `read_split` (default: the manifest's size).
+        image_size: as in `read_split` (default: the manifest's size); images of another size go
+            through the evaluation transform (`decode_images`, with `resize`).
         seed: seed of the stratified subset.
         first: take the first `limit` rows instead of a stratified subset.
         threads: decode row groups on this many threads (torchvision's decoders release the GIL).
@@ -373,7 +375,7 @@ def load_split(folder: str | Path, split: str = "test", *, limit: int | None = N
         t = storage.parquet_file(f).read_row_group(g, columns=["image", "path"])
         images, paths = t.column("image").to_pylist(), t.column("path").to_pylist()
         return decode_images([images[i] for i in rows], size, max_pixels=max_pixels,
-                             paths=[f"{storage.name(f)}: {paths[i]}" for i in rows])
+                             paths=[f"{storage.name(f)}: {paths[i]}" for i in rows], resize=resize)
 
     if threads > 1 and len(jobs) > 1:
         from concurrent.futures import ThreadPoolExecutor

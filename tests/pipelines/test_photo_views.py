@@ -114,3 +114,27 @@ def _png_photo() -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.random.default_rng(9).integers(0, 256, (200, 260), dtype=np.uint8), "L").save(buf, format="PNG")
     return buf.getvalue()
+
+
+@pytest.mark.parametrize("height,width,size,resize", [(300, 400, 224, None), (360, 640, 64, None),
+                                                      (640, 480, 32, 40), (28, 28, 32, None)])
+def test_eval_transform_matches_torchvision_resize_and_center_crop(height, width, size, resize) -> None:
+    from torchvision.transforms import v2
+
+    from pipelines.images import decode_batch, eval_resize, eval_transform
+
+    data = _photo(height, width, seed=3)
+    full = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    ref = v2.Compose([v2.Resize(eval_resize(size, resize), antialias=True), v2.CenterCrop(size)])(full)
+    assert torch.equal(eval_transform(full[None], size, resize)[0], ref)
+    assert torch.equal(decode_batch([data], size, resize=resize)[0], ref)  # what kNN, evaluate and embed decode
+    assert eval_resize(224) == 256 and eval_resize(32) == 37
+
+
+def test_images_at_the_training_size_are_used_whole() -> None:
+    """CIFAR at 32 px (the demo at 28): no resize, no crop, as before the evaluation transform."""
+    from pipelines.images import decode_batch
+
+    data = _photo(32, 32, seed=4)
+    full = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    assert torch.equal(decode_batch([data], 32)[0], full)
