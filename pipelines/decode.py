@@ -227,26 +227,38 @@ def cut_views(data: bytes, boxes: Sequence[Sequence[int]], sides: Sequence[int])
     """Cut each box out of one encoded photo and resize it to its side: uint8 `[3, side, side]` each.
 
     Boxes are (top, left, height, width) in the photo's full-resolution pixels. A JPEG is decoded
-    once at the smallest scale (`reduced_scale`: 1/2, 1/4, 1/8, libjpeg's DCT scaling through PIL's
-    `draft`) that still keeps every box at least its side, and each box is resized from that decode
-    (PIL bilinear with antialiasing, the box scaled to the reduced decode's pixels) - the views equal
-    torchvision's `resized_crop` of the full decode to within interpolation error
-    (`tests/pipelines/test_photo_views.py`). PIL's decode and resize release the GIL.
+    once at the smallest scale (`reduced_scale`: 1/2, 1/4, 1/8, libjpeg-turbo's DCT scaling through
+    `simplejpeg`'s `min_height`/`min_width`) that still keeps every box at least its side; each box
+    is then resized from that decode (PIL bilinear with antialiasing, the box scaled to the reduced
+    decode's pixels). The views equal torchvision's `resized_crop` of the full decode to within
+    interpolation error (`tests/pipelines/test_photo_views.py`). Other formats (PNG, WebP, GIF) and
+    JPEGs simplejpeg refuses (CMYK from an old ingest) go through PIL. Both release the GIL.
+
+    Why simplejpeg over PIL's `draft`: the same libjpeg-turbo scaled decode, 1.1-1.4x faster at
+    3x photo sizes here (`benchmarks/photo_pipeline.py`'s decoder line; equal at 320-640 px).
 
     Raises:
         DataError: the bytes do not decode.
     """
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            width, height = im.size
-            if im.format == "JPEG":
-                scale = reduced_scale(boxes, sides)
-                if scale > 1:
-                    im.draft(None, (-(-width // scale), -(-height // scale)))  # type: ignore[arg-type]
-            rgb = im.convert("RGB") if im.mode != "RGB" else im
-            rgb.load()
-    except Exception as e:  # PIL raises OSError, SyntaxError, ... for a corrupt file
-        raise DataError(f"cannot decode image ({type(e).__name__}: {e})") from None
+    import simplejpeg
+
+    rgb: Image.Image | None = None
+    if bytes(data[:2]) == b"\xff\xd8":
+        try:
+            height, width = header_size(data)
+            scale = reduced_scale(boxes, sides)
+            rgb = Image.fromarray(simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=-(-height // scale),
+                                                         min_width=-(-width // scale)))
+        except (ValueError, DataError):  # simplejpeg refuses it (e.g. CMYK): PIL below names what is wrong
+            rgb = None
+    if rgb is None:
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                width, height = im.size
+                rgb = im.convert("RGB") if im.mode != "RGB" else im
+                rgb.load()
+        except Exception as e:  # PIL raises OSError, SyntaxError, ... for a corrupt file
+            raise DataError(f"cannot decode image ({type(e).__name__}: {e})") from None
     fx, fy = rgb.width / width, rgb.height / height
     out = []
     for (top, left, h, w), side in zip(boxes, sides):

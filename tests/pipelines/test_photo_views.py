@@ -138,3 +138,15 @@ def test_images_at_the_training_size_are_used_whole() -> None:
     data = _photo(32, 32, seed=4)
     full = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8))
     assert torch.equal(decode_batch([data], 32)[0], full)
+
+
+def test_grey_and_broken_photos() -> None:
+    from pipelines.errors import DataError
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((300, 500), 90, np.uint8), "L").save(buf, format="JPEG")
+    (view,) = cut_views(buf.getvalue(), [(0, 0, 300, 300)], [64])
+    assert view.shape == (3, 64, 64) and abs(int(view.mean()) - 90) <= 1 and (view[0] == view[2]).all()
+    broken = _photo(300, 400)[:2000]  # truncated mid-scan
+    with pytest.raises(DataError, match="cannot decode image"):
+        decode_and_augment([broken, _photo(200, 300)], TwoViewAugment("simclr", size=32, seed=0))
