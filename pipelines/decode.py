@@ -234,8 +234,9 @@ def cut_views(data: bytes, boxes: Sequence[Sequence[int]], sides: Sequence[int])
     interpolation error (`tests/pipelines/test_photo_views.py`). Other formats (PNG, WebP, GIF) and
     JPEGs simplejpeg refuses (CMYK from an old ingest) go through PIL. Both release the GIL.
 
-    Why simplejpeg over PIL's `draft`: the same libjpeg-turbo scaled decode, 1.1-1.4x faster at
-    3x photo sizes here (`benchmarks/photo_pipeline.py`'s decoder line; equal at 320-640 px).
+    Why simplejpeg over PIL's `draft`: the same libjpeg-turbo scaled decode; the decode alone ran
+    at 2.1x PIL's (`benchmarks/photo_pipeline.py`'s decoder line), the whole `cut_views` at 1.1-1.4x
+    on 3x-sized photos and equal at 320-640 px (docs/design.md, "Photos").
 
     Raises:
         DataError: the bytes do not decode.
