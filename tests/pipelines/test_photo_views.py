@@ -150,3 +150,35 @@ def test_grey_and_broken_photos() -> None:
     broken = _photo(300, 400)[:2000]  # truncated mid-scan
     with pytest.raises(DataError, match="cannot decode image"):
         decode_and_augment([broken, _photo(200, 300)], TwoViewAugment("simclr", size=32, seed=0))
+
+
+def _photo_column(count: int) -> np.ndarray:
+    column = np.empty(count, dtype=object)
+    column[:] = [_photo(h, w, seed=k) for k, (h, w) in enumerate([(120, 160), (90, 160), (160, 120)] * (count // 3))]
+    return column
+
+
+def test_both_loaders_take_encoded_photo_batches() -> None:
+    """The stream loader's Ray Data functions (header check, `augment_on=data`) and the memory
+    loader's `EncodedSplit`: views cut from the whole photos, over-size photos named and refused."""
+    from pipelines.errors import DataError
+    from pipelines.memory import EncodedSplit, MemoryBatches
+    from pipelines.stream import _augment_batch, _keep_encoded, decoded_once
+
+    assert decoded_once([32, 32], 32) and decoded_once([32, 32], None)
+    assert not decoded_once(None, 32) and not decoded_once([28, 28], 32)  # mixed sizes; the demo trained at 32
+    assert decoded_once([120, 160], None)  # one size, no training size: decoded whole, the augmenter crops it
+    column = _photo_column(6)
+    batch = {"image": column, "label": np.arange(6), "path": np.array([f"p{k}.jpg" for k in range(6)])}
+    kept = _keep_encoded(batch, keep_path=False)
+    assert "path" not in kept and kept["image"] is column and kept["label"].dtype == np.int64
+    with pytest.raises(DataError, match=r"p0\.jpg: 160x120 = 19,200 pixels, more than data.max_image_pixels"):
+        _keep_encoded(batch, max_pixels=10_000)
+    views = _augment_batch(kept, "simclr", 32)
+    assert views["view1"].shape == (6, 3, 32, 32) and views["view2"].shape == (6, 3, 32, 32)
+    memory = MemoryBatches(EncodedSplit(list(column), np.arange(6)))
+    got = list(memory.epoch(np.array([5, 0, 3, 1, 2, 4]), batch_size=3, augment=TwoViewAugment("byol", 32, seed=0)))
+    assert len(got) == 2 and all(v.shape == (3, 3, 32, 32) for pair in got for v in pair)
+    # the same rows, the same seed: the same views as decode_and_augment of those photos
+    again = decode_and_augment(list(column[[5, 0, 3]]), TwoViewAugment("byol", 32, seed=0))
+    assert torch.equal(got[0][0], again[0]) and torch.equal(got[0][1], again[1])
