@@ -1,5 +1,9 @@
 """Decode one batch of encoded images on every core of this process, and make its two views.
 
+Photos (images not all at the training size) take another road through `decode_and_augment`: each
+view is cut from its whole photo (`cut_views`, crop boxes drawn against the photo's own size,
+JPEGs decoded at a reduced scale), see docs/design.md, "Photos". What follows is the same-size path.
+
 `pipelines.stream.decode_images` decodes on the calling thread: torchvision's `decode_jpeg` takes
 a list but loops over it in Python, one image after the other (~25-30 us per 32x32 CIFAR-10 JPEG
 on the 2-core machine, more than the ~18 us the numba kernel takes for both views). The decoders
