@@ -182,3 +182,21 @@ def test_both_loaders_take_encoded_photo_batches() -> None:
     # the same rows, the same seed: the same views as decode_and_augment of those photos
     again = decode_and_augment(list(column[[5, 0, 3]]), TwoViewAugment("byol", 32, seed=0))
     assert torch.equal(got[0][0], again[0]) and torch.equal(got[0][1], again[1])
+
+
+@pytest.mark.parametrize("size", [96, 224])  # kernels of 9 and 23 taps: the row-wise passes' padding
+def test_numba_blur_at_photo_size_equals_torchvision(size) -> None:
+    from pipelines.augment import MEAN, STD
+
+    x = torch.from_numpy(np.stack([np.asarray(Image.open(io.BytesIO(_photo(size, size, seed=k))))
+                                   for k in range(4)])).permute(0, 3, 1, 2).contiguous()
+    aug = TwoViewAugment("simclr", size=size, seed=0, backend="numba", crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0),
+                         flip_prob=0.0, jitter_prob=0.0, grayscale_prob=0.0, blur_prob=1.0)
+    v1, _, (p1, _) = aug(x, return_params=True)
+    kernel = aug.views[0].blur_kernel_size
+    assert kernel == 2 * ((size // 10) // 2) + 1 and p1.blur.all()
+    mean, std = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)
+    for k in range(len(x)):
+        sigma = float(p1.blur_sigma[k])
+        ref = TF.gaussian_blur(x[k].float() / 255, [kernel, kernel], [sigma, sigma])
+        assert torch.allclose(v1[k] * std + mean, ref, atol=1e-5), (k, sigma)
