@@ -128,7 +128,8 @@ def label_metrics(cfg: Config) -> bool:
 
 def data_key(cfg: Config) -> tuple[Any, ...]:
     d, e = cfg.data, cfg.eval
-    return (d.path, d.train_split, d.test_split, d.image_size, d.limit, e.knn_train_limit, e.knn_test_limit)
+    return (d.path, d.train_split, d.test_split, d.image_size, d.eval_resize, d.limit, e.knn_train_limit,
+            e.knn_test_limit)
 
 
 def needed_bytes(cfg: Config) -> int:
@@ -181,9 +182,9 @@ def decode_knn(cfg: Config, *, threads: int = 1) -> dict[str, Any]:
     d, e = cfg.data, cfg.eval
     return {
         "bank": decode_split(d.path, d.train_split, image_size=d.image_size, limit=e.knn_train_limit,
-                             stratified=True, threads=threads, max_pixels=d.max_image_pixels),
+                             stratified=True, threads=threads, max_pixels=d.max_image_pixels, resize=d.eval_resize),
         "test": decode_split(d.path, d.test_split, image_size=d.image_size, limit=e.knn_test_limit,
-                             stratified=True, threads=threads, max_pixels=d.max_image_pixels),
+                             stratified=True, threads=threads, max_pixels=d.max_image_pixels, resize=d.eval_resize),
     }
 
 
@@ -196,12 +197,13 @@ def decode_all(cfg: Config, *, threads: int | None = None) -> dict[str, Any]:
     """
     import os
 
-    from pipelines.memory import decode_split
+    from pipelines.memory import training_split
 
     d = cfg.data
     threads = threads or max(1, os.cpu_count() or 1)
-    train = decode_split(d.path, d.train_split, image_size=d.image_size, limit=d.limit, threads=threads,
-                         max_pixels=d.max_image_pixels)
+    # photos (not all at data.image_size) stay encoded: their views are cut from the whole photo
+    train = training_split(d.path, d.train_split, image_size=d.image_size, limit=d.limit, threads=threads,
+                           max_pixels=d.max_image_pixels)
     return {"train": train, **(decode_knn(cfg, threads=threads) if label_metrics(cfg) else {})}
 
 

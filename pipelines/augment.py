@@ -261,6 +261,49 @@ def sample_crop_params(
     return torch.stack([top, left, h, w], dim=1).to(torch.int64)
 
 
+def sample_crop_boxes(
+    heights: Tensor,
+    widths: Tensor,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    generator: torch.Generator,
+) -> Tensor:
+    """``sample_crop_params`` for images of different sizes: image k's box is drawn against its own
+    ``heights[k]`` x ``widths[k]`` (torchvision's ``RandomResizedCrop.get_params``: ten attempts,
+    then the central crop with the aspect ratio clamped into ``ratio``). CPU, float64 sizes.
+
+    Returns:
+        ``[n, 4]`` int64 (top, left, height, width), in the image's own full-resolution pixels.
+    """
+    n = heights.shape[0]
+    height = heights.to(torch.float64)[:, None]
+    width = widths.to(torch.float64)[:, None]
+    target = height * width * (scale[0] + (scale[1] - scale[0]) * torch.rand((n, 10), generator=generator,
+                                                                              dtype=torch.float64))
+    lo, hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(lo + (hi - lo) * torch.rand((n, 10), generator=generator, dtype=torch.float64))
+    w = torch.round(torch.sqrt(target * aspect))
+    h = torch.round(torch.sqrt(target / aspect))
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = fits.to(torch.uint8).argmax(dim=1, keepdim=True)
+    found = fits.any(dim=1)
+    w = w.gather(1, first).squeeze(1)
+    h = h.gather(1, first).squeeze(1)
+    height, width = height.squeeze(1), width.squeeze(1)
+    in_ratio = width / height
+    narrow, wide = in_ratio < min(ratio), in_ratio > max(ratio)
+    fw = torch.where(wide, torch.round(height * max(ratio)), width)
+    fh = torch.where(narrow, torch.round(width / min(ratio)), height)
+    w = torch.where(found, w, fw)
+    h = torch.where(found, h, fh)
+    u = torch.rand((n, 2), generator=generator, dtype=torch.float64)
+    top = torch.minimum(torch.floor(u[:, 0] * (height - h + 1)), height - h)
+    left = torch.minimum(torch.floor(u[:, 1] * (width - w + 1)), width - w)
+    top = torch.where(found, top, torch.div(height - h, 2, rounding_mode="floor"))
+    left = torch.where(found, left, torch.div(width - w, 2, rounding_mode="floor"))
+    return torch.stack([top, left, h, w], dim=1).to(torch.int64)
+
+
 def sample_view_params(
     n: int, height: int, width: int, config: ViewConfig, generator: torch.Generator, device: torch.device
 ) -> ViewParams:
@@ -712,6 +755,48 @@ class TwoViewAugment:
             if self.local_view is not None:
                 params += [sample_view_params(n, height, width, self.local_view, g, device)
                            for _ in range(self.local_crops)]
+        return self._views([images] * len(params), params, return_params)
+
+    def view_configs(self) -> list[ViewConfig]:
+        """The settings of every view a call makes, in output order: the two global views, then
+        ``local_crops`` local ones."""
+        return list(self.views) + ([self.local_view] * self.local_crops if self.local_view is not None else [])
+
+    def view_sizes(self) -> list[int]:
+        """The output side of every view, in the order of ``view_configs``."""
+        return [self.size, self.size] + [self.local_size] * (self.local_crops if self.local_view is not None else 0)
+
+    def crop_boxes(self, heights: Tensor, widths: Tensor) -> list[Tensor]:
+        """Every view's crop box for images of their own sizes (``sample_crop_boxes``, one ``[n, 4]``
+        per view, from this augmenter's CPU generator): where ``pipelines.decode`` cuts the views
+        out of whole photos before ``augment_cropped`` does the rest."""
+        g = self._generator(torch.device("cpu"))
+        return [sample_crop_boxes(heights, widths, c.crop_scale, c.crop_ratio, g) for c in self.view_configs()]
+
+    def augment_cropped(self, crops: list[Tensor], return_params: bool = False):  # type: ignore[no-untyped-def]
+        """The views of a call from views already cut and resized: ``crops[k]`` uint8
+        ``[B, C, S_k, S_k]`` is view k's crop (``view_sizes`` order); flip, colour jitter,
+        grayscale, blur and solarize are drawn and applied as in ``__call__`` (the crop of each
+        sample is then the whole ``S_k`` square). Same outputs as ``__call__``.
+        """
+        configs = self.view_configs()
+        if len(crops) != len(configs):
+            raise DataError(f"augment_cropped takes {len(configs)} crop batches (one per view), got {len(crops)}")
+        device = crops[0].device
+        g = self._generator(device)
+        params = []
+        with _one_intra_op_thread(device):
+            for crop, config in zip(crops, configs):
+                n, _, height, width = crop.shape
+                p = sample_view_params(n, height, width, config, g, device)
+                p.crop = torch.tensor([0, 0, height, width], dtype=torch.int64, device=device).expand(n, 4)
+                params.append(p)
+        return self._views(crops, params, return_params)
+
+    def _views(self, sources: list[Tensor], params: list[ViewParams], return_params: bool):  # type: ignore[no-untyped-def]
+        """Run view k (``params[k]``) on ``sources[k]`` into the outputs of ``__call__``."""
+        n = sources[0].shape[0]
+        device = sources[0].device
         configs = list(self.views)
         outs = [torch.empty(2 * n, 3, self.size, self.size, dtype=torch.float32, device=device)]
         if self.local_view is not None:
@@ -722,9 +807,9 @@ class TwoViewAugment:
         targets = [outs[0][k * n:(k + 1) * n] for k in range(2)]
         targets += [outs[1][k * n:(k + 1) * n] for k in range(self.local_crops if self.local_view else 0)]
         if self._numba(device):
-            self._numba_views(images, params, configs, targets)
+            self._numba_views(sources, params, configs, targets)
         else:
-            self._torch_views(images, params, configs, targets)
+            self._torch_views(sources, params, configs, targets)
         result: list[Tensor] = [outs[0][:n], outs[0][n:]]
         if self.local_view is not None:
             result.append(outs[1].view(self.local_crops, n, 3, self.local_size, self.local_size))
@@ -732,20 +817,24 @@ class TwoViewAugment:
             return (*result, tuple(params))
         return tuple(result)
 
-    def _torch_views(self, images: Tensor, params: list[ViewParams], configs: list[ViewConfig],
+    def _torch_views(self, sources: list[Tensor], params: list[ViewParams], configs: list[ViewConfig],
                      targets: list[Tensor]) -> None:
-        """Every view with the PyTorch ops, normalised, written into its target ``[n, 3, S, S]``."""
-        n, _, height, width = images.shape
-        x = images.expand(n, 3, height, width) if images.shape[1] == 1 else images
-        x = x.to(torch.float32).mul_(1 / 255)
-        on_cpu = images.device.type == "cpu"
+        """Every view with the PyTorch ops, normalised, written into its target ``[n, 3, S, S]``
+        (view k made from ``sources[k]``; the same tensor for all views in ``__call__``)."""
+        floats: dict[int, Tensor] = {}
+        for images in sources:
+            if id(images) not in floats:
+                n, _, height, width = images.shape
+                x = images.expand(n, 3, height, width) if images.shape[1] == 1 else images
+                floats[id(images)] = x.to(torch.float32).mul_(1 / 255)
+        on_cpu = sources[0].device.type == "cpu"
         sync_free = (not on_cpu) if self.sync_free is None else self.sync_free
-        if self.compile and not on_cpu and n and self.compile not in _COMPILE_FAILED:
+        if self.compile and not on_cpu and sources[0].shape[0] and self.compile not in _COMPILE_FAILED:
             view = _compiled_view(self.compile)
             try:
-                for p, config, target in zip(params, configs, targets):
-                    target.copy_(view(x, p.crop, p.flip, p.jitter, p.factors, p.order, p.grayscale, p.blur,
-                                      p.blur_sigma, p.solarize, target.shape[-1], _blur_kernel(config)))
+                for images, p, config, target in zip(sources, params, configs, targets):
+                    target.copy_(view(floats[id(images)], p.crop, p.flip, p.jitter, p.factors, p.order, p.grayscale,
+                                      p.blur, p.blur_sigma, p.solarize, target.shape[-1], _blur_kernel(config)))
                 return
             except Exception as e:  # noqa: BLE001 - a compiler fault must not stop training: the eager ops are exact
                 _COMPILE_FAILED.add(self.compile)
@@ -753,7 +842,9 @@ class TwoViewAugment:
                               "the eager PyTorch ops run instead", RuntimeWarning, stacklevel=2)
         # On CPU, chunks of a few hundred KiB per tensor stay in cache between the ~50 elementwise
         # ops; on an accelerator one launch per op for the whole batch is better.
-        for p, config, target in zip(params, configs, targets):
+        for images, p, config, target in zip(sources, params, configs, targets):
+            x = floats[id(images)]
+            n = images.shape[0]
             side = target.shape[-1]
             chunk = max(8, (256 * 32 * 32) // (side * side)) if on_cpu else max(n, 1)
             for start in range(0, n, chunk):
@@ -772,21 +863,26 @@ class TwoViewAugment:
             return False
         return True
 
-    def _numba_views(self, images: Tensor, params: list[ViewParams], configs: list[ViewConfig],
+    def _numba_views(self, sources: list[Tensor], params: list[ViewParams], configs: list[ViewConfig],
                      targets: list[Tensor]) -> None:
-        """Every view with the numba kernel, into its contiguous target ``[n, 3, S, S]``; rows split
-        over ``torch.get_num_threads()`` threads."""
+        """Every view with the numba kernel, into its contiguous target ``[n, 3, S, S]`` (view k
+        made from ``sources[k]``); rows split over ``torch.get_num_threads()`` threads."""
         from pipelines.augment_numba import augment_views_into
 
-        n = images.shape[0]
+        n = sources[0].shape[0]
         if n == 0:
             return
-        src = images.contiguous().numpy()
         mean, std = np.asarray(MEAN, np.float32), np.asarray(STD, np.float32)
-        parts = max(1, min(torch.get_num_threads(), n // 64))  # a part under 64 images is not worth a thread
+        # a part under 64 images (16 at photo sizes: ~0.5 ms of work each) is not worth a thread
+        per_part = 64 if max(t.shape[-1] for t in targets) <= 64 else 16
+        parts = max(1, min(torch.get_num_threads(), n // per_part))
         bounds = np.linspace(0, n, parts + 1).astype(np.int64)
         jobs = []
-        for p, config, target in zip(params, configs, targets):
+        arrays_of: dict[int, np.ndarray] = {}
+        for images, p, config, target in zip(sources, params, configs, targets):
+            if id(images) not in arrays_of:
+                arrays_of[id(images)] = images.contiguous().numpy()
+            src = arrays_of[id(images)]
             dst = target.numpy()  # a contiguous row block of the output: writes land in place
             arrays = [t.contiguous().numpy() for t in (p.crop, p.flip, p.jitter, p.factors.float(), p.order,
                                                         p.grayscale, p.blur, p.blur_sigma.float(), p.solarize)]

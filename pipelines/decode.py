@@ -1,5 +1,9 @@
 """Decode one batch of encoded images on every core of this process, and make its two views.
 
+Photos (images not all at the training size) take another road through `decode_and_augment`: each
+view is cut from its whole photo (`cut_views`, crop boxes drawn against the photo's own size,
+JPEGs decoded at a reduced scale), see docs/design.md, "Photos". What follows is the same-size path.
+
 `pipelines.stream.decode_images` decodes on the calling thread: torchvision's `decode_jpeg` takes
 a list but loops over it in Python, one image after the other (~25-30 us per 32x32 CIFAR-10 JPEG
 on the 2-core machine, more than the ~18 us the numba kernel takes for both views). The decoders
@@ -20,15 +24,21 @@ one intra-op thread: two levels of threads on two cores only wait for each other
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 
+from pipelines.errors import DataError
+from pipelines.images import DEFAULT_MAX_IMAGE_PIXELS, check_pixels, header_size
 from pipelines.stream import decode_images
 
 _CHUNK = 32  # images per chunk at least: a chunk costs ~20 us of Python on top of ~1 ms of decoding
@@ -110,22 +120,39 @@ def decode_batch(images: Sequence[Any], image_size: int | None = None, *, thread
 
 
 def decode_and_augment(images: Sequence[Any], augment: Any, *, image_size: int | None = None,
-                       threads: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       threads: int | None = None,
+                       max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[torch.Tensor, ...]:
     """Two views of one batch of encoded images, decoded and augmented on `threads` threads.
 
-    Equal to `augment(decode_images(images, image_size))` for the same augmenter state (seed and
-    calls so far), whatever `threads` is.
+    Two paths, chosen from the image headers:
+
+    * every image already `image_size` square (or, with `image_size=None`, all of one size: CIFAR,
+      MNIST): decoded once at that size and handed to `augment` whole, which crops each view from
+      it. Equal to `augment(decode_images(images, image_size))` for the same augmenter state,
+      whatever `threads` is.
+    * photos (mixed sizes, or a size other than `image_size`): each view is cut from its whole
+      photo (`cut_views`: box drawn against the photo's own width and height, JPEG decoded at the
+      smallest libjpeg scale that keeps the box at least the view's side), then
+      `augment.augment_cropped` flips, jitters, blurs and solarizes the uint8 crops batched.
+      `augment` must then be a `TwoViewAugment`.
 
     Args:
         images: encoded bytes, one per image.
-        augment: `pipelines.augment.TwoViewAugment` on CPU (or any callable uint8
-            `[B, 3, H, W]` -> (view1, view2)); `TwoViewAugment` splits its rows over
+        augment: `pipelines.augment.TwoViewAugment` on CPU (or, for same-size images only, any
+            callable uint8 `[B, 3, H, W]` -> (view1, view2)); it splits its rows over
             `torch.get_num_threads()` threads, set to `threads` for this call.
-        image_size: as in `decode_batch`.
+        image_size: the training size: the side the global views are cut at from photos; None
+            lets the augmenter's size decide.
         threads: default `torch.get_num_threads()`.
+        max_pixels: photos whose header declares more pixels are refused before decoding.
 
     Returns:
-        `(view1, view2)`, float32 `[N, 3, S, S]` each.
+        `(view1, view2)`, float32 `[N, 3, S, S]` each (then DINO's local crops, when `augment`
+        makes them).
+
+    Raises:
+        DataError: an image over `max_pixels` or that does not decode; photos with an augmenter
+            that cannot take crops.
 
     Example:
         >>> aug = TwoViewAugment("simclr", size=32, seed=0)
@@ -133,13 +160,114 @@ def decode_and_augment(images: Sequence[Any], augment: Any, *, image_size: int |
         ...     v1, v2 = decode_and_augment(encoded[start:start + 512], aug)
     """
     threads = _threads(threads)
-    batch = decode_batch(images, image_size, threads=threads)
+    sizes = [header_size(data) for data in images]
+    if _decoded_once(sizes, image_size):
+        batch = decode_batch(images, image_size, threads=threads)
+        with _intra_op_threads(threads), torch.no_grad():
+            return augment(batch)
+    if not hasattr(augment, "augment_cropped"):
+        raise DataError("images of other sizes than the training size need a TwoViewAugment "
+                        "(views are cut from each whole photo); got " + type(augment).__name__)
+    for k, size in enumerate(sizes):
+        try:
+            check_pixels(size, max_pixels, "data.max_image_pixels")
+        except DataError as e:
+            raise type(e)(f"image {k} of the batch: {e}") from None
+    sides = augment.view_sizes()
+    if image_size is not None:
+        sides = [image_size, image_size] + sides[2:]
+    heights = torch.tensor([h for h, _ in sizes], dtype=torch.int64)
+    widths = torch.tensor([w for _, w in sizes], dtype=torch.int64)
+    boxes = [b.numpy() for b in augment.crop_boxes(heights, widths)]
+    crops = [np.empty((len(images), 3, side, side), np.uint8) for side in sides]
+
+    def cut(k: int) -> None:
+        for view, array in zip(cut_views(images[k], [b[k] for b in boxes], sides), crops):
+            array[k] = view
+
+    with warnings.catch_warnings():  # PIL's bomb warning: our own `max_pixels` was checked above
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        if threads == 1 or len(images) < 2:
+            for k in range(len(images)):
+                cut(k)
+        else:
+            list(_executor(threads).map(cut, range(len(images))))
+    with _intra_op_threads(threads), torch.no_grad():
+        return augment.augment_cropped([torch.from_numpy(c) for c in crops])
+
+
+def _decoded_once(sizes: list[tuple[int, int]], image_size: int | None) -> bool:
+    """True when the images can be decoded as they are into one batch: all one size, and that size
+    the training size (`image_size` square) when one is given."""
+    if not sizes:
+        return True
+    if len(set(sizes)) > 1:
+        return False
+    return image_size is None or sizes[0] == (image_size, image_size)
+
+
+@contextlib.contextmanager
+def _intra_op_threads(threads: int) -> Iterator[None]:
     before = torch.get_num_threads()
     if before != threads:
         torch.set_num_threads(threads)  # the calling thread's setting only; restored below
     try:
-        with torch.no_grad():
-            return augment(batch)
+        yield
     finally:
         if before != threads:
             torch.set_num_threads(before)
+
+
+def reduced_scale(boxes: Sequence[Sequence[int]], sides: Sequence[int]) -> int:
+    """The largest libjpeg DCT scale-down (8, 4, 2 or 1) that leaves every crop box (top, left,
+    height, width) at least its view's side in both directions."""
+    for scale in (8, 4, 2):
+        if all(min(int(b[2]), int(b[3])) >= scale * side for b, side in zip(boxes, sides)):
+            return scale
+    return 1
+
+
+def cut_views(data: bytes, boxes: Sequence[Sequence[int]], sides: Sequence[int]) -> list[np.ndarray]:
+    """Cut each box out of one encoded photo and resize it to its side: uint8 `[3, side, side]` each.
+
+    Boxes are (top, left, height, width) in the photo's full-resolution pixels. A JPEG is decoded
+    once at the smallest scale (`reduced_scale`: 1/2, 1/4, 1/8, libjpeg-turbo's DCT scaling through
+    `simplejpeg`'s `min_height`/`min_width`) that still keeps every box at least its side; each box
+    is then resized from that decode (PIL bilinear with antialiasing, the box scaled to the reduced
+    decode's pixels). The views equal torchvision's `resized_crop` of the full decode to within
+    interpolation error (`tests/pipelines/test_photo_views.py`). Other formats (PNG, WebP, GIF) and
+    JPEGs simplejpeg refuses (CMYK from an old ingest) go through PIL. Both release the GIL.
+
+    Why simplejpeg over PIL's `draft`: the same libjpeg-turbo scaled decode; the decode alone ran
+    at 2.1x PIL's (`benchmarks/photo_pipeline.py`'s decoder line), the whole `cut_views` at 1.1-1.4x
+    on 3x-sized photos and equal at 320-640 px (docs/design.md, "Photos").
+
+    Raises:
+        DataError: the bytes do not decode.
+    """
+    import simplejpeg
+
+    rgb: Image.Image | None = None
+    if bytes(data[:2]) == b"\xff\xd8":
+        try:
+            height, width = header_size(data)
+            scale = reduced_scale(boxes, sides)
+            rgb = Image.fromarray(simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=-(-height // scale),
+                                                         min_width=-(-width // scale)))
+        except (ValueError, DataError):  # simplejpeg refuses it (e.g. CMYK): PIL below names what is wrong
+            rgb = None
+    if rgb is None:
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                width, height = im.size
+                rgb = im.convert("RGB") if im.mode != "RGB" else im
+                rgb.load()
+        except Exception as e:  # PIL raises OSError, SyntaxError, ... for a corrupt file
+            raise DataError(f"cannot decode image ({type(e).__name__}: {e})") from None
+    fx, fy = rgb.width / width, rgb.height / height
+    out = []
+    for (top, left, h, w), side in zip(boxes, sides):
+        box = (float(left) * fx, float(top) * fy, float(left + w) * fx, float(top + h) * fy)
+        view = rgb.resize((side, side), Image.Resampling.BILINEAR, box=box)
+        out.append(np.asarray(view).transpose(2, 0, 1))
+    return out

@@ -216,11 +216,11 @@ def _reencode(im: Image.Image, how: str) -> Normalised:
 
 
 def decode_rgb(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, image_size: int | None = None,
-               setting: str = "data.max_image_pixels") -> torch.Tensor:
+               setting: str = "data.max_image_pixels", resize: int | None = None) -> torch.Tensor:
     """Decode one stored image into uint8 RGB `[3, H, W]`, refusing it first if it has too many pixels.
 
-    With `image_size`, an image of another size is resized (shorter side, antialiased) and
-    centre-cropped to `image_size` x `image_size` right after its decode.
+    With `image_size`, an image of another size goes through `eval_transform` (shorter side resized
+    to `resize`, default `image_size * 256/224`, then the centre crop) right after its decode.
 
     Raises:
         TooManyPixels: the header declares more than `max_pixels` (`setting` names the knob).
@@ -230,14 +230,15 @@ def decode_rgb(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
     with _quiet_decoders():
         img = _decode(data)
     if image_size is not None and tuple(img.shape[-2:]) != (image_size, image_size):
-        img = resize_crop(img[None], image_size)[0]
+        img = eval_transform(img[None], image_size, resize)[0]
     return img
 
 
 def decode_batch(images: list[bytes], image_size: int | None = None, *,
                  max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, paths: list[str] | None = None,
-                 setting: str = "data.max_image_pixels") -> torch.Tensor:
-    """Decode a batch into uint8 RGB `[N, 3, S, S]` (`decode_rgb` for each, with the same checks).
+                 setting: str = "data.max_image_pixels", resize: int | None = None) -> torch.Tensor:
+    """Decode a batch into uint8 RGB `[N, 3, S, S]` (`decode_rgb` for each, with the same checks;
+    images not already `image_size` square through `eval_transform` with `resize`).
 
     Every header is checked against `max_pixels` before anything is decoded. Images already of the
     final size are decoded together (JPEGs in one `decode_jpeg` call: decoding 5,000 CIFAR-10 JPEGs
@@ -285,7 +286,7 @@ def decode_batch(images: list[bytes], image_size: int | None = None, *,
                 if tuple(img.shape[-2:]) != final:
                     if image_size is None:
                         raise DataError(f"{where(i)}: decodes to {tuple(img.shape)}, not the {final} its header says")
-                    img = resize_crop(img[None], image_size)[0]
+                    img = eval_transform(img[None], image_size, resize)[0]
                 decoded[i] = img
     if not images:
         return torch.empty(0, 3, image_size or 0, image_size or 0, dtype=torch.uint8)
@@ -321,9 +322,25 @@ def _decode(data: bytes) -> torch.Tensor:
     return img
 
 
-def resize_crop(x: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 `[N, C, H, W]` -> shorter side resized to `size` (antialiased, aspect kept), centre crop."""
+EVAL_RESIZE_RATIO = 256 / 224  # ImageNet's evaluation protocol: Resize(256) + CenterCrop(224)
+
+
+def eval_resize(size: int, resize: int | None = None) -> int:
+    """The shorter side an image is resized to before its centre crop of `size`: `resize` when given,
+    else `round(size * 256 / 224)` (256 at 224, 37 at 32)."""
+    return int(resize) if resize is not None else round(size * EVAL_RESIZE_RATIO)
+
+
+def eval_transform(x: torch.Tensor, size: int, resize: int | None = None) -> torch.Tensor:
+    """The evaluation transform (kNN, linear probe, `selfsup evaluate`, `registry embed`): uint8
+    `[N, C, H, W]` -> shorter side resized to `eval_resize(size, resize)` (bilinear, antialiased,
+    aspect kept), then the centre `size` x `size` crop; torchvision's `Resize(r)` + `CenterCrop(size)`.
+
+    Images already `size` x `size` never come here (callers pass them through as they are): the
+    CIFAR convention evaluates the native 32 px image whole, so CIFAR and the MNIST demo at their
+    native size are unchanged by the 256/224 default.
+    """
     from torchvision.transforms.v2 import functional as F
 
-    x = F.resize(x, [size], antialias=True)
+    x = F.resize(x, [eval_resize(size, resize)], antialias=True)
     return F.center_crop(x, [size, size])

@@ -29,9 +29,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipelines.images import DEFAULT_MAX_IMAGE_PIXELS
+from pipelines.errors import DataError
+from pipelines.images import DEFAULT_MAX_IMAGE_PIXELS, check_pixels, header_size
 from pipelines.manifest import read_manifest
-from pipelines.stream import load_split, steps_per_epoch
+from pipelines.stream import decoded_once, load_encoded, load_split, steps_per_epoch, two_views
 
 
 @dataclass
@@ -56,6 +57,38 @@ class DecodedSplit:
             return torch.from_numpy(np.asarray(self.images)), torch.from_numpy(np.array(self.labels))
 
 
+@dataclass
+class EncodedSplit:
+    """Photos as stored (encoded bytes, any sizes) and int64 labels `[N]`: the memory loader's split
+    for photos, whose views are cut from each whole photo every epoch (a fixed-size decode would
+    lose what lies outside its centre crop)."""
+
+    images: list[bytes]
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def nbytes(self) -> int:
+        return int(sum(len(b) for b in self.images) + self.labels.nbytes)
+
+
+def training_split(folder: str | Path, split: str, *, image_size: int | None = None, limit: int | None = None,
+                   threads: int = 2, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> DecodedSplit | EncodedSplit:
+    """The memory loader's training split (its first `limit` rows): decoded once when every image is
+    already the training size (`pipelines.stream.decoded_once`: CIFAR, MNIST), else kept encoded."""
+    if decoded_once(read_manifest(folder).image_size, image_size):
+        return decode_split(folder, split, image_size=image_size, limit=limit, threads=threads, max_pixels=max_pixels)
+    images, labels = load_encoded(folder, split, limit=limit, first=True)
+    for k, data in enumerate(images):  # refused here, before training starts, as the decoded path does
+        try:
+            check_pixels(header_size(data), max_pixels, "data.max_image_pixels")
+        except DataError as e:
+            raise type(e)(f"{split} image {k}: {e}") from None
+    return EncodedSplit(images, labels)
+
+
 def decoded_bytes(rows: int, image_size: int) -> int:
     """Bytes of `rows` decoded RGB images of `image_size`^2 (uint8) with their labels."""
     return rows * (3 * image_size * image_size + 8)
@@ -69,11 +102,13 @@ def split_rows(folder: str | Path, split: str, limit: int | None = None) -> int:
 
 def decode_split(folder: str | Path, split: str, *, image_size: int | None = None, limit: int | None = None,
                  stratified: bool = False, seed: int = 0, threads: int = 2,
-                 max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> DecodedSplit:
+                 max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, resize: int | None = None) -> DecodedSplit:
     """Decode a split (or its first `limit` rows; with `stratified`, a seeded per-class subset) in
-    this process, refusing images over `max_pixels` before decoding them."""
+    this process, refusing images over `max_pixels` before decoding them; images not already
+    `image_size` square go through the evaluation transform (`pipelines.images.eval_transform`,
+    shorter side to `resize`)."""
     images, labels = load_split(folder, split, limit=limit, image_size=image_size, seed=seed,
-                                first=not stratified, threads=threads, max_pixels=max_pixels)
+                                first=not stratified, threads=threads, max_pixels=max_pixels, resize=resize)
     return DecodedSplit(images.numpy(), labels.numpy())
 
 
@@ -100,18 +135,26 @@ def epoch_indices(rows: int, world_size: int, rank: int, batch_size: int, *, see
 
 
 class MemoryBatches:
-    """Two-view batches from a `DecodedSplit` on one worker (`data.loader=memory`).
+    """Two-view batches from a `DecodedSplit` (or an `EncodedSplit` of photos) on one worker
+    (`data.loader=memory`).
 
     Args:
-        split: the decoded split (as `ray.get` returns it: read-only shared memory).
+        split: the decoded split (as `ray.get` returns it: read-only shared memory), or photos as
+            stored, each batch's views then cut from the whole photos (`pipelines.decode`).
         device: where batches are gathered and augmented. On CUDA the uint8 split is copied to the
             device once (if it takes at most `gpu_fraction` of the free device memory; else each
             batch is gathered on the host and copied).
     """
 
-    def __init__(self, split: DecodedSplit, device: torch.device | str = "cpu", gpu_fraction: float = 0.5) -> None:
+    def __init__(self, split: DecodedSplit | EncodedSplit, device: torch.device | str = "cpu",
+                 gpu_fraction: float = 0.5) -> None:
         self.device = torch.device(device)
         self.rows = len(split)
+        self.encoded: np.ndarray | None = None
+        if isinstance(split, EncodedSplit):  # photos: cut and augmented on this CPU, batch by batch
+            self.encoded = np.empty(len(split.images), dtype=object)
+            self.encoded[:] = split.images
+            return
         host, _ = split.tensors()
         self.images = host
         if self.device.type == "cuda":
@@ -122,6 +165,10 @@ class MemoryBatches:
     def epoch(self, indices: np.ndarray, *, batch_size: int, augment: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield `(view1, view2)` on the device for consecutive `batch_size` slices of `indices`
         (then DINO's local crops, when `augment` makes them)."""
+        if self.encoded is not None:
+            for start in range(0, len(indices) - batch_size + 1, batch_size):
+                yield two_views(self.encoded[indices[start:start + batch_size]], augment, self.device)
+            return
         index = torch.from_numpy(np.ascontiguousarray(indices, dtype=np.int64))
         if self.images.device != index.device:
             index = index.to(self.images.device)

@@ -35,7 +35,7 @@ import torch
 
 from pipelines import storage
 from pipelines.errors import DataError
-from pipelines.images import DEFAULT_MAX_IMAGE_PIXELS, decode_batch
+from pipelines.images import DEFAULT_MAX_IMAGE_PIXELS, check_pixels, decode_batch, header_size
 from pipelines.manifest import read_manifest, split_files
 
 if TYPE_CHECKING:
@@ -62,20 +62,20 @@ def default_augment_on(device: torch.device | str) -> AugmentOn:
 
 def decode_images(images: Sequence[bytes], image_size: int | None = None, *,
                   max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
-                  paths: Sequence[str] | None = None) -> torch.Tensor:
+                  paths: Sequence[str] | None = None, resize: int | None = None) -> torch.Tensor:
     """Decode encoded images into one uint8 RGB batch `[N, 3, H, W]` (`pipelines.images.decode_batch`).
 
     Each image's header is checked against `max_pixels` before anything is decoded. When
-    `image_size` is given, images of another size are resized (shorter side, antialiased) and
-    centre-cropped to `image_size` x `image_size`, each right after its own decode. Grayscale
-    becomes 3 channels.
+    `image_size` is given, images of another size go through the evaluation transform
+    (`pipelines.images.eval_transform`: shorter side to `resize`, default `image_size * 256/224`,
+    centre crop), each right after its own decode. Grayscale becomes 3 channels.
 
     Raises:
         DataError: an image over `max_pixels` or one that does not decode (naming its `paths` entry),
             or images of different sizes and no `image_size` to bring them to.
     """
     return decode_batch(list(images), image_size, max_pixels=max_pixels,
-                        paths=list(paths) if paths is not None else None)
+                        paths=list(paths) if paths is not None else None, resize=resize)
 
 
 def _decode_batch(batch: dict[str, np.ndarray], image_size: int | None,
@@ -101,12 +101,48 @@ def _augmenter(preset: str, size: int) -> Any:
     return TwoViewAugment(preset=preset, size=size, seed=None)  # fresh random views every call
 
 
+def _keep_encoded(batch: dict[str, np.ndarray], max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+                  keep_path: bool = True) -> dict[str, np.ndarray]:
+    """Ray Data `map_batches` fn for photos: the `image` column stays encoded (each view is cut from
+    its whole photo where the batch is augmented, `pipelines.decode.decode_and_augment`); headers
+    are checked against `max_pixels` here, naming the bad image's `path`."""
+    out = dict(batch)
+    paths = list(batch["path"]) if "path" in batch else None
+    for k, data in enumerate(batch["image"]):
+        try:
+            check_pixels(header_size(data), max_pixels, "data.max_image_pixels")
+        except DataError as e:
+            raise type(e)(f"{paths[k] if paths else f'image {k} of the batch'}: {e}") from None
+    if not keep_path:
+        out.pop("path", None)
+    out["label"] = batch["label"].astype(np.int64)
+    return out
+
+
+def is_encoded(images: np.ndarray) -> bool:
+    """True for a batch's `image` column of encoded photos (objects: bytes), False for decoded uint8."""
+    return images.dtype == object
+
+
+def two_views(images: np.ndarray, augment: Any, device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
+    """The views of one batch's `image` column on `device`: decoded uint8 `[B, 3, H, W]` goes to the
+    device and is augmented there; encoded photos are cut and augmented on this CPU
+    (`pipelines.decode.decode_and_augment`), then moved."""
+    device = torch.device(device)
+    with torch.no_grad():
+        if is_encoded(images):
+            from pipelines.decode import decode_and_augment
+
+            return tuple(v.to(device, non_blocking=True) for v in decode_and_augment(list(images), augment))
+        return augment(_tensor(images).to(device, non_blocking=True))
+
+
 def _augment_batch(batch: dict[str, np.ndarray], preset: str, size: int) -> dict[str, np.ndarray]:
-    """Ray Data `map_batches` fn: uint8 `image` -> float `view1`, `view2` (the `image` column is dropped)."""
+    """Ray Data `map_batches` fn: `image` (uint8 or encoded photos) -> float `view1`, `view2` (the
+    `image` column is dropped)."""
     torch.set_num_threads(1)
     out = {k: v for k, v in batch.items() if k != "image"}
-    with torch.no_grad():
-        v1, v2 = _augmenter(preset, size)(_tensor(batch["image"]))
+    v1, v2 = two_views(batch["image"], _augmenter(preset, size))[:2]
     out["view1"], out["view2"] = v1.numpy(), v2.numpy()
     return out
 
@@ -131,8 +167,11 @@ def read_split(folder: str | Path, split: str = "train", *, image_size: int | No
     Args:
         folder: the shard folder (has `manifest.json`): a local path or a URI (`pipelines.storage`).
         split: `train` or `test`.
-        image_size: decode to this square size (resize + centre crop when images differ from it).
-            Default: the manifest's `image_size` (all images the same size), else an error.
+        image_size: the training size. When every image is already this size (or, with None, all
+            of one size), rows are decoded once here into uint8 batches; photos of other or mixed
+            sizes stay encoded in the `image` column and each view is cut from the whole photo
+            where the batch is augmented (`two_views`). Default: the manifest's square size, else
+            an error.
         shuffle: a full `random_shuffle` of the (still encoded) rows, new each epoch.
         seed: makes the shuffle order reproducible (still different every epoch); None = random.
         augment_on: "worker" yields uint8 `image` for the worker to augment on its device; "data"
@@ -157,32 +196,61 @@ def read_split(folder: str | Path, split: str = "train", *, image_size: int | No
         DataError: no manifest, unknown split, or mixed image sizes without `image_size`.
     """
     import ray.data
-    from ray.data import RandomSeedConfig, TaskPoolStrategy
+    from ray.data import TaskPoolStrategy
 
     if augment_on not in ("worker", "data"):
         raise DataError(f"augment_on {augment_on!r} is not allowed; allowed: 'worker', 'data'")
     manifest = read_manifest(folder)
     files = split_files(folder, split)
-    size = image_size or (manifest.image_size[0] if manifest.image_size and
-                          manifest.image_size[0] == manifest.image_size[1] else None)
-    if size is None and manifest.image_size is None:
-        raise DataError(f"images in {folder} have different sizes; set an image size (data.image_size)")
+    size = _training_size(folder, manifest.image_size, image_size)
     cols = list(dict.fromkeys(["image", "label", "path", *columns]))  # path: to name a bad image
+    ds = _shuffled_rows(files, cols, concurrency=concurrency, limit=limit, shuffle=shuffle, seed=seed)
+    common = {"max_pixels": max_pixels, "keep_path": "path" in columns}
+    if decoded_once(manifest.image_size, size):
+        ds = ds.map_batches(_decode_batch, fn_kwargs={"image_size": size, **common}, batch_size=batch_size,
+                            batch_format="numpy", compute=TaskPoolStrategy(size=concurrency), num_cpus=num_cpus)
+    else:  # photos: kept encoded, each view cut from its whole photo where the batch is augmented
+        ds = ds.map_batches(_keep_encoded, fn_kwargs=common, batch_size=batch_size,
+                            batch_format="numpy", compute=TaskPoolStrategy(size=concurrency), num_cpus=num_cpus)
+    if augment_on == "data":
+        ds = ds.map_batches(_augment_batch, fn_kwargs={"preset": preset, "size": view_size or size},
+                            batch_size=batch_size, batch_format="numpy",
+                            compute=TaskPoolStrategy(size=concurrency), num_cpus=num_cpus)
+    return ds
+
+
+def decoded_once(manifest_size: Sequence[int] | None, image_size: int | None) -> bool:
+    """True when a split's images can be decoded as they are into fixed-size batches: every image
+    of one size (the manifest says which) and that size the training size (CIFAR, MNIST). Photos of
+    mixed sizes, or of another size than `image_size`, stay encoded: each view is cut from the
+    whole photo (`pipelines.decode.decode_and_augment`)."""
+    if manifest_size is None:
+        return False
+    return image_size is None or tuple(manifest_size) == (image_size, image_size)
+
+
+def _training_size(folder: str | Path, manifest_size: Sequence[int] | None, image_size: int | None) -> int | None:
+    """`image_size`, else the manifest's square size; photos of mixed sizes need one."""
+    size = image_size or (manifest_size[0] if manifest_size and manifest_size[0] == manifest_size[1] else None)
+    if size is None and manifest_size is None:
+        raise DataError(f"images in {folder} have different sizes; set an image size (data.image_size)")
+    return size
+
+
+def _shuffled_rows(files: list[str], columns: list[str], *, concurrency: int, limit: int | None,
+                   shuffle: bool, seed: int | None) -> ray.data.Dataset:
+    """The encoded rows (`columns`) of a split's `files`, the first `limit`, shuffled (seeded when
+    `seed` is given)."""
+    from ray.data import RandomSeedConfig
+
     # A dataset in an object store: the read tasks, on any node, get the store's filesystem object.
     filesystem, paths = storage.filesystem_and_paths(files)
-    ds = _read_parquet(paths, cols, concurrency, filesystem)
+    ds = _read_parquet(paths, columns, concurrency, filesystem)
     if limit is not None:
         ds = ds.limit(limit)
     if shuffle:
         # Shuffle the encoded rows (~1-3 KB each), not decoded or augmented ones (4-25x larger).
         ds = ds.random_shuffle(seed=None if seed is None else RandomSeedConfig(seed=seed, reseed_after_execution=True))
-    ds = ds.map_batches(_decode_batch, fn_kwargs={"image_size": size, "max_pixels": max_pixels,
-                                                  "keep_path": "path" in columns}, batch_size=batch_size,
-                        batch_format="numpy", compute=TaskPoolStrategy(size=concurrency), num_cpus=num_cpus)
-    if augment_on == "data":
-        ds = ds.map_batches(_augment_batch, fn_kwargs={"preset": preset, "size": view_size or size},
-                            batch_size=batch_size, batch_format="numpy",
-                            compute=TaskPoolStrategy(size=concurrency), num_cpus=num_cpus)
     return ds
 
 
@@ -252,8 +320,7 @@ def iter_two_view_batches(shard: Any, *, batch_size: int, augment: Any = None,
             if "image" not in batch:
                 raise ValueError("augment_on='worker' but the batches have no 'image' column; "
                                  "build the dataset with read_split(..., augment_on='worker')")
-            with torch.no_grad():
-                v1, v2, *local = augment(_tensor(batch["image"]).to(device, non_blocking=True))
+            v1, v2, *local = two_views(batch["image"], augment, device)
         else:
             if "view1" not in batch:
                 raise ValueError("augment_on='data' but the batches have no 'view1' column; "
@@ -279,7 +346,8 @@ def _tensor(array: np.ndarray) -> torch.Tensor:
 
 def load_split(folder: str | Path, split: str = "test", *, limit: int | None = None,
                image_size: int | None = None, seed: int = 0, first: bool = False,
-               threads: int = 1, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[torch.Tensor, torch.Tensor]:
+               threads: int = 1, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+               resize: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode a whole split (or a subset) in this process: kNN evaluation, embedding, the memory loader.
 
     Args:
@@ -288,7 +356,8 @@ def load_split(folder: str | Path, split: str = "test", *, limit: int | None = N
         limit: at most this many images. By default a seeded subset that keeps each class's share
             (stratified), returned in shard order; with `first=True` the first `limit` rows (as
             `read_split(limit=...)` and `data.limit`). None = all.
-        image_size: as in `read_split` (default: the manifest's size).
+        image_size: as in `read_split` (default: the manifest's size); images of another size go
+            through the evaluation transform (`decode_images`, with `resize`).
         seed: seed of the stratified subset.
         first: take the first `limit` rows instead of a stratified subset.
         threads: decode row groups on this many threads (torchvision's decoders release the GIL).
@@ -298,14 +367,51 @@ def load_split(folder: str | Path, split: str = "test", *, limit: int | None = N
         images uint8 `[N, 3, H, W]` and labels int64 `[N]`.
     """
     manifest = read_manifest(folder)
+    jobs, selected = _row_groups(folder, split, limit=limit, seed=seed, first=first)
+    size = image_size or (manifest.image_size[0] if manifest.image_size else None)
+
+    def decode(job: tuple[str, int, np.ndarray]) -> torch.Tensor:
+        f, g, rows = job
+        t = storage.parquet_file(f).read_row_group(g, columns=["image", "path"])
+        images, paths = t.column("image").to_pylist(), t.column("path").to_pylist()
+        return decode_images([images[i] for i in rows], size, max_pixels=max_pixels,
+                             paths=[f"{storage.name(f)}: {paths[i]}" for i in rows], resize=resize)
+
+    if threads > 1 and len(jobs) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(threads) as pool:
+            chunks = list(pool.map(decode, jobs))
+    else:
+        chunks = [decode(j) for j in jobs]
+    if not chunks:
+        return torch.empty(0, 3, size or 0, size or 0, dtype=torch.uint8), torch.from_numpy(selected)
+    return torch.cat(chunks), torch.from_numpy(selected)
+
+
+def load_encoded(folder: str | Path, split: str = "train", *, limit: int | None = None, seed: int = 0,
+                 first: bool = False) -> tuple[list[bytes], np.ndarray]:
+    """A split's (or subset's, as in `load_split`) encoded images as stored, and int64 labels: what
+    the memory loader keeps for photos, whose views are cut from the whole photo every epoch."""
+    jobs, labels = _row_groups(folder, split, limit=limit, seed=seed, first=first)
+    images: list[bytes] = []
+    for f, g, rows in jobs:
+        column = storage.parquet_file(f).read_row_group(g, columns=["image"]).column("image").to_pylist()
+        images += [column[i] for i in rows]
+    return images, labels
+
+
+def _row_groups(folder: str | Path, split: str, *, limit: int | None, seed: int,
+                first: bool) -> tuple[list[tuple[str, int, np.ndarray]], np.ndarray]:
+    """The split's rows to read, as (file, row group, rows in it) in shard order, and their labels:
+    all rows, the first `limit` (`first`), or a seeded stratified subset of `limit`."""
     files = split_files(folder, split)
     labels = np.concatenate([storage.parquet_file(f).read(columns=["label"]).column("label").to_numpy()
                              for f in files]).astype(np.int64)
     keep = None
     if limit is not None and limit < len(labels):
         keep = np.arange(limit) if first else _stratified_subset(labels, limit, seed)
-    size = image_size or (manifest.image_size[0] if manifest.image_size else None)
-    jobs: list[tuple[str, int, np.ndarray]] = []  # (file, row group, rows in it to decode)
+    jobs: list[tuple[str, int, np.ndarray]] = []
     start = 0
     for f in files:
         meta = storage.parquet_file(f).metadata
@@ -315,25 +421,7 @@ def load_split(folder: str | Path, split: str = "test", *, limit: int | None = N
             if len(rows):
                 jobs.append((f, g, rows))
             start += n
-
-    def decode(job: tuple[str, int, np.ndarray]) -> torch.Tensor:
-        f, g, rows = job
-        t = storage.parquet_file(f).read_row_group(g, columns=["image", "path"])
-        images, paths = t.column("image").to_pylist(), t.column("path").to_pylist()
-        return decode_images([images[i] for i in rows], size, max_pixels=max_pixels,
-                             paths=[f"{storage.name(f)}: {paths[i]}" for i in rows])
-
-    if threads > 1 and len(jobs) > 1:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(threads) as pool:
-            chunks = list(pool.map(decode, jobs))
-    else:
-        chunks = [decode(j) for j in jobs]
-    selected = labels if keep is None else labels[keep]
-    if not chunks:
-        return torch.empty(0, 3, size or 0, size or 0, dtype=torch.uint8), torch.from_numpy(selected)
-    return torch.cat(chunks), torch.from_numpy(selected)
+    return jobs, (labels if keep is None else labels[keep])
 
 
 def _stratified_subset(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:

@@ -81,6 +81,11 @@ class DataConfig:
     # Refuse an image whose header declares more pixels, before decoding it (decompression bombs;
     # pipelines.images), at every decode of the memory and stream loaders and the kNN probe.
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    # Evaluation (kNN, linear probe): an image not already image_size square has its shorter side
+    # resized to this many pixels, then its centre image_size crop is taken (pipelines.images.
+    # eval_transform). null = image_size * 256/224 (ImageNet's Resize(256) + CenterCrop(224));
+    # images at their native training size (CIFAR at 32, the demo at 28) are used whole, as before.
+    eval_resize: int | None = None
 
 
 @dataclass

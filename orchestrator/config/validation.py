@@ -199,6 +199,10 @@ def _check_sizes(cfg: Config) -> None:
               "batch or smaller images)")
     _positive("data.limit", d.limit)
     _positive("data.max_image_pixels", d.max_image_pixels)
+    if d.eval_resize is not None and not d.image_size <= d.eval_resize <= MAX_IMAGE_SIZE:
+        _fail("data.eval_resize", d.eval_resize,
+              f"must be null (data.image_size * 256/224) or between data.image_size ({d.image_size}) and "
+              f"{MAX_IMAGE_SIZE}: the shorter side before the centre crop")
 
 
 def _check_run_and_tracking(cfg: Config) -> None:

@@ -19,7 +19,7 @@ from orchestrator.errors import UserError
 from orchestrator.registry.loading import LoadedEncoder, load_encoder
 from pipelines import storage
 from pipelines.errors import DataError
-from pipelines.images import DEFAULT_MAX_IMAGE_PIXELS, TooManyPixels, decode_rgb, normalise
+from pipelines.images import DEFAULT_MAX_IMAGE_PIXELS, TooManyPixels, decode_rgb, eval_transform, normalise
 from pipelines.manifest import MANIFEST, read_manifest, split_files
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -153,8 +153,9 @@ def _decode(images: list[bytes], size: tuple[int, int], paths: list[str], max_pi
     """uint8 bytes -> normalised float [B, 3, H, W] (the model input convention).
 
     Each image's header is checked against `max_pixels` before it is decoded (the source may be any
-    folder of images: a decompression bomb is refused, not decoded), and each is resized right
-    after its own decode.
+    folder of images: a decompression bomb is refused, not decoded), and each is brought to `size`
+    right after its own decode: for a square size by the evaluation transform
+    (`pipelines.images.eval_transform`: shorter side to size * 256/224, centre crop).
     """
     # Here, not at the top: see `_write_embeddings` (pipelines.augment imports torch too).
     import torch
@@ -168,8 +169,10 @@ def _decode(images: list[bytes], size: tuple[int, int], paths: list[str], max_pi
             img = decode_rgb(bytearray(data), max_pixels=max_pixels, setting="--max-image-pixels")
         except DataError as e:
             raise UserError(f"{path}: {e}") from None
+        if tuple(img.shape[-2:]) != size and size[0] == size[1]:  # the evaluation transform, as kNN and evaluate
+            img = eval_transform(img[None], size[0])[0]
         x = img.float().div_(255.0).unsqueeze(0)
-        if tuple(x.shape[-2:]) != size:
+        if tuple(x.shape[-2:]) != size:  # a non-square size asked for: stretched to it
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
         out.append(x)
     x = torch.cat(out)

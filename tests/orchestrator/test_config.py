@@ -288,3 +288,23 @@ def test_dino_multi_crop_settings_reach_the_augmenter() -> None:
     assert off.multi_crop() == (0, 0) and off.augment_kwargs() == {}
     assert apply_overrides(cfg, {"method.local_crops": 6, "method.local_crop_size": 16}).multi_crop() == (6, 16)
     assert apply_overrides(Config(), {"method.name": "byol"}).augment_kwargs() == {}
+
+
+@pytest.mark.parametrize("path", sorted(p for p in (REPO / "configs").glob("*.yaml")
+                                         if not p.name.startswith(("sweep", "cluster"))),  # their own tests
+                         ids=lambda p: p.name)
+def test_every_config_file_loads_and_validates(path: Path, data_dir: Path) -> None:
+    """Every file in configs/ passes validation (the data folder and GPU left out: they are the
+    machine's, not the file's)."""
+    from orchestrator.config.validation import validate
+
+    cfg = load_config(str(path), [f"data.path={data_dir}"], check=False)
+    validate(cfg, check_data=False, check_gpu=False)
+    if path.name.startswith("imagenet-resnet50-"):
+        assert (cfg.model.encoder, cfg.model.cifar_stem, cfg.data.image_size) == ("resnet50", False, 224)
+        assert cfg.augment_preset() in ("simclr", "byol", "dino")
+
+
+def test_eval_resize_is_checked(data_dir: Path) -> None:
+    with pytest.raises(ConfigError, match="data.eval_resize"):
+        load_config(None, [f"data.path={data_dir}", "data.eval_resize=20", "data.image_size=32"])
