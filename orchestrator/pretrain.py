@@ -31,8 +31,8 @@ from typing import Any
 
 from orchestrator import tracking
 from orchestrator.config import Config, ConfigError, config_name, load_config, storage_location
-from orchestrator.data import (LABEL_METRICS_TAG, DecodedData, check_data, label_metrics, matches, put_decoded,
-                               resolve_loader)
+from orchestrator.data import (LABEL_METRICS_TAG, DataCheck, DecodedData, check_data, label_metrics, matches,
+                               put_decoded, resolve_loader)
 from orchestrator.errors import UserError
 from orchestrator.ray_compat import controller_warm_up, fresh_elastic_scaling
 from orchestrator.runs import (RUN_RECORD, absolute_paths, check_cluster_storage, config_differences,
@@ -233,9 +233,12 @@ def run_pretrain(cfg: Config, *, resume: bool = False, stem: str = "run", callba
     """
     start = time.perf_counter()
     cfg = absolute_paths(cfg)
+    # The data first: a command refused for its data writes nothing, not even its name's lease.
+    ensure_data(cfg, quiet=not progress)
+    checked = check_data(cfg)  # empty or too-small splits, checksums, labels: before Ray starts
     paths = resolve_run(cfg, stem=stem, resume=resume, reserve=reserve_name)
     try:
-        return _run_reserved(cfg, paths, start, resume=resume, callbacks=callbacks,
+        return _run_reserved(cfg, paths, start, checked, resume=resume, callbacks=callbacks,
                              mlflow_parent_run_id=mlflow_parent_run_id, mlflow_run_id=mlflow_run_id,
                              close_run=close_run, progress=progress, data=data, curves=curves)
     finally:
@@ -243,12 +246,10 @@ def run_pretrain(cfg: Config, *, resume: bool = False, stem: str = "run", callba
             paths.lease.release()
 
 
-def _run_reserved(cfg: Config, paths: RunPaths, start: float, *, resume: bool, callbacks: list[Any] | None,
-                  mlflow_parent_run_id: str | None, mlflow_run_id: str | None, close_run: bool, progress: bool,
-                  data: DecodedData | None, curves: bool) -> PretrainResult:
-    """`run_pretrain` once the run's name is reserved."""
-    ensure_data(cfg, quiet=not progress)
-    checked = check_data(cfg)  # empty or too-small splits, checksums, labels: before Ray starts
+def _run_reserved(cfg: Config, paths: RunPaths, start: float, checked: DataCheck, *, resume: bool,
+                  callbacks: list[Any] | None, mlflow_parent_run_id: str | None, mlflow_run_id: str | None,
+                  close_run: bool, progress: bool, data: DecodedData | None, curves: bool) -> PretrainResult:
+    """`run_pretrain` once the data is checked and the run's name reserved."""
     cfg = Config.from_dict({**cfg.to_dict(), "run": {**cfg.to_dict()["run"], "name": paths.name}})
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
     # The tracking URI always comes from this command's config and environment, never from the
