@@ -156,12 +156,15 @@ def normalise(data: bytes, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit was checked
         with Image.open(io.BytesIO(data)) as im:
             check_pixels((im.height, im.width), max_pixels, setting)  # formats the header reader skips
-            im.load()  # the first frame; a truncated file raises here ("image file is truncated")
             how = _why_convert(im, data)
-            if not how:
-                out = Normalised(data, TORCHVISION_FORMATS[str(im.format)], (im.height, im.width), "")
+            if not how and im.format == "JPEG":
+                # Kept byte for byte: the decode below (training's, which raises on a corrupt
+                # JPEG) is the one full decode it needs; PIL's as well would halve ingest's speed.
+                out = Normalised(data, "jpeg", (im.height, im.width), "")
             else:
-                out = _reencode(im, how)
+                im.load()  # the first frame; a truncated file raises here ("image file is truncated")
+                out = (Normalised(data, TORCHVISION_FORMATS[str(im.format)], (im.height, im.width), "") if not how
+                       else _reencode(im, how))
     decoded = decode_rgb(out.data, max_pixels=max_pixels, setting=setting)  # what training will do
     if tuple(decoded.shape[-2:]) != out.size:
         raise DataError(f"decodes to {tuple(decoded.shape)}, not {out.size}")
@@ -304,22 +307,32 @@ def _quiet_decoders() -> Iterator[None]:
 
 
 def _decode(data: bytes) -> torch.Tensor:
-    """torchvision decode of one image to uint8 `[3, H, W]` (callers silence its warnings)."""
-    import torch
-    from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+    """Decode one image to uint8 `[3, H, W]` (callers silence the decoders' warnings).
 
-    t = torch.frombuffer(data, dtype=torch.uint8)
+    JPEGs through torchvision's libjpeg-turbo, which raises on truncated or corrupt data; anything
+    else through PIL: torchvision 0.29's `decode_png` crashes the process (SIGSEGV after a libpng
+    error) on a corrupt PNG, and a shard can be edited after ingest checked it (its sha256 along).
+    """
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    if bytes(data[:2]) == b"\xff\xd8":
+        try:
+            return decode_jpeg(torch.frombuffer(data, dtype=torch.uint8), mode=ImageReadMode.RGB)
+        except RuntimeError as e:
+            raise DataError(f"cannot decode image ({str(e).strip().splitlines()[0]})") from None
     try:
-        img = decode_jpeg(t, mode=ImageReadMode.RGB) if bytes(data[:2]) == b"\xff\xd8" \
-            else decode_image(t, mode=ImageReadMode.RGB)
-    except RuntimeError as e:
-        raise DataError(f"cannot decode image ({str(e).strip().splitlines()[0]})") from None
-    if img.ndim == 4:  # an animated GIF from a dataset ingested before normalisation: first frame
-        img = img[0]
-    if img.dtype != torch.uint8:
-        raise DataError(f"decodes to {img.dtype}, not 8-bit; ingest the source again "
-                        "(`selfsup ingest --overwrite` converts it)")
-    return img
+        with Image.open(io.BytesIO(data)) as im:
+            if im.mode not in ("L", "RGB", "P", "LA", "RGBA", "1", "PA"):
+                raise DataError(f"decodes to {im.mode}, not 8-bit; ingest the source again "
+                                "(`selfsup ingest --overwrite` converts it)")
+            im.seek(0)  # an animated GIF from a dataset ingested before normalisation: first frame
+            rgb = np.asarray(im.convert("RGB"))
+    except DataError:
+        raise
+    except Exception as e:  # PIL's error for a corrupt or truncated file  # noqa: BLE001
+        raise DataError(f"cannot decode image ({type(e).__name__}: {str(e).strip()[:120]})") from None
+    return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()
 
 
 EVAL_RESIZE_RATIO = 256 / 224  # ImageNet's evaluation protocol: Resize(256) + CenterCrop(224)

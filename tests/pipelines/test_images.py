@@ -85,9 +85,14 @@ def test_pixel_limit_refuses_before_decoding(tmp_path: Path) -> None:
         decode_rgb(fake, max_pixels=50_000)
     with pytest.raises(TooManyPixels, match="shard-x: a.png: 300x200"):
         decode_images([fake], 32, max_pixels=50_000, paths=["shard-x: a.png"])
-    # (Not decode_rgb(fake) under the limit: torchvision 0.29's decode_png crashes the process on
-    # this IDAT ("libpng error: IDAT: incorrect header check", then SIGSEGV). Ingest decodes every
-    # image with PIL before torchvision sees it; ingest below lists it as corrupt.)
+    # Under the limit it is a corrupt PNG: torchvision 0.29's decode_png crashes the process on
+    # this IDAT ("libpng error: IDAT: incorrect header check", then SIGSEGV), so training, embed and
+    # evaluate decode everything but JPEG with PIL: one line, as for any corrupt image in a shard
+    # edited after ingest.
+    with pytest.raises(DataError, match="cannot decode image"):
+        decode_rgb(fake)
+    with pytest.raises(DataError, match="shard-x: a.png: cannot decode image"):
+        decode_images([fake], 32, paths=["shard-x: a.png"])
 
     src = tmp_path / "src"
     src.mkdir()
