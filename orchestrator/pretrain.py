@@ -233,7 +233,9 @@ def run_pretrain(cfg: Config, *, resume: bool = False, stem: str = "run", callba
     """
     start = time.perf_counter()
     cfg = absolute_paths(cfg)
-    # The data first: a command refused for its data writes nothing, not even its name's lease.
+    if resume:  # nothing to continue: said first, before the data is looked at
+        resolve_run(cfg, stem=stem, resume=True, reserve=False)
+    # The data before the name's lease: a command refused for its data writes nothing.
     ensure_data(cfg, quiet=not progress)
     checked = check_data(cfg)  # empty or too-small splits, checksums, labels: before Ray starts
     paths = resolve_run(cfg, stem=stem, resume=resume, reserve=reserve_name)
