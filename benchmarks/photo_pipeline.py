@@ -1,4 +1,4 @@
-"""Photo pipeline benchmark (issue 23): training views/s at 224 px on photo-like JPEGs.
+"""Photo pipeline benchmark (issue 23): ingest images/s and training views/s at 224 px on photo-like JPEGs.
 
 Parts (`--part`, one results writer for all of them):
 
@@ -10,6 +10,10 @@ Parts (`--part`, one results writer for all of them):
           `fn.decoders.image_random_crop` on the CPU when DALI is installed (else recorded as such).
           Also the decoder choice: PIL `draft` against `simplejpeg.decode_jpeg(min_height=, min_width=)`
           for the same reduced-scale decodes.
+
+  ingest  `selfsup ingest` of `--ingest-photos` 320-640 px JPEGs against the read + full-decode
+          floor on the same cores, and the driver's peak memory at each of `--small` counts of
+          small images (`benchmarks/photo_ingest.py`).
 
 Photos: `pipelines.photos` (CIFAR-10 test images upscaled to 320-640 px sides, aspect 3:4 to 16:9,
 noise, JPEG q90; the MNIST demo or synthetic shapes without ../shared), made in memory.
@@ -197,7 +201,17 @@ def views_part(args: argparse.Namespace) -> tuple[dict, list[str]]:
     return result, md
 
 
-PARTS: dict[str, Callable[[argparse.Namespace], tuple[dict, list[str]]]] = {"views": views_part}
+def ingest_part(args: argparse.Namespace) -> tuple[dict, list[str]]:
+    """`selfsup ingest` images/s against the read + decode floor, and the driver's peak memory at
+    two dataset sizes (`benchmarks/photo_ingest.py`, which also runs on its own)."""
+    from photo_ingest import markdown, run_ingest_benchmark  # this folder (the script's) is on sys.path
+
+    result = run_ingest_benchmark(RESULTS, photos=args.ingest_photos, small=tuple(args.small))
+    return result, markdown(result).splitlines()
+
+
+PARTS: dict[str, Callable[[argparse.Namespace], tuple[dict, list[str]]]] = {"views": views_part,
+                                                                             "ingest": ingest_part}
 
 
 def write_results(results: dict[str, dict], md: list[str], command: str) -> None:
@@ -213,6 +227,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--photos", type=int, default=512)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--ingest-photos", type=int, default=3000, help="ingest part: photos to ingest")
+    p.add_argument("--small", type=int, nargs="*", default=[20_000, 100_000],
+                   help="ingest part: counts of small images whose ingest's driver memory is measured")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     results: dict[str, dict] = {}
