@@ -69,6 +69,9 @@ class Lease:
 
     run_dir: str
     token: str
+    # Local folders this lease's creation made (run_dir first, then its new parents): removed again,
+    # when empty, on release, so a command that stopped before writing anything leaves no trace.
+    made: list[str] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -104,13 +107,11 @@ class Lease:
         self._stop.set()
         if self._mine():
             storage.delete_file(self.location)
-            if not storage.is_uri(self.run_dir):
-                # A command that stopped before writing anything leaves no folder behind (nothing to
-                # --resume); one that wrote its record keeps it. Object stores have no folders.
+            for folder in self.made:  # innermost first; one that holds anything (a record) stays
                 try:
-                    os.rmdir(self.run_dir)
+                    os.rmdir(folder)
                 except OSError:
-                    pass
+                    break
 
     def __enter__(self) -> Lease:
         return self
@@ -124,7 +125,7 @@ def try_acquire(run_dir: str) -> tuple[Lease | None, dict[str, Any] | None]:
 
     A stale lease (its holder gone) is taken over; see the module docstring.
     """
-    lease = Lease(run_dir, uuid.uuid4().hex)
+    lease = Lease(run_dir, uuid.uuid4().hex, made=_missing_folders(run_dir))
     for _ in range(3):
         if storage.write_new_bytes(lease.location, json.dumps(lease._body()).encode()):
             lease.start_renewing()
@@ -139,6 +140,17 @@ def try_acquire(run_dir: str) -> tuple[Lease | None, dict[str, Any] | None]:
             return None, current
         _break_stale(lease.location, current)
     return None, {"host": "?", "pid": "?", "renewed": time.time()}
+
+
+def _missing_folders(run_dir: str) -> list[str]:
+    """`run_dir` and those of its parents that do not exist yet (local only; object stores have none)."""
+    if storage.is_uri(run_dir):
+        return []
+    missing, folder = [], os.path.abspath(run_dir)
+    while not os.path.exists(folder) and os.path.dirname(folder) != folder:
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    return missing
 
 
 def _break_stale(location: str, seen: dict[str, Any]) -> None:
