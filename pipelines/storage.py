@@ -67,8 +67,9 @@ def parent(location: str | Path) -> str:
 
 
 @functools.lru_cache(maxsize=16)
-def _remote_fs(root: str) -> pafs.FileSystem:
-    """One filesystem object per `scheme://bucket` (S3's resolves the bucket's region once)."""
+def _remote_fs(root: str, endpoint: str | None) -> pafs.FileSystem:
+    """One filesystem object per `scheme://bucket` and endpoint (S3's resolves the bucket's region
+    once); pyarrow reads `AWS_ENDPOINT_URL` when it makes one, so a changed endpoint needs another."""
     fs, _ = pafs.FileSystem.from_uri(root)
     return fs
 
@@ -81,7 +82,7 @@ def resolve(location: str | Path) -> tuple[pafs.FileSystem, str]:
         return pafs.LocalFileSystem(), absolute(s)
     scheme, rest = m.group(1), m.group(2)
     bucket = rest.split("/", 1)[0]
-    return _remote_fs(f"{scheme}://{bucket}"), rest.rstrip("/")
+    return _remote_fs(f"{scheme}://{bucket}", os.environ.get("AWS_ENDPOINT_URL")), rest.rstrip("/")
 
 
 def with_scheme_of(like: str | Path, path: str) -> str:
