@@ -337,9 +337,9 @@ class sign_after_tune_saves:  # noqa: N801 (a context manager used as `with sign
     """While active, call `sign(staging_dir)` each time Tune has saved its experiment state.
 
     `TuneController.save_to_dir` writes the experiment state, the searcher's and the callbacks'
-    state into the driver's staging folder; Tune then uploads that folder to the storage path. A
-    signature written into the same folder right after the save travels in the same upload
-    (`orchestrator.sweep.state_signing`). Ray has no hook there, so the method is wrapped.
+    state into the driver's staging folder; Tune then uploads that folder to the storage path. The
+    digests are recorded right after the save, before the upload (`orchestrator.sweep.
+    state_signing`). Ray has no hook there, so the method is wrapped.
     Fails loud, not soft: a sweep whose state could not be signed would be refused on `--resume`.
     """
 

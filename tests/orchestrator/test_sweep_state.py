@@ -1,6 +1,7 @@
 """`sweep --resume` unpickles nothing another job could have written: a real Tune experiment, saved
-under `ray_compat.sign_after_tune_saves`, verifies as saved and is refused (one line) once any of its
-state files is changed, added or signed with another key."""
+under `ray_compat.sign_after_tune_saves`, verifies as saved (and with a file from an earlier save, as
+a driver killed mid-upload leaves it) and is refused (one line) once any of its state files is
+changed or added, or its record is altered or gone."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 
 from orchestrator.errors import UserError
 from orchestrator.ray_compat import sign_after_tune_saves
-from orchestrator.sweep.state_signing import KEY_ENV, SIGNATURE, StateSigner, verify_state
+from orchestrator.sweep.state_signing import KEY_ENV, StateSigner, signature_file, verify_state
 
 
 def _trainable(config: dict) -> None:
@@ -45,8 +46,10 @@ def test_tune_state_verifies_as_saved_and_is_refused_once_changed(saved_experime
     from ray import tune
 
     exp = saved_experiment
-    signed = json.loads((exp / SIGNATURE).read_text())["files"]
-    assert "tuner.pkl" in signed and any(n.startswith("experiment_state") for n in signed)
+    record = signature_file(str(exp))
+    saves = json.loads(record.read_text())["saves"]
+    assert len(saves) > 1 and "tuner.pkl" in saves[-1] and any(n.startswith("experiment_state") for n in saves[-1])
+    assert oct(os.stat(record).st_mode & 0o777) == "0o600" and not list(exp.rglob("*.sig"))
     verify_state(str(exp))  # as saved: passes, and Tune can restore it
     assert tune.Tuner.restore(str(exp), trainable=_trainable).get_results().num_errors == 0
 
@@ -67,13 +70,35 @@ def test_tune_state_verifies_as_saved_and_is_refused_once_changed(saved_experime
         verify_state(str(exp))
     planted.unlink()
 
-    # Re-signed by someone without the key (a job that rewrote both the state and the signature).
-    monkeypatch.setenv(KEY_ENV, str(tmp_path / "another-key"))
+    # A job that also rewrote the record (it cannot: the record is in the driver's home; say it could)
+    # without the key: refused.
+    body = json.loads(record.read_text())
+    body["saves"][-1][state.name] = "0" * 64
+    record.write_text(json.dumps(body))
     with pytest.raises(UserError, match=r"does not match this head's key"):
         verify_state(str(exp))
-    assert oct(os.stat(tmp_path / "another-key").st_mode & 0o777) == "0o600"
-    monkeypatch.undo()
+    # Another key (another head's driver) has no record of this sweep.
+    monkeypatch.setenv(KEY_ENV, str(tmp_path / "another" / "key"))
+    with pytest.raises(UserError, match=r"this driver has no record of signing Tune's saved state"):
+        verify_state(str(exp))
+    assert oct(os.stat(tmp_path / "another" / "key").st_mode & 0o777) == "0o600"
 
-    (exp / SIGNATURE).unlink()
-    with pytest.raises(UserError, match=r"Tune's saved state has no signature"):
+
+def test_a_driver_killed_mid_upload_leaves_a_state_that_still_verifies(tmp_path: Path) -> None:
+    """Tune uploads its state file by file after each save: the bucket can hold this save's files
+    beside the last one's. Every file content of a recent save verifies; a content no save had does not."""
+    exp = tmp_path / "sweeps" / "s-2"
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    exp.mkdir(parents=True)
+    sign = StateSigner(str(exp))
+    for i in range(3):
+        (staging / "experiment_state-1.json").write_text(f'{{"save": {i}}}')
+        (staging / "searcher-state-1.pkl").write_bytes(bytes([i]))
+        sign(str(staging))
+    (exp / "experiment_state-1.json").write_text('{"save": 2}')  # uploaded already
+    (exp / "searcher-state-1.pkl").write_bytes(bytes([1]))      # still the save before's
+    verify_state(str(exp))
+    (exp / "searcher-state-1.pkl").write_bytes(bytes([7]))
+    with pytest.raises(UserError, match=r"searcher-state-1\.pkl: Tune's saved state is changed"):
         verify_state(str(exp))
