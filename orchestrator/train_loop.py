@@ -21,9 +21,6 @@ from torch import nn
 from orchestrator.config import Config, EvalConfig
 
 STATE_FILE = "state.pt"
-FAULT_MARKER = "fault-injected"
-# Keys the driver adds to the worker config next to `Config.to_dict()`.
-INTERNAL_KEYS = ("_run_dir", "_fault_kill_at_epoch", "_train_rows", "_data", "_label_metrics")
 
 
 # --- model, optimiser, schedule -----------------------------------------------------------------

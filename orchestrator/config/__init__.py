@@ -19,12 +19,12 @@ from orchestrator.config.schema import (AUGMENT_FIELDS, AUGMENT_ON, AUGMENT_PRES
                                         LOADERS, MAX_BATCH_SIZE, MAX_IMAGE_SIZE, MAX_VIEWS_GIB, METHOD_NAMES,
                                         METHOD_ONLY, METHOD_PRESET, MODEL_NAME, OPTIMIZER_NAMES, RUN_NAME, Config,
                                         ConfigError, DataConfig, EvalConfig, MethodConfig, ModelConfig, OptimConfig,
-                                        RunConfig, ScalingConfig, TrackingConfig, _parse_value, set_field)
+                                        RunConfig, ScalingConfig, TrackingConfig, parse_value, set_field)
 from orchestrator.config.validation import check_data_folder, validate
 
 __all__ = ["AUGMENT_FIELDS", "AUGMENT_ON", "AUGMENT_PRESETS", "DINO_LOCAL_CROPS", "ENCODER_NAMES", "LOADERS",
            "MAX_BATCH_SIZE", "MAX_IMAGE_SIZE", "MAX_VIEWS_GIB", "METHOD_NAMES", "METHOD_ONLY", "METHOD_PRESET",
            "MODEL_NAME", "OPTIMIZER_NAMES", "RUN_NAME", "STORAGE_ENV", "Config", "ConfigError", "DataConfig",
            "EvalConfig", "MethodConfig", "ModelConfig", "OptimConfig", "RunConfig", "ScalingConfig", "TrackingConfig",
-           "_parse_value", "apply_overrides", "check_data_folder", "config_name", "load_config", "parse_overrides",
-           "read_yaml", "set_field", "storage_location", "to_yaml", "validate", "where_set"]
+           "apply_overrides", "check_data_folder", "config_name", "load_config", "parse_overrides",
+           "parse_value", "read_yaml", "set_field", "storage_location", "to_yaml", "validate", "where_set"]

@@ -316,7 +316,7 @@ def _field_type(section_cls: type, name: str) -> Any:
     return typing.get_type_hints(section_cls)[name]
 
 
-def _parse_value(tp: Any, value: Any, where: str) -> Any:
+def parse_value(tp: Any, value: Any, where: str) -> Any:
     """Check (and gently coerce: int -> float, "1e-3" -> float) a value against a field type."""
     args = typing.get_args(tp)
     if typing.get_origin(tp) is dict:
@@ -335,16 +335,16 @@ def _parse_value(tp: Any, value: Any, where: str) -> Any:
             return value  # a switch with a word besides true/false (optim.compile: auto); validation checks the word
         listed = [a for a in inner if typing.get_origin(a) is list]
         if listed and isinstance(value, (list, tuple)):  # `int | list[int]`: scaling.num_workers = [min, max]
-            return _parse_value(listed[0], value, where)
+            return parse_value(listed[0], value, where)
         try:
-            return _parse_value(inner[0], value, where)
+            return parse_value(inner[0], value, where)
         except ConfigError:
             if listed:
                 raise ConfigError(f"{where}: expected an integer or a list [min, max], got {value!r}") from None
             raise
     if typing.get_origin(tp) is list:
         (item,) = typing.get_args(tp)
-        return [_parse_value(item, v, where) for v in value]
+        return [parse_value(item, v, where) for v in value]
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -391,4 +391,4 @@ def set_field(cfg: Config, dotted: str, value: Any, source: str, label: str | No
     if key not in names:
         raise ConfigError(f"{source}: unknown field {dotted!r}; {section} has: {', '.join(names)}")
     where = label or f"{source}: {dotted}"
-    setattr(sec, key, _parse_value(_field_type(type(sec), key), value, where))
+    setattr(sec, key, parse_value(_field_type(type(sec), key), value, where))

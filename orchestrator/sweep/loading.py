@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 
-from orchestrator.config import (METHOD_NAMES, METHOD_ONLY, RUN_NAME, Config, ConfigError, _parse_value,
+from orchestrator.config import (METHOD_NAMES, METHOD_ONLY, RUN_NAME, Config, ConfigError, parse_value,
                                  apply_overrides, parse_overrides, read_yaml, validate, where_set)
 from orchestrator.sweep.space import (check_dimension, check_points, describe, method_dims, n_grid_trials,
                                       trial_defaults, trial_worker_counts)
@@ -91,7 +91,7 @@ def set_sweep_field(sweep: SweepConfig, key: str, value: Any, where: str) -> Non
             value = {str(m): dict(v or {}) for m, v in value.items()}
         setattr(sweep, key, dict(value))
         return
-    setattr(sweep, key, _parse_value(typing.get_type_hints(SweepConfig)[key], value, where))
+    setattr(sweep, key, parse_value(typing.get_type_hints(SweepConfig)[key], value, where))
 
 
 def check_sweep(s: Sweep) -> None:

@@ -129,6 +129,7 @@ def _selfsup(args: list[str], cwd: Path, **creds: str) -> subprocess.CompletedPr
     return subprocess.run([SELFSUP, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow  # starts an MLflow server (issue 25: the fast tier starts no servers)
 def test_basic_auth_server_refuses_anonymous_and_wrong_credentials(
         auth_server: tuple[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     uri, creds = auth_server
