@@ -15,6 +15,8 @@ import methods.mae
 from methods_ddp_worker import (N, NEW_METHODS, UNGATHERED, WORLD, _bn_data, _data, _moco, _port, _simclr,
                                 _worker, global_masking, method_inputs, new_method)
 
+pytestmark = pytest.mark.slow  # two gloo processes (a process group), not the fast tier
+
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:

@@ -230,6 +230,7 @@ def test_validate_can_skip_data_and_gpu_checks() -> None:
         validate(cfg, check_gpu=False)
 
 
+@pytest.mark.slow  # starts a local Ray
 def test_local_ray_stays_on_loopback_and_a_config_address_says_to_use_ray_address(
         tmp_path: Path, data_dir: Path) -> None:
     """The CLI keeps the Ray it starts on 127.0.0.1; a cluster is joined through RAY_ADDRESS."""

@@ -52,6 +52,7 @@ def test_needed_bytes_counts_train_bank_and_queries(demo_data: Path) -> None:
     assert needed_bytes(small) == (1000 + 500 + 200) * per_image
 
 
+@pytest.mark.slow  # a local Ray
 def test_auto_takes_memory_when_the_split_fits_and_streams_when_not(demo_data: Path, small_store_ray: None) -> None:
     assert needed_bytes(_cfg(demo_data)) > STORE_MB / 4 * 2**20  # 21 MB: over a quarter of 80 MB
     assert resolve_loader(_cfg(demo_data)) == "stream"
@@ -63,6 +64,7 @@ def test_auto_takes_memory_when_the_split_fits_and_streams_when_not(demo_data: P
         resolve_loader(_cfg(demo_data, "data.loader=memory", "data.image_size=64"))
 
 
+@pytest.mark.slow  # a local Ray
 def test_put_decoded_holds_the_train_split_bank_and_queries(demo_data: Path, small_store_ray: None) -> None:
     import ray
 
@@ -82,6 +84,7 @@ def test_put_decoded_holds_the_train_split_bank_and_queries(demo_data: Path, sma
     assert data.nbytes == (1000 + 300 + 200) * (3 * 28 * 28 + 8)
 
 
+@pytest.mark.slow  # a local Ray
 def test_memory_loader_that_cannot_fit_writes_nothing(demo_data: Path, small_store_ray: None, tmp_path: Path) -> None:
     from orchestrator.pretrain import run_pretrain
 

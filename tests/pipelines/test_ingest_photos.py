@@ -81,6 +81,7 @@ def _check_photos(photos: Path, out: str | Path, m) -> None:
             assert im.mode in ("RGB", "L")
 
 
+@pytest.mark.slow  # a local Ray
 def test_photos_ingested_by_ray_data_tasks(photos: Path, tmp_path: Path, ray_local: None,
                                            monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     import ray

@@ -86,6 +86,7 @@ def s3_bucket() -> Iterator[str]:
                 os.environ[k] = v
 
 
+@pytest.mark.slow  # a moto_server
 def test_s3_records_and_listing(s3_bucket: str) -> None:
     d = storage.join(s3_bucket, "runs")
     assert storage.list_names(d) == [] and not storage.exists(d)
@@ -94,6 +95,7 @@ def test_s3_records_and_listing(s3_bucket: str) -> None:
     assert storage.read_text(storage.join(d, "demo-1", "selfsup-run.json")) == '{"status": "running"}'
 
 
+@pytest.mark.slow  # a moto_server
 def test_ingest_into_s3_writes_manifest_last_and_reads_back(s3_bucket: str, cifar10_dir: Path, tmp_path: Path) -> None:
     from pipelines.errors import DataError
     from pipelines.ingest import ingest
@@ -115,6 +117,7 @@ def test_ingest_into_s3_writes_manifest_last_and_reads_back(s3_bucket: str, cifa
         ingest(str(source), out, progress=False)
 
 
+@pytest.mark.slow  # a moto_server
 def test_ingest_from_an_s3_prefix_into_s3(s3_bucket: str, tmp_path: Path) -> None:
     """SOURCE a URI prefix (class folders of photo-like JPEGs): listed in one request, read by the
     shard writers from the bucket, written straight to the bucket (nothing staged locally)."""
