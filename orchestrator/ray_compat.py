@@ -23,6 +23,18 @@ from pipelines import storage
 
 # --- quiet Ray --------------------------------------------------------------------------------
 
+def sweep_tune_env() -> None:
+    """The Tune settings of `selfsup sweep` (set before Tune starts)."""
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # --resume loses at most ~2 s of Tune state
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Tune snapshots its state each time a trial has made `num_to_keep` checkpoints (so that a resumed
+    # sweep never points at a deleted one) and warns when that is often: every epoch of a short
+    # in-process trial is. The snapshot is the point; the warning is noise.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Trial result files: the sweep's ResultGrid reads them (forced: `quiet_ray_env` defaults it off).
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "0"
+
+
 def quiet_ray_env() -> None:
     """Environment that keeps Ray's log noise out of the terminal (set before `ray.init`).
 
@@ -35,6 +47,8 @@ def quiet_ray_env() -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "0")
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    # Tune's result files (result.json, progress.csv per trial): nothing outside a sweep reads them;
+    # a sweep does (`sweep_tune_env` turns them back on).
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
     for name in ("ray", "ray.train", "ray.data", "ray.tune", "mlflow", "alembic"):

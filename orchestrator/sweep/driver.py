@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import time
 from typing import Any
 
@@ -24,7 +23,7 @@ from orchestrator import tracking
 from orchestrator.config import Config, storage_location
 from orchestrator.data import check_data, put_decoded, resolve_loader
 from orchestrator.errors import UserError
-from orchestrator.ray_compat import release_placement_groups, sign_after_tune_saves
+from orchestrator.ray_compat import release_placement_groups, sign_after_tune_saves, sweep_tune_env
 from orchestrator.runs import (check_cluster_storage, config_differences, create_run, dataset_name, ensure_data,
                                mark_diverged, ray_session, read_json)
 from orchestrator.sweep.finish import finish_sweep, print_summary
@@ -144,14 +143,7 @@ def run_sweep(s: Sweep, *, resume: bool = False, verbose: bool = True) -> SweepR
 
 def _run_reserved(s: Sweep, sweep_dir: str, start: float, *, resume: bool, verbose: bool) -> SweepResult:
     """`run_sweep` once the sweep's name is reserved."""
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # --resume loses at most ~2 s of Tune state
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    # Tune snapshots its state each time a trial has made `num_to_keep` checkpoints (so that a resumed
-    # sweep never points at a deleted one) and warns when that is often: every epoch of a short
-    # in-process trial is. The snapshot is the point; the warning is noise.
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    # Trial result files (result.json, progress.csv): ResultGrid reads them; pretrain turns them off.
-    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "0"
+    sweep_tune_env()
     record = None
     if resume:
         record, s = _resumed(s, sweep_dir)
