@@ -31,17 +31,7 @@ METHOD_PRESET = {name: cls.augment_preset for name, cls in METHODS.items()}
 AUGMENT_ON = ("auto", "worker", "data")
 LOADERS = ("auto", "memory", "stream")
 # Method fields that only some methods take: (field, methods that accept it).
-METHOD_ONLY = {"temperature": ("simclr", "moco", "swav"), "momentum": ("moco", "byol", "dino"), "queue_size": ("moco",),
-               "lambd": ("barlow_twins",), "sim_weight": ("vicreg",), "var_weight": ("vicreg",),
-               "cov_weight": ("vicreg",), "teacher_temp": ("dino",), "warmup_teacher_temp": ("dino",),
-               "warmup_teacher_temp_fraction": ("dino",), "local_crops": ("dino", "swav"), "local_crop_size": ("dino", "swav"),
-               "freeze_last_layer_epochs": ("dino",), "clip_grad": ("dino",), "num_prototypes": ("swav",),
-               "sinkhorn_iterations": ("swav",), "sinkhorn_epsilon": ("swav",), "queue_length": ("swav",),
-               "queue_start_epoch": ("swav",), "freeze_prototypes_epochs": ("swav",), "mask_ratio": ("mae",),
-               "decoder_dim": ("mae",), "decoder_depth": ("mae",), "decoder_heads": ("mae",), "norm_pix": ("mae",)}
 MULTI_CROP_METHODS = ("dino", "swav")  # their forward takes local crops
-# Every method but MAE has a projection head (MAE's decoder has its own fields).
-METHOD_ONLY.update({f: tuple(m for m in METHODS if m != "mae") for f in ("projection_dim", "hidden_dim")})
 # Method fields that are not constructor arguments: they shape the augmentation (`Config.multi_crop`).
 AUGMENT_FIELDS = ("local_crops", "local_crop_size")
 # DINO's and SwAV's default: the papers use 8 or 10 (DINO) / 6 (SwAV) local crops at 96 px; 2 keeps CPU runs short
@@ -130,6 +120,20 @@ class MethodConfig:
     decoder_depth: int | None = None  # MAE: decoder blocks (8)
     decoder_heads: int | None = None  # MAE: decoder attention heads (16)
     norm_pix: bool | None = None  # MAE: per-patch normalised pixel targets (true)
+
+
+def _method_only() -> dict[str, tuple[str, ...]]:
+    """Which methods take each `method.*` field: those whose constructor has that argument (the
+    method classes say it; no second list to keep in step), and for the augmentation's fields the
+    multi-crop methods."""
+    import inspect
+
+    return {f.name: (MULTI_CROP_METHODS if f.name in AUGMENT_FIELDS else
+                     tuple(m for m, cls in METHODS.items() if f.name in inspect.signature(cls.__init__).parameters))
+            for f in fields(MethodConfig) if f.name != "name"}
+
+
+METHOD_ONLY = _method_only()
 
 
 @dataclass
