@@ -41,25 +41,13 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-
-def photo_jpeg(seed: int, min_side: int = 320, max_side: int = 640, quality: int = 90) -> bytes:
-    """A photo-like JPEG (as tests/image_files.photo_jpeg): smooth colour fields plus noise."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    w, h = (int(v) for v in rng.integers(min_side, max_side + 1, size=2))
-    base = Image.fromarray(rng.integers(0, 256, size=(6, 8, 3), dtype=np.uint8)).resize((w, h), Image.Resampling.BICUBIC)
-    noisy = np.clip(np.asarray(base, dtype=np.int16) + rng.normal(0, 8, size=(h, w, 3)), 0, 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(noisy).save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
+from pipelines.photos import photo_jpeg  # noqa: E402
 
 
 def _write_photo(args: tuple[Path, int, int, int]) -> int:
     root, i, lo, hi = args
     f = root / f"c{i % 3}" / f"{i:06d}.jpg"
-    data = photo_jpeg(i, lo, hi)
+    data = photo_jpeg(i, min_side=lo, max_side=hi)
     f.write_bytes(data)
     return len(data)
 
@@ -74,7 +62,7 @@ def make_photos(root: Path, n: int, cores: int, lo: int = 320, hi: int = 640) ->
 
 def make_small(root: Path, n: int) -> None:
     """n small JPEGs (32x32; 256 distinct images, repeated) in 10 class folders."""
-    templates = [photo_jpeg(i, 32, 32) for i in range(256)]
+    templates = [photo_jpeg(i, min_side=32, max_side=32) for i in range(256)]
     for c in range(10):
         (root / f"c{c}").mkdir(parents=True, exist_ok=True)
     for i in range(n):

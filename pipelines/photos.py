@@ -28,6 +28,19 @@ SHAPES = ["disc", "square", "triangle"]
 SOURCES = ("auto", "cifar10", "demo", "shapes")
 
 
+def photo_jpeg(seed: int, *, min_side: int = 320, max_side: int = 640, quality: int = 90) -> bytes:
+    """A photo-like JPEG from a seed alone (no source images): sides drawn between min_side and
+    max_side px, smooth colour fields (a few random pixels, upscaled) plus sensor-like noise. What
+    the tests and `benchmarks/photo_ingest.py` make by the thousand."""
+    rng = np.random.default_rng(seed)
+    w, h = (int(v) for v in rng.integers(min_side, max_side + 1, size=2))
+    base = Image.fromarray(rng.integers(0, 256, size=(6, 8, 3), dtype=np.uint8)).resize((w, h), Image.Resampling.BICUBIC)
+    noisy = np.clip(np.asarray(base, dtype=np.int16) + rng.normal(0, 8, size=(h, w, 3)), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(noisy).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
 def photo_like(image: np.ndarray, rng: np.random.Generator, *, min_side: int = 320, max_side: int = 640,
                quality: int = 90) -> bytes:
     """One small uint8 image (`[H, W]` or `[H, W, 3]`) as a photo-like JPEG: upscaled to a random

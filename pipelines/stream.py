@@ -195,7 +195,6 @@ def read_split(folder: str | Path, split: str = "train", *, image_size: int | No
     Raises:
         DataError: no manifest, unknown split, or mixed image sizes without `image_size`.
     """
-    import ray.data
     from ray.data import TaskPoolStrategy
 
     if augment_on not in ("worker", "data"):

@@ -55,6 +55,16 @@ def cifar10_dir() -> Path:
     return CIFAR10
 
 
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The built-in demo digits, ingested once per test module that asks (each gets its own copy)."""
+    from pipelines.ingest import ingest
+
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    ingest("demo", out, progress=False)
+    return out
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real `mlflow server` on 127.0.0.1 with SQLite and served artifacts; yields its URI."""

@@ -31,7 +31,6 @@ import json
 import os
 import secrets
 from pathlib import Path
-from typing import Any
 
 from orchestrator.errors import UserError
 from pipelines import storage

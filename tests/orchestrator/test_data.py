@@ -17,13 +17,6 @@ from orchestrator.data import data_key, matches, needed_bytes, put_decoded, reso
 STORE_MB = 80  # Ray's smallest object store is 75 MB: auto takes memory up to 20 MB of decoded images
 
 
-@pytest.fixture(scope="module")
-def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from pipelines.ingest import ingest
-
-    out = tmp_path_factory.mktemp("demo") / "demo"
-    ingest("demo", out, progress=False)
-    return out
 
 
 @pytest.fixture(scope="module")

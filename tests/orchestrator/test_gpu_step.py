@@ -13,16 +13,10 @@ import torch
 from orchestrator.config import ConfigError, load_config
 from orchestrator.train_loop import (TrainBatches, build_model, build_optimizer, build_scheduler, compile_model,
                                      compile_wanted, train_one_epoch)
-from pipelines.ingest import ingest
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("race") / "demo"
-    ingest("demo", out, progress=False)
-    return out
 
 
 def test_race_smoke_run_reaches_a_low_target_and_reports_the_curve(demo_data: Path, tmp_path: Path) -> None:

@@ -30,13 +30,6 @@ from orchestrator.epoch_loop import FAULT_MARKER
 EPOCHS = 2
 
 
-@pytest.fixture(scope="module")
-def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from pipelines.ingest import ingest
-
-    out = tmp_path_factory.mktemp("demo") / "demo"
-    ingest("demo", out, progress=False)
-    return out
 
 
 def _overrides(data: Path, tmp: Path, uri: str, experiment: str, **extra: object) -> list[str]:

@@ -24,13 +24,6 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from pipelines.ingest import ingest
-
-    out = tmp_path_factory.mktemp("demo") / "demo"
-    ingest("demo", out, progress=False)
-    return out
 
 
 def _cfg(data: Path, uri: str, model: str):  # type: ignore[no-untyped-def]

@@ -19,13 +19,6 @@ from orchestrator.runs import RUN_RECORD, absolute_paths
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from pipelines.ingest import ingest
-
-    out = tmp_path_factory.mktemp("demo") / "demo"
-    ingest("demo", out, progress=False)
-    return out
 
 
 class Listener:

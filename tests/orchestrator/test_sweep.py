@@ -208,14 +208,6 @@ def test_optuna_define_by_run_space_is_conditional() -> None:
 
 # --- whole sweeps on a local Ray (slow) ------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The built-in demo digits, ingested once for this module."""
-    from pipelines.ingest import ingest
-
-    out = tmp_path_factory.mktemp("sweep-data") / "demo"
-    ingest("demo", str(out), progress=False)
-    return out
 
 
 DIVERGING_LR = 1e30
