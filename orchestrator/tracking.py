@@ -300,6 +300,28 @@ def finish_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     client(uri).set_terminated(run_id, status=status)
 
 
+@contextlib.contextmanager
+def _fluent_tracking_at(uri: str) -> Any:
+    """MLflow's fluent API (`start_run`, `log_model`) on `uri` for the block only.
+
+    `mlflow.set_tracking_uri` also exports `MLFLOW_TRACKING_URI`, which every process this one
+    starts afterwards would inherit (a test's temporary store reached the 2-node cluster's processes
+    that way); the previous URI and the environment are put back.
+    """
+    import mlflow
+
+    before_env, before = os.environ.get("MLFLOW_TRACKING_URI"), mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)
+        if before_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = before_env
+
+
 def register_encoder(encoder: Any, *, tracking_uri: str, run_id: str, model_name: str, image_size: int,
                      tags: dict[str, Any], summary: str = "") -> Any:
     """Log the encoder to the run (torch.export "pt2": dynamic batch, height and width) and register a new
@@ -346,33 +368,35 @@ def register_encoder(encoder: Any, *, tracking_uri: str, run_id: str, model_name
                                outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, int(encoder.output_dim)))]))
     # Batch 2, not 1: a size-1 example dimension is exported static (mlflow's note on Dim.AUTO).
     example = torch.randn(2, 3, image_size, image_size).numpy()
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(tracking_uri)
-    c = client(tracking_uri)
-    # redirect_stderr: mlflow eprint()s "Successfully registered model ..." (errors still raise).
-    with tempfile.TemporaryDirectory(prefix="selfsup-register-") as files, \
-            mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None), torch.no_grad(), \
-            contextlib.redirect_stderr(io.StringIO()), size_oblivious():
-        # What selfsup loads (`registry.encoder_files`): the spec and the weights. The pt2 beside
-        # them is for deployment (`mlflow.pytorch.load_model`); selfsup never deserialises it.
-        Path(files, SPEC_FILE).write_text(json.dumps(build, sort_keys=True))
-        Path(files, WEIGHTS_FILE).write_bytes(weights_bytes(encoder))
-        info = mlflow.pytorch.log_model(exportable(encoder, spec.min_size), name="encoder", input_example=example,
-                                        signature=signature, serialization_format="pt2",
-                                        pip_requirements=PIP_REQUIREMENTS, metadata=spec.tags(),
-                                        extra_files=[str(Path(files, SPEC_FILE)), str(Path(files, WEIGHTS_FILE))])
-    tags = {**tags, "image_size": image_size, "embedding_dim": int(encoder.output_dim), **spec.tags()}
-    description = (f"{summary.strip()} " if summary.strip() else "") + (
-        f"Input: {spec.describe()}. Output: float32 [B, {int(encoder.output_dim)}] embeddings "
-        "(the encoder's pooled features, no projection head).")
-    # The version is created with its tags and description in one request (one transaction in
-    # MLflow's SQL store): no reader ever sees it, or resolves a bare NAME to it, half-tagged.
-    from mlflow.exceptions import MlflowException
+    # The fluent API (the run, log_model) and the version's source `models:/<id>` resolve through
+    # the global tracking URI: set for this block only.
+    with _fluent_tracking_at(tracking_uri):
+        c = client(tracking_uri)
+        # redirect_stderr: mlflow eprint()s "Successfully registered model ..." (errors still raise).
+        with tempfile.TemporaryDirectory(prefix="selfsup-register-") as files, \
+                mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None), torch.no_grad(), \
+                contextlib.redirect_stderr(io.StringIO()), size_oblivious():
+            # What selfsup loads (`registry.encoder_files`): the spec and the weights. The pt2 beside
+            # them is for deployment (`mlflow.pytorch.load_model`); selfsup never deserialises it.
+            Path(files, SPEC_FILE).write_text(json.dumps(build, sort_keys=True))
+            Path(files, WEIGHTS_FILE).write_bytes(weights_bytes(encoder))
+            info = mlflow.pytorch.log_model(exportable(encoder, spec.min_size), name="encoder", input_example=example,
+                                            signature=signature, serialization_format="pt2",
+                                            pip_requirements=PIP_REQUIREMENTS, metadata=spec.tags(),
+                                            extra_files=[str(Path(files, SPEC_FILE)), str(Path(files, WEIGHTS_FILE))])
+        tags = {**tags, "image_size": image_size, "embedding_dim": int(encoder.output_dim), **spec.tags()}
+        description = (f"{summary.strip()} " if summary.strip() else "") + (
+            f"Input: {spec.describe()}. Output: float32 [B, {int(encoder.output_dim)}] embeddings "
+            "(the encoder's pooled features, no projection head).")
+        # The version is created with its tags and description in one request (one transaction in
+        # MLflow's SQL store): no reader ever sees it, or resolves a bare NAME to it, half-tagged.
+        from mlflow.exceptions import MlflowException
 
-    try:
-        c.create_registered_model(model_name)
-    except MlflowException as e:
-        if e.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
-    return c.create_model_version(model_name, info.model_uri, run_id=run_id, tags={k: str(v) for k, v in tags.items()},
-                                  description=description, model_id=info.model_id)
+        try:
+            c.create_registered_model(model_name)
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        return c.create_model_version(model_name, info.model_uri, run_id=run_id,
+                                      tags={k: str(v) for k, v in tags.items()}, description=description,
+                                      model_id=info.model_id)

@@ -55,6 +55,19 @@ def cifar10_dir() -> Path:
     return CIFAR10
 
 
+@pytest.fixture(autouse=True)
+def _mlflow_uris_stay_put() -> Iterator[None]:
+    """`mlflow.set_tracking_uri` / `set_registry_uri` export MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI:
+    a test that calls them must not hand its temporary store to the processes later tests start."""
+    before = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    yield
+    for k, v in before.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @pytest.fixture(scope="module")
 def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The built-in demo digits, ingested once per test module that asks (each gets its own copy)."""
