@@ -369,8 +369,10 @@ def test_time_budget_ends_the_sweep_and_says_so(kind: str, tmp_path: Path, demo_
     monkeypatch.chdir(tmp_path)  # a SQLite store's artifacts go to ./mlruns
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     config = _write(tmp_path, {
-        "data": {"path": str(demo_data), "source": None, "image_size": 28, "limit": 256},
-        "optim": {"name": "adamw", "lr": 2e-3, "batch_size": 64, "epochs": 2, "warmup_epochs": 0.5},
+        # Every image of the demo each epoch, so that an epoch outlasts the budget even on an idle
+        # machine (with 256 images all four trials could finish inside it).
+        "data": {"path": str(demo_data), "source": None, "image_size": 28},
+        "optim": {"name": "adamw", "lr": 2e-3, "batch_size": 64, "epochs": 3, "warmup_epochs": 0.5},
         "scaling": {"num_workers": 1},
         "eval": {"knn_train_limit": 500, "knn_test_limit": 200},
         "tracking": {"uri": uri, "experiment": "budget", "model_name": "budget-encoder"},
