@@ -20,7 +20,9 @@ TIMM_PREFIX = "timm:"  # "timm:<model name>": any timm model, e.g. "timm:convnex
 VIT_PRESETS = {"vit_tiny": "vit_tiny_patch16_224", "vit_small": "vit_small_patch16_224",
                "vit_base": "vit_base_patch16_224"}
 # timm arguments that would fetch or read weights: every encoder here starts from random weights.
-_WEIGHT_ARGS = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir")
+# Also what the registry refuses in a stored encoder spec (orchestrator/registry/encoder_files.py).
+WEIGHT_ARGS = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "pretrained_strict", "checkpoint_path",
+               "cache_dir", "features_only", "model_args")
 
 
 class ConvNet(nn.Module):
@@ -98,7 +100,7 @@ class TimmEncoder(nn.Module):
 def _check_json_kwargs(name: str, kwargs: dict[str, Any]) -> None:
     """An encoder is rebuilt from a JSON spec: only JSON primitives, and never weights to load."""
     for key, value in kwargs.items():
-        if key in _WEIGHT_ARGS:
+        if key in WEIGHT_ARGS:
             raise ValueError(f"encoder {name!r}: argument {key!r} is not allowed (encoders start from random "
                              "weights; nothing is downloaded)")
         items = value if isinstance(value, (list, tuple)) else [value]

@@ -32,10 +32,6 @@ MAX_SPEC_BYTES = 64 * 1024
 # ViT-B/16 is ~350 MB in float32 and ResNet-50 ~100 MB; a ViT-g would need this raised.
 MAX_WEIGHTS_BYTES = 2 * 1024**3
 
-# timm's arguments that read a file or fetch weights: a registered model must be built from its
-# spec and its own safetensors alone.
-_FORBIDDEN_KWARGS = frozenset({"pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "pretrained_strict",
-                               "checkpoint_path", "cache_dir", "features_only", "model_args"})
 _ALLOWED_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL"})
 
 
@@ -59,7 +55,7 @@ def check_spec(raw: bytes, where: str) -> dict[str, Any]:
     The name must be one of selfsup's encoders (or `timm:<model>`), the arguments JSON values with
     no argument that reads a file or downloads weights.
     """
-    from methods.encoders import ENCODERS
+    from methods.encoders import ENCODERS, WEIGHT_ARGS
 
     if len(raw) > MAX_SPEC_BYTES:
         raise refuse(where, f"{SPEC_FILE} is {len(raw)} bytes (at most {MAX_SPEC_BYTES})")
@@ -78,7 +74,7 @@ def check_spec(raw: bytes, where: str) -> dict[str, Any]:
         raise refuse(where, f"{SPEC_FILE} cifar_stem must be true or false")
     if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
         raise refuse(where, f"{SPEC_FILE} kwargs must be an object")
-    bad = sorted(set(kwargs) & _FORBIDDEN_KWARGS)
+    bad = sorted(set(kwargs) & set(WEIGHT_ARGS))
     if bad:
         raise refuse(where, f"{SPEC_FILE} argument {bad[0]!r} would read a file or fetch weights")
     for key, value in kwargs.items():
