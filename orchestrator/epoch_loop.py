@@ -46,6 +46,7 @@ from torch import nn
 from methods import prepare_for_distributed
 from methods.encoders import representation_encoder
 from orchestrator.config import Config
+from orchestrator.ray_compat import CHECKPOINT_SNAPSHOT
 from orchestrator.timeline import mark, process_start_time
 from orchestrator.train_loop import (STATE_FILE, KnnProbe, TrainBatches, build_model, build_optimizer, compile_model,
                                      build_scheduler, label_metrics_on, load_state, save_state,
@@ -312,7 +313,7 @@ def _maybe_inject_fault(config: dict[str, Any], epoch: int, rank: int, world: in
     # Die only once the controller has registered the previous epoch's checkpoint: Ray Train V2
     # collects reports when it polls the workers (every 2 s), and a worker that dies before the
     # poll takes its group's last report with it (the restart then resumes from the one before).
-    snapshot = storage.join(config["_run_dir"], "checkpoint_manager_snapshot.json")
+    snapshot = storage.join(config["_run_dir"], CHECKPOINT_SNAPSHOT)
     deadline = time.monotonic() + 60
     while epoch > 1 and time.monotonic() < deadline:
         try:

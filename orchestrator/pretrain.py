@@ -33,8 +33,8 @@ from orchestrator import tracking
 from orchestrator.config import Config, ConfigError, config_name, load_config, storage_location
 from orchestrator.data import (LABEL_METRICS_TAG, DataCheck, DecodedData, check_data, label_metrics, matches,
                                put_decoded, resolve_loader)
-from orchestrator.errors import UserError
-from orchestrator.ray_compat import controller_warm_up, fresh_elastic_scaling
+from orchestrator.errors import UserError, disk_full
+from orchestrator.ray_compat import controller_warm_up, fresh_elastic_scaling, remove_unregistered_checkpoints
 from orchestrator.runs import (RUN_RECORD, absolute_paths, check_cluster_storage, config_differences,
                                cpus_per_worker, create_run, dataset_name, ensure_data, mark_diverged, numbered_dir,
                                ray_session, read_json, reserve_dir, train_dataset, train_rows,
@@ -317,9 +317,15 @@ def _fit(cfg: Config, paths: RunPaths, run_id: str, uri: str, *, callbacks: list
         result = trainer.fit()
         mark("fit_end", run=paths.name)
         return result
-    except BaseException:
+    except BaseException as e:
         if close_run:
             tracking.finish_run(uri, run_id, "FAILED")
+        if disk_full(e):
+            # Restarting cannot help (Ray Train already tried `run.max_failures` times): one line,
+            # and the part-written checkpoints go, so that freeing space is all --resume needs.
+            remove_unregistered_checkpoints(paths.run_dir)
+            raise UserError(f"{paths.run_dir}: no space left on device for the next checkpoint; the run's earlier "
+                            "checkpoints are kept: free space there, then continue with --resume") from None
         raise
     finally:
         if printer is not None:

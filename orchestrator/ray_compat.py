@@ -379,3 +379,30 @@ class sign_after_tune_saves:  # noqa: N801 (a context manager used as `with sign
         from ray.tune.execution.tune_controller import TuneController
 
         TuneController.save_to_dir = self._original  # type: ignore[method-assign]
+
+
+# --- Train V2's run folder (checked against Ray 2.60.0) -----------------------------------------
+
+# The controller's list of the checkpoints it registered; a restart or `--resume` restores from it.
+CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+def remove_unregistered_checkpoints(run_dir: str) -> list[str]:
+    """Delete the `checkpoint_*` folders of `run_dir` that the controller never registered, and
+    return their names: uploads that failed part-way (a full disk) and left a part-written
+    `state.pt`. Nothing reads them (a restore goes through the snapshot's list); they only hold
+    the space the next checkpoint needs. Call it once the run's workers have stopped."""
+    import json
+
+    from pipelines import storage
+
+    snapshot = storage.join(run_dir, CHECKPOINT_SNAPSHOT)
+    registered: set[str] = set()
+    if storage.exists(snapshot):
+        results = json.loads(storage.read_text(snapshot)).get("checkpoint_results") or []
+        registered = {str(r.get("checkpoint_dir_name")) for r in results}
+    removed = [n for n in storage.list_names(run_dir) if n.startswith("checkpoint_") and n not in registered
+               and storage.is_dir(storage.join(run_dir, n))]
+    for n in removed:
+        storage.delete_tree(storage.join(run_dir, n))
+    return removed

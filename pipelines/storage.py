@@ -236,6 +236,15 @@ def delete_file(location: str | Path) -> None:
         pass
 
 
+def delete_tree(location: str | Path) -> None:
+    """Remove a folder (a URI prefix) and everything under it, if it is there."""
+    fs, path = resolve(location)
+    try:
+        fs.delete_dir(path)
+    except FileNotFoundError:
+        pass
+
+
 def upload(local_file: str | Path, location: str | Path) -> None:
     """Copy a local file to a location (streamed, not read into memory)."""
     fs, path = resolve(location)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from pipelines import storage
 from pipelines.errors import DataError
 from pipelines.ingest import IN_PROGRESS, ingest
 from pipelines.manifest import MANIFEST, read_manifest, split_files
+from tests.tmpfs import mounted_tmpfs
 
 
 def _rows(folder: str | Path, split: str) -> pa.Table:
@@ -159,15 +159,8 @@ def test_overwrite_keeps_the_old_dataset_until_the_new_is_complete(photos: Path,
 @pytest.fixture()
 def tiny_disk(tmp_path: Path) -> Iterator[Path]:
     """A 1 MiB tmpfs mounted under the test's temp folder (root only), unmounted after."""
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {r.stderr.strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "disk", "1m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", str(mnt)], check=False)
 
 
 def test_full_disk_loses_nothing_stored_and_leaves_no_temp_file(photos: Path, tmp_path: Path, tiny_disk: Path,
