@@ -11,8 +11,8 @@ WebP that already decodes that way is kept byte for byte; anything else is re-en
   * formats torchvision cannot read (BMP, TIFF, PPM, ...) -> PNG.
 
 Re-encoded images are PNG (lossless), except JPEG sources (e.g. CMYK), which stay JPEG at quality
-95 rather than growing 5-10x as PNG. Ingest then decodes the stored bytes once more with
-`decode_rgb` to prove it.
+95 rather than growing 5-10x as PNG. Ingest then decodes the stored bytes once more to prove it:
+with `decode_rgb`, or, for a JPEG, with a stricter decoder that accepts only what `decode_rgb` does.
 
 Decompression bombs: a small file can declare a huge image (a 0.39 MB 9500x9500 PNG took 1.5 GB to
 decode). The size is read from the header first (`header_size`: a few bytes of PNG/JPEG/GIF/WebP,
@@ -158,17 +158,37 @@ def normalise(data: bytes, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
             check_pixels((im.height, im.width), max_pixels, setting)  # formats the header reader skips
             how = _why_convert(im, data)
             if not how and im.format == "JPEG":
-                # Kept byte for byte: the decode below (training's, which raises on a corrupt
-                # JPEG) is the one full decode it needs; PIL's as well would halve ingest's speed.
+                # Kept byte for byte: the strict decode below is the one full decode it needs;
+                # PIL's as well would halve ingest's speed.
                 out = Normalised(data, "jpeg", (im.height, im.width), "")
             else:
                 im.load()  # the first frame; a truncated file raises here ("image file is truncated")
                 out = (Normalised(data, TORCHVISION_FORMATS[str(im.format)], (im.height, im.width), "") if not how
                        else _reencode(im, how))
-    decoded = decode_rgb(out.data, max_pixels=max_pixels, setting=setting)  # what training will do
-    if tuple(decoded.shape[-2:]) != out.size:
-        raise DataError(f"decodes to {tuple(decoded.shape)}, not {out.size}")
+    shape = _strict_jpeg_shape(out.data) if out.format == "jpeg" else None
+    if shape is None:
+        shape = tuple(decode_rgb(out.data, max_pixels=max_pixels, setting=setting).shape)  # what training does
+    if tuple(shape[-2:]) != out.size:
+        raise DataError(f"decodes to {shape}, not {out.size}")
     return out
+
+
+def _strict_jpeg_shape(data: bytes) -> tuple[int, int, int] | None:
+    """The `(3, H, W)` of a JPEG that libjpeg-turbo decodes without even a warning (simplejpeg,
+    `strict=True`), else None: the caller then decodes it with training's decoder to decide.
+
+    Why: a JPEG that decodes strictly decodes with torchvision's `decode_jpeg` (the same
+    libjpeg-turbo, which raises only on its fatal errors) and PIL's; `tests/pipelines/
+    test_images.py` checks that on hundreds of damaged JPEGs. simplejpeg loads in milliseconds
+    where torch takes seconds, in every fresh Ray worker of a cluster ingest (docs/design.md, "Photos").
+    """
+    import simplejpeg
+
+    try:
+        rgb = simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
+    except ValueError:
+        return None
+    return (3, *rgb.shape[:2])
 
 
 def _why_convert(im: Image.Image, data: bytes) -> str:

@@ -172,3 +172,60 @@ def test_unwritable_out_is_one_line_exit_2(capsys: pytest.CaptureFixture) -> Non
     assert cli(["ingest", "demo", "/proc/x", "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "selfsup ingest: error: cannot read or write /proc/x: No such file or directory"
+
+
+def _damaged_jpegs(count: int) -> list[bytes]:
+    """JPEGs damaged the ways files get damaged: cut short, bytes flipped or zeroed in the scan,
+    stray markers, no end marker, trailing junk (six kinds, `count` sources each)."""
+    import random
+
+    from pipelines.photos import photo_jpeg
+
+    rng = random.Random(0)
+    out = []
+    for seed in range(count):
+        good = photo_jpeg(seed, min_side=64, max_side=96)
+        for kind in range(6):
+            b = bytearray(good)
+            i = rng.randrange(len(b) // 3, len(b) - 60)  # inside the scan, past the headers
+            if kind == 0:
+                b = b[:i]
+            elif kind == 1:
+                for j in rng.sample(range(i, len(b) - 2), 5):
+                    b[j] = rng.randrange(256)
+            elif kind == 2:
+                b[i:i + 50] = bytes(50)
+            elif kind == 3:
+                b[i:i + 2] = bytes([0xFF, rng.choice([0xD0, 0xD9, 0xC4, 0x01])])
+            elif kind == 4:
+                b = b[:-2]
+            else:
+                b += b"junk" * 10
+            out.append(bytes(b))
+    return out
+
+
+def test_ingest_keeps_a_jpeg_exactly_when_trainings_decoder_reads_it() -> None:
+    """Ingest checks a JPEG with simplejpeg's strict decode and falls back to training's decoder
+    (torchvision) only when that refuses: the JPEGs it keeps must be the ones `decode_rgb` reads,
+    and every JPEG the strict decode passes must read with torchvision and with PIL."""
+    from pipelines.images import _strict_jpeg_shape, normalise
+
+    strict_passed = refused = 0
+    for data in _damaged_jpegs(40):
+        try:
+            trained = tuple(decode_rgb(data).shape)
+        except DataError:
+            trained = None
+        try:
+            kept = normalise(data)
+        except Exception:  # noqa: BLE001 - ingest lists any error as a corrupt image
+            kept = None
+        assert (kept is None) == (trained is None), "ingest and training disagree about a damaged JPEG"
+        if _strict_jpeg_shape(data) is not None:
+            strict_passed += 1
+            assert trained == _strict_jpeg_shape(data)
+            with Image.open(io.BytesIO(data)) as im:
+                im.load()
+        refused += trained is None
+    assert strict_passed and refused and strict_passed + refused < 240  # all three outcomes occurred
