@@ -782,7 +782,6 @@ def _write_dataset(src: _Source, splits: list[str], out: str, *, split_from: str
     results: list[dict[str, Any]] = []
     jobs: list[_ShardJob] = []
     joined = False  # ran on a cluster this call did not start: its tasks outlive a failure here
-    started = time.monotonic()
     try:
         if use_ray:
             from orchestrator.ray_compat import ray_session_at
@@ -792,6 +791,7 @@ def _write_dataset(src: _Source, splits: list[str], out: str, *, split_from: str
             session = contextlib.nullcontext()
         with session as ray_started:
             joined = use_ray and not ray_started
+            started = time.monotonic()  # the summary's rate is of the work: Ray's start-up is not ingest's
             jobs = _plan(src, splits, out, existing, _cluster_cpus() if use_ray else 1,
                          max_image_pixels=max_image_pixels, max_side=max_side)
             bar = tqdm(total=len(splits), unit="img", desc=f"ingest {src.name}", file=sys.stderr,
