@@ -235,8 +235,11 @@ def one_line(e: BaseException) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     keep_local_ray_on_loopback()
+    from pipelines.manifest import read_once
+
     try:
-        return int(args.func(args) or 0)
+        with read_once():  # a dataset's manifest is read once per command
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print(f"selfsup {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -14,7 +14,10 @@ are located for reading).
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -79,9 +82,34 @@ class Manifest:
         return asdict(self)
 
 
+# The manifests read so far by this command (`read_once`), by absolute folder; None outside one.
+_READ: ContextVar[dict[str, Manifest] | None] = ContextVar("selfsup_manifests_read", default=None)
+
+
+@contextlib.contextmanager
+def read_once() -> Iterator[None]:
+    """Within this block each dataset's manifest is read, checked and its folder listed once; every
+    later `read_manifest` of that folder returns the same checked manifest.
+
+    Every `selfsup` command runs inside one (`orchestrator.cli.main`): a pretraining asks for the
+    manifest from about ten places (data checks, loader choice, the kNN protocol tags, the run's
+    tags), which read it 28 times before (`benchmarks/data_walk.py`). A cache scoped to the command
+    rather than a manifest threaded through those call chains: the readers in `pipelines/` stay
+    usable on their own, and nothing outlives the command. Writing a manifest drops its copy.
+    """
+    token = _READ.set({})
+    try:
+        yield
+    finally:
+        _READ.reset(token)
+
+
 def write_manifest(folder: str | Path, manifest: Manifest) -> str:
     """Write `manifest.json` atomically (a local temporary name then a rename, or one object upload)
     and return its location."""
+    read = _READ.get()
+    if read is not None:
+        read.pop(storage.absolute(folder), None)
     final = storage.join(folder, MANIFEST)
     storage.write_text(final, json.dumps(manifest.to_json(), indent=2) + "\n")
     return final
@@ -93,7 +121,16 @@ def read_manifest(folder: str | Path) -> Manifest:
     Raises:
         DataError: the folder has no `manifest.json`, it is not valid, or a shard it lists is missing.
     """
-    folder = str(folder)
+    read = _READ.get()
+    if read is None:
+        return _read_manifest(str(folder))
+    key = storage.absolute(folder)
+    if key not in read:
+        read[key] = _read_manifest(str(folder))
+    return read[key]
+
+
+def _read_manifest(folder: str) -> Manifest:
     path = storage.join(folder, MANIFEST)
     if not storage.is_file(path):
         raise DataError(f"no {MANIFEST} in {folder}; run `selfsup ingest SOURCE {folder}` first")

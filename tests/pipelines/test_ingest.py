@@ -278,3 +278,23 @@ def test_torchvision_name_reads_a_cached_download(tmp_path: Path) -> None:
     first = _rows(tmp_path / "out", "train").slice(0, 1)
     decoded = np.asarray(Image.open(io.BytesIO(first.column("image")[0].as_py())))
     assert np.array_equal(decoded, images[0]) and first.column("label")[0].as_py() == labels[0]
+
+
+def test_a_command_reads_a_manifest_once_and_sees_its_own_rewrite(demo_data: Path, tmp_path: Path) -> None:
+    """`read_once` (every CLI command runs in one): the second read is the first one's manifest,
+    even after the file changed under it; a manifest the command writes itself is read anew."""
+    from pipelines.manifest import MANIFEST, read_once, write_manifest
+
+    folder = tmp_path / "demo"
+    folder.mkdir()
+    for f in demo_data.iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    with read_once():
+        first = read_manifest(folder)
+        assert read_manifest(str(folder) + "/") is first  # the same folder, however it is spelt
+        raw = json.loads((folder / MANIFEST).read_text())
+        (folder / MANIFEST).write_text(json.dumps({**raw, "name": "edited-behind-its-back"}))
+        assert read_manifest(folder).name == first.name  # not read again within the command
+        write_manifest(folder, read_manifest(folder).__class__(**{**first.__dict__, "name": "rewritten"}))
+        assert read_manifest(folder).name == "rewritten"  # its own write is seen
+    assert read_manifest(folder).name == "rewritten" and read_manifest(folder) is not read_manifest(folder)
