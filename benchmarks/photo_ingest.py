@@ -91,8 +91,8 @@ def floor_rate(files: list[str], cores: int) -> float:
 _DRIVER = """
 import resource, sys, time
 t0 = time.perf_counter()
-from pipelines.ingest import ingest
-ingest(sys.argv[1], sys.argv[2], progress=True, test_fraction=0.2)
+from orchestrator.cli import main
+assert main(["ingest", sys.argv[1], sys.argv[2], "--test-fraction", "0.2"]) == 0
 print("WALL", time.perf_counter() - t0, "MAXRSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
 """
 

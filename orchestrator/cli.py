@@ -33,11 +33,13 @@ TRACKING_URI_HELP = "MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlit
 # named by RAY_ADDRESS); Ray is imported only after `keep_local_ray_on_loopback` (see `main`).
 
 def _cmd_ingest(args: argparse.Namespace) -> int:
+    from orchestrator.ray_compat import ray_session_at
     from pipelines.ingest import ingest
 
     ingest(args.source, args.out, test_fraction=args.test_fraction, seed=args.seed,
            overwrite=args.overwrite, progress=not args.quiet, image_column=args.image_column,
-           label_column=args.label_column, max_image_pixels=args.max_image_pixels, max_side=args.max_side)
+           label_column=args.label_column, max_image_pixels=args.max_image_pixels, max_side=args.max_side,
+           ray_session=ray_session_at)
     return 0
 
 

@@ -195,7 +195,7 @@ def ensure_data(cfg: Config, *, quiet: bool = False) -> None:
         return
     if not quiet:
         print(f"selfsup: first run: ingesting {cfg.data.source!r} into {cfg.data.path} ...", flush=True)
-    ingest(cfg.data.source, cfg.data.path, progress=False)
+    ingest(cfg.data.source, cfg.data.path, progress=False, ray_session=ray_session_at)
     check_data_folder(cfg)
 
 

@@ -34,6 +34,7 @@ interrupted overwrite leaves the old dataset readable.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -44,13 +45,14 @@ import re
 import secrets
 import socket
 import sys
+import time
 import urllib.error
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, ContextManager
 
 import numpy as np
 import pyarrow as pa
@@ -77,6 +79,8 @@ SPLIT_WORDS = {"train": "train", "test": "test", "val": "test", "valid": "test",
 SHARD_NAME = re.compile(r"^(train|test)-\d{5}-of-\d{5}(-[0-9a-f]{8})?\.parquet$")
 IN_PROGRESS = ".selfsup-ingest"  # marker: an ingest into this folder started and has not finished
 ROW_GROUP_ROWS = 1000
+# Joins or starts Ray for one ingest, yielding whether it started it (`ingest`'s `ray_session`).
+RaySession = Callable[[str | None], ContextManager[bool]]
 MIN_SHARD_ROWS = 1000
 MAX_SHARD_ROWS = 10_000
 PROGRESS_MIN_IMAGES = 2000
@@ -136,7 +140,7 @@ def ingest(source: str, out: str | Path, *, test_fraction: float = 0.2, seed: in
            overwrite: bool = False, progress: bool = True, image_column: str | None = None,
            label_column: str | None = None, cache_dir: str | Path | None = None,
            max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, max_side: int | None = None,
-           ray_address: str | None = None) -> Manifest:
+           ray_address: str | None = None, ray_session: RaySession | None = None) -> Manifest:
     """Ingest SOURCE into Parquet shards + `manifest.json` in OUT.
 
     Args:
@@ -158,6 +162,10 @@ def ingest(source: str, out: str | Path, *, test_fraction: float = 0.2, seed: in
             `converted`). None = keep every image at its size.
         ray_address: the Ray cluster to run on (default `RAY_ADDRESS`, else a private local Ray
             for sources of more than 2,000 images).
+        ray_session: how to join or start that Ray: `ray_session(ray_address)`, a context manager
+            yielding whether it started Ray (`orchestrator.ray_compat.ray_session_at`, which the
+            CLI passes). Without it, a source for Ray runs on the Ray this process has joined, or
+            else in this process.
 
     Returns:
         The manifest that was written.
@@ -189,7 +197,8 @@ def ingest(source: str, out: str | Path, *, test_fraction: float = 0.2, seed: in
             splits, split_from = _assign_splits(src, test_fraction, seed)
             return _write_dataset(src, splits, out, split_from=split_from, test_fraction=test_fraction,
                                   seed=seed, progress=progress, max_image_pixels=max_image_pixels,
-                                  max_side=max_side, ray_address=ray_address)
+                                  max_side=max_side, ray_address=ray_address,
+                                  ray_session=ray_session)
         except BaseException:
             if created_out and Path(out).is_dir() and not any(Path(out).iterdir()):
                 Path(out).rmdir()  # the folder this call made, left empty: nothing is left behind
@@ -645,9 +654,11 @@ def _write_shard(job: _ShardJob, records: Iterator[tuple[str, int, bytes | None,
     try:
         with storage.open_output(job.location) as raw:
             sink = _HashingSink(raw)
-            # JPEG/PNG bytes don't compress further; the small columns do.
-            writer = pq.ParquetWriter(sink, schema, compression={"image": "NONE", "label": "ZSTD", "path": "ZSTD",
-                                                                 "height": "ZSTD", "width": "ZSTD"})
+            # JPEG/PNG bytes don't compress further, nor have repeats for a dictionary or useful
+            # min/max statistics (computing both cost 20-30% of the write); the small columns do.
+            small = ["label", "path", "height", "width"]
+            writer = pq.ParquetWriter(sink, schema, compression={"image": "NONE", **dict.fromkeys(small, "ZSTD")},
+                                      use_dictionary=small, write_statistics=small)
             try:
                 for path, label, data, reason in records:
                     if tick is not None:
@@ -740,13 +751,16 @@ def _plan(src: _Source, splits: list[str], out: str, existing: set[str], cpus: i
             for p, (s, i, n, items) in zip(plain, cuts)]
 
 
-def _run_on_ray(jobs: list[_ShardJob], on_result: Callable[[dict[str, Any]], None]) -> None:
-    """One Ray Data task per shard, on the Ray already joined (`ray_session_at`)."""
+def _run_on_ray(jobs: list[_ShardJob], on_result: Callable[[dict[str, Any]], None], task_cpus: float) -> None:
+    """One Ray Data task per shard, on the Ray this process has joined."""
+    import logging
+
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts images, not blocks
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # its execution plan and timing lines
     ds = ray.data.from_items([{"job": pickle.dumps(j)} for j in jobs], override_num_blocks=len(jobs))
-    for row in ds.map(_shard_task, num_cpus=1).iter_rows():
+    for row in ds.map(_shard_task, num_cpus=task_cpus).iter_rows():
         on_result(json.loads(row["result"]))
 
 
@@ -766,12 +780,12 @@ def _clear_leftovers(out: str, existing: set[str]) -> None:
 
 def _write_dataset(src: _Source, splits: list[str], out: str, *, split_from: str, test_fraction: float,
                    seed: int, progress: bool, max_image_pixels: int | None, max_side: int | None,
-                   ray_address: str | None) -> Manifest:
-    import contextlib
-    import time
+                   ray_address: str | None, ray_session: RaySession | None) -> Manifest:
+    """Write the shards, then the manifest (the commit), then remove the dataset it replaced.
 
-    from tqdm import tqdm
-
+    Until the manifest is written, a failure removes this call's shards (never an old dataset's:
+    `_plan`), and the in-progress marker tells a later ingest into OUT what a killed one left.
+    """
     existing = set(storage.list_names(out))
     _clear_leftovers(out, existing)
     marker = storage.join(out, IN_PROGRESS)
@@ -779,38 +793,19 @@ def _write_dataset(src: _Source, splits: list[str], out: str, *, split_from: str
                                            "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}))
     use_ray = src.reader != "local" and bool(ray_address or os.environ.get("RAY_ADDRESS")
                                              or len(splits) > IN_PROCESS_MAX_IMAGES)
-    results: list[dict[str, Any]] = []
     jobs: list[_ShardJob] = []
     joined = False  # ran on a cluster this call did not start: its tasks outlive a failure here
     try:
-        if use_ray:
-            from orchestrator.ray_compat import ray_session_at
-
-            session: Any = ray_session_at(ray_address)
-        else:
-            session = contextlib.nullcontext()
-        with session as ray_started:
-            joined = use_ray and not ray_started
+        with _ray_for(use_ray, ray_address, ray_session) as ray_started:
+            on_ray = use_ray and ray_started is not None
+            joined = on_ray and not ray_started
             started = time.monotonic()  # the summary's rate is of the work: Ray's start-up is not ingest's
-            jobs = _plan(src, splits, out, existing, _cluster_cpus() if use_ray else 1,
-                         max_image_pixels=max_image_pixels, max_side=max_side)
-            bar = tqdm(total=len(splits), unit="img", desc=f"ingest {src.name}", file=sys.stderr,
-                       disable=not progress or len(splits) <= PROGRESS_MIN_IMAGES)
-            if use_ray:
-                def on_result(r: dict[str, Any]) -> None:
-                    if "error" in r:
-                        raise DataError(r["error"])
-                    results.append(r)
-                    bar.update(r["items"])
-
-                _run_on_ray(jobs, on_result)
-            else:
-                for job in jobs:
-                    results.append(_write_shard(job, _job_records(job, src.fetch), tick=bar.update))
-            bar.close()
-        manifest = _manifest(src, results, split_from=split_from, test_fraction=test_fraction, seed=seed,
-                             max_image_pixels=max_image_pixels)
-        write_manifest(out, manifest)  # the commit: only now does OUT hold the new dataset
+            results = _write_shards(src, splits, out, existing, jobs, on_ray=on_ray, ray_started=bool(ray_started),
+                                    progress=progress, max_image_pixels=max_image_pixels, max_side=max_side)
+            manifest = _manifest(src, results, split_from=split_from, test_fraction=test_fraction, seed=seed,
+                                 max_image_pixels=max_image_pixels)
+            write_manifest(out, manifest)  # the commit: only now does OUT hold the new dataset
+            elapsed = time.monotonic() - started
     except BaseException:
         for job in jobs:  # the new shards (never an old one's name: `_plan`)
             storage.delete_file(job.location)
@@ -824,14 +819,61 @@ def _write_dataset(src: _Source, splits: list[str], out: str, *, split_from: str
         if SHARD_NAME.match(n) and n not in new:
             storage.delete_file(storage.join(out, n))
     storage.delete_file(marker)
-    if progress and (use_ray or len(splits) > PROGRESS_MIN_IMAGES):
-        elapsed = time.monotonic() - started
+    if progress and (on_ray or len(splits) > PROGRESS_MIN_IMAGES):
         # Where the shards were written: Ray node ids (a private local Ray: one), else this host.
         where = Counter(r["node_id"][:12] if "node_id" in r else r["host"] for r in results)
         print(f"ingest {src.name}: {len(splits):,} images in {elapsed:.1f} s ({len(splits) / elapsed:,.0f} img/s), "
-              f"{len(results)} shards written on {len(where)} {'node' if use_ray else 'host'}(s): "
+              f"{len(results)} shards written on {len(where)} {'node' if on_ray else 'host'}(s): "
               + ", ".join(f"{h} ({n})" for h, n in sorted(where.items())), file=sys.stderr)
     return manifest
+
+
+@contextlib.contextmanager
+def _ray_for(use_ray: bool, ray_address: str | None, ray_session: RaySession | None) -> Iterator[bool | None]:
+    """The Ray to run the shard tasks on; yields whether it was started here, or None for none
+    (a small source; or no `ray_session` given and no Ray joined: this process does the work)."""
+    if not use_ray:
+        yield None
+        return
+    if ray_session is not None:
+        with ray_session(ray_address) as started:
+            yield started
+        return
+    import ray
+
+    yield False if ray.is_initialized() else None
+
+
+def _write_shards(src: _Source, splits: list[str], out: str, existing: set[str], jobs: list[_ShardJob], *,
+                  on_ray: bool, ray_started: bool, progress: bool, max_image_pixels: int | None,
+                  max_side: int | None) -> list[dict[str, Any]]:
+    """Plan the shards (appended to `jobs` as planned, for the caller to remove on failure) and
+    write each: one Ray Data task per shard, or one after another in this process. Returns what
+    each shard's writer reported (`_write_shard`)."""
+    from tqdm import tqdm
+
+    # A private local Ray counts more logical CPUs than cores (`orchestrator.ray_compat`, for
+    # training's own tasks); shard tasks are CPU-bound decodes: one per core.
+    cpus = _cluster_cpus() if on_ray else 1
+    task_cpus = max(1.0, cpus / (os.cpu_count() or 1)) if ray_started else 1.0
+    jobs += _plan(src, splits, out, existing, max(1, int(cpus / task_cpus)),
+                  max_image_pixels=max_image_pixels, max_side=max_side)
+    bar = tqdm(total=len(splits), unit="img", desc=f"ingest {src.name}", file=sys.stderr,
+               disable=not progress or len(splits) <= PROGRESS_MIN_IMAGES)
+    results: list[dict[str, Any]] = []
+    if on_ray:
+        def on_result(r: dict[str, Any]) -> None:
+            if "error" in r:
+                raise DataError(r["error"])
+            results.append(r)
+            bar.update(r["items"])
+
+        _run_on_ray(jobs, on_result, task_cpus)
+    else:
+        for job in jobs:
+            results.append(_write_shard(job, _job_records(job, src.fetch), tick=bar.update))
+    bar.close()
+    return results
 
 
 def _manifest(src: _Source, results: list[dict[str, Any]], *, split_from: str, test_fraction: float,
