@@ -267,7 +267,7 @@ def main() -> None:
     args = p.parse_args()
     if args.plain_only:
         cfg = make_config(args, f"{args.storage}/runs", f"sqlite:///{args.storage}/mlflow.db", "memory")
-        from orchestrator.runs import absolute_paths
+        from orchestrator.config import absolute_paths
 
         Path(args.plain_only).write_text(json.dumps(run_plain(absolute_paths(cfg), args.threads)))
         return
@@ -279,7 +279,8 @@ def main() -> None:
     rays: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="overhead-") as tmp:
         cfg = make_config(args, f"{tmp}/runs", f"sqlite:///{tmp}/mlflow.db", "memory")
-        from orchestrator.runs import absolute_paths, ensure_data
+        from orchestrator.config import absolute_paths
+        from orchestrator.data import ensure_data
 
         cfg = absolute_paths(cfg)
         ensure_data(cfg)

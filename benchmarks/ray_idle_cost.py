@@ -7,7 +7,7 @@ workers ...), each of which does next to nothing. This measures one such process
 
 - baseline: a plain `python` process that sleeps (no Ray), started by this script;
 - an idle Ray actor (`num_cpus=0`, no method running) on the same private local Ray that
-  `selfsup pretrain` starts (`orchestrator.runs.init_ray`);
+  `selfsup pretrain` starts (`orchestrator.cluster.init_ray`);
 - the whole idle local Ray: this driver and every process it started (GCS, raylet, agents, log
   monitor, pool workers, the actor), with nothing running.
 
@@ -92,7 +92,7 @@ def main() -> None:
     import ray
 
     from orchestrator.config import load_config
-    from orchestrator.runs import init_ray
+    from orchestrator.cluster import init_ray
 
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1e6)"])
     temp_dir = None

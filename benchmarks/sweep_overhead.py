@@ -72,7 +72,7 @@ def floor_only(trials: int, out_json: Path) -> None:
     from ray import tune
 
     from orchestrator.config import Config
-    from orchestrator.runs import init_ray
+    from orchestrator.cluster import init_ray
 
     import ray
 

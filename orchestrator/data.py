@@ -17,7 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from orchestrator.config import Config, ConfigError
+from orchestrator.config import Config, ConfigError, check_data_folder
+from pipelines import storage
 
 AUTO_FRACTION = 0.25  # of the smallest node's object store
 MEMORY_FRACTION = 0.8  # data.loader=memory refuses more than this
@@ -228,4 +229,59 @@ def matches(data: DecodedData | None, cfg: Config) -> bool:
     return data is not None and tuple(data.key) == data_key(cfg)
 
 
-__all__ = ["DataCheck", "DecodedData", "check_data", "data_key", "label_metrics", "decode_all", "decode_knn", "get_decoded", "matches", "needed_bytes", "put_decoded", "resolve_loader"]
+
+# --- the dataset a run reads -----------------------------------------------------------------
+
+def ensure_data(cfg: Config, *, quiet: bool = False) -> None:
+    """Ingest `data.source` into `data.path` if it has no manifest yet (the demo's first run)."""
+    from orchestrator.ray_compat import ray_session_at
+    from pipelines.ingest import ingest
+
+    if cfg.data.source is None or storage.is_file(storage.join(cfg.data.path, "manifest.json")):
+        check_data_folder(cfg)
+        return
+    if not quiet:
+        print(f"selfsup: first run: ingesting {cfg.data.source!r} into {cfg.data.path} ...", flush=True)
+    ingest(cfg.data.source, cfg.data.path, progress=False, ray_session=ray_session_at)
+    check_data_folder(cfg)
+
+
+def train_dataset(cfg: Config) -> Any:
+    """The lazy Ray Data train split (shuffled, decoded, maybe augmented each epoch): the first
+    `data.limit` rows, the same every epoch (`data.loader=stream`)."""
+    from pipelines.stream import read_split  # Ray Data: imported only by runs that stream
+
+    return read_split(cfg.data.path, cfg.data.train_split, image_size=cfg.data.image_size,
+                      augment_on=cfg.resolved_augment_on(), preset=cfg.augment_preset(),  # type: ignore[arg-type]
+                      view_size=cfg.data.image_size, seed=None, limit=cfg.data.limit,
+                      max_pixels=cfg.data.max_image_pixels)
+
+
+def train_rows(cfg: Config) -> int:
+    from pipelines.manifest import read_manifest
+
+    rows = read_manifest(cfg.data.path).rows(cfg.data.train_split)
+    return min(rows, cfg.data.limit) if cfg.data.limit is not None else rows
+
+
+def dataset_name(cfg: Config) -> str:
+    from pipelines.manifest import read_manifest
+
+    return read_manifest(cfg.data.path).name
+
+
+def protocol_tags(cfg: Config) -> dict[str, Any]:
+    """How this run's kNN accuracy was measured, as model version tags: the registry's champion
+    rule compares only versions that agree on these (`orchestrator.registry.PROTOCOL_TAGS`)."""
+    from pipelines.memory import split_rows
+
+    d, e = cfg.data, cfg.eval
+    return {"dataset": dataset_name(cfg), "image_size": d.image_size, "knn_k": e.knn_k, "knn_t": e.knn_t,
+            "knn_bank": split_rows(d.path, d.train_split, e.knn_train_limit),
+            "knn_queries": split_rows(d.path, d.test_split, e.knn_test_limit),
+            "knn_bank_split": d.train_split, "knn_query_split": d.test_split}
+
+
+__all__ = ["DataCheck", "DecodedData", "check_data", "data_key", "dataset_name", "decode_all", "decode_knn",
+           "ensure_data", "get_decoded", "label_metrics", "matches", "needed_bytes", "protocol_tags", "put_decoded",
+           "resolve_loader", "train_dataset", "train_rows"]

@@ -30,17 +30,16 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator import tracking
-from orchestrator.config import Config, ConfigError, config_name, load_config, storage_location
-from orchestrator.data import (LABEL_METRICS_TAG, DataCheck, DecodedData, check_data, label_metrics, matches,
-                               put_decoded, resolve_loader)
+from orchestrator.cluster import check_cluster_storage, cpus_per_worker, ray_session
+from orchestrator.config import Config, ConfigError, absolute_paths, config_name, load_config, storage_location
+from orchestrator.data import (LABEL_METRICS_TAG, DataCheck, DecodedData, check_data, dataset_name, ensure_data,
+                               label_metrics, matches, put_decoded, resolve_loader, train_dataset, train_rows)
 from orchestrator.errors import UserError, disk_full
 from orchestrator.ray_compat import controller_warm_up, fresh_elastic_scaling, remove_unregistered_checkpoints
-from orchestrator.runs import (RUN_RECORD, absolute_paths, check_cluster_storage, config_differences,
-                               cpus_per_worker, create_run, dataset_name, ensure_data, mark_diverged, numbered_dir,
-                               ray_session, read_json, reserve_dir, train_dataset, train_rows,
-                               write_json)
+from orchestrator.run_folders import RUN_RECORD, config_differences, numbered_dir, read_json, reserve_dir, write_json
 from orchestrator.reservation import Lease
 from orchestrator.run_output import EpochPrinter, pct, print_header, print_summary
+from orchestrator.tracking import create_run, mark_diverged
 from orchestrator.timeline import mark
 from pipelines import storage
 
@@ -98,7 +97,7 @@ class RunPaths:
 # --- run names and records --------------------------------------------------------------------
 
 def resolve_run(cfg: Config, *, stem: str, resume: bool, reserve: bool = True) -> RunPaths:
-    """Pick the run name and folder (see the module docstring) and reserve it (`runs.reserve_dir`;
+    """Pick the run name and folder (see the module docstring) and reserve it (`run_folders.reserve_dir`;
     not `reserve`: a sweep trial, whose sweep holds the reservation), or raise `UserError`."""
     root = storage_location(cfg.run.storage_path)
     if not reserve:
@@ -220,7 +219,7 @@ def run_pretrain(cfg: Config, *, resume: bool = False, stem: str = "run", callba
         data: decoded data already in the object store (a sweep's, shared by its trials); used when
             this run's loader is memory and its data fields match, else decoded here.
         curves: log the curves PNG (see `build_trainer`).
-        reserve_name: hold the run name's lease while running (`runs.reserve_dir`); False for a
+        reserve_name: hold the run name's lease while running (`run_folders.reserve_dir`); False for a
             sweep trial, whose name its sweep's lease covers (Tune may restart it on another node).
 
     Returns:

@@ -8,8 +8,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.config import Config
-from orchestrator.data import DataCheck, DecodedData
-from orchestrator.runs import train_rows
+from orchestrator.data import DataCheck, DecodedData, train_rows
 
 if TYPE_CHECKING:  # annotations only: pretrain imports this module
     from orchestrator.pretrain import PretrainResult, RunPaths

@@ -32,6 +32,8 @@ from typing import Any
 
 import ray.train
 
+from orchestrator.config import Config
+
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 CURVES_PNG = "curves.png"
 CONFIG_YAML = "config.yaml"
@@ -298,6 +300,34 @@ def backfill_epochs(uri: str, run_id: str, history: list[dict[str, Any]]) -> int
 def finish_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     """Mark the run FINISHED / FAILED / KILLED."""
     client(uri).set_terminated(run_id, status=status)
+
+
+def create_run(cfg: Config, *, uri: str, parent_run_id: str | None = None) -> str:
+    """The MLflow run of pretraining `cfg` (paths absolute, `run.name` set): its params, config
+    YAML and tags; nested under `parent_run_id` (a sweep's). Returns the run id."""
+    from orchestrator.config import to_yaml
+
+    exp_id = ensure_experiment(uri, cfg.tracking.experiment)
+    return start_run(uri, exp_id, str(cfg.run.name), cfg.flat(), to_yaml(cfg),
+                              parent_run_id=parent_run_id, tags=_run_tags(cfg))
+
+
+def _run_tags(cfg: Config) -> dict[str, str]:
+    from orchestrator.config import storage_location
+    from orchestrator.data import LABEL_METRICS_TAG, dataset_name, label_metrics, no_labels_note
+
+    # Set where the run is made (a sweep's driver for its trials): a trial process must not open the
+    # MLflow store before training (one writer per run, docs/design.md).
+    return {"method": cfg.method.name, "encoder": cfg.model.encoder, "dataset": dataset_name(cfg),
+            "selfsup.storage_path": storage_location(cfg.run.storage_path),
+            LABEL_METRICS_TAG: "on" if label_metrics(cfg) else no_labels_note(cfg.data.path)}
+
+
+def mark_diverged(uri: str, run_id: str) -> None:
+    """A diverged run (NaN/inf loss): tag `diverged`, status FAILED."""
+    client(uri).set_tag(run_id, "diverged", "true")
+    finish_run(uri, run_id, "FAILED")
+
 
 
 @contextlib.contextmanager

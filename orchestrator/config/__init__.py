@@ -13,7 +13,7 @@ The names are importable from here; each lives in the module named for its conce
 - `validation`: `validate` (one check per section) and `check_data_folder`.
 """
 
-from orchestrator.config.loading import (STORAGE_ENV, apply_overrides, config_name, load_config, parse_overrides,
+from orchestrator.config.loading import (STORAGE_ENV, absolute_paths, apply_overrides, config_name, load_config, parse_overrides,
                                          read_yaml, storage_location, to_yaml, where_set)
 from orchestrator.config.schema import (AUGMENT_FIELDS, AUGMENT_ON, AUGMENT_PRESETS, DINO_LOCAL_CROPS, ENCODER_NAMES,
                                         LOADERS, MAX_BATCH_SIZE, MAX_IMAGE_SIZE, MAX_VIEWS_GIB, METHOD_NAMES,
@@ -26,5 +26,5 @@ __all__ = ["AUGMENT_FIELDS", "AUGMENT_ON", "AUGMENT_PRESETS", "DINO_LOCAL_CROPS"
            "MAX_BATCH_SIZE", "MAX_IMAGE_SIZE", "MAX_VIEWS_GIB", "METHOD_NAMES", "METHOD_ONLY", "METHOD_PRESET",
            "MODEL_NAME", "OPTIMIZER_NAMES", "RUN_NAME", "STORAGE_ENV", "Config", "ConfigError", "DataConfig",
            "EvalConfig", "MethodConfig", "ModelConfig", "OptimConfig", "RunConfig", "ScalingConfig", "TrackingConfig",
-           "apply_overrides", "check_data_folder", "config_name", "load_config", "parse_overrides",
+           "absolute_paths", "apply_overrides", "check_data_folder", "config_name", "load_config", "parse_overrides",
            "parse_value", "read_yaml", "set_field", "storage_location", "to_yaml", "validate", "where_set"]

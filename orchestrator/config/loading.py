@@ -131,3 +131,13 @@ def config_name(path: str | None) -> str:
 def to_yaml(cfg: Config) -> str:
     """The resolved config as YAML (logged with each run; loads back with `load_config`)."""
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """A copy with local `data.path` and `run.storage_path` made absolute (Train workers run in other
+    folders); URIs stay as they are."""
+    d = cfg.to_dict()
+    d["data"]["path"] = storage.absolute(cfg.data.path)
+    d["run"]["storage_path"] = storage_location(cfg.run.storage_path)
+    return Config.from_dict(d)
+

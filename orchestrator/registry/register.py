@@ -79,7 +79,7 @@ def register_run_encoder(cfg: Config, state: dict[str, Any], *, uri: str, run_id
     """
     # Imported here: torch and the data layer, which the registry's readers (list, show) never need.
     from orchestrator import tracking
-    from orchestrator.runs import protocol_tags
+    from orchestrator.data import protocol_tags
     from methods.encoders import representation_encoder
     from orchestrator.train_loop import build_model
 

@@ -20,12 +20,13 @@ from ray import tune
 from ray.tune.result import AUTO_RESULT_KEYS
 
 from orchestrator import tracking
+from orchestrator.cluster import check_cluster_storage, ray_session
 from orchestrator.config import Config, storage_location
-from orchestrator.data import check_data, put_decoded, resolve_loader
+from orchestrator.data import check_data, dataset_name, ensure_data, put_decoded, resolve_loader
 from orchestrator.errors import UserError
 from orchestrator.ray_compat import release_placement_groups, sign_after_tune_saves, sweep_tune_env
-from orchestrator.runs import (check_cluster_storage, config_differences, create_run, dataset_name, ensure_data,
-                               mark_diverged, ray_session, read_json)
+from orchestrator.run_folders import config_differences, read_json
+from orchestrator.tracking import create_run, mark_diverged
 from orchestrator.sweep.finish import finish_sweep, print_summary
 from orchestrator.sweep.loading import parse_sweep_section
 from orchestrator.sweep.records import (absolute_base, driver_run_id, placement_group_dir, resolve_sweep_dir,

@@ -13,7 +13,8 @@ from typing import Any
 
 from orchestrator.config import Config, apply_overrides, storage_location
 from orchestrator import tracking
-from orchestrator.runs import dataset_name, read_state
+from orchestrator.data import dataset_name
+from orchestrator.run_folders import read_state
 from orchestrator.sweep.results import (RUN_STATUS, SweepResult, markdown_table, plot_png, results_table, short_name,
                                         swept_keys)
 from orchestrator.sweep.space import n_grid_trials, trial_defaults

@@ -14,14 +14,14 @@ from typing import Any
 from orchestrator import tracking
 from orchestrator.config import Config, storage_location
 from orchestrator.reservation import Lease
-from orchestrator.runs import RUN_RECORD, read_json, reserve_dir, write_json
+from orchestrator.run_folders import RUN_RECORD, read_json, reserve_dir, write_json
 from orchestrator.sweep.spec import SWEEP_RECORD, TRIAL_PREFIX, Sweep
 from pipelines import storage
 
 
 def resolve_sweep_dir(s: Sweep, *, resume: bool) -> tuple[str, Lease]:
     """STORAGE_PATH/NAME (a local folder or a URI); NAME = sweep.name or the next free `<stem>-<n>`
-    (resume: the newest), reserved for this command (`runs.reserve_dir`): (the folder, its lease)."""
+    (resume: the newest), reserved for this command (`run_folders.reserve_dir`): (the folder, its lease)."""
     root = storage_location(s.sweep.storage_path)
     return reserve_dir(root, name=s.sweep.name, stem=s.stem, record=SWEEP_RECORD, resume=resume, kind="sweep")
 

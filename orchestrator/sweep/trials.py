@@ -18,12 +18,13 @@ from typing import Any
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from orchestrator.cluster import cpus_per_worker
 from orchestrator.config import Config, apply_overrides
-from orchestrator.data import matches, put_decoded, resolve_loader
+from orchestrator.data import matches, put_decoded, resolve_loader, train_dataset, train_rows
 from orchestrator.epoch_loop import TuneTrialSession, run_epochs, scored_for_tune
 from orchestrator.pretrain import run_pretrain
 from orchestrator.ray_compat import placement_group_recorder
-from orchestrator.runs import cpus_per_worker, read_json, train_dataset, train_rows
+from orchestrator.run_folders import read_json
 from orchestrator.sweep.records import driver_run_id, placement_group_dir, train_record_file
 from orchestrator.sweep.space import trial_defaults, trial_worker_counts
 from orchestrator.sweep.spec import TRIAL_PREFIX, Sweep

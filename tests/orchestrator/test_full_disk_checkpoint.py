@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.ray_compat import CHECKPOINT_SNAPSHOT
-from orchestrator.runs import RUN_RECORD, read_state
+from orchestrator.run_folders import RUN_RECORD, read_state
 from pipelines import storage
 from tests.tmpfs import mounted_tmpfs, resize_tmpfs
 

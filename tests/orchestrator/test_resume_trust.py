@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from orchestrator.config import Config, load_config
-from orchestrator.runs import RUN_RECORD, absolute_paths
+from orchestrator.config import absolute_paths
+from orchestrator.run_folders import RUN_RECORD
 
 REPO = Path(__file__).resolve().parents[2]
 

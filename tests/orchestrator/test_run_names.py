@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.errors import UserError
-from orchestrator.runs import numbered_dir
+from orchestrator.run_folders import numbered_dir
 
 
 @pytest.mark.parametrize("kind", ["run", "sweep"])
@@ -44,7 +44,7 @@ import sys
 import time
 
 from orchestrator.reservation import LEASE, STALE_S, acquire, try_acquire
-from orchestrator.runs import reserve_dir
+from orchestrator.run_folders import reserve_dir
 from pipelines import storage
 from tests.pipelines.test_storage import s3_bucket  # noqa: F401  (a fixture: moto_server with a bucket)
 
