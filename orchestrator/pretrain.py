@@ -123,16 +123,14 @@ def write_record(paths: RunPaths, record: dict[str, Any]) -> None:
 
 # --- trainer ----------------------------------------------------------------------------------
 
-def build_trainer(cfg: Config, *, callbacks: list[Any] | None = None, mlflow_parent_run_id: str | None = None,
-                  mlflow_run_id: str | None = None, progress: Any = None, data: DecodedData | None = None,
-                  curves: bool = True) -> Any:
+def build_trainer(cfg: Config, *, mlflow_run_id: str, callbacks: list[Any] | None = None, progress: Any = None,
+                  data: DecodedData | None = None, curves: bool = True) -> Any:
     """The `TorchTrainer` of one run; Ray must be initialised and `run.name` set.
 
     Args:
         cfg: resolved config with `run.name` set (the Train run folder is storage_path/name).
+        mlflow_run_id: the run's MLflow run (`tracking.create_run`), which its epochs are logged to.
         callbacks: extra Ray Train callbacks (a sweep passes `TuneReportCallback()`).
-        mlflow_parent_run_id: nest the MLflow run under this one (sweeps); used when a new run is created.
-        mlflow_run_id: log into this existing MLflow run; None creates one (params + config logged).
         progress: a `ray.util.queue.Queue` that receives each epoch's metrics (terminal output).
         data: the decoded train split in the object store (`data.loader=memory`, from
             `orchestrator.data.put_decoded`); None streams the shards through Ray Data.
@@ -147,8 +145,6 @@ def build_trainer(cfg: Config, *, callbacks: list[Any] | None = None, mlflow_par
     if cfg.run.name is None:
         raise ValueError("build_trainer needs cfg.run.name (see resolve_run)")
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
-    if mlflow_run_id is None:
-        mlflow_run_id = create_run(cfg, uri=uri, parent_run_id=mlflow_parent_run_id)
     root = storage_location(cfg.run.storage_path)  # a URI goes to Ray unchanged
     worker_config = {**cfg.to_dict(), "_run_dir": storage.join(root, cfg.run.name),
                      "_train_rows": data.train_rows if data is not None else train_rows(cfg),
@@ -198,9 +194,7 @@ def _fault_epoch() -> int | None:
 # --- the run ----------------------------------------------------------------------------------
 
 def run_pretrain(cfg: Config, *, resume: bool = False, stem: str = "run", callbacks: list[Any] | None = None,
-                 mlflow_parent_run_id: str | None = None, mlflow_run_id: str | None = None, close_run: bool = True,
-                 progress: bool = False, data: DecodedData | None = None, curves: bool = True,
-                 reserve_name: bool = True) -> PretrainResult:
+                 progress: bool = False) -> PretrainResult:
     """Pretrain one encoder on Ray Train, track it in MLflow and register it.
 
     Args:
@@ -208,19 +202,8 @@ def run_pretrain(cfg: Config, *, resume: bool = False, stem: str = "run", callba
         resume: continue the run of that name from its last checkpoint (its recorded config wins;
             a differing config is a `UserError`).
         stem: prefix of automatic run names (the config file's stem).
-        callbacks: extra Ray Train callbacks, e.g. Tune's `TuneReportCallback()` in a sweep trial.
-        mlflow_parent_run_id: nest this run's MLflow run under a sweep's parent run.
-        mlflow_run_id: log into this MLflow run, which the caller made with `create_run` (a sweep's
-            driver makes its trials' runs: a trial process then never imports MLflow before its
-            training starts); None makes the run here. Ignored on `resume` (the record has it).
-        close_run: mark the MLflow run FINISHED / FAILED at the end; False leaves that to the
-            caller (a sweep's driver, which knows when Tune stopped a trial).
+        callbacks: extra Ray Train callbacks (a benchmark's probes).
         progress: print one line per epoch on stdout.
-        data: decoded data already in the object store (a sweep's, shared by its trials); used when
-            this run's loader is memory and its data fields match, else decoded here.
-        curves: log the curves PNG (see `build_trainer`).
-        reserve_name: hold the run name's lease while running (`run_folders.reserve_dir`); False for a
-            sweep trial, whose name its sweep's lease covers (Tune may restart it on another node).
 
     Returns:
         The `PretrainResult` (kNN top-1, registered model version, ...). A diverged run (NaN loss)
@@ -230,6 +213,33 @@ def run_pretrain(cfg: Config, *, resume: bool = False, stem: str = "run", callba
         UserError: bad run name / resume request, missing data.
         ray.train.TrainingFailedError: the workers failed more than `run.max_failures` times.
     """
+    return _run(cfg, resume=resume, stem=stem, callbacks=callbacks, progress=progress, trial=None)
+
+
+@dataclass(frozen=True)
+class SweepTrial:
+    """What a sweep trial's Train run (`run_trial`) takes from its sweep."""
+
+    parent_run_id: str  # the sweep's MLflow run
+    # The trial's MLflow run, made by the sweep's driver (which also ends it, knowing when Tune
+    # stopped the trial); None: made here under `parent_run_id`, and ended here.
+    mlflow_run_id: str | None
+    data: DecodedData | None  # the sweep's decoded data, used when this trial's data fields match
+
+
+def run_trial(cfg: Config, trial: SweepTrial, *, resume: bool, callbacks: list[Any]) -> PretrainResult:
+    """A multi-worker sweep trial: `run_pretrain`'s lifecycle, with what differs for a trial.
+
+    No lease on the run's name (its sweep's lease covers it, and Tune may restart the trial on
+    another node), no curves PNG (the sweep draws its own figure), no epoch lines, and its MLflow
+    run the one the sweep's driver made (`SweepTrial`). `callbacks` carry its reports to Tune.
+    """
+    return _run(cfg, resume=resume, stem="trial", callbacks=callbacks, progress=False, trial=trial)
+
+
+def _run(cfg: Config, *, resume: bool, stem: str, callbacks: list[Any] | None, progress: bool,
+         trial: SweepTrial | None) -> PretrainResult:
+    """The one run lifecycle of `run_pretrain` and `run_trial`."""
     start = time.perf_counter()
     cfg = absolute_paths(cfg)
     if resume:  # nothing to continue: said first, before the data is looked at
@@ -237,20 +247,20 @@ def run_pretrain(cfg: Config, *, resume: bool = False, stem: str = "run", callba
     # The data before the name's lease: a command refused for its data writes nothing.
     ensure_data(cfg, quiet=not progress)
     checked = check_data(cfg)  # empty or too-small splits, checksums, labels: before Ray starts
-    paths = resolve_run(cfg, stem=stem, resume=resume, reserve=reserve_name)
+    paths = resolve_run(cfg, stem=stem, resume=resume, reserve=trial is None)
     try:
-        return _run_reserved(cfg, paths, start, checked, resume=resume, callbacks=callbacks,
-                             mlflow_parent_run_id=mlflow_parent_run_id, mlflow_run_id=mlflow_run_id,
-                             close_run=close_run, progress=progress, data=data, curves=curves)
+        return _run_reserved(cfg, paths, start, checked, resume=resume, callbacks=callbacks, progress=progress,
+                             trial=trial)
     finally:
         if paths.lease is not None:
             paths.lease.release()
 
 
 def _run_reserved(cfg: Config, paths: RunPaths, start: float, checked: DataCheck, *, resume: bool,
-                  callbacks: list[Any] | None, mlflow_parent_run_id: str | None, mlflow_run_id: str | None,
-                  close_run: bool, progress: bool, data: DecodedData | None, curves: bool) -> PretrainResult:
-    """`run_pretrain` once the data is checked and the run's name reserved."""
+                  callbacks: list[Any] | None, progress: bool, trial: SweepTrial | None) -> PretrainResult:
+    """`_run` once the data is checked and the run's name reserved."""
+    close_run = trial is None or trial.mlflow_run_id is None
+    curves = trial is None
     cfg = Config.from_dict({**cfg.to_dict(), "run": {**cfg.to_dict()["run"], "name": paths.name}})
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
     # The tracking URI always comes from this command's config and environment, never from the
@@ -259,9 +269,11 @@ def _run_reserved(cfg: Config, paths: RunPaths, start: float, checked: DataCheck
     with ray_session(cfg):
         check_cluster_storage(cfg, {"run.storage_path": cfg.run.storage_path},
                               streams_data=resolve_loader(cfg) == "stream")
-        decoded = _decoded_for(cfg, data)  # refuses data.loader=memory that cannot fit before anything is written
+        # data.loader=memory that cannot fit is refused before anything is written
+        decoded = _decoded_for(cfg, trial.data if trial else None)
         if record is None:
-            run_id = mlflow_run_id or create_run(cfg, uri=uri, parent_run_id=mlflow_parent_run_id)
+            run_id = ((trial.mlflow_run_id if trial else None)
+                      or create_run(cfg, uri=uri, parent_run_id=trial.parent_run_id if trial else None))
             record = {"name": paths.name, "status": "running", "mlflow_run_id": run_id, "tracking_uri": uri,
                       "experiment": cfg.tracking.experiment, "config": cfg.to_dict()}
             write_record(paths, record)

@@ -42,7 +42,7 @@ def trials_dir_of(sweep_dir: str) -> str:
 
 
 def train_record_file(trials_dir: str, trial_id: str) -> str:
-    """The run record of a Train-run trial (written by `run_pretrain` as the run starts)."""
+    """The run record of a Train-run trial (written by `pretrain.run_trial` as the run starts)."""
     return storage.join(trials_dir, f"{TRIAL_PREFIX}{trial_id}", RUN_RECORD)
 
 

@@ -189,7 +189,7 @@ def build_scheduler(sw: SweepConfig, epochs: int, rungs_file: str | None = None)
         return FIFOScheduler()
     # time_attr "epoch", not Tune's training_iteration: a trial restarted by --resume continues its
     # Train run at epoch k+1, while Tune would count its iterations from 1 again.
-    # stop_last_trials=False: a trial that reaches max_t ends by itself (run_pretrain closes its
+    # stop_last_trials=False: a trial that reaches max_t ends by itself (pretrain.run_trial closes its
     # run); Tune stopping it there would kill it while it closes its MLflow run and run record.
     asha = dict(time_attr="epoch", metric=sw.metric, mode="max", max_t=epochs,
                 grace_period=min(sw.grace_period, epochs), reduction_factor=sw.reduction_factor,

@@ -4,7 +4,7 @@
   Tune trial's own process, reporting through `ray.tune.report` with a checkpoint each epoch and
   restoring from `ray.tune.get_checkpoint()`; Tune's `FailureConfig` restarts a failed trial from
   its last checkpoint. No Train controller or worker processes: see `benchmarks/sweep_overhead.py`.
-- Train run (`run_train_trial`): a trial of several workers runs `pretrain.run_pretrain`, a Ray
+- Train run (`run_train_trial`): a trial of several workers runs `pretrain.run_trial`, a Ray
   Train `TorchTrainer`, whose reports reach Tune through `TuneReportCallback`.
 
 `sweep.trial_kind` picks one (`auto`: in-process when every trial has one worker). Either way the
@@ -22,7 +22,7 @@ from orchestrator.cluster import cpus_per_worker
 from orchestrator.config import Config, apply_overrides
 from orchestrator.data import matches, put_decoded, resolve_loader, train_dataset, train_rows
 from orchestrator.epoch_loop import TuneTrialSession, run_epochs, scored_for_tune
-from orchestrator.pretrain import run_pretrain
+from orchestrator.pretrain import SweepTrial, run_trial
 from orchestrator.ray_compat import placement_group_recorder
 from orchestrator.run_folders import read_json
 from orchestrator.sweep.records import driver_run_id, placement_group_dir, train_record_file
@@ -91,7 +91,7 @@ def run_trial_in_process(config: dict[str, Any], *, base: dict[str, Any], trials
 
 def run_train_trial(config: dict[str, Any], *, base: dict[str, Any], trials_dir: str, parent_run_id: str,
                     metric: str, data: Any = None) -> None:
-    """The Tune function trainable of a multi-worker trial: one Ray Train run (`run_pretrain`).
+    """The Tune function trainable of a multi-worker trial: one Ray Train run (`pretrain.run_trial`).
 
     Arguments as `run_trial_in_process`, plus `parent_run_id`: the sweep's MLflow run, under which a
     trial without a driver-made run (the driver's callback not installed) makes its own.
@@ -111,9 +111,8 @@ def run_train_trial(config: dict[str, Any], *, base: dict[str, Any], trials_dir:
     recorder = placement_group_recorder(placement_group_dir(trials_dir, trial_id))
     if recorder is not None:
         callbacks.append(recorder)
-    run_pretrain(cfg, resume=record is not None, stem="trial", callbacks=callbacks,
-                 mlflow_parent_run_id=parent_run_id, mlflow_run_id=run_id, close_run=run_id is None,
-                 progress=False, data=data, curves=False, reserve_name=False)
+    run_trial(cfg, SweepTrial(parent_run_id=parent_run_id, mlflow_run_id=run_id, data=data),
+              resume=record is not None, callbacks=callbacks)
 
 
 class TrialReportCallback(TuneReportCallback):
