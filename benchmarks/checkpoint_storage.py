@@ -1,7 +1,7 @@
 """Per-epoch cost of a checkpoint on an S3-compatible store against a local folder, in one run.
 
 Every epoch, rank 0 of a Train run writes `state.pt` (model incl. momentum encoder / queue,
-optimiser, scheduler, RNG, metrics; `orchestrator.train_loop.save_state`) into a temporary folder
+optimiser, scheduler, RNG, metrics; `orchestrator.training.save_state`) into a temporary folder
 and `ray.train.report` hands it to Ray Train, which copies it into the run's storage with its
 `_upload_to_fs_path` (pyarrow `copy_files`). This benchmark times exactly those two steps, per
 epoch, for `run.storage_path` = a local folder and = `s3://BUCKET/...` on a `moto_server` on
@@ -75,7 +75,7 @@ def training_state(encoder: str) -> dict[str, Any]:
     import torch
 
     from orchestrator.config import Config
-    from orchestrator.train_loop import build_model, build_optimizer, build_scheduler
+    from orchestrator.training import build_model, build_optimizer, build_scheduler
 
     cfg = Config()
     cfg.model.encoder, cfg.model.cifar_stem = encoder, encoder != "convnet"
@@ -95,7 +95,7 @@ def checkpoint_once(state: dict[str, Any], storage_path: str, run: str, epoch: i
     storage. Returns (seconds, bytes)."""
     from ray.train.v2._internal.execution.storage import _upload_to_fs_path
 
-    from orchestrator.train_loop import STATE_FILE, save_state
+    from orchestrator.training import STATE_FILE, save_state
     from pipelines import storage
 
     t0 = time.perf_counter()

@@ -7,7 +7,7 @@ Figures, each against the target issue 26 set for one H200:
             (target: >= 300,000 views/s at batch 512), and its share of a training step (<= 10 %);
   epoch     SimCLR with a CIFAR-stem ResNet-18 (`configs/cifar10-simclr.yaml`) at batch 512 on the
             whole 50,000-image train split, one process, the same code a Ray Train GPU worker runs
-            (`orchestrator.train_loop`: memory loader with the split on the GPU, views made there,
+            (`orchestrator.training`: memory loader with the split on the GPU, views made there,
             bf16 autocast, channels_last, foreach LARS), with `optim.compile` false and true
             (target: <= 1.5 s), the compile time apart (the first step), then the kNN probe on a
             10,000-image bank and its cost against an epoch (target: < 5 %);
@@ -41,9 +41,10 @@ from mfu import mfu, peak_tflops, step_flops  # noqa: E402
 
 from orchestrator.config import load_config  # noqa: E402
 from orchestrator.data import decode_all  # noqa: E402
-from orchestrator.train_loop import (KnnProbe, TrainBatches, autocast, build_model, build_optimizer,  # noqa: E402
-                                     build_scheduler, compile_model, seed_everything, steps_per_epoch,
-                                     train_one_epoch)
+from orchestrator.probes import KnnProbe  # noqa: E402
+from orchestrator.training import (TrainBatches, autocast, build_model, build_optimizer,  # noqa: E402
+                                   build_scheduler, compile_model, seed_everything, steps_per_epoch,
+                                   train_one_epoch)
 from pipelines.augment import TwoViewAugment  # noqa: E402
 
 AUGMENT_TARGET = 300_000  # views/s at batch 512, issue 26

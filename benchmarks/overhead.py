@@ -1,6 +1,6 @@
 """Ray Train overhead: the same epochs through Ray Train (1 worker) and through a plain loop.
 
-Both sides run the same code from `orchestrator.train_loop` (`build_model`, `build_optimizer`,
+Both sides run the same code from `orchestrator.training` (`build_model`, `build_optimizer`,
 `build_scheduler`, `TrainBatches`, `train_one_epoch`, `KnnProbe`) and `orchestrator.data.decode_all`,
 with the same config, seed and thread count:
 
@@ -183,8 +183,9 @@ def run_ray(cfg: Config, cpu_file: str | None = None) -> dict[str, Any]:
 def run_plain(cfg: Config, threads: int) -> dict[str, Any]:
     """The same epochs in this process, no Ray: decode once, then the memory loader's batches."""
     from orchestrator.data import decode_all
-    from orchestrator.train_loop import (KnnProbe, TrainBatches, build_model, build_optimizer, build_scheduler,
-                                         seed_everything, steps_per_epoch, train_one_epoch)
+    from orchestrator.probes import KnnProbe
+    from orchestrator.training import (TrainBatches, build_model, build_optimizer, build_scheduler,
+                                       seed_everything, steps_per_epoch, train_one_epoch)
     from pipelines.augment import keep_freed_memory
 
     torch.set_num_threads(threads)

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PRELOAD = ["torch", "ray.train.torch", "ray.tune", "orchestrator.train_loop", "orchestrator.tracking"]
+PRELOAD = ["torch", "ray.train.torch", "ray.tune", "orchestrator.training", "orchestrator.tracking"]
 MODES = ("off", "preload", "prestart", "local")
 
 

@@ -9,7 +9,7 @@ It stops at the first evaluation at or above `--target` (time-to-target), or whe
 spent. Reports time-to-target, epochs, and the kNN curve (JSON + markdown into --out).
 
 No Ray, no MLflow (a GPU machine here has neither): one process runs the same worker epoch loop a
-Ray Train GPU worker runs, as `benchmarks/gpu_check.py` does: `orchestrator.train_loop`'s
+Ray Train GPU worker runs, as `benchmarks/gpu_check.py` does: `orchestrator.training`'s
 `build_model`, `compile_model`, `build_optimizer`, `build_scheduler`, `TrainBatches` (memory loader:
 the decoded split on the GPU, views made there) and `train_one_epoch` (bf16 autocast,
 channels_last), then `KnnProbe` (bank: all 50,000 train images, k=200, T=0.1, bf16 similarities).
@@ -56,8 +56,9 @@ sys.path.insert(0, str(REPO))
 
 from orchestrator.config import load_config  # noqa: E402
 from orchestrator.data import decode_all  # noqa: E402
-from orchestrator.train_loop import (KnnProbe, TrainBatches, build_model, build_optimizer,  # noqa: E402
-                                     compile_model, seed_everything, steps_per_epoch, train_one_epoch)
+from orchestrator.probes import KnnProbe  # noqa: E402
+from orchestrator.training import (TrainBatches, build_model, build_optimizer,  # noqa: E402
+                                   compile_model, seed_everything, steps_per_epoch, train_one_epoch)
 
 RECIPE = REPO / "configs" / "cifar10-byol.yaml"
 RECIPE_OVERRIDES = ["optim.batch_size=512", "optim.warmup_epochs=10", "eval.knn_train_limit=null",
@@ -80,7 +81,7 @@ def sync(device: torch.device) -> None:
 
 class FittedSchedule:
     """Linear warm-up then cosine to 0 over `total` steps, where `total` may be set after warm-up
-    (the fit to the budget); the same formula as `orchestrator.train_loop.build_scheduler`."""
+    (the fit to the budget); the same formula as `orchestrator.training.build_scheduler`."""
 
     def __init__(self, warmup_steps: int, total_steps: int) -> None:
         self.warmup, self.total = warmup_steps, total_steps

@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 from mfu import mfu, peak_tflops, step_flops  # noqa: E402
 
 from orchestrator.config import load_config  # noqa: E402
-from orchestrator.train_loop import autocast, build_model, build_optimizer  # noqa: E402
+from orchestrator.training import autocast, build_model, build_optimizer  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:

@@ -23,7 +23,7 @@ class SimSiam(nn.Module):
     through the network on its own, as the reference code does, so BatchNorm statistics are per
     view. With several workers `methods.prepare_for_distributed` makes BN global (`sync_batchnorm`),
     as the paper's SyncBN. Departure: the paper keeps the predictor's learning rate fixed (no cosine
-    decay); here every parameter follows the one schedule of `orchestrator.train_loop`.
+    decay); here every parameter follows the one schedule of `orchestrator.training`.
     """
 
     sync_batchnorm = True  # read by methods.prepare_for_distributed

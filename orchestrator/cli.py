@@ -56,13 +56,13 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_registry(args: argparse.Namespace) -> int:
-    from orchestrator.registry.cli import main as registry_main
+    from orchestrator.registry.commands import main as registry_main
 
     return registry_main(args)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from orchestrator.evaluate import main as evaluate_main
+    from orchestrator.evaluate_encoder import main as evaluate_main
 
     return evaluate_main(args)
 

@@ -16,11 +16,11 @@ checkpoint, then per epoch train, evaluate, checkpoint and report. Where it runs
 Per epoch, every worker:
 1. reseeds torch / numpy / random and the augmenter from (run.seed, rank, epoch), so a resumed epoch
    starts from the same random state as an uninterrupted one (the checkpoint's epoch fixes it);
-2. takes its share of the epoch's images (`train_loop.TrainBatches`), makes two views of each batch
+2. takes its share of the epoch's images (`training.TrainBatches`), makes two views of each batch
    on its own device (DINO: plus its local crops) and takes steps (DDP across workers; bf16
    autocast + channels_last on GPU); LR warm-up + cosine per step, momentum update per step;
 3. rank 0 computes kNN top-1/top-5 and, after the last epoch (or every epoch with
-   `eval.linear_every_epoch`), the linear probe (`train_loop.KnnProbe`); the other ranks wait at
+   `eval.linear_every_epoch`), the linear probe (`training.KnnProbe`); the other ranks wait at
    the report barrier;
 4. reports once, with the world size it ran on (`world_size`) and the global batch its workers took
    (`global_batch`: the same at any world size of an elastic run, docs/design.md "Elastic runs");
@@ -48,9 +48,9 @@ from methods.encoders import representation_encoder
 from orchestrator.config import Config
 from orchestrator.ray_compat import CHECKPOINT_SNAPSHOT
 from orchestrator.timeline import mark, process_start_time
-from orchestrator.train_loop import (STATE_FILE, KnnProbe, TrainBatches, build_model, build_optimizer, compile_model,
-                                     build_scheduler, label_metrics_on, load_state, save_state,
-                                     seed_everything, steps_per_epoch, train_one_epoch, unwrap)
+from orchestrator.probes import KnnProbe, worker_label_metrics
+from orchestrator.training import (STATE_FILE, TrainBatches, build_model, build_optimizer, build_scheduler, compile_model,
+                                   load_state, save_state, seed_everything, steps_per_epoch, train_one_epoch, unwrap)
 from pipelines import storage
 
 FAULT_MARKER = "fault-injected"
@@ -203,7 +203,7 @@ class _Loop:
 
             decoded = get_decoded(config["_data"])
         self.batches = TrainBatches(cfg, decoded, device, rank, world, shard=session.shard)
-        self.probe = KnnProbe(cfg, device, decoded) if rank == 0 and label_metrics_on(config) else None
+        self.probe = KnnProbe(cfg, device, decoded) if rank == 0 and worker_label_metrics(config) else None
         self.untrained = self.metrics.get("knn_top1_untrained")
         if self.probe is not None and self.untrained is None and self.start_epoch < cfg.optim.epochs:
             self.untrained = self.probe(representation_encoder(self.module)).get("knn_top1")  # None: unlabelled images

@@ -384,7 +384,7 @@ def _finish(cfg: Config, paths: RunPaths, record: dict[str, Any], result: Any, u
 def _read_result(cfg: Config, paths: RunPaths, result: Any, uri: str, run_id: str, *,
                  curves: bool) -> tuple[dict[str, Any] | None, PretrainResult]:
     """The last checkpoint's state (None without one) and the run's `PretrainResult` from it."""
-    from orchestrator.train_loop import STATE_FILE, load_state  # torch: only once a run has trained
+    from orchestrator.training import STATE_FILE, load_state  # torch: only once a run has trained
 
     last = dict(result.metrics or {})
     state = None

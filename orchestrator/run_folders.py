@@ -15,7 +15,7 @@ from typing import Any
 from orchestrator.config import Config
 from orchestrator.errors import UserError
 from orchestrator.reservation import LEASE, Lease, in_use_message, try_acquire
-from orchestrator.train_loop import load_state
+from orchestrator.training import load_state
 from pipelines import storage
 
 RUN_RECORD = "selfsup-run.json"  # a pretraining run's record, in its run folder

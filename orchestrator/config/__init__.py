@@ -13,7 +13,7 @@ The names are importable from here; each lives in the module named for its conce
 - `validation`: `validate` (one check per section) and `check_data_folder`.
 """
 
-from orchestrator.config.loading import (STORAGE_ENV, absolute_paths, apply_overrides, config_name, load_config, parse_overrides,
+from orchestrator.config.sources import (STORAGE_ENV, absolute_paths, apply_overrides, config_name, load_config, parse_overrides,
                                          read_yaml, storage_location, to_yaml, where_set)
 from orchestrator.config.schema import (AUGMENT_FIELDS, AUGMENT_ON, AUGMENT_PRESETS, DINO_LOCAL_CROPS, ENCODER_NAMES,
                                         LOADERS, MAX_BATCH_SIZE, MAX_IMAGE_SIZE, MAX_VIEWS_GIB, METHOD_NAMES,

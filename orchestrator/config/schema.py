@@ -217,7 +217,7 @@ class TrackingConfig:
 @dataclass
 class EvalConfig:
     """Weighted kNN (Wu et al., 2018, InstDisc), computed by rank 0 after every epoch; the linear
-    probe on the same images' features after the last epoch (`orchestrator.train_loop.KnnProbe`)."""
+    probe on the same images' features after the last epoch (`orchestrator.training.KnnProbe`)."""
 
     knn_k: int = 200
     knn_t: float = 0.1

@@ -3,7 +3,7 @@ starts; `check_data_folder` checks that the data folder can be read (or ingested
 
 Each section has its own check; `validate` runs them in a fixed order and raises the first problem
 found. The message starts with the field ("section.field = value: what is allowed"), which
-`orchestrator.config.loading.where_set` turns into where that field was set.
+`orchestrator.config.sources.where_set` turns into where that field was set.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ The package's public names are importable from here; each lives in the module na
 from orchestrator.registry.champion import (PROTOCOL_TAGS, Promotion, champion_lock, promote, promote_if_better,
                                             protocol_differences)
 from orchestrator.registry.embed import IMAGE_SUFFIXES, embed
-from orchestrator.registry.loading import LoadedEncoder, load_encoder
+from orchestrator.registry.safe_load import LoadedEncoder, load_encoder
 from orchestrator.registry.register import Registration, default_model_name, register_run_encoder
 from orchestrator.registry.versions import (CHAMPION, ModelRef, best_version, connect, list_versions, name_filter,
                                             parse_ref, registered_names, resolve_version, version_metric)

@@ -1,6 +1,6 @@
 """`embed`: embeddings of every image in a folder or shard folder, written to a Parquet file.
 
-The encoder loads through `orchestrator.registry.loading.load_encoder`; images from a plain folder
+The encoder loads through `orchestrator.registry.safe_load.load_encoder`; images from a plain folder
 are made safe as ingest makes them (`pipelines.images`) before torchvision decodes them. The source
 and the output file may each be a local path or an object-store URI (`pipelines.storage`): a URI is
 never turned into a local path.
@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from orchestrator.errors import UserError
-from orchestrator.registry.loading import LoadedEncoder, load_encoder
+from orchestrator.registry.safe_load import LoadedEncoder, load_encoder
 from pipelines import storage
 from pipelines.errors import DataError
 from pipelines.images import DEFAULT_MAX_IMAGE_PIXELS, TooManyPixels, decode_rgb, eval_transform, normalise

@@ -67,7 +67,7 @@ def version_of_run(client: Any, name: str, run_id: str) -> Any | None:
 
 def register_run_encoder(cfg: Config, state: dict[str, Any], *, uri: str, run_id: str, model_name: str,
                          tags: dict[str, Any], summary: str = "", metric: str = "knn_top1") -> Registration:
-    """Register the encoder of a checkpoint's `state` (`train_loop.save_state`) as a version of
+    """Register the encoder of a checkpoint's `state` (`training.save_state`) as a version of
     `model_name` from run `run_id` (once per run), then move `champion` to it if it beats the holder
     measured alike.
 
@@ -81,7 +81,7 @@ def register_run_encoder(cfg: Config, state: dict[str, Any], *, uri: str, run_id
     from orchestrator import tracking
     from orchestrator.data import protocol_tags
     from methods.encoders import representation_encoder
-    from orchestrator.train_loop import build_model
+    from orchestrator.training import build_model
 
     c = tracking.client(uri)
     existing = version_of_run(c, model_name, run_id)

@@ -48,7 +48,7 @@ from __future__ import annotations
 import sys
 
 from orchestrator.sweep.driver import run_sweep
-from orchestrator.sweep.loading import load_sweep
+from orchestrator.sweep.section import load_sweep
 from orchestrator.sweep.results import SweepResult
 from orchestrator.sweep.spec import Sweep, SweepConfig
 

@@ -28,7 +28,7 @@ from orchestrator.ray_compat import release_placement_groups, sign_after_tune_sa
 from orchestrator.run_folders import config_differences, read_json
 from orchestrator.tracking import create_run, mark_diverged
 from orchestrator.sweep.finish import finish_sweep, print_summary
-from orchestrator.sweep.loading import parse_sweep_section
+from orchestrator.sweep.section import parse_sweep_section
 from orchestrator.sweep.records import (absolute_base, driver_run_id, placement_group_dir, resolve_sweep_dir,
                                         save_run_id, train_record_file, trials_dir_of, write_sweep_record)
 from orchestrator.sweep.results import RUN_STATUS, SweepResult, trial_status_of

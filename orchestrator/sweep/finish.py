@@ -20,7 +20,7 @@ from orchestrator.sweep.results import (RUN_STATUS, SweepResult, markdown_table,
 from orchestrator.sweep.space import n_grid_trials, trial_defaults
 from orchestrator.sweep.spec import METRICS, TRIAL_PREFIX, Sweep
 from orchestrator.sweep.records import trials_dir_of, write_sweep_record
-from orchestrator.train_loop import STATE_FILE
+from orchestrator.training import STATE_FILE
 from pipelines import storage
 
 

@@ -102,7 +102,7 @@ def test_teacher_is_the_ema_of_the_student_and_gets_no_gradient() -> None:
 
 
 def _step(model: DINO, epoch: int, lr: float = 0.1) -> dict[str, torch.Tensor]:
-    """One training step as `orchestrator.train_loop.train_one_epoch` takes it; the parameters before it."""
+    """One training step as `orchestrator.training.train_one_epoch` takes it; the parameters before it."""
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
     model.on_epoch_start(epoch)

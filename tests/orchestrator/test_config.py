@@ -272,7 +272,7 @@ def test_method_list_and_preset_pairing_come_from_the_packages() -> None:
     ({"method.name": "simsiam", "method.hidden_dim": 64}, {"hidden_dim": 64}),
 ])
 def test_new_method_fields_become_constructor_kwargs(overrides: dict, kwargs: dict) -> None:
-    from orchestrator.train_loop import build_model
+    from orchestrator.training import build_model
 
     cfg = apply_overrides(Config(), overrides)
     assert cfg.method_kwargs() == kwargs

@@ -107,7 +107,7 @@ def test_knn_leaves_out_loose_images_of_a_mixed_folder() -> None:
 
     from methods.encoders import build_encoder
     from orchestrator.config import Config
-    from orchestrator.train_loop import KnnProbe
+    from orchestrator.probes import KnnProbe
     from pipelines.memory import DecodedSplit
 
     rng = np.random.default_rng(0)

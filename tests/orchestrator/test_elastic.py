@@ -9,7 +9,7 @@ import torch
 
 from orchestrator.config import Config, apply_overrides, validate
 from orchestrator.elastic import describe, worker_group_restarts
-from orchestrator.train_loop import TrainBatches, build_model, build_optimizer, build_scheduler, steps_per_epoch
+from orchestrator.training import TrainBatches, build_model, build_optimizer, build_scheduler, steps_per_epoch
 from pipelines.memory import DecodedSplit
 
 ROWS, GLOBAL_BATCH = 50, 8

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from orchestrator.config import ConfigError, load_config
-from orchestrator.train_loop import (TrainBatches, build_model, build_optimizer, build_scheduler, compile_model,
+from orchestrator.training import (TrainBatches, build_model, build_optimizer, build_scheduler, compile_model,
                                      compile_wanted, train_one_epoch)
 
 REPO = Path(__file__).resolve().parents[2]

@@ -1,6 +1,6 @@
 """Inputs that would exhaust memory, or that are the user's mistake, end with one line and exit 2:
 `evaluate --image-size 50000`, `registry embed --image-size 100000`, a non-integer `input_min_size`
-tag. (A version's artifacts are sized before download by the loader: `registry/loading.py`.)"""
+tag. (A version's artifacts are sized before download by the loader: `registry/safe_load.py`.)"""
 
 from __future__ import annotations
 

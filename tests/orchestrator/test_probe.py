@@ -1,11 +1,11 @@
-"""`train_loop.probe_metrics`: the evaluation protocol shared by pretraining and `selfsup evaluate`."""
+"""`training.probe_metrics`: the evaluation protocol shared by pretraining and `selfsup evaluate`."""
 
 from __future__ import annotations
 
 import torch
 
 from orchestrator.config import EvalConfig
-from orchestrator.train_loop import probe_metrics
+from orchestrator.probes import probe_metrics
 
 
 def _blobs(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

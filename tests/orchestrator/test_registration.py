@@ -32,7 +32,7 @@ def _cfg(data: Path, uri: str, model: str):  # type: ignore[no-untyped-def]
 
 
 def _state(cfg) -> dict:  # type: ignore[no-untyped-def]
-    from orchestrator.train_loop import build_model
+    from orchestrator.training import build_model
 
     return {"model": build_model(cfg).state_dict()}
 

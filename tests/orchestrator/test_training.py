@@ -11,7 +11,7 @@ import torch
 
 from methods import METHODS
 from orchestrator.config import Config, apply_overrides
-from orchestrator.train_loop import (TrainBatches, build_model, build_optimizer, build_scheduler,
+from orchestrator.training import (TrainBatches, build_model, build_optimizer, build_scheduler,
                                      train_one_epoch)
 from pipelines.memory import DecodedSplit
 

@@ -1,7 +1,7 @@
 """`selfsup evaluate MODEL_URI DATA`: kNN and linear top-1/top-5 of a registered encoder on an ingested dataset,
 and with `--finetune-epochs N` the top-1/top-5 of a copy fine-tuned end to end (`methods.evaluate.fine_tune`).
 
-The protocol is pretraining's (`orchestrator.train_loop.probe_metrics`, settings from `EvalConfig`):
+The protocol is pretraining's (`orchestrator.training.probe_metrics`, settings from `EvalConfig`):
 features of a seeded per-class subset of `--train-limit` training images (the kNN memory bank and
 the linear probe's training set) and of the test split (or `--test-limit` of it), no augmentation,
 every image resized to the encoder's training size (or `--image-size`) and normalised.
@@ -33,7 +33,7 @@ from orchestrator.config import EvalConfig
 from orchestrator.encoder_input import check_input_side
 from orchestrator.errors import UserError
 from orchestrator.registry import LoadedEncoder, load_encoder
-from orchestrator.train_loop import probe_metrics
+from orchestrator.probes import probe_metrics
 from pipelines.augment import normalize
 from pipelines import storage
 from pipelines.manifest import MANIFEST, read_manifest
