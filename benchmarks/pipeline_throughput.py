@@ -12,7 +12,7 @@ Rows, measured in one run, alternating in rounds so background load hits all ali
                `pipelines.decode.decode_and_augment(batch_bytes, TwoViewAugment)`, which spreads each
                batch's decode and augmentation over `torch.get_num_threads()` threads (the default:
                one per core);
-  selfsup_plain_loop_decode_on_caller  the same loop with `decode_images` (decode on the calling
+  selfsup_plain_loop_decode_on_caller  the same loop with `decode_batch` (decode on the calling
                thread, as before `pipelines.decode`) + `TwoViewAugment` (its rows still split);
   selfsup_plain_loop_1_thread  `decode_and_augment(..., threads=1)`: all on one core; the cores
                times this is what the plain loop can reach on this machine (the floor of its cost);
@@ -58,8 +58,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipelines import augment as A  # noqa: E402
-from pipelines.decode import decode_and_augment, decode_batch  # noqa: E402
-from pipelines.stream import decode_images  # noqa: E402
+from pipelines.decode import decode_and_augment, decode_batch_threaded  # noqa: E402
+from pipelines.images import decode_batch  # noqa: E402
 
 BATCH = 512
 CORE_THREADS = torch.get_num_threads()  # PyTorch's default (one per core), before any row changes it
@@ -164,10 +164,10 @@ def run_plain_loop(data: list[bytes], decode_augment: Callable[[list[bytes]], ob
 
 
 def run_decode_only(data: list[bytes], threads: int) -> float:
-    """`decode_batch` alone, batch after batch from one Python thread: images/s."""
+    """`decode_batch_threaded` alone, batch after batch from one Python thread: images/s."""
     t0 = time.perf_counter()
     for s in range(0, len(data), BATCH):
-        decode_batch(data[s:s + BATCH], threads=threads)
+        decode_batch_threaded(data[s:s + BATCH], threads=threads)
     return len(data) / (time.perf_counter() - t0)
 
 
@@ -400,7 +400,7 @@ def main() -> None:
             rows["baseline"].append(run_baseline(data))
             with torch.no_grad():
                 rows["selfsup_plain_loop"].append(run_plain_loop(data, lambda b: decode_and_augment(b, aug)))
-                rows["selfsup_plain_loop_decode_on_caller"].append(run_plain_loop(data, lambda b: aug(decode_images(b))))
+                rows["selfsup_plain_loop_decode_on_caller"].append(run_plain_loop(data, lambda b: aug(decode_batch(b))))
                 rows["selfsup_plain_loop_1_thread"].append(
                     run_plain_loop(data, lambda b: decode_and_augment(b, aug, threads=1)))
                 rows["selfsup"].append(run_threads(data, aug, threads=2))
@@ -452,7 +452,7 @@ def main() -> None:
         "baseline": "PIL + torchvision transforms, DataLoader 2 workers (baseline)",
         "selfsup_plain_loop": "**selfsup: plain loop, 1 Python thread: `decode_and_augment` (decode + numba kernel "
                               f"over {CORE_THREADS} threads)**",
-        "selfsup_plain_loop_decode_on_caller": "plain loop, 1 Python thread: `decode_images` on the caller + TwoViewAugment",
+        "selfsup_plain_loop_decode_on_caller": "plain loop, 1 Python thread: `decode_batch` on the caller + TwoViewAugment",
         "selfsup_plain_loop_1_thread": "plain loop, all on 1 thread: `decode_and_augment(threads=1)`",
         "selfsup": "selfsup: batched decode_jpeg + TwoViewAugment (numba CPU kernel), 2 Python threads, own batches",
         "selfsup_torch_ops": "selfsup with TwoViewAugment(backend='torch') (PyTorch ops), in-process, 2 threads",
@@ -477,7 +477,7 @@ def main() -> None:
     if device_rate is not None:
         md += ["", f"Augmentation alone on {device} (batch {args.gpu_batch}): {device_rate:,.0f} views/s."]
     decode_best = {k: max(v) for k, v in decode_only.items()}
-    md += ["", "Decode alone (`pipelines.decode.decode_batch`, batches of 512, one Python thread): "
+    md += ["", "Decode alone (`pipelines.decode.decode_batch_threaded`, batches of 512, one Python thread): "
                + ", ".join(f"{v:,.0f} images/s on {k} thread(s)" for k, v in decode_best.items())
                + f" ({decode_best[CORE_THREADS] / decode_best[1]:.2f}x)."]
     if not args.ray:

@@ -25,7 +25,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +36,9 @@ from orchestrator.data import (LABEL_METRICS_TAG, DataCheck, DecodedData, check_
                                label_metrics, matches, put_decoded, resolve_loader, train_dataset, train_rows)
 from orchestrator.errors import UserError, disk_full
 from orchestrator.ray_compat import controller_warm_up, fresh_elastic_scaling, remove_unregistered_checkpoints
-from orchestrator.run_folders import RUN_RECORD, config_differences, numbered_dir, read_json, reserve_dir, write_json
-from orchestrator.reservation import Lease
-from orchestrator.run_output import EpochPrinter, pct, print_header, print_summary
+from orchestrator.run_folders import (RUN_RECORD, RunPaths, config_differences, numbered_dir, read_json, reserve_dir,
+                                      write_json)
+from orchestrator.run_output import EpochPrinter, PretrainResult, pct, print_header, print_summary
 from orchestrator.tracking import create_run, mark_diverged
 from orchestrator.timeline import mark
 from pipelines import storage
@@ -48,50 +48,6 @@ FAULT_ENV = "SELFSUP_FAULT_KILL_AT_EPOCH"
 # once epoch N's checkpoint is registered, before its metrics reach MLflow.
 FAULT_BEFORE_LOG_ENV = "SELFSUP_FAULT_KILL_BEFORE_LOGGING_EPOCH"
 log = logging.getLogger("selfsup")
-
-
-@dataclass
-class PretrainResult:
-    """What one pretraining run produced (also printed at the end of `selfsup pretrain`)."""
-
-    run_name: str
-    run_dir: str
-    tracking_uri: str
-    experiment: str
-    mlflow_run_id: str
-    epochs: int
-    knn_top1: float | None = None
-    knn_top5: float | None = None
-    knn_top1_untrained: float | None = None
-    linear_top1: float | None = None  # the linear probe after the last epoch (None: off, or no labels)
-    linear_top5: float | None = None
-    loss: float | None = None
-    model_name: str | None = None
-    model_version: str | None = None
-    diverged: bool = False
-    champion: bool = False  # the registered version is now the champion
-    champion_note: str = ""  # why not, when it is not
-    wall_seconds: float = 0.0
-    metrics: dict[str, float] = field(default_factory=dict)
-    restarts: str = ""  # the worker-group restarts and resizes, and the time each lost ("" when none)
-
-    @property
-    def model_uri(self) -> str | None:
-        return f"models:/{self.model_name}/{self.model_version}" if self.model_version else None
-
-
-@dataclass
-class RunPaths:
-    """Where a run lives: Ray Train's run folder (checkpoints) and its record."""
-
-    name: str
-    storage_path: str
-    run_dir: str  # a local folder or a URI
-    lease: Lease | None = None  # the name's reservation, held while this command runs
-
-    @property
-    def record(self) -> str:
-        return storage.join(self.run_dir, RUN_RECORD)
 
 
 # --- run names and records --------------------------------------------------------------------

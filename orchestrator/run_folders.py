@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -94,3 +95,16 @@ def read_state(location: str) -> dict[str, Any]:
     """A checkpoint file (local or in an object store), loaded without unpickling code."""
     return load_state(io.BytesIO(storage.read_bytes(location)))
 
+
+@dataclass
+class RunPaths:
+    """Where a run lives: Ray Train's run folder (checkpoints) and its record."""
+
+    name: str
+    storage_path: str
+    run_dir: str  # a local folder or a URI
+    lease: Lease | None = None  # the name's reservation, held while this command runs
+
+    @property
+    def record(self) -> str:
+        return storage.join(self.run_dir, RUN_RECORD)

@@ -1,17 +1,48 @@
-"""What `selfsup pretrain` prints: the header, one line per epoch (from the Train controller's
-MLflow callback, through a Ray queue), and the summary at the end."""
+"""What a pretraining run produced (`PretrainResult`) and what `selfsup pretrain` prints: the
+header, one line per epoch (from the Train controller's MLflow callback, through a Ray queue), and
+the summary at the end."""
 
 from __future__ import annotations
 
 import math
 import threading
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import Any
 
 from orchestrator.config import Config
 from orchestrator.data import DataCheck, DecodedData, train_rows
+from orchestrator.run_folders import RunPaths
 
-if TYPE_CHECKING:  # annotations only: pretrain imports this module
-    from orchestrator.pretrain import PretrainResult, RunPaths
+
+@dataclass
+class PretrainResult:
+    """What one pretraining run produced (also printed at the end of `selfsup pretrain`)."""
+
+    run_name: str
+    run_dir: str
+    tracking_uri: str
+    experiment: str
+    mlflow_run_id: str
+    epochs: int
+    knn_top1: float | None = None
+    knn_top5: float | None = None
+    knn_top1_untrained: float | None = None
+    linear_top1: float | None = None  # the linear probe after the last epoch (None: off, or no labels)
+    linear_top5: float | None = None
+    loss: float | None = None
+    model_name: str | None = None
+    model_version: str | None = None
+    diverged: bool = False
+    champion: bool = False  # the registered version is now the champion
+    champion_note: str = ""  # why not, when it is not
+    wall_seconds: float = 0.0
+    metrics: dict[str, float] = field(default_factory=dict)
+    restarts: str = ""  # the worker-group restarts and resizes, and the time each lost ("" when none)
+
+    @property
+    def model_uri(self) -> str | None:
+        return f"models:/{self.model_name}/{self.model_version}" if self.model_version else None
+
 
 def duration(seconds: float) -> str:
     seconds = max(0, int(round(seconds)))

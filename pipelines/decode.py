@@ -4,17 +4,17 @@ Photos (images not all at the training size) take another road through `decode_a
 view is cut from its whole photo (`cut_views`, crop boxes drawn against the photo's own size,
 JPEGs decoded at a reduced scale), see docs/design.md, "Photos". What follows is the same-size path.
 
-`pipelines.stream.decode_images` decodes on the calling thread: torchvision's `decode_jpeg` takes
+`pipelines.images.decode_batch` decodes on the calling thread: torchvision's `decode_jpeg` takes
 a list but loops over it in Python, one image after the other (~25-30 us per 32x32 CIFAR-10 JPEG
 on the 2-core machine, more than the ~18 us the numba kernel takes for both views). The decoders
-release the GIL while they work, so `decode_batch` cuts the batch into chunks, decodes them on a
+release the GIL while they work, so `decode_batch_threaded` cuts the batch into chunks, decodes them on a
 thread pool and joins them; `decode_and_augment` then hands the uint8 batch to the augmenter,
 whose CPU kernel splits the rows over as many threads. One Python thread calling
 `decode_and_augment` in a plain loop so keeps every core busy, instead of running its own threads
 over their own batches (`benchmarks/pipeline_throughput.py` has both).
 
 Same output as the one-thread path, whatever the thread count: each image is decoded on its own
-by `decode_images` (chunk by chunk), and `TwoViewAugment` draws every parameter for the whole
+by `decode_batch` (chunk by chunk), and `TwoViewAugment` draws every parameter for the whole
 batch on the calling thread before the rows are split (`tests/pipelines/test_decode.py`).
 
 Threads: `torch.get_num_threads()` by default, the core budget PyTorch gives this process (a Ray
@@ -39,7 +39,7 @@ from PIL import Image
 
 from pipelines.errors import DataError
 from pipelines.images import DEFAULT_MAX_IMAGE_PIXELS, check_pixels, header_size
-from pipelines.stream import decode_images
+from pipelines.images import decode_batch
 
 _CHUNK = 32  # images per chunk at least: a chunk costs ~20 us of Python on top of ~1 ms of decoding
 _CHUNKS_PER_THREAD = 4  # more chunks than threads: a thread the OS pauses (shared cores) is caught up by the others
@@ -78,28 +78,28 @@ def _threads(threads: int | None) -> int:
     return max(1, torch.get_num_threads() if threads is None else int(threads))
 
 
-def decode_batch(images: Sequence[Any], image_size: int | None = None, *, threads: int | None = None) -> torch.Tensor:
-    """`decode_images(images, image_size)` with the batch's images decoded on `threads` threads.
+def decode_batch_threaded(images: Sequence[Any], image_size: int | None = None, *, threads: int | None = None) -> torch.Tensor:
+    """`decode_batch(images, image_size)` with the batch's images decoded on `threads` threads.
 
     Args:
         images: encoded JPEG / PNG (or any format torchvision reads) bytes, one per image.
-        image_size: as in `decode_images`: resize (shorter side) and centre-crop to this square
+        image_size: as in `decode_batch`: resize (shorter side) and centre-crop to this square
             size; None keeps the size (then all images must have one size).
         threads: threads to decode on; default `torch.get_num_threads()`.
 
     Returns:
-        uint8 `[N, 3, H, W]`, equal to `decode_images(images, image_size)`.
+        uint8 `[N, 3, H, W]`, equal to `decode_batch(images, image_size)`.
 
     Raises:
-        DataError: as `decode_images` (images of different sizes and no `image_size`).
+        DataError: as `decode_batch` (images of different sizes and no `image_size`).
     """
     n = len(images)
     threads = _threads(threads)
     chunks = min(threads * _CHUNKS_PER_THREAD, n // _CHUNK)
     if threads == 1 or chunks < 2:
-        return decode_images(images, image_size)
+        return decode_batch(images, image_size)
     bounds = [n * k // chunks for k in range(chunks + 1)]
-    # decode_images silences torchvision's deprecation and torch's read-only-buffer warnings with
+    # decode_batch silences torchvision's deprecation and torch's read-only-buffer warnings with
     # `warnings.catch_warnings`, which saves and restores the process-wide filters: run on several
     # threads at once, one thread's restore undoes another's, and filters were left changed after
     # the call. Silenced here once, around all of them, they restore to this state and then to the
@@ -107,10 +107,10 @@ def decode_batch(images: Sequence[Any], image_size: int | None = None, *, thread
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", UserWarning)
-        parts = list(_executor(threads).map(lambda k: decode_images(images[bounds[k]:bounds[k + 1]], image_size),
+        parts = list(_executor(threads).map(lambda k: decode_batch(images[bounds[k]:bounds[k + 1]], image_size),
                                             range(chunks)))
     if len({tuple(p.shape[1:]) for p in parts}) > 1:
-        return decode_images(images, image_size)  # sizes differ between chunks: its error names them
+        return decode_batch(images, image_size)  # sizes differ between chunks: its error names them
     before = torch.get_num_threads()
     torch.set_num_threads(1)  # a 1.5 MB copy is not worth forking OpenMP threads (they wait for busy cores)
     try:
@@ -128,7 +128,7 @@ def decode_and_augment(images: Sequence[Any], augment: Any, *, image_size: int |
 
     * every image already `image_size` square (or, with `image_size=None`, all of one size: CIFAR,
       MNIST): decoded once at that size and handed to `augment` whole, which crops each view from
-      it. Equal to `augment(decode_images(images, image_size))` for the same augmenter state,
+      it. Equal to `augment(decode_batch(images, image_size))` for the same augmenter state,
       whatever `threads` is.
     * photos (mixed sizes, or a size other than `image_size`): each view is cut from its whole
       photo (`cut_views`: box drawn against the photo's own width and height, JPEG decoded at the
@@ -162,7 +162,7 @@ def decode_and_augment(images: Sequence[Any], augment: Any, *, image_size: int |
     threads = _threads(threads)
     sizes = [header_size(data) for data in images]
     if _decoded_once(sizes, image_size):
-        batch = decode_batch(images, image_size, threads=threads)
+        batch = decode_batch_threaded(images, image_size, threads=threads)
         with _intra_op_threads(threads), torch.no_grad():
             return augment(batch)
     if not hasattr(augment, "augment_cropped"):

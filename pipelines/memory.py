@@ -30,9 +30,10 @@ import numpy as np
 import torch
 
 from pipelines.errors import DataError
-from pipelines.images import DEFAULT_MAX_IMAGE_PIXELS, check_pixels, header_size
-from pipelines.manifest import read_manifest
-from pipelines.stream import decoded_once, load_encoded, load_split, steps_per_epoch, two_views
+from pipelines import storage
+from pipelines.images import DEFAULT_MAX_IMAGE_PIXELS, check_pixels, decode_batch, header_size
+from pipelines.manifest import read_manifest, split_files
+from pipelines.stream import decoded_once, steps_per_epoch, two_views
 
 
 @dataclass
@@ -177,3 +178,101 @@ class MemoryBatches:
             with torch.no_grad():
                 views = augment(batch.to(self.device, non_blocking=True))
             yield views  # outside no_grad: a generator suspended inside it would leak the mode
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoded in this process, no Ray: kNN evaluation, embedding, this loader
+
+
+def load_split(folder: str | Path, split: str = "test", *, limit: int | None = None,
+               image_size: int | None = None, seed: int = 0, first: bool = False,
+               threads: int = 1, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+               resize: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode a whole split (or a subset) in this process: kNN evaluation, embedding, the memory loader.
+
+    Args:
+        folder: the shard folder.
+        split: `train` or `test`.
+        limit: at most this many images. By default a seeded subset that keeps each class's share
+            (stratified), returned in shard order; with `first=True` the first `limit` rows (as
+            `read_split(limit=...)` and `data.limit`). None = all.
+        image_size: as in `read_split` (default: the manifest's size); images of another size go
+            through the evaluation transform (`pipelines.images.decode_batch`, with `resize`).
+        seed: seed of the stratified subset.
+        first: take the first `limit` rows instead of a stratified subset.
+        threads: decode row groups on this many threads (torchvision's decoders release the GIL).
+        max_pixels: refuse an image whose header declares more pixels, before decoding it.
+
+    Returns:
+        images uint8 `[N, 3, H, W]` and labels int64 `[N]`.
+    """
+    manifest = read_manifest(folder)
+    jobs, selected = _row_groups(folder, split, limit=limit, seed=seed, first=first)
+    size = image_size or (manifest.image_size[0] if manifest.image_size else None)
+
+    def decode(job: tuple[str, int, np.ndarray]) -> torch.Tensor:
+        f, g, rows = job
+        t = storage.parquet_file(f).read_row_group(g, columns=["image", "path"])
+        images, paths = t.column("image").to_pylist(), t.column("path").to_pylist()
+        return decode_batch([images[i] for i in rows], size, max_pixels=max_pixels,
+                             paths=[f"{storage.name(f)}: {paths[i]}" for i in rows], resize=resize)
+
+    if threads > 1 and len(jobs) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(threads) as pool:
+            chunks = list(pool.map(decode, jobs))
+    else:
+        chunks = [decode(j) for j in jobs]
+    if not chunks:
+        return torch.empty(0, 3, size or 0, size or 0, dtype=torch.uint8), torch.from_numpy(selected)
+    return torch.cat(chunks), torch.from_numpy(selected)
+
+
+def load_encoded(folder: str | Path, split: str = "train", *, limit: int | None = None, seed: int = 0,
+                 first: bool = False) -> tuple[list[bytes], np.ndarray]:
+    """A split's (or subset's, as in `load_split`) encoded images as stored, and int64 labels: what
+    the memory loader keeps for photos, whose views are cut from the whole photo every epoch."""
+    jobs, labels = _row_groups(folder, split, limit=limit, seed=seed, first=first)
+    images: list[bytes] = []
+    for f, g, rows in jobs:
+        column = storage.parquet_file(f).read_row_group(g, columns=["image"]).column("image").to_pylist()
+        images += [column[i] for i in rows]
+    return images, labels
+
+
+def _row_groups(folder: str | Path, split: str, *, limit: int | None, seed: int,
+                first: bool) -> tuple[list[tuple[str, int, np.ndarray]], np.ndarray]:
+    """The split's rows to read, as (file, row group, rows in it) in shard order, and their labels:
+    all rows, the first `limit` (`first`), or a seeded stratified subset of `limit`."""
+    files = split_files(folder, split)
+    labels = np.concatenate([storage.parquet_file(f).read(columns=["label"]).column("label").to_numpy()
+                             for f in files]).astype(np.int64)
+    keep = None
+    if limit is not None and limit < len(labels):
+        keep = np.arange(limit) if first else _stratified_subset(labels, limit, seed)
+    jobs: list[tuple[str, int, np.ndarray]] = []
+    start = 0
+    for f in files:
+        meta = storage.parquet_file(f).metadata
+        for g in range(meta.num_row_groups):
+            n = meta.row_group(g).num_rows
+            rows = np.arange(n) if keep is None else keep[(keep >= start) & (keep < start + n)] - start
+            if len(rows):
+                jobs.append((f, g, rows))
+            start += n
+    return jobs, (labels if keep is None else labels[keep])
+
+
+def _stratified_subset(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
+    """Sorted row indices of a seeded subset of `limit` rows with each class's share kept."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(labels))
+    # Rank every row within its class (in the random order), as a fraction of the class size;
+    # taking the rows with the smallest fractions gives each class ~limit * its share.
+    frac = np.empty(len(labels))
+    for c in np.unique(labels):
+        members = order[labels[order] == c]
+        frac[members] = (np.arange(len(members)) + rng.random()) / len(members)
+    chosen = np.argsort(frac, kind="stable")[:limit]
+    return np.sort(chosen)

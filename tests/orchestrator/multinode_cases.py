@@ -299,7 +299,7 @@ def test_pretrain_on_s3_runs_on_the_worker_node_and_registers(cluster: Cluster) 
 
     from pipelines import storage
     from pipelines.augment import normalize
-    from pipelines.stream import load_split
+    from pipelines.memory import load_split
 
     c = cluster
     log = c.root / "case-pretrain.log"

@@ -61,7 +61,7 @@ def test_auto_takes_memory_when_the_split_fits_and_streams_when_not(demo_data: P
 def test_put_decoded_holds_the_train_split_bank_and_queries(demo_data: Path, small_store_ray: None) -> None:
     import ray
 
-    from pipelines.stream import load_split
+    from pipelines.memory import load_split
 
     cfg = _cfg(demo_data, "data.limit=1000", "eval.knn_train_limit=300", "eval.knn_test_limit=200")
     data = put_decoded(cfg)

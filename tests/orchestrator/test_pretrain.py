@@ -56,7 +56,7 @@ def test_demo_learns_registers_and_the_encoder_embeds(demo_data: Path, tmp_path:
     from mlflow.tracking import MlflowClient
 
     from pipelines.augment import normalize
-    from pipelines.stream import load_split
+    from pipelines.memory import load_split
 
     monkeypatch.setenv("SELFSUP_RAY_TEMP_ROOT", ray_temp_root)
     cfg = load_config(None, _overrides(demo_data, tmp_path, mlflow_server, "e2e", **{"tracking.model_name": "e2e-encoder"}))

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from pipelines.augment import TwoViewAugment
-from pipelines.decode import decode_and_augment, decode_batch
+from pipelines.decode import decode_and_augment, decode_batch_threaded
 from pipelines.errors import DataError
-from pipelines.stream import decode_images
+from pipelines.images import decode_batch
 
 _THREADS = torch.get_num_threads()
 
@@ -43,7 +43,7 @@ def mixed(jpegs) -> list[bytes]:
         if kind == 0:
             out.append(data)
             continue
-        rgb = decode_images([data])[0].permute(1, 2, 0).numpy()
+        rgb = decode_batch([data])[0].permute(1, 2, 0).numpy()
         if kind == 1:
             out.append(_encode(rgb, "PNG"))
         elif kind == 2:
@@ -56,32 +56,32 @@ def mixed(jpegs) -> list[bytes]:
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3, 8])
-def test_decode_batch_equals_decode_images(jpegs, mixed, threads) -> None:
-    assert torch.equal(decode_batch(jpegs, threads=threads), decode_images(jpegs))
-    assert torch.equal(decode_batch(jpegs[:70], 24, threads=threads), decode_images(jpegs[:70], 24))
-    out = decode_batch(mixed, 32, threads=threads)  # PNG, grayscale and 40x36 images brought to 32x32
+def test_threaded_decode_equals_one_thread(jpegs, mixed, threads) -> None:
+    assert torch.equal(decode_batch_threaded(jpegs, threads=threads), decode_batch(jpegs))
+    assert torch.equal(decode_batch_threaded(jpegs[:70], 24, threads=threads), decode_batch(jpegs[:70], 24))
+    out = decode_batch_threaded(mixed, 32, threads=threads)  # PNG, grayscale and 40x36 images brought to 32x32
     assert out.shape == (len(mixed), 3, 32, 32) and out.dtype == torch.uint8
-    assert torch.equal(out, decode_images(mixed, 32))
+    assert torch.equal(out, decode_batch(mixed, 32))
     gray = out[2::5]
     assert torch.equal(gray[:, 0], gray[:, 1]) and torch.equal(gray[:, 1], gray[:, 2])  # gray -> 3 equal channels
 
 
 def test_decode_batch_small_and_empty(jpegs) -> None:
-    assert torch.equal(decode_batch(jpegs[:5], threads=4), decode_images(jpegs[:5]))  # too few to split
-    assert decode_batch([], threads=2).shape == decode_images([]).shape
+    assert torch.equal(decode_batch_threaded(jpegs[:5], threads=4), decode_batch(jpegs[:5]))  # too few to split
+    assert decode_batch_threaded([], threads=2).shape == decode_batch([]).shape
 
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_mixed_sizes_without_a_size_name_the_sizes(jpegs, mixed, threads) -> None:
     images = jpegs[:100] + mixed[4:5]  # one 40x36 image in the last chunk
     with pytest.raises(DataError, match="different sizes"):
-        decode_batch(images, threads=threads)
+        decode_batch_threaded(images, threads=threads)
 
 
 @pytest.mark.parametrize("preset", ["simclr", "byol"])
 def test_views_do_not_depend_on_threads(jpegs, mixed, preset) -> None:
     """Same seed, same views: on 1, 2, 3 or 8 threads, and as the unthreaded
-    `augment(decode_images(...))`, over successive calls (the parameter stream stays in step)."""
+    `augment(decode_batch(...))`, over successive calls (the parameter stream stays in step)."""
     def views(threads: int | None) -> list[torch.Tensor]:
         aug = TwoViewAugment(preset, 32, seed=21)
         out = []
@@ -91,7 +91,7 @@ def test_views_do_not_depend_on_threads(jpegs, mixed, preset) -> None:
         for images, size in ((jpegs, 32), (same_size, 32), (jpegs[:100], None)):  # None: size from the first chunk
             if threads is None:
                 with torch.no_grad():
-                    out += list(aug(decode_images(images, size)))
+                    out += list(aug(decode_batch(images, size)))
             else:
                 out += list(decode_and_augment(images, aug, image_size=size, threads=threads))
         return out
@@ -107,7 +107,7 @@ def test_thread_settings_are_restored(jpegs) -> None:
     aug = TwoViewAugment("simclr", 32, seed=0)
     torch.set_num_threads(2)
     try:
-        aug(decode_images(jpegs[:200]))  # draws its parameters on one thread, then restores
+        aug(decode_batch(jpegs[:200]))  # draws its parameters on one thread, then restores
         assert torch.get_num_threads() == 2
         decode_and_augment(jpegs, aug, threads=3)
         assert torch.get_num_threads() == 2
@@ -116,7 +116,7 @@ def test_thread_settings_are_restored(jpegs) -> None:
 
 
 def test_warning_filters_are_left_as_they_were(jpegs) -> None:
-    """decode_images' catch_warnings on several threads at once used to leave the process-wide
+    """decode_batch' catch_warnings on several threads at once used to leave the process-wide
     filters changed (one thread's restore undid another's) and let warnings through."""
     import warnings
 
@@ -124,7 +124,7 @@ def test_warning_filters_are_left_as_they_were(jpegs) -> None:
         warnings.simplefilter("default")
         before = list(warnings.filters)
         for _ in range(20):
-            decode_batch(jpegs, threads=4)
+            decode_batch_threaded(jpegs, threads=4)
         assert list(warnings.filters) == before
     assert not caught
 
@@ -134,9 +134,9 @@ def test_callers_on_several_threads_share_the_pool(jpegs) -> None:
     meanwhile) all get their batches."""
     from concurrent.futures import ThreadPoolExecutor
 
-    expected = decode_images(jpegs)
+    expected = decode_batch(jpegs)
     with ThreadPoolExecutor(3) as callers:
-        results = list(callers.map(lambda t: decode_batch(jpegs, threads=t), [2, 3, 5, 2, 7, 3]))
+        results = list(callers.map(lambda t: decode_batch_threaded(jpegs, threads=t), [2, 3, 5, 2, 7, 3]))
     assert all(torch.equal(r, expected) for r in results)
 
 

@@ -19,7 +19,8 @@ from pipelines.errors import DataError
 from pipelines.images import DEFAULT_MAX_IMAGE_PIXELS, TooManyPixels, decode_rgb, header_size
 from pipelines.ingest import ingest
 from pipelines.manifest import read_manifest, split_files
-from pipelines.stream import decode_images, load_split
+from pipelines.images import decode_batch
+from pipelines.memory import load_split
 from tests.image_files import bomb_png
 
 
@@ -84,7 +85,7 @@ def test_pixel_limit_refuses_before_decoding(tmp_path: Path) -> None:
     with pytest.raises(TooManyPixels, match="300x200 = 60,000 pixels, more than data.max_image_pixels = 50,000"):
         decode_rgb(fake, max_pixels=50_000)
     with pytest.raises(TooManyPixels, match="shard-x: a.png: 300x200"):
-        decode_images([fake], 32, max_pixels=50_000, paths=["shard-x: a.png"])
+        decode_batch([fake], 32, max_pixels=50_000, paths=["shard-x: a.png"])
     # Under the limit it is a corrupt PNG: torchvision 0.29's decode_png crashes the process on
     # this IDAT ("libpng error: IDAT: incorrect header check", then SIGSEGV), so training, embed and
     # evaluate decode everything but JPEG with PIL: one line, as for any corrupt image in a shard
@@ -92,7 +93,7 @@ def test_pixel_limit_refuses_before_decoding(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="cannot decode image"):
         decode_rgb(fake)
     with pytest.raises(DataError, match="shard-x: a.png: cannot decode image"):
-        decode_images([fake], 32, paths=["shard-x: a.png"])
+        decode_batch([fake], 32, paths=["shard-x: a.png"])
 
     src = tmp_path / "src"
     src.mkdir()

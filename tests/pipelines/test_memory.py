@@ -12,7 +12,8 @@ import torch
 
 from epoch_checks import assert_each_image_once_per_epoch_with_new_views, pickle_by_value
 from pipelines.memory import DecodedSplit, MemoryBatches, decode_split, decoded_bytes, epoch_indices, split_rows
-from pipelines.stream import dropped_per_epoch, load_split, steps_per_epoch
+from pipelines.memory import load_split
+from pipelines.stream import dropped_per_epoch, steps_per_epoch
 
 BATCH = 16
 EPOCHS = 2

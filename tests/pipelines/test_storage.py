@@ -100,7 +100,7 @@ def test_ingest_into_s3_writes_manifest_last_and_reads_back(s3_bucket: str, cifa
     from pipelines.errors import DataError
     from pipelines.ingest import ingest
     from pipelines.manifest import MANIFEST, read_manifest, split_files
-    from pipelines.stream import load_split
+    from pipelines.memory import load_split
     from shard_testdata import write_cifar_slice
 
     source = write_cifar_slice(cifar10_dir, tmp_path / "source", train_rows=64, test_rows=32)

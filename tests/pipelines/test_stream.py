@@ -12,8 +12,9 @@ import torch
 
 from epoch_checks import assert_each_image_once_per_epoch_with_new_views, pickle_by_value
 from pipelines.manifest import read_manifest
-from pipelines.stream import (decode_images, dropped_per_epoch, iter_two_view_batches, load_split,
-                              read_split, steps_per_epoch)
+from pipelines.images import decode_batch
+from pipelines.memory import load_split
+from pipelines.stream import dropped_per_epoch, iter_two_view_batches, read_split, steps_per_epoch
 
 BATCH = 16
 EPOCHS = 2
@@ -147,11 +148,11 @@ def test_decode_images_handles_png_grayscale_and_mixed_sizes() -> None:
 
     gray = np.tile(np.arange(28, dtype=np.uint8) * 9, (28, 1))
     rgb = np.zeros((40, 20, 3), dtype=np.uint8)
-    out = decode_images([png(gray)], None)
+    out = decode_batch([png(gray)], None)
     assert out.shape == (1, 3, 28, 28) and torch.equal(out[0, 0], out[0, 2])
     assert torch.equal(out[0, 0], torch.from_numpy(gray))
-    assert decode_images([png(gray), png(rgb)], 32).shape == (2, 3, 32, 32)
+    assert decode_batch([png(gray), png(rgb)], 32).shape == (2, 3, 32, 32)
     from pipelines.errors import DataError
 
     with pytest.raises(DataError, match="different sizes"):
-        decode_images([png(gray), png(rgb)], None)
+        decode_batch([png(gray), png(rgb)], None)
