@@ -180,18 +180,6 @@ def _add_evaluate(sub: Any) -> None:
     ev.set_defaults(func=_cmd_evaluate)
 
 
-# Ray reads this when it is imported: with "0" a Ray that selfsup starts itself binds 127.0.0.1
-# only (otherwise GCS, raylet and workers listen on every interface). Joining a cluster goes
-# through RAY_ADDRESS (orchestrator/submit.py sets it), which leaves Ray's own default.
-LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-
-
-def keep_local_ray_on_loopback() -> None:
-    """Nothing listens beyond 127.0.0.1 unless the user says so (by setting RAY_ADDRESS)."""
-    if not os.environ.get("RAY_ADDRESS"):
-        os.environ.setdefault(LOOPBACK_ENV, "0")
-
-
 def is_user_error(e: BaseException) -> bool:
     """Whether the user can fix what `e` says: their input, files, store or model names.
 
@@ -236,8 +224,10 @@ def one_line(e: BaseException) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    keep_local_ray_on_loopback()
+    from orchestrator.ray_compat import keep_local_ray_on_loopback
     from pipelines.manifest import read_once
+
+    keep_local_ray_on_loopback()  # before anything imports Ray
 
     try:
         with read_once():  # a dataset's manifest is read once per command

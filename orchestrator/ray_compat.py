@@ -21,6 +21,18 @@ from pipelines import storage
 
 # --- environment (checked against Ray 2.60.0) -------------------------------------------------
 
+# Ray reads this when it is imported: with "0" a Ray that selfsup starts itself binds 127.0.0.1
+# only (otherwise GCS, raylet and workers listen on every interface). Joining a cluster goes
+# through RAY_ADDRESS (orchestrator/submit.py sets it), which leaves Ray's own default.
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def keep_local_ray_on_loopback() -> None:
+    """Nothing listens beyond 127.0.0.1 unless the user says so (by setting RAY_ADDRESS)."""
+    if not os.environ.get("RAY_ADDRESS"):
+        os.environ.setdefault(LOOPBACK_ENV, "0")
+
+
 # --- quiet Ray --------------------------------------------------------------------------------
 
 def sweep_tune_env() -> None:

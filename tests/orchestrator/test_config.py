@@ -237,9 +237,11 @@ def test_local_ray_stays_on_loopback_and_a_config_address_says_to_use_ray_addres
     import subprocess
     import sys
 
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", cli.LOOPBACK_ENV)}
-    code = ("import os, sys; from orchestrator import cli; cli.keep_local_ray_on_loopback(); "
-            "print(os.environ.get(cli.LOOPBACK_ENV)); sys.exit(cli.main(sys.argv[1:]))")
+    from orchestrator.ray_compat import LOOPBACK_ENV
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", LOOPBACK_ENV)}
+    code = ("import os, sys; from orchestrator import cli, ray_compat; ray_compat.keep_local_ray_on_loopback(); "
+            "print(os.environ.get(ray_compat.LOOPBACK_ENV)); sys.exit(cli.main(sys.argv[1:]))")
     argv = ["pretrain", "--set", f"data.path={data_dir}", "--set", "data.source=null",
             "--set", f"run.storage_path={tmp_path / 'runs'}", "--set", "run.ray_address=auto"]
     p = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env, cwd=tmp_path,
