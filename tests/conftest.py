@@ -149,3 +149,12 @@ def ray_temp_root() -> str:
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     shutil.rmtree(_SESSION_TMP, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def s3_bucket() -> Iterator[str]:
+    """A real moto_server on 127.0.0.1 with one bucket; AWS_ENDPOINT_URL points pyarrow at it."""
+    from tests.moto_server import moto_bucket
+
+    with moto_bucket() as bucket:
+        yield bucket

@@ -34,7 +34,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +42,7 @@ import pytest
 
 from cluster_sandbox import alive, cmdline, terminate  # this folder: pytest puts it on sys.path
 from orchestrator.ray_compat import ELASTIC_START_TIMEOUT_S
+from tests.moto_server import create_bucket, start_moto
 
 # Each case with the shared cluster's start-up (the first case pays it) on a busy 2-core machine.
 pytestmark = pytest.mark.timeout(1500)
@@ -178,17 +178,6 @@ class Cluster:
                                 stdin=subprocess.DEVNULL, start_new_session=True)
 
 
-def _wait_http(url: str, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=3):
-                return
-        except OSError:
-            time.sleep(0.3)
-    raise AssertionError(f"{url} did not answer in {timeout_s} s")
-
-
 @pytest.fixture(scope="module")
 def cluster(mlflow_server: str) -> Iterator[Cluster]:
     if os.environ.get("SELFSUP_IN_NETNS") != "1":
@@ -215,13 +204,8 @@ def cluster(mlflow_server: str) -> Iterator[Cluster]:
     c = Cluster(root=root, work=work, env=env, tracking_uri=mlflow_server, bucket=BUCKET)
     t0 = time.monotonic()
     try:
-        moto_log = open(root / "moto.log", "wb")
-        subprocess.Popen([str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", "5555"], env=env,
-                         stdout=moto_log, stderr=subprocess.STDOUT, start_new_session=True)
-        _wait_http(f"{s3}/", 60)
-        import pyarrow.fs as pafs
-
-        pafs.S3FileSystem(endpoint_override=s3, allow_bucket_creation=True).create_dir(BUCKET)
+        start_moto(5555, env=env, log=open(root / "moto.log", "wb"))
+        create_bucket(s3, BUCKET)
         head_log = open(root / "head.log", "wb")
         subprocess.Popen([str(VENV_BIN / "ray"), "start", "--head", "--port=6379", "--num-cpus=0",
                           "--object-store-memory=300000000", "--include-dashboard=false",

@@ -467,10 +467,9 @@ def test_a_vit_encoder_registers_loads_and_embeds_at_two_sizes(tmp_path: Path) -
             torch.testing.assert_close(loaded.module(x), vit(x), rtol=1e-5, atol=1e-5)
 
 
-from tests.pipelines.test_storage import s3_bucket  # noqa: E402,F401  (moto_server fixture, reused)
 
 
-def test_mixed_size_photos_embed_and_evaluate_from_and_to_uris(tmp_path: Path, s3_bucket: str,  # noqa: F811
+def test_mixed_size_photos_embed_and_evaluate_from_and_to_uris(tmp_path: Path, s3_bucket: str,
                                                               capsys: pytest.CaptureFixture[str]) -> None:
     """Photos of mixed sizes: ingest -> embed on local paths, and the same dataset in S3 -> embed
     with an s3:// output and evaluate on the s3:// dataset (issue 23: a URI never becomes a path)."""

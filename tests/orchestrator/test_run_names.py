@@ -46,7 +46,6 @@ import time
 from orchestrator.reservation import LEASE, STALE_S, acquire, try_acquire
 from orchestrator.run_folders import reserve_dir
 from pipelines import storage
-from tests.pipelines.test_storage import s3_bucket  # noqa: F401  (a fixture: moto_server with a bucket)
 
 N_COMMANDS = 6
 
@@ -117,7 +116,7 @@ def test_a_live_runs_name_is_refused_and_a_dead_ones_taken_over(tmp_path: Path) 
 
 
 @pytest.mark.slow  # a moto_server
-def test_a_lease_from_another_host_is_live_until_it_stops_being_renewed(s3_bucket: str) -> None:  # noqa: F811
+def test_a_lease_from_another_host_is_live_until_it_stops_being_renewed(s3_bucket: str) -> None:
     d = storage.join(s3_bucket, "hosts", "demo-1")
     other = {"host": socket.gethostname() + "-elsewhere", "pid": 1, "token": "x", "renewed": time.time()}
     storage.write_text(storage.join(d, LEASE), json.dumps(other))

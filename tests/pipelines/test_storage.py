@@ -5,11 +5,6 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
-import sys
-import time
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -39,51 +34,6 @@ def test_local_files_write_read_list(tmp_path: Path) -> None:
     assert not list(Path(d).glob(".*tmp*")), "no temporary file left behind"
     storage.delete_file(storage.join(d, "r.json"))
     assert not storage.exists(storage.join(d, "r.json"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def s3_bucket() -> Iterator[str]:
-    """A moto_server on 127.0.0.1 with one bucket; AWS_ENDPOINT_URL points pyarrow at it."""
-    moto = Path(sys.executable).parent / "moto_server"
-    if not moto.exists():
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail("moto_server missing: pip install -e '.[test]' installs moto[server]")
-        pytest.skip("moto_server not installed")
-    import pyarrow.fs as pafs
-
-    port = _free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                                            "AWS_DEFAULT_REGION")}
-    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
-                      AWS_DEFAULT_REGION="us-east-1")
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(endpoint + "/", timeout=2).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline and proc.poll() is None, "moto_server did not start"
-                time.sleep(0.3)
-        pafs.S3FileSystem(endpoint_override=endpoint, allow_bucket_creation=True).create_dir("selfsup-unit")
-        yield "s3://selfsup-unit"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @pytest.mark.slow  # a moto_server
