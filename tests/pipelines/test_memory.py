@@ -97,11 +97,8 @@ def _train_loop(config: dict) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_two_workers_get_every_image_once_per_epoch_from_the_object_store(ray_local, small_shards: Path,
-                                                                         tmp_path: Path) -> None:
+def test_two_workers_get_every_image_once_per_epoch_from_the_object_store(two_worker_run, small_shards: Path) -> None:
     import ray
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     pickle_by_value(__name__)
     split = decode_split(small_shards, "train")
@@ -109,15 +106,7 @@ def test_two_workers_get_every_image_once_per_epoch_from_the_object_store(ray_lo
     assert rows == 128 and dropped_per_epoch(rows, 2, BATCH) == 0  # so "exactly once" is exact
     digests = sorted(_digest(im) for im in split.images)
     assert len(set(digests)) == rows  # the images are distinct, so digests identify them
-    out = tmp_path / "seen"
-    out.mkdir()
-    trainer = TorchTrainer(
-        _train_loop, train_loop_config={"out": str(out), "ref": ray.put(split)},
-        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
-        run_config=RunConfig(storage_path=str(tmp_path / "runs"), name="memory-test"))
-    trainer.fit()
-
-    per_rank = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    per_rank = two_worker_run(_train_loop, "memory-test", config={"ref": ray.put(split)})
     assert_each_image_once_per_epoch_with_new_views(per_rank, digests)
 
 

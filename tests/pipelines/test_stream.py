@@ -43,27 +43,15 @@ def _train_loop(config: dict) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_two_workers_get_every_image_once_per_epoch_with_new_views(ray_local, small_shards: Path,
-                                                                   tmp_path: Path) -> None:
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
+def test_two_workers_get_every_image_once_per_epoch_with_new_views(two_worker_run, small_shards: Path) -> None:
     pickle_by_value(__name__)
     manifest = read_manifest(small_shards)
     rows = manifest.rows("train")
     assert rows == 128 and dropped_per_epoch(rows, 2, BATCH) == 0  # so "exactly once" is exact
-    out = tmp_path / "seen"
-    out.mkdir()
-    trainer = TorchTrainer(
-        _train_loop, train_loop_config={"out": str(out)},
-        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
-        datasets={"train": read_split(small_shards, "train", columns=("path",), seed=0)},
-        run_config=RunConfig(storage_path=str(tmp_path / "runs"), name="stream-test"))
-    trainer.fit()
-
+    per_rank = two_worker_run(_train_loop, "stream-test",
+                              datasets={"train": read_split(small_shards, "train", columns=("path",), seed=0)})
     train_paths = pq.read_table([small_shards / f for f in manifest.splits["train"].files][0]).column("path").to_pylist()
     assert len(set(train_paths)) == rows
-    per_rank = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     assert_each_image_once_per_epoch_with_new_views(per_rank, train_paths)
 
 
