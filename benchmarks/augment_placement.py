@@ -26,6 +26,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from benchmarks.results_io import write_results  # noqa: E402
 CIFAR10 = REPO.parent / "shared" / "datasets" / "cifar10"
 BATCH = 256
 
@@ -124,8 +126,7 @@ def main() -> None:
            "faster": "worker" if ratio >= 1 else "data"}
     res = REPO / "benchmarks" / "results"
     res.mkdir(parents=True, exist_ok=True)
-    (res / "augment_placement.json").write_text(json.dumps(out, indent=2) + "\n")
-    (res / "augment_placement.md").write_text(markdown(out))
+    write_results(res, "augment_placement", out, markdown(out))
     print(markdown(out))
 
 

@@ -20,7 +20,6 @@ checkpoint at 100 MB/s: ~1.4 s). Writes benchmarks/results/checkpoint_storage.js
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -36,6 +35,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from benchmarks.results_io import write_results  # noqa: E402
 OUT = REPO / "benchmarks" / "results"
 BUCKET = "selfsup-bench"
 
@@ -148,7 +149,6 @@ def main() -> None:
             "store": "moto_server on 127.0.0.1 (S3 API, in memory)",
             "load_average_1m": round(os.getloadavg()[0], 1)}
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "checkpoint_storage.json").write_text(json.dumps({**meta, "results": results}, indent=2) + "\n")
     lines = ["# Checkpoint cost per epoch: S3-compatible store vs local folder", "",
              f"`{meta['command'].strip()}`; {meta['epochs']} epochs per store, alternating; median seconds "
              f"per epoch (save_state + Ray Train's upload); {meta['store']}; {meta['cpus']} cores, "
@@ -157,7 +157,7 @@ def main() -> None:
     for enc, r in results.items():
         lines.append(f"| {enc} | {r['checkpoint_mb']} | {r['local_s_per_epoch']:.3f} | {r['s3_s_per_epoch']:.3f} "
                      f"| {r['ratio_s3_over_local']:.2f} |")
-    (OUT / "checkpoint_storage.md").write_text("\n".join(lines) + "\n")
+    write_results(OUT, "checkpoint_storage", {**meta, "results": results}, "\n".join(lines) + "\n")
     print((OUT / "checkpoint_storage.md").read_text())
 
 

@@ -21,7 +21,6 @@ keep their ViT-Tiny/4 whatever `--encoder` says (MAE needs a ViT), at the same b
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -32,6 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.results_io import write_results  # noqa: E402
 from methods import METHODS  # noqa: E402
 from orchestrator.config import load_config  # noqa: E402
 
@@ -92,7 +92,6 @@ def main() -> None:
     result = {"benchmark": "cifar10_knn", "machine": f"{platform.machine()}, {os.cpu_count()} cores",
               "load_average_1min_at_end": os.getloadavg()[0], "config": {k: v for k, v in vars(args).items() if k != "out"},
               "results": rows}
-    (out / "cifar10_knn.json").write_text(json.dumps(result, indent=2) + "\n")
     cmd = "python benchmarks/cifar10_knn.py " + " ".join(sys.argv[1:])
     md = ["# kNN and linear top-1 on the CIFAR-10 test split after a fixed budget", "",
           f"`{cmd.strip()}` on {result['machine']} ({'GPU' if args.gpu else 'CPU'}): encoder {args.encoder}, "
@@ -111,7 +110,7 @@ def main() -> None:
            "the linear probe with the run's `eval.linear_*` defaults). "
            "Minutes are wall time per run including Ray start-up, on a shared machine "
            f"(1-min load average at the end: {result['load_average_1min_at_end']:.1f})."]
-    (out / "cifar10_knn.md").write_text("\n".join(md) + "\n")
+    write_results(out, "cifar10_knn", result, "\n".join(md) + "\n")
     print("\n".join(md))
 
 

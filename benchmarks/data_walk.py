@@ -25,6 +25,9 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from benchmarks.results_io import write_results  # noqa: E402
 
 
 def walk(work: Path) -> dict[str, int]:
@@ -54,12 +57,10 @@ def main() -> None:
         opens = walk(Path(tmp))
     result = {"label": args.label, "files": len(opens), "opens": sum(opens.values()),
               "returns": sum(opens.values()) - len(opens), "per_file": opens}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "data_walk.json").write_text(json.dumps(result, indent=2) + "\n")
     rows = "\n".join(f"| {name} | {n} |" for name, n in sorted(opens.items(), key=lambda kv: -kv[1]))
-    (RESULTS / "data_walk.md").write_text(
-        f"# Data walk of one `selfsup pretrain` ({args.label})\n\n{len(opens)} files, {result['opens']} opens, "
-        f"{result['returns']} returns\n\n| file | opens |\n| --- | --- |\n{rows}\n")
+    write_results(RESULTS, "data_walk", result,
+                  f"# Data walk of one `selfsup pretrain` ({args.label})\n\n{len(opens)} files, {result['opens']} opens, "
+                  f"{result['returns']} returns\n\n| file | opens |\n| --- | --- |\n{rows}\n")
     print(json.dumps(result, indent=2))
 
 

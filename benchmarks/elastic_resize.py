@@ -38,6 +38,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.results_io import write_results  # noqa: E402
 CASE = "test_elastic_run_shrinks_on_a_lost_node_and_grows_back"
 
 
@@ -92,7 +95,6 @@ def main() -> None:
         }
     base = result["baseline_epoch_on_2_workers_s"]
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "elastic_resize.json").write_text(json.dumps(result, indent=2) + "\n")
     rows = [("kill -> first step on the 1 worker left", shrink), ("node joins -> first step on 2 workers", grow)]
     lines = ["# Elastic resize: time lost per resize (one run)", "",
              f"`{result['command']}` on {result['machine']}; world size per epoch {events['world_size']}.", "",
@@ -101,7 +103,7 @@ def main() -> None:
         lines.append(f"| {label} | {v:.1f} | {v / base:.1f} |" if v is not None else f"| {label} | n/a | n/a |")
     lines += [f"| baseline: one epoch on 2 workers | {base:.2f} | 1.0 |", "",
               f"The run's own summary (`resizes` tag): {events['resizes']}", ""]
-    (args.out / "elastic_resize.md").write_text("\n".join(lines))
+    write_results(args.out, "elastic_resize", result, "\n".join(lines))
     print("\n".join(lines))
 
 

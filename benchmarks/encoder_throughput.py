@@ -19,7 +19,6 @@ Writes benchmarks/results/encoder_throughput.json and .md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -32,6 +31,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.results_io import write_results  # noqa: E402
 from methods import SimCLR, build_encoder  # noqa: E402
 
 TARGET_VIEWS_PER_S = 1000.0
@@ -111,7 +111,6 @@ def main() -> None:
         "target_views_per_second": TARGET_VIEWS_PER_S, "baseline": BASELINE, "rows": rows,
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "encoder_throughput.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
         f"SimCLR training step on CPU ({os.cpu_count()} cores), batch {args.batch_size} images = "
         f"{2 * args.batch_size} views of {args.size}x{args.size}; torch {torch.__version__}; "
@@ -126,7 +125,7 @@ def main() -> None:
               f"{r['ratio_to_target']:.2f}x | {r[f'ratio_to_{BASELINE}']:.1f}x | "
               f"{r['views_per_second_cores_to_itself']:,.0f} | "
               f"{r['views_per_second_cores_to_itself'] / TARGET_VIEWS_PER_S:.2f}x |" for r in rows]
-    (args.out_dir / "encoder_throughput.md").write_text("\n".join(lines) + "\n")
+    write_results(args.out_dir, "encoder_throughput", result, "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -25,7 +25,6 @@ Writes gpu_check.json and gpu_check.md into --out. Run by `benchmarks/gpu_check.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import traceback
@@ -37,6 +36,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.results_io import write_results  # noqa: E402
 from mfu import mfu, peak_tflops, step_flops  # noqa: E402
 
 from orchestrator.config import load_config  # noqa: E402
@@ -189,7 +189,6 @@ def main() -> None:
               "compile_ok": "error" not in results.get("true", {"error": "not run"}), "epoch_target": EPOCH_TARGET}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_check.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     md = [f"# GPU check on {name} (torch {torch.__version__})", "", "| figure | value |", "|---|---:|"]
     for key, by_batch in augment.items():
         for b, r in by_batch.items():
@@ -215,7 +214,7 @@ def main() -> None:
                f"| peak GPU memory, GiB | {r['max_memory_gib'] or 0:.1f} |"]
     md += ["", f"Command: `python3 benchmarks/gpu_check.py --data DATA --epochs {args.epochs} --batch-size {args.batch_size}`"
            f" (targets: epoch <= {EPOCH_TARGET} s; augmentation >= {AUGMENT_TARGET:,} views/s and <= 10 % of a step)."]
-    (out / "gpu_check.md").write_text("\n".join(md) + "\n")
+    write_results(out, "gpu_check", result, "\n".join(md) + "\n")
     print("\n".join(md))
 
 

@@ -53,6 +53,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.results_io import write_results  # noqa: E402
 from orchestrator import tracking  # noqa: E402
 from orchestrator.config import Config, load_config  # noqa: E402
 
@@ -332,7 +333,6 @@ def main() -> None:
                       stream_end_to_end_ratio=ratio(streamed, plain, "wall_seconds"))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "overhead.json").write_text(json.dumps(result, indent=2) + "\n")
     cmd = "python benchmarks/overhead.py " + " ".join(sys.argv[1:])
     head = "| | plain loop (baseline) | Ray Train, 1 worker | ratio |"
     sep = "| --- | ---: | ---: | ---: |"
@@ -395,7 +395,7 @@ def main() -> None:
                f"{cpu['plain_training_process']:.3f} / ({cpu['cores']} − {cpu['ray_other_processes']:.3f}) = "
                f"**{cpu['floor_ratio']:.3f}** (1 when the plain loop leaves room for them): the same CPU work "
                "per epoch, on the cores that Ray's own processes leave."]
-    (out / "overhead.md").write_text("\n".join(md) + "\n")
+    write_results(out, "overhead", result, "\n".join(md) + "\n")
     print("\n".join(md))
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import platform
 import re
@@ -42,6 +41,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.results_io import write_results  # noqa: E402
 from pipelines.photos import photo_jpeg  # noqa: E402
 
 
@@ -159,8 +159,7 @@ def run_ingest_benchmark(out_dir: str | Path, *, photos: int = 20_000, small: tu
     }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "photo_ingest.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "photo_ingest.md").write_text(markdown(result))
+    write_results(out, "photo_ingest", result, markdown(result))
     return result
 
 

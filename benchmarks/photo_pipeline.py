@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import statistics
 import sys
 import time
@@ -42,6 +41,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.results_io import write_results  # noqa: E402
 from pipelines.augment import TwoViewAugment  # noqa: E402
 from pipelines.decode import decode_and_augment, reduced_scale  # noqa: E402
 from pipelines.photos import photo_like, small_images  # noqa: E402
@@ -214,11 +214,9 @@ PARTS: dict[str, Callable[[argparse.Namespace], tuple[dict, list[str]]]] = {"vie
                                                                              "ingest": ingest_part}
 
 
-def write_results(results: dict[str, dict], md: list[str], command: str) -> None:
-    """The one results writer of this benchmark: every part's JSON and markdown in one pair of files."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "photo_pipeline.json").write_text(json.dumps({"command": command, **results}, indent=2) + "\n")
-    (RESULTS / "photo_pipeline.md").write_text("\n".join([f"`{command}`", "", *md]) + "\n")
+def _write_parts(results: dict[str, dict], md: list[str], command: str) -> None:
+    """Every part's JSON and markdown in one pair of files."""
+    write_results(RESULTS, "photo_pipeline", {"command": command, **results}, "\n".join([f"`{command}`", "", *md]) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -227,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--photos", type=int, default=512)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--ingest-photos", type=int, default=3000, help="ingest part: photos to ingest")
+    p.add_argument("--ingest-photos", type=int, default=20_000, help="ingest part: photos to ingest")
     p.add_argument("--small", type=int, nargs="*", default=[20_000, 100_000],
                    help="ingest part: counts of small images whose ingest's driver memory is measured")
     args = p.parse_args(argv)
@@ -238,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
         results[name], lines = PARTS[name](args)
         md += [*lines, ""]
         print("\n".join(lines), flush=True)
-    write_results(results, md, "python benchmarks/photo_pipeline.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+    _write_parts(results, md, "python benchmarks/photo_pipeline.py " + " ".join(argv if argv is not None else sys.argv[1:]))
 
 
 if __name__ == "__main__":

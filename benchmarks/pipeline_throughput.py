@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import shutil
 import sys
@@ -57,6 +56,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.results_io import write_results  # noqa: E402
 from pipelines import augment as A  # noqa: E402
 from pipelines.decode import decode_and_augment, decode_batch_threaded  # noqa: E402
 from pipelines.images import decode_batch  # noqa: E402
@@ -447,7 +447,6 @@ def main() -> None:
         "torch": torch.__version__,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "pipeline_throughput.json").write_text(json.dumps(result, indent=2) + "\n")
     labels = {
         "baseline": "PIL + torchvision transforms, DataLoader 2 workers (baseline)",
         "selfsup_plain_loop": "**selfsup: plain loop, 1 Python thread: `decode_and_augment` (decode + numba kernel "
@@ -486,7 +485,7 @@ def main() -> None:
     md += ["", f"`{command.strip()}` on {os.cpu_count()} cores, {args.images} images, best of {args.rounds} "
                f"rounds; 1-min load average at the end {result['load_avg_1min_at_end']:.1f} "
                "(other jobs shared the cores)."]
-    (args.out / "pipeline_throughput.md").write_text("\n".join(md) + "\n")
+    write_results(args.out, "pipeline_throughput", result, "\n".join(md) + "\n")
     print("\n".join(md))
 
 

@@ -35,6 +35,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.results_io import write_results  # noqa: E402
 PRELOAD = ["torch", "ray.train.torch", "ray.tune", "orchestrator.training", "orchestrator.tracking"]
 MODES = ("off", "preload", "prestart", "local")
 
@@ -184,7 +187,6 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"benchmark": "prestart_probe", "machine": f"{platform.machine()}, {os.cpu_count()} cores",
               "load_average": os.getloadavg()[0], "preload": PRELOAD, "rows": rows}
-    (args.out / "prestart_probe.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = ["# Prestarted Ray workers vs per-trial start-up (`benchmarks/prestart_probe.py`)", "",
              f"{args.trials} Tune trials, one at a time, each an empty 1-worker `TorchTrainer.fit()`; "
              f"{result['machine']}, load average {result['load_average']:.1f}.", "",
@@ -204,7 +206,7 @@ def main() -> int:
               "`ray.train.report` in the training function: "
               + "; ".join(f"{r['mode']} {' / '.join(r['ray_train_report'])}" for r in rows) + "."]
     lines += ["", f"Command: `.venv/bin/python benchmarks/prestart_probe.py --trials {args.trials}`", ""]
-    (args.out / "prestart_probe.md").write_text("\n".join(lines))
+    write_results(args.out, "prestart_probe", result, "\n".join(lines))
     print("\n".join(lines))
     return 0
 

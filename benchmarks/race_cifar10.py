@@ -43,7 +43,6 @@ import time
 T0 = time.perf_counter()  # the cold start: before importing torch
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import math  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -54,6 +53,7 @@ import torch  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.results_io import write_results  # noqa: E402
 from orchestrator.config import load_config  # noqa: E402
 from orchestrator.data import decode_all  # noqa: E402
 from orchestrator.probes import KnnProbe  # noqa: E402
@@ -178,7 +178,6 @@ def race(args: argparse.Namespace) -> dict[str, Any]:
 
 def write(result: dict[str, Any], out: Path, command: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "race_cifar10.json").write_text(json.dumps(result, indent=2) + "\n")
     target = 100 * result["target"]
     got = (f"**{result['time_to_target_seconds']:.0f} s** ({result['epochs_to_target']} epochs)"
            if result["reached"] else f"not reached in {result['total_seconds']:.0f} s")
@@ -198,7 +197,7 @@ def write(result: dict[str, Any], out: Path, command: str) -> None:
     md += [f"| {p['epoch']} | {100 * p['knn_top1']:.2f} % | {p['seconds']:.0f} | {p['knn_seconds']:.2f} |"
            for p in result["curve"]]
     md += ["", f"Command: `{command}`"]
-    (out / "race_cifar10.md").write_text("\n".join(line for line in md if line is not None) + "\n")
+    write_results(out, "race_cifar10", result, "\n".join(line for line in md if line is not None) + "\n")
     print("\n".join(md), flush=True)
 
 

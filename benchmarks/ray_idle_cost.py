@@ -20,7 +20,6 @@ Per process: cores used over the window and the wake-ups per second of its busie
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -33,6 +32,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.results_io import write_results  # noqa: E402
 from overhead import cpu_snapshot, descendants_of  # noqa: E402  (this script's folder, benchmarks/, is on sys.path)
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -124,7 +124,6 @@ def main() -> None:
               "idle_actor_wakeup_interval_ms": 1000.0 / max(idle["busiest_thread_wakeups_per_s"], 1e-9)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "ray_idle_cost.json").write_text(json.dumps(result, indent=2) + "\n")
     cmd = "python benchmarks/ray_idle_cost.py " + " ".join(sys.argv[1:])
     md = [
         "# What an idle Ray process costs",
@@ -147,7 +146,7 @@ def main() -> None:
         "Ray's core worker runs a periodic signal check (`CoreWorker.CheckSignal`, a name in `ray/_raylet.so`) "
         "on every worker process's main thread, and it takes the GIL each time.",
     ]
-    (out / "ray_idle_cost.md").write_text("\n".join(md) + "\n")
+    write_results(out, "ray_idle_cost", result, "\n".join(md) + "\n")
     print("\n".join(md))
 
 

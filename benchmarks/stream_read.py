@@ -22,7 +22,6 @@ checked equal. Writes benchmarks/results/stream_read.json and .md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -35,6 +34,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.results_io import write_results  # noqa: E402
 
 def ray_default_reader(files: list[str], columns: list[str], concurrency: int) -> Any:
     """The baseline: `ray.data.read_parquet` with Ray's defaults (the V2 datasource in Ray 2.60), as
@@ -126,7 +126,6 @@ def main() -> None:
               "config": {k: v for k, v in vars(args).items() if k != "out"}, "summary": summary, "runs": runs}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "stream_read.json").write_text(json.dumps(result, indent=2) + "\n")
     cmd = "python benchmarks/stream_read.py " + " ".join(sys.argv[1:])
     md = [
         "# Ray Data read per epoch: Ray's default Parquet reader vs selfsup's (`read_split`)",
@@ -143,7 +142,7 @@ def main() -> None:
     for measure, s in summary.items():
         md.append(f"| {labels[measure]} | {s['rows_per_epoch']:,} | {s['median_epoch_seconds']['ray_default']:.2f} | "
                   f"{s['median_epoch_seconds']['selfsup']:.2f} | **{s['ratio_default_over_selfsup']:.1f}x** |")
-    (out / "stream_read.md").write_text("\n".join(md) + "\n")
+    write_results(out, "stream_read", result, "\n".join(md) + "\n")
     print("\n".join(md))
 
 

@@ -38,6 +38,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from benchmarks.results_io import write_results  # noqa: E402
 RESULTS = REPO / "benchmarks" / "results"
 TARGET_GAUGES = 1.5  # overhead per trial, in import gauges (issue 17)
 
@@ -187,9 +189,8 @@ def main() -> int:
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}",
               "date": time.strftime("%Y-%m-%d %H:%M")}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "sweep_overhead.json").write_text(json.dumps(result, indent=2) + "\n")
     md = markdown(result, args)
-    (args.out / "sweep_overhead.md").write_text(md)
+    write_results(args.out, "sweep_overhead", result, md)
     print(md)
     return 0
 

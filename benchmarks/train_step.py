@@ -27,6 +27,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.results_io import write_results  # noqa: E402
 from mfu import mfu, peak_tflops, step_flops  # noqa: E402
 
 from orchestrator.config import load_config  # noqa: E402
@@ -109,7 +110,6 @@ def main() -> None:
     result = {"device": name, "torch": torch.__version__, "threads": torch.get_num_threads(),
               "peak_bf16_tflops": peak_tflops(name), "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "train_step.json").write_text(json.dumps(result, indent=2) + "\n")
     md = [f"# One SimCLR training step, eager vs torch.compile ({name}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads)", "",
           "| model | batch | eager s/step | compiled s/step | compiled / eager | compile s | GFLOP/step | MFU eager | MFU compiled |",
@@ -120,7 +120,7 @@ def main() -> None:
                   f"{r['compiled_over_eager']:.2f} | {r['compile_seconds']:.1f} | {r['flops_per_step'] / 1e9:.1f} | "
                   f"{fmt(r['mfu_eager'])} | {fmt(r['mfu_compiled'])} |")
     md += ["", f"Command: `python benchmarks/train_step.py --device {args.device} --steps {args.steps} --rounds {args.rounds}`"]
-    (args.out / "train_step.md").write_text("\n".join(md) + "\n")
+    write_results(args.out, "train_step", result, "\n".join(md) + "\n")
     print("\n".join(md))
 
 
