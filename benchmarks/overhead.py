@@ -252,7 +252,20 @@ def cpu_summary(plains: list[dict[str, Any]], rays: list[dict[str, Any]], cores:
     return out
 
 
-def main() -> None:
+def _total(xs: list[float]) -> float:
+    """Epochs 2..n: epoch 1 holds first-touch costs."""
+    return sum(xs[1:]) if len(xs) > 1 else sum(xs)
+
+
+def _pooled(runs: list[dict[str, Any]], key: str) -> list[float]:
+    return [v for run in runs for v in run[key][1:]]
+
+
+def _ratio(a: dict[str, Any], b: dict[str, Any], key: str) -> float:
+    return _total(a[key]) / _total(b[key]) if key != "wall_seconds" else a[key] / b[key]
+
+
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="data/demo", help="shard folder (data/demo is ingested if missing)")
     p.add_argument("--epochs", type=int, default=8)
@@ -266,74 +279,69 @@ def main() -> None:
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     p.add_argument("--plain-only", metavar="JSON", help=argparse.SUPPRESS)  # the baseline's own process
     p.add_argument("--storage", help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.plain_only:
-        cfg = make_config(args, f"{args.storage}/runs", f"sqlite:///{args.storage}/mlflow.db", "memory")
-        from orchestrator.config import absolute_paths
+    return p.parse_args()
 
-        Path(args.plain_only).write_text(json.dumps(run_plain(absolute_paths(cfg), args.threads)))
-        return
 
-    def total(xs: list[float]) -> float:  # epochs 2..n: epoch 1 holds first-touch costs
-        return sum(xs[1:]) if len(xs) > 1 else sum(xs)
+def measure(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any] | None]:
+    """Alternating rounds of the plain loop and the 1-worker Ray Train run, then one streamed run:
+    (plain rounds, Ray rounds, the streamed run or None)."""
+    from orchestrator.config import absolute_paths
+    from orchestrator.data import ensure_data
 
     plains: list[dict[str, Any]] = []
     rays: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="overhead-") as tmp:
-        cfg = make_config(args, f"{tmp}/runs", f"sqlite:///{tmp}/mlflow.db", "memory")
-        from orchestrator.config import absolute_paths
-        from orchestrator.data import ensure_data
-
-        cfg = absolute_paths(cfg)
+        cfg = absolute_paths(make_config(args, f"{tmp}/runs", f"sqlite:///{tmp}/mlflow.db", "memory"))
         ensure_data(cfg)
         # The runs' artifacts go into the temporary folder too (MLflow's default is ./mlruns in the cwd).
         tracking.ensure_experiment(cfg.tracking.uri, cfg.tracking.experiment, artifact_location=f"{tmp}/mlruns")
         for r in range(args.rounds):
             plains.append(run_plain_process(args, tmp))  # first: its decode warms the page cache for both
             rays.append(run_ray(cfg, cpu_file=f"{tmp}/cpu-{r}.jsonl"))
-            print(f"round {r}: plain {total(plains[-1]['epoch_seconds']):.2f} s, Ray Train "
-                  f"{total(rays[-1]['epoch_seconds']):.2f} s (epochs 2..n)", flush=True)
+            print(f"round {r}: plain {_total(plains[-1]['epoch_seconds']):.2f} s, Ray Train "
+                  f"{_total(rays[-1]['epoch_seconds']):.2f} s (epochs 2..n)", flush=True)
         streamed = run_ray(absolute_paths(make_config(args, f"{tmp}/runs", f"sqlite:///{tmp}/mlflow.db", "stream"))) \
             if args.stream else None
-    plain = min(plains, key=lambda x: total(x["epoch_seconds"]))  # best round of each side
-    ray_side = min(rays, key=lambda x: total(x["epoch_seconds"]))
+    return plains, rays, streamed
 
-    def pooled(runs: list[dict[str, Any]], key: str) -> list[float]:
-        return [v for run in runs for v in run[key][1:]]
 
-    def ratio(a: dict[str, Any], b: dict[str, Any], key: str) -> float:
-        return total(a[key]) / total(b[key]) if key != "wall_seconds" else a[key] / b[key]
-
+def summarise(args: argparse.Namespace, plains: list[dict[str, Any]], rays: list[dict[str, Any]],
+              streamed: dict[str, Any] | None) -> dict[str, Any]:
+    """The result: the best round of each side, medians over every round, the ratios, CPU use."""
+    plain = min(plains, key=lambda x: _total(x["epoch_seconds"]))  # best round of each side
+    ray_side = min(rays, key=lambda x: _total(x["epoch_seconds"]))
     result: dict[str, Any] = {
         "benchmark": "overhead", "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "load_avg_1min_at_end": os.getloadavg()[0], "torch": torch.__version__,
         "config": {k: v for k, v in vars(args).items() if k != "out"},
         "plain": plain, "ray_train_1_worker": ray_side, "ray_train_1_worker_stream": streamed,
         "rounds": {"plain": plains, "ray_train_1_worker": rays,
-                   "epoch_ratio_per_round": [total(b["epoch_seconds"]) / total(a["epoch_seconds"])
+                   "epoch_ratio_per_round": [_total(b["epoch_seconds"]) / _total(a["epoch_seconds"])
                                              for a, b in zip(plains, rays)]},
-        "median_epoch_seconds": {"plain": statistics.median(pooled(plains, "epoch_seconds")),
-                                 "ray_train": statistics.median(pooled(rays, "epoch_seconds"))},
-        "fastest_epoch_seconds": {"plain": min(pooled(plains, "epoch_seconds")),
-                                  "ray_train": min(pooled(rays, "epoch_seconds"))},
-        "median_epoch_ratio": statistics.median(pooled(rays, "epoch_seconds"))
-        / statistics.median(pooled(plains, "epoch_seconds")),
-        "fastest_epoch_ratio": min(pooled(rays, "epoch_seconds")) / min(pooled(plains, "epoch_seconds")),
-        "best_round_epoch_ratio": ratio(ray_side, plain, "epoch_seconds"),
-        "train_ratio": ratio(ray_side, plain, "train_seconds"),
-        "end_to_end_ratio": ratio(ray_side, plain, "wall_seconds"),
+        "median_epoch_seconds": {"plain": statistics.median(_pooled(plains, "epoch_seconds")),
+                                 "ray_train": statistics.median(_pooled(rays, "epoch_seconds"))},
+        "fastest_epoch_seconds": {"plain": min(_pooled(plains, "epoch_seconds")),
+                                  "ray_train": min(_pooled(rays, "epoch_seconds"))},
+        "median_epoch_ratio": statistics.median(_pooled(rays, "epoch_seconds"))
+        / statistics.median(_pooled(plains, "epoch_seconds")),
+        "fastest_epoch_ratio": min(_pooled(rays, "epoch_seconds")) / min(_pooled(plains, "epoch_seconds")),
+        "best_round_epoch_ratio": _ratio(ray_side, plain, "epoch_seconds"),
+        "train_ratio": _ratio(ray_side, plain, "train_seconds"),
+        "end_to_end_ratio": _ratio(ray_side, plain, "wall_seconds"),
         "target_median_epoch_ratio": 1.05,
     }
     cpu = cpu_summary(plains, rays, os.cpu_count() or 1)
     if cpu is not None:
         result["cpu_cores"] = cpu
     if streamed is not None:
-        result.update(stream_epoch_ratio=ratio(streamed, plain, "epoch_seconds"),
-                      stream_train_ratio=ratio(streamed, plain, "train_seconds"),
-                      stream_end_to_end_ratio=ratio(streamed, plain, "wall_seconds"))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    cmd = "python benchmarks/overhead.py " + " ".join(sys.argv[1:])
+        result.update(stream_epoch_ratio=_ratio(streamed, plain, "epoch_seconds"),
+                      stream_train_ratio=_ratio(streamed, plain, "train_seconds"),
+                      stream_end_to_end_ratio=_ratio(streamed, plain, "wall_seconds"))
+    return result
+
+
+def _best_rounds_table(plain: dict[str, Any], ray_side: dict[str, Any], streamed: dict[str, Any] | None) -> list[str]:
+    sides = [ray_side] + ([streamed] if streamed is not None else [])
     head = "| | plain loop (baseline) | Ray Train, 1 worker | ratio |"
     sep = "| --- | ---: | ---: | ---: |"
     if streamed is not None:
@@ -341,19 +349,38 @@ def main() -> None:
         sep += " ---: | ---: |"
 
     def row(label: str, key: str, fmt: str = "{:.1f}") -> str:
-        cells = [label, fmt.format(total(plain[key]) if key != "wall_seconds" else plain[key])]
-        for side in [ray_side] + ([streamed] if streamed is not None else []):
-            v = total(side[key]) if key != "wall_seconds" else side[key]
-            r = ratio(side, plain, key)
-            cells += [fmt.format(v), f"{r:.3f}"]
+        cells = [label, fmt.format(_total(plain[key]) if key != "wall_seconds" else plain[key])]
+        for side in sides:
+            v = _total(side[key]) if key != "wall_seconds" else side[key]
+            cells += [fmt.format(v), f"{_ratio(side, plain, key):.3f}"]
         return "| " + " | ".join(cells) + " |"
 
-    knn = [f"{plain['knn_top1']:.3f}", f"{ray_side['knn_top1']:.3f}", ""]
-    if streamed is not None:
-        knn += [f"{streamed['knn_top1']:.3f}", ""]
-    threads = [str(plain["torch_threads"]), str(ray_side["torch_threads"]), ""]
-    if streamed is not None:
-        threads += [str(streamed["torch_threads"]), ""]
+    knn = [f"{plain['knn_top1']:.3f}"] + [c for side in sides for c in (f"{side['knn_top1']:.3f}", "")]
+    threads = [str(plain["torch_threads"])] + [c for side in sides for c in (str(side["torch_threads"]), "")]
+    return [head, sep,
+            row("epoch time (s, epochs 2..n)", "epoch_seconds"),
+            row("of which training steps (s)", "train_seconds"),
+            row("end to end incl. start-up (s)", "wall_seconds"),
+            "| final kNN top-1 | " + " | ".join(knn) + " |",
+            "| torch threads in the training process | " + " | ".join(threads) + " |"]
+
+
+def _cpu_table(cpu: dict[str, Any]) -> list[str]:
+    md = ["", f"CPU during epochs 2..n-1, in cores of this machine's {cpu['cores']} (from /proc; median of the "
+          f"rounds; Ray side: every process of the run, the driver and its descendants):", "",
+          "| | plain loop (baseline) | Ray Train, 1 worker |", "| --- | ---: | ---: |",
+          f"| the training process | {cpu['plain_training_process']:.3f} | {cpu['ray_train_worker']:.3f} |",
+          f"| Ray's other processes | 0 | {cpu['ray_other_processes']:.3f} |"]
+    md += [f"| … {name} | | {v:.3f} |" for name, v in cpu["ray_other_by_process"].items() if v >= 0.001]
+    md += ["", f"Floor this puts under the ratio: plain loop's cores / (cores − Ray's other processes) = "
+           f"{cpu['plain_training_process']:.3f} / ({cpu['cores']} − {cpu['ray_other_processes']:.3f}) = "
+           f"**{cpu['floor_ratio']:.3f}** (1 when the plain loop leaves room for them): the same CPU work "
+           "per epoch, on the cores that Ray's own processes leave."]
+    return md
+
+
+def markdown(args: argparse.Namespace, result: dict[str, Any]) -> list[str]:
+    cmd = "python benchmarks/overhead.py " + " ".join(sys.argv[1:])
     md = [
         "# Ray Train overhead (1 worker) vs a plain loop, same code",
         "",
@@ -372,30 +399,30 @@ def main() -> None:
         "",
         "Best round of each side:",
         "",
-        head, sep,
-        row("epoch time (s, epochs 2..n)", "epoch_seconds"),
-        row("of which training steps (s)", "train_seconds"),
-        row("end to end incl. start-up (s)", "wall_seconds"),
-        "| final kNN top-1 | " + " | ".join(knn) + " |",
-        "| torch threads in the training process | " + " | ".join(threads) + " |",
+        *_best_rounds_table(result["plain"], result["ray_train_1_worker"], result["ray_train_1_worker_stream"]),
         "",
         "Target: median epoch ratio <= 1.05 (Ray Train vs the plain loop, both on the decoded split in memory). "
         "Epoch time = training steps + kNN probe. End to end adds Ray start-up, the Train controller and "
         "worker processes, decoding, MLflow and checkpoints. The stream column feeds the same worker "
         "through Ray Data (read, shuffle and decode every epoch on the same cores).",
     ]
-    if cpu is not None:
-        md += ["", f"CPU during epochs 2..n-1, in cores of this machine's {cpu['cores']} (from /proc; median of the "
-               f"rounds; Ray side: every process of the run, the driver and its descendants):", "",
-               "| | plain loop (baseline) | Ray Train, 1 worker |", "| --- | ---: | ---: |",
-               f"| the training process | {cpu['plain_training_process']:.3f} | {cpu['ray_train_worker']:.3f} |",
-               f"| Ray's other processes | 0 | {cpu['ray_other_processes']:.3f} |"]
-        md += [f"| … {name} | | {v:.3f} |" for name, v in cpu["ray_other_by_process"].items() if v >= 0.001]
-        md += ["", f"Floor this puts under the ratio: plain loop's cores / (cores − Ray's other processes) = "
-               f"{cpu['plain_training_process']:.3f} / ({cpu['cores']} − {cpu['ray_other_processes']:.3f}) = "
-               f"**{cpu['floor_ratio']:.3f}** (1 when the plain loop leaves room for them): the same CPU work "
-               "per epoch, on the cores that Ray's own processes leave."]
-    write_results(out, "overhead", result, "\n".join(md) + "\n")
+    if "cpu_cores" in result:
+        md += _cpu_table(result["cpu_cores"])
+    return md
+
+
+def main() -> None:
+    args = parse_args()
+    if args.plain_only:
+        from orchestrator.config import absolute_paths
+
+        cfg = make_config(args, f"{args.storage}/runs", f"sqlite:///{args.storage}/mlflow.db", "memory")
+        Path(args.plain_only).write_text(json.dumps(run_plain(absolute_paths(cfg), args.threads)))
+        return
+    plains, rays, streamed = measure(args)
+    result = summarise(args, plains, rays, streamed)
+    md = markdown(args, result)
+    write_results(args.out, "overhead", result, "\n".join(md) + "\n")
     print("\n".join(md))
 
 

@@ -17,7 +17,6 @@ import traceback
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from orchestrator.config import EvalConfig
 from orchestrator.errors import UserError
 from pipelines.errors import DataError
 from pipelines.images import DEFAULT_MAX_IMAGE_PIXELS
@@ -168,11 +167,14 @@ def _add_evaluate(sub: Any) -> None:
     ev.add_argument("--tracking-uri", default=None, help=TRACKING_URI_HELP)
     ev.add_argument("--image-size", type=int, default=None,
                     help="resize images to SIZE x SIZE (default: the encoder's training size)")
-    ev.add_argument("--train-limit", type=_limit, default=EvalConfig.knn_train_limit,
-                    help=f"training images for the kNN bank and the linear probe, or 'all' (default {EvalConfig.knn_train_limit})")
+    # Defaults left out here (argparse.SUPPRESS) and taken from EvalConfig by `selfsup evaluate`:
+    # the config schema imports torch, which no other command's parser should pay for.
+    ev.add_argument("--train-limit", type=_limit, default=argparse.SUPPRESS,
+                    help="training images for the kNN bank and the linear probe, or 'all' "
+                         "(default: pretraining's eval.knn_train_limit)")
     ev.add_argument("--test-limit", type=_limit, default=None, help="test images (default: all)")
-    ev.add_argument("--linear-epochs", type=int, default=EvalConfig.linear_epochs,
-                    help=f"epochs of the linear probe; 0 = kNN only (default {EvalConfig.linear_epochs})")
+    ev.add_argument("--linear-epochs", type=int, default=argparse.SUPPRESS,
+                    help="epochs of the linear probe; 0 = kNN only (default: pretraining's eval.linear_epochs)")
     ev.add_argument("--finetune-epochs", type=int, default=0,
                     help="also fine-tune a copy of the encoder end to end with a linear head for N epochs on the "
                          "training images and report finetune_top1/top5 (MAE's protocol; default 0 = no)")

@@ -192,7 +192,8 @@ def _fmt(value: float | None) -> str:
 def main(args: argparse.Namespace) -> int:
     """`selfsup evaluate MODEL_URI DATA [--tracking-uri URI] [--image-size N] ...`; see `orchestrator.cli`."""
     r = evaluate(args.model_uri, args.data, tracking_uri=args.tracking_uri, image_size=args.image_size,
-                 train_limit=args.train_limit, test_limit=args.test_limit, linear_epochs=args.linear_epochs,
+                 train_limit=getattr(args, "train_limit", EvalConfig.knn_train_limit), test_limit=args.test_limit,
+                 linear_epochs=getattr(args, "linear_epochs", EvalConfig.linear_epochs),
                  finetune_epochs=getattr(args, "finetune_epochs", 0), finetune_lr=getattr(args, "finetune_lr", 1e-4))
     print(f"selfsup evaluate: {r.model_uri} on {r.dataset} ({r.train_images:,} train / {r.test_images:,} test "
           f"images, {r.image_size}x{r.image_size}) in {r.seconds:.1f}s")

@@ -13,8 +13,6 @@ import math
 import os
 from typing import Any
 
-import torch
-
 from orchestrator.config.schema import (AUGMENT_ON, AUGMENT_PRESETS, ENCODER_NAMES, LOADERS, MAX_BATCH_SIZE,
                                         MAX_IMAGE_SIZE, MAX_VIEWS_GIB, METHOD_NAMES, METHOD_ONLY, MODEL_NAME,
                                         OPTIMIZER_NAMES, RUN_NAME, Config, ConfigError, OptimConfig)
@@ -76,6 +74,8 @@ def _check_choices(cfg: Config) -> None:
 def _check_encoder(cfg: Config) -> None:
     """`model.encoder` names an encoder and `model.encoder_args` are arguments it takes: the encoder is
     built on the meta device (no memory, no weights), so a wrong argument fails here, not in a worker."""
+    import torch
+
     from methods.encoders import build_encoder, is_encoder_name
 
     m = cfg.model
@@ -124,6 +124,8 @@ def _check_method(cfg: Config) -> None:
 
 def _check_mae_encoder(cfg: Config) -> None:
     """MAE masks ViT patches: the encoder must be a ViT and the images a whole number of patches."""
+    import torch
+
     from methods.encoders import build_encoder
 
     with torch.device("meta"):
@@ -243,6 +245,8 @@ def _check_environment(cfg: Config, *, check_gpu: bool) -> None:
         _fail("run.ray_address", r.ray_address, f"set the environment variable RAY_ADDRESS={r.ray_address} "
               "instead (without it selfsup keeps its own Ray on 127.0.0.1)")
     if check_gpu and s.use_gpu and not _ray_address(cfg):
+        import torch
+
         if not torch.cuda.is_available():
             _fail("scaling.use_gpu", True, "this machine has no CUDA GPU (set scaling.use_gpu=false, "
                   "or run.ray_address to a cluster with GPU workers)")
