@@ -49,6 +49,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pyarrow.parquet as pq
 import torch
@@ -348,7 +349,7 @@ def ray_setup(data_dir: Path, n: int, work: Path) -> Path:
 
 # ------------------------------------------------------------------------------- main
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "datasets" / "cifar10")
     p.add_argument("--images", type=int, default=10000)
@@ -361,12 +362,13 @@ def main() -> None:
     p.add_argument("--no-malloc-tuning", dest="malloc_tuning", action="store_false",
                    help="leave glibc malloc's defaults (see pipelines.augment.keep_freed_memory)")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
-    args = p.parse_args()
-    device = torch.device("cuda" if args.gpu else args.device)
-    # For every row alike: set before the DataLoader workers and Ray are started, which inherit it.
-    malloc_tuned = A.keep_freed_memory() if args.malloc_tuning else False
+    return p.parse_args()
 
-    data = load_bytes(args.data, args.images)
+
+def measure_rounds(args: argparse.Namespace, data: list[bytes]
+                   ) -> tuple[dict[str, list[float]], dict[int, list[float]]]:
+    """Every pipeline row, `args.rounds` times alternating (views/s per round), and the decode
+    alone on 1 and on all cores (images/s per round)."""
     rows: dict[str, list[float]] = {"baseline": [], "selfsup_plain_loop": [], "selfsup_plain_loop_decode_on_caller": [],
                                     "selfsup_plain_loop_1_thread": [], "selfsup": [], "selfsup_torch_ops": [],
                                     "selfsup_dataloader": [], "kornia": []}
@@ -421,16 +423,73 @@ def main() -> None:
             ray.shutdown()
         shutil.rmtree(ray_tmp, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
+    rows["selfsup_decoded_once"] = decoded_once
+    return rows, decode_only
+
+
+LABELS = {
+    "baseline": "PIL + torchvision transforms, DataLoader 2 workers (baseline)",
+    "selfsup_plain_loop": "**selfsup: plain loop, 1 Python thread: `decode_and_augment` (decode + numba kernel "
+                          f"over {CORE_THREADS} threads)**",
+    "selfsup_plain_loop_decode_on_caller": "plain loop, 1 Python thread: `decode_batch` on the caller + TwoViewAugment",
+    "selfsup_plain_loop_1_thread": "plain loop, all on 1 thread: `decode_and_augment(threads=1)`",
+    "selfsup": "selfsup: batched decode_jpeg + TwoViewAugment (numba CPU kernel), 2 Python threads, own batches",
+    "selfsup_torch_ops": "selfsup with TwoViewAugment(backend='torch') (PyTorch ops), in-process, 2 threads",
+    "selfsup_decoded_once": "(not decode + augment) data.loader=memory after epoch 1: gather + augment, 2 threads",
+    "selfsup_dataloader": "selfsup: the same per batch in a DataLoader with 2 workers",
+    "kornia": "batched decode_jpeg + kornia.augmentation 0.9, 2 threads",
+    "ray_data": "selfsup via Ray Data: read_split(augment_on='data'), local Ray num_cpus=4",
+}
+
+
+def markdown(args: argparse.Namespace, result: dict[str, Any]) -> list[str]:
+    rows, best, ops = result["views_per_second"], result["best_views_per_second"], result["ops_images_per_second_cpu"]
+    md = ["| pipeline (decode + 2 views, 32x32, SimCLR CIFAR preset) | views/s | vs baseline | vs kornia |",
+          "| --- | ---: | ---: | ---: |"]
+    md += [f"| {LABELS[k]} | {best[k]:,.0f} | {best[k] / best['baseline']:.1f}x | {best[k] / best['kornia']:.1f}x |"
+           for k in rows]
+    one_core = best["selfsup_plain_loop_1_thread"]
+    md += ["", f"Plain loop on {CORE_THREADS} threads: {best['selfsup_plain_loop'] / one_core:.2f}x its own rate on one "
+               f"thread; {CORE_THREADS} x the one-thread rate, {CORE_THREADS * one_core:,.0f} views/s "
+               f"= {CORE_THREADS * one_core / best['baseline']:.1f}x the baseline, is what perfect scaling would give "
+               "in this run."]
+    md += ["", f"| augmentation alone, decoded batch of {BATCH}, 1 thread | selfsup img/s | kornia img/s | selfsup / kornia |",
+           "| --- | ---: | ---: | ---: |"]
+    md += [f"| {k} | {v['selfsup']:,.0f} | {v['kornia']:,.0f} | {v['selfsup'] / v['kornia']:.1f}x |" for k, v in ops.items()]
+    md += ["", "(\"whole preset\" is in views/s.)"]
+    if result["device_views_per_second"] is not None:
+        md += ["", f"Augmentation alone on {result['device']} (batch {args.gpu_batch}): "
+                   f"{result['device_views_per_second']:,.0f} views/s."]
+    decode_best = {k: max(v) for k, v in result["decode_only_images_per_second"].items()}
+    md += ["", "Decode alone (`pipelines.decode.decode_batch_threaded`, batches of 512, one Python thread): "
+               + ", ".join(f"{v:,.0f} images/s on {k} thread(s)" for k, v in decode_best.items())
+               + f" ({decode_best[CORE_THREADS] / decode_best[1]:.2f}x)."]
+    if not args.ray:
+        md += ["", "Ray Data row not measured in this run (`--no-ray`)."]
+    md += ["", f"glibc malloc keeps freed memory (`pipelines.augment.keep_freed_memory()`, all rows): "
+               f"{result['malloc_tuned']}."]
+    md += ["", f"`{result['command']}` on {os.cpu_count()} cores, {args.images} images, best of {args.rounds} "
+               f"rounds; 1-min load average at the end {result['load_avg_1min_at_end']:.1f} "
+               "(other jobs shared the cores)."]
+    return md
+
+
+def main() -> None:
+    args = parse_args()
+    device = torch.device("cuda" if args.gpu else args.device)
+    # For every row alike: set before the DataLoader workers and Ray are started, which inherit it.
+    malloc_tuned = A.keep_freed_memory() if args.malloc_tuning else False
+    data = load_bytes(args.data, args.images)
+    rows, decode_only = measure_rounds(args, data)
 
     sample = decode(data[:BATCH])
     print("per op, augmentation alone on a decoded batch of", BATCH, flush=True)
     ops = measure_ops(sample, torch.device("cpu"))
-    device_rate = None
+    device_rate, ops_device = None, None
     if device.type == "cuda":
         device_rate = measure_device(sample, device, args.gpu_batch)
         print(f"augmentation on {torch.cuda.get_device_name(device)}: {device_rate:,.0f} views/s", flush=True)
         ops_device = measure_ops(sample, device)
-    rows["selfsup_decoded_once"] = decoded_once
     best = {k: max(v) for k, v in rows.items()}
     command = "python benchmarks/pipeline_throughput.py " + " ".join(sys.argv[1:])
     result = {
@@ -443,48 +502,10 @@ def main() -> None:
         "decode_only_images_per_second": decode_only,
         "ops_images_per_second_cpu": ops,
         "device": str(device), "device_views_per_second": device_rate,
-        "ops_images_per_second_device": ops_device if device.type == "cuda" else None,
+        "ops_images_per_second_device": ops_device,
         "torch": torch.__version__,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    labels = {
-        "baseline": "PIL + torchvision transforms, DataLoader 2 workers (baseline)",
-        "selfsup_plain_loop": "**selfsup: plain loop, 1 Python thread: `decode_and_augment` (decode + numba kernel "
-                              f"over {CORE_THREADS} threads)**",
-        "selfsup_plain_loop_decode_on_caller": "plain loop, 1 Python thread: `decode_batch` on the caller + TwoViewAugment",
-        "selfsup_plain_loop_1_thread": "plain loop, all on 1 thread: `decode_and_augment(threads=1)`",
-        "selfsup": "selfsup: batched decode_jpeg + TwoViewAugment (numba CPU kernel), 2 Python threads, own batches",
-        "selfsup_torch_ops": "selfsup with TwoViewAugment(backend='torch') (PyTorch ops), in-process, 2 threads",
-        "selfsup_decoded_once": "(not decode + augment) data.loader=memory after epoch 1: gather + augment, 2 threads",
-        "selfsup_dataloader": "selfsup: the same per batch in a DataLoader with 2 workers",
-        "kornia": "batched decode_jpeg + kornia.augmentation 0.9, 2 threads",
-        "ray_data": "selfsup via Ray Data: read_split(augment_on='data'), local Ray num_cpus=4",
-    }
-    md = ["| pipeline (decode + 2 views, 32x32, SimCLR CIFAR preset) | views/s | vs baseline | vs kornia |",
-          "| --- | ---: | ---: | ---: |"]
-    md += [f"| {labels[k]} | {best[k]:,.0f} | {best[k] / best['baseline']:.1f}x | {best[k] / best['kornia']:.1f}x |"
-           for k in rows]
-    one_core = best["selfsup_plain_loop_1_thread"]
-    md += ["", f"Plain loop on {CORE_THREADS} threads: {best['selfsup_plain_loop'] / one_core:.2f}x its own rate on one "
-               f"thread; {CORE_THREADS} x the one-thread rate, {CORE_THREADS * one_core:,.0f} views/s "
-               f"= {CORE_THREADS * one_core / best['baseline']:.1f}x the baseline, is what perfect scaling would give "
-               "in this run."]
-    md += ["", f"| augmentation alone, decoded batch of {BATCH}, 1 thread | selfsup img/s | kornia img/s | selfsup / kornia |",
-           "| --- | ---: | ---: | ---: |"]
-    md += [f"| {k} | {v['selfsup']:,.0f} | {v['kornia']:,.0f} | {v['selfsup'] / v['kornia']:.1f}x |" for k, v in ops.items()]
-    md += ["", "(\"whole preset\" is in views/s.)"]
-    if device_rate is not None:
-        md += ["", f"Augmentation alone on {device} (batch {args.gpu_batch}): {device_rate:,.0f} views/s."]
-    decode_best = {k: max(v) for k, v in decode_only.items()}
-    md += ["", "Decode alone (`pipelines.decode.decode_batch_threaded`, batches of 512, one Python thread): "
-               + ", ".join(f"{v:,.0f} images/s on {k} thread(s)" for k, v in decode_best.items())
-               + f" ({decode_best[CORE_THREADS] / decode_best[1]:.2f}x)."]
-    if not args.ray:
-        md += ["", "Ray Data row not measured in this run (`--no-ray`)."]
-    md += ["", f"glibc malloc keeps freed memory (`pipelines.augment.keep_freed_memory()`, all rows): {malloc_tuned}."]
-    md += ["", f"`{command.strip()}` on {os.cpu_count()} cores, {args.images} images, best of {args.rounds} "
-               f"rounds; 1-min load average at the end {result['load_avg_1min_at_end']:.1f} "
-               "(other jobs shared the cores)."]
+    md = markdown(args, result)
     write_results(args.out, "pipeline_throughput", result, "\n".join(md) + "\n")
     print("\n".join(md))
 
