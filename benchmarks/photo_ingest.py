@@ -103,9 +103,28 @@ def _read_decode_write(job: tuple[list[str], str]) -> int:
         _read_decode(path)
         with open(path, "rb") as f:  # the page cache's copy: the decode above read it from disk
             data.append(f.read())
-    pq.write_table(pa.table({"image": data}), out, compression="NONE", use_dictionary=False, write_statistics=False)
-    with open(out, "rb") as f:
-        hashlib.sha256(f.read()).hexdigest()
+    sha = hashlib.sha256()
+
+    class HashingFile(io.RawIOBase):  # hashes what it writes, as ingest's shard writer does
+        def __init__(self, raw: Any) -> None:
+            super().__init__()
+            self.raw, self.size = raw, 0
+
+        def writable(self) -> bool:
+            return True
+
+        def write(self, b: Any) -> int:  # type: ignore[override]
+            self.raw.write(b)
+            sha.update(b)
+            self.size += memoryview(b).nbytes
+            return memoryview(b).nbytes
+
+        def tell(self) -> int:
+            return self.size
+
+    with open(out, "wb") as raw:
+        pq.write_table(pa.table({"image": data}), HashingFile(raw), compression="NONE", use_dictionary=False,
+                       write_statistics=False)
     return len(paths)
 
 
