@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,9 @@ def write_results(folder: str | Path, name: str, result: Any, markdown: str) -> 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for suffix, text in ((".json", json.dumps(result, indent=2, default=str) + "\n"), (".md", markdown)):
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}{suffix}.")
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, folder / f"{name}{suffix}")
+        tmp = folder / f".{name}{suffix}.{os.getpid()}.tmp"  # open(): the umask's mode, as before (not 0600)
+        try:
+            tmp.write_text(text)
+            os.replace(tmp, folder / f"{name}{suffix}")
+        finally:
+            tmp.unlink(missing_ok=True)

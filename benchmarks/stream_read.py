@@ -36,12 +36,13 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.results_io import write_results  # noqa: E402
 
-def ray_default_reader(files: list[str], columns: list[str], concurrency: int) -> Any:
+def ray_default_reader(files: list[str], columns: list[str], concurrency: int, filesystem: Any = None) -> Any:
     """The baseline: `ray.data.read_parquet` with Ray's defaults (the V2 datasource in Ray 2.60), as
-    `read_split` called it before (V2 deprecates `columns=` for `select_columns`)."""
+    `read_split` called it before (V2 deprecates `columns=` for `select_columns`). Takes what
+    `pipelines.stream._read_parquet` takes, which `read_split` passes it in its place."""
     import ray.data
 
-    return ray.data.read_parquet(files, concurrency=concurrency).select_columns(columns)
+    return ray.data.read_parquet(files, concurrency=concurrency, filesystem=filesystem).select_columns(columns)
 
 
 def epochs(make: Callable[[], Any], n: int) -> tuple[list[float], list[int]]:
